@@ -1,0 +1,215 @@
+"""LoraConfig and TaskType: what an adapter is, with HF PEFT's field names and defaults.
+
+Each field's ``help`` metadata is the single description used by the docs and the CLI. The dataclass knows nothing
+about files: ``io.py`` reads and writes ``adapter_config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+BIAS_MODES = ("none", "all", "lora_only")
+ALL_LINEAR = "all-linear"
+
+
+class TaskType(str, enum.Enum):
+    """The task a model is tuned for; chooses the PeftModel subclass (as in PEFT)."""
+
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_CLS = "SEQ_CLS"
+    TOKEN_CLS = "TOKEN_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+    QUESTION_ANS = "QUESTION_ANS"
+
+
+class ConfigError(ValueError):
+    """A LoraConfig field holds a value lorakit cannot use; the message names the field and the allowed values."""
+
+
+def _help(text: str, default: Any = None, factory: Any = None) -> Any:
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class LoftQConfig:
+    """Settings of the LoftQ initializer (quantize / low-rank alternation), as in PEFT."""
+
+    loftq_bits: int = _help("Bits of the quantized base the adapter compensates for (4 or 8).", 4)
+    loftq_iter: int = _help("Alternating quantize / SVD iterations.", 1)
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class LoraConfig:
+    """A LoRA adapter: which modules it wraps, its rank and scaling, and how it starts (PEFT-compatible)."""
+
+    r: int = _help("Rank of the update B @ A.", 8)
+    target_modules: list[str] | str | None = _help(
+        "Modules to wrap: a list of names or dotted suffixes, a regex (str, full match), 'all-linear', "
+        "or None for the architecture's default.",
+    )
+    exclude_modules: list[str] | str | None = _help("Modules never wrapped (same matching rules as target_modules).")
+    lora_alpha: float = _help("Scaling numerator: the update is multiplied by lora_alpha / r.", 8)
+    lora_dropout: float = _help("Dropout probability on the adapter's input, in [0, 1).", 0.0)
+    fan_in_fan_out: bool = _help(
+        "True if the base weight is stored (in, out), as GPT-2's Conv1D (set automatically).", False
+    )
+    bias: str = _help("Which biases train: 'none', 'all', or 'lora_only' (biases of wrapped modules).", "none")
+    use_rslora: bool = _help("Rank-stabilized scaling lora_alpha / sqrt(r) (Kalajdzievski 2023).", False)
+    modules_to_save: list[str] | None = _help("Modules trained in full and saved with the adapter (e.g. a head).")
+    init_lora_weights: bool | str = _help(
+        "True: Kaiming-uniform A, zero B (identity at start); 'gaussian': normal A (std 1/r), zero B; "
+        "False: random A and B (not an identity, for tests); see lorakit.init for the full list.",
+        True,
+    )
+    layers_to_transform: list[int] | int | None = _help("Only wrap modules in these layer indices.")
+    layers_pattern: list[str] | str | None = _help("Name of the layer list that layers_to_transform indexes.")
+    rank_pattern: dict[str, int] = _help("Per-module rank overrides: {name regex: r}.", factory=dict)
+    alpha_pattern: dict[str, float] = _help("Per-module alpha overrides: {name regex: alpha}.", factory=dict)
+    task_type: TaskType | str | None = _help("The task (CAUSAL_LM, SEQ_CLS, ...); picks the model wrapper.")
+    base_model_name_or_path: str | None = _help("The base model this adapter belongs to (set on save).")
+    revision: str | None = _help("Revision of the base model on the hub, if any.")
+    inference_mode: bool = _help("True when loaded for inference: adapter weights are frozen.", False)
+    loftq_config: LoftQConfig | dict = _help("LoftQ settings, used with init_lora_weights='loftq'.", factory=dict)
+    use_dora: bool = _help("Weight-decomposed LoRA (DoRA). Not supported yet: must be False.", False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
+            try:
+                self.task_type = TaskType(self.task_type.upper())
+            except ValueError:
+                allowed = ", ".join(t.value for t in TaskType)
+                raise ConfigError(f"task_type={self.task_type!r} is unknown; use one of: {allowed}") from None
+        if isinstance(self.loftq_config, LoftQConfig):
+            self.loftq_config = self.loftq_config.to_dict()
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid field and what it accepts."""
+        _check_rank("r", self.r)
+        for key, r in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", r)
+        _check_alpha("lora_alpha", self.lora_alpha)
+        for key, a in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{key!r}]", a)
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be a number in [0, 1), e.g. 0.05")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"bias={self.bias!r} is unknown; use one of: {', '.join(BIAS_MODES)}")
+        from lorakit.init import INITIALIZERS  # late import: init imports nothing from here
+
+        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights in INITIALIZERS):
+            allowed = ", ".join(["True", "False", *map(repr, INITIALIZERS)])
+            raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} is unknown; use one of: {allowed}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("layers_pattern is set but layers_to_transform is not; set both, or neither")
+        if self.use_dora:
+            raise ConfigError("use_dora=True is not supported yet; set use_dora=False")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("target_modules=[] wraps nothing; list module names, use 'all-linear', or None")
+
+    @property
+    def peft_type(self) -> str:
+        return "LORA"
+
+    def rank_for(self, module_name: str) -> int:
+        """The rank of the module called ``module_name`` (rank_pattern first, then r)."""
+        key = pattern_key(self.rank_pattern, module_name)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        """The alpha of the module called ``module_name`` (alpha_pattern first, then lora_alpha)."""
+        key = pattern_key(self.alpha_pattern, module_name)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict with PEFT's keys (``peft_type`` included)."""
+        out: dict[str, Any] = {"peft_type": self.peft_type}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, TaskType) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """Build from a PEFT-style dict. Unknown keys (a newer PEFT) are ignored with a warning; keys naming
+        PEFT features lorakit lacks raise ConfigError unless they hold their neutral value."""
+        data = dict(data)
+        peft_type = data.pop("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ConfigError(f"peft_type={peft_type!r}: lorakit loads LoRA adapters only (peft_type 'LORA')")
+        own = {f.name for f in dataclasses.fields(cls)}
+        unsupported = {k: v for k, v in data.items() if k in _NEUTRAL_PEFT_KEYS and v != _NEUTRAL_PEFT_KEYS[k]}
+        if unsupported:
+            names = ", ".join(f"{k}={v!r}" for k, v in unsupported.items())
+            raise ConfigError(f"this adapter uses PEFT features lorakit does not support yet: {names}")
+        known = own | _NEUTRAL_PEFT_KEYS.keys() | _INFORMATIONAL_PEFT_KEYS
+        unknown = sorted(k for k in data if k not in known)
+        if unknown:
+            warnings.warn(f"adapter config keys unknown to lorakit were ignored: {', '.join(unknown)}", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in own})
+
+
+# Keys PEFT writes that only describe the file (ignored silently, whatever their value).
+_INFORMATIONAL_PEFT_KEYS = {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size"}
+
+# Keys PEFT writes for features lorakit does not implement, with the value that means "feature off".
+_NEUTRAL_PEFT_KEYS: dict[str, Any] = {
+    "megatron_config": None,
+    "trainable_token_indices": None,
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "monteclora_config": None,
+    "layer_replication": None,
+    "lora_bias": False,
+    "target_parameters": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "ensure_weight_tying": False,
+}
+
+
+def pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+    """The first key of ``patterns`` (a regex) that matches the end of ``module_name`` at a dot boundary, as PEFT
+    matches rank_pattern / alpha_pattern; None if none matches."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def scaling_for(alpha: float, r: int, use_rslora: bool) -> float:
+    """LoRA scaling: alpha / r (Hu et al. 2021, sec. 4.1), or alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _check_rank(name: str, r: Any) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ConfigError(f"{name}={r!r} must be a positive integer rank, e.g. 8")
+
+
+def _check_alpha(name: str, alpha: Any) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or math.isinf(alpha):
+        raise ConfigError(f"{name}={alpha!r} must be a positive number, e.g. 16")

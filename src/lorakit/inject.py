@@ -1,0 +1,224 @@
+"""Which modules an adapter wraps, and the wrapping / unwrapping itself. The model class is never subclassed."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
+from lorakit.layers import LoraLayer, wrap
+from lorakit.modules_to_save import ModulesToSaveWrapper
+
+# target_modules=None picks these, by transformers' model_type (the attention projections, as PEFT does).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "gptj": ["q_proj", "v_proj"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "t5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+}
+SEQ_CLS_HEADS = ("classifier", "score")
+
+
+class TargetError(ValueError):
+    """target_modules / modules_to_save name modules that do not exist or cannot be wrapped."""
+
+
+def is_wrappable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding)) or type(module).__name__ == "Conv1D"
+
+
+def plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of the model, not descending into LoRA wrappers or modules_to_save copies."""
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop(0)
+        if name:
+            yield name, module
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            continue
+        stack[:0] = [(f"{name}.{c}" if name else c, child) for c, child in module.named_children()]
+
+
+def name_matches(name: str, entry: str) -> bool:
+    """A list entry matches a module name exactly or as a dotted suffix ('q_proj' matches 'layers.0.q_proj')."""
+    return name == entry or name.endswith(f".{entry}")
+
+
+def matches(name: str, spec: list[str] | str | None) -> bool:
+    """str: full regex match; list: exact or dotted-suffix match of any entry."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name_matches(name, e) for e in spec)
+
+
+def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The index of the layer list a module sits in ('model.layers.3.mlp' -> 3), using layers_pattern if given."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [])
+    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    for rx in regexes:
+        m = re.match(rx, name)
+        if m:
+            return int(m.group("idx"))
+    return None
+
+
+def all_linear_targets(model: nn.Module, task_type: TaskType | str | None) -> list[str]:
+    """Every Linear / Conv1D except the output layer (lm_head) or, for classification, the head."""
+    excluded: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    heads = [out] if out is not None else []
+    if out is None and task_type == TaskType.SEQ_CLS:
+        heads = [getattr(model, h) for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)][:1]
+    for name, module in plain_modules(model):
+        if any(module is h for h in heads):
+            excluded.add(name)
+    return [
+        n for n, m in plain_modules(model) if is_wrappable(m) and not isinstance(m, nn.Embedding) and n not in excluded
+    ]
+
+
+def resolve_target_spec(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    """The config's target_modules made concrete: None -> the architecture default, 'all-linear' -> names."""
+    spec = config.target_modules
+    if spec is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise TargetError(
+                f"no default target_modules for model_type {model_type!r}; pass target_modules explicitly "
+                f"(e.g. ['q_proj', 'v_proj'] or 'all-linear')"
+            )
+        return DEFAULT_TARGETS[model_type]
+    if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
+        return all_linear_targets(model, config.task_type)
+    return spec
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules ``config`` wraps, in model order. Raises TargetError if any target entry matches
+    nothing (with the closest module names) or a match is a module type that cannot be wrapped."""
+    spec = resolve_target_spec(model, config)
+    modules = dict(plain_modules(model))
+    saved = config.modules_to_save or []
+    found: list[str] = []
+    for name, module in modules.items():
+        if not matches(name, spec) or matches(name, config.exclude_modules):
+            continue
+        if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved):
+            continue
+        if config.layers_to_transform is not None:
+            wanted = config.layers_to_transform
+            wanted = [wanted] if isinstance(wanted, int) else wanted
+            if layer_index(name, config.layers_pattern) not in wanted:
+                continue
+        if not is_wrappable(module) and not isinstance(module, LoraLayer):
+            raise TargetError(
+                f"target module {name!r} is a {type(module).__name__}; lorakit wraps nn.Linear, GPT-2 Conv1D and "
+                f"nn.Embedding. Name its linear sub-layers instead"
+            )
+        found.append(name)
+    _check_every_entry_matched(spec, list(modules))
+    if not found:
+        raise TargetError(
+            f"target_modules={config.target_modules!r} (with layers_to_transform={config.layers_to_transform!r}, "
+            f"exclude_modules={config.exclude_modules!r}) selects no module to wrap"
+        )
+    return found
+
+
+def _check_every_entry_matched(spec: list[str] | str, names: list[str]) -> None:
+    """Every entry of a target list (or the regex) must match some module: unlike PEFT (its issue #1959), a typo
+    in one entry is an error even when other entries match."""
+    entries = [spec] if isinstance(spec, str) else spec
+    for entry in entries:
+        if isinstance(spec, str):
+            hit = any(re.fullmatch(entry, n) for n in names)
+        else:
+            hit = any(name_matches(n, entry) for n in names)
+        if not hit:
+            short = sorted({n.rsplit(".", 1)[-1] for n in names})
+            close = difflib.get_close_matches(entry, short, n=3, cutoff=0.5) or short[:12]
+            raise TargetError(f"target module {entry!r} matched nothing; did you mean {' or '.join(map(repr, close))}?")
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+    """Wrap every target of ``config`` (or add the adapter to existing wrappers) and set up modules_to_save copies.
+    Returns the names of the wrapped modules."""
+    targets = find_targets(model, config)
+    for name in targets:
+        parent, child = _parent(model, name)
+        module = getattr(parent, child)
+        if not isinstance(module, LoraLayer):
+            module = wrap(module)
+            setattr(parent, child, module)
+        module.update_layer(
+            adapter_name,
+            config.rank_for(name),
+            config.alpha_for(name),
+            config.lora_dropout,
+            config.init_lora_weights,
+            config.use_rslora,
+        )
+    for entry in config.modules_to_save or []:
+        wrapped = [n for n, m in plain_modules(model) if name_matches(n, entry)]
+        if not wrapped and entry in SEQ_CLS_HEADS:
+            continue  # PEFT lists both head names for SEQ_CLS; a model has one of them
+        if not wrapped:
+            raise TargetError(f"modules_to_save entry {entry!r} matched no module; check the name")
+        for name in wrapped:
+            parent, child = _parent(model, name)
+            module = getattr(parent, child)
+            if not isinstance(module, ModulesToSaveWrapper):
+                module = ModulesToSaveWrapper(module)
+                setattr(parent, child, module)
+            module.update(adapter_name)
+    return targets
+
+
+def unwrap(model: nn.Module, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
+    """Replace every wrapper by its base module (after merging ``adapter_names`` or the active adapters if
+    ``merge``); modules_to_save wrappers give back their active trained copy if ``merge``, else the original."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            continue
+        parent, child = _parent(model, name)
+        if isinstance(module, LoraLayer):
+            if merge:
+                module.merge(adapter_names)
+            setattr(parent, child, module.base_layer)
+        else:
+            setattr(parent, child, module.current if merge else module.original_module)
+    return model
+
+
+def wrappers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSaveWrapper]]:
+    for name, module in model.named_modules():
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            yield name, module
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child

@@ -1,0 +1,232 @@
+"""Adapter files in HF PEFT's format. The only module that knows file names and key naming.
+
+A saved adapter is a folder with ``adapter_config.json`` (LoraConfig.to_dict) and ``adapter_model.safetensors``
+whose keys are the model's parameter names with the adapter name removed::
+
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight      # (r, in)
+    base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight      # (out, r)
+    base_model.model.model.embed_tokens.lora_embedding_A                # (r, vocab)
+    base_model.model.score.weight                                       # a modules_to_save copy, full
+
+Adapters other than "default" go in a sub-folder named after them. Every write is atomic (temp file in the same
+folder, fsync, ``os.replace``): a crash leaves the previous file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+
+from lorakit.config import ConfigError, LoraConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
+
+class AdapterFileError(ValueError):
+    """An adapter folder or file that is missing, corrupt, or does not fit the model; the message names it."""
+
+
+# -- atomic writes -----------------------------------------------------------------------------------------------
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers only ever see the old or the complete new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Atomically write ``tensors`` as a safetensors file (copies are made contiguous and unshared)."""
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write_bytes(path, st_save(plain, metadata=metadata or {"format": "pt"}))
+
+
+# -- key naming --------------------------------------------------------------------------------------------------
+def file_key(model_key: str, adapter_name: str) -> str:
+    """Model parameter name -> name in the file: drop the adapter name ('lora_A.default.weight' -> 'lora_A.weight',
+    'lora_embedding_A.default' -> 'lora_embedding_A', 'score.modules_to_save.default.weight' -> 'score.weight')."""
+    key = model_key.replace(f".modules_to_save.{adapter_name}.", ".")
+    if key.endswith(f".{adapter_name}"):
+        return key[: -len(adapter_name) - 1]
+    head, _, leaf = key.rpartition(".")
+    return f"{re.sub(re.escape('.' + adapter_name) + '$', '', head)}.{leaf}"
+
+
+def _owned_keys(model: nn.Module, adapter_name: str, bias: str) -> list[str]:
+    """The model state-dict keys that belong to adapter ``adapter_name`` (plus the biases its ``bias`` mode trains)."""
+    from lorakit.inject import wrappers
+    from lorakit.layers import LoraLayer
+
+    prefix = _prefix_of(model)
+    keys: list[str] = []
+    for name, module in wrappers(_inner(model)):
+        if isinstance(module, LoraLayer):
+            if adapter_name not in module.r:
+                continue
+            for pname, _ in module.named_parameters():
+                if not pname.startswith("base_layer.") and _belongs(pname, adapter_name):
+                    keys.append(f"{prefix}{name}.{pname}")
+            if bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
+                keys.append(f"{prefix}{name}.base_layer.bias")
+        elif adapter_name in module.modules_to_save:
+            keys += [
+                f"{prefix}{name}.modules_to_save.{adapter_name}.{k}"
+                for k in module.modules_to_save[adapter_name].state_dict()
+            ]
+    if bias == "all":
+        others = [a for a in getattr(model, "peft_config", {}) if a != adapter_name]
+        keys += [
+            k
+            for k in model.state_dict()
+            if k.endswith(".bias") and k not in keys and not any(_belongs(k, o) for o in others)
+        ]
+    return keys
+
+
+def _belongs(key: str, adapter_name: str) -> bool:
+    return f".{adapter_name}." in f".{key}" or key.endswith(f".{adapter_name}")
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (base_model.model), or the model itself."""
+    base = getattr(model, "base_model", None)
+    return base.model if base is not None and hasattr(base, "peft_config") else model
+
+
+def _prefix_of(model: nn.Module) -> str:
+    return "base_model.model." if _inner(model) is not model else ""
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str, save_embedding_layers: bool = False) -> dict[str, Tensor]:
+    """The tensors of one adapter, keyed as in the file."""
+    config: LoraConfig = model.peft_config[adapter_name]
+    state = model.state_dict()
+    out = {file_key(k, adapter_name): state[k] for k in _owned_keys(model, adapter_name, config.bias)}
+    if save_embedding_layers:
+        out.update({k: v for k, v in state.items() if re.search(r"\.(embed_tokens|lm_head)\.base_layer\.weight$", k)})
+    return out
+
+
+def load_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor], adapter_name: str, source: str) -> None:
+    """Copy file ``tensors`` into adapter ``adapter_name`` of ``model``. Raises AdapterFileError naming the module and
+    both shapes when the adapter was made for a base of other shapes, or listing the tensors the file lacks."""
+    config: LoraConfig = model.peft_config[adapter_name]
+    state = model.state_dict()
+    owned = _owned_keys(model, adapter_name, config.bias)
+    to_model = {file_key(k, adapter_name): k for k in owned}
+    missing = [k for k in to_model if k not in tensors and (".lora_" in k or k.endswith("lora_embedding_A"))]
+    if missing:
+        raise AdapterFileError(
+            f"{source} lacks {len(missing)} adapter tensors, e.g. {missing[0]!r}: the file is "
+            "incomplete or was saved for other target modules"
+        )
+    unexpected = [k for k in tensors if k not in to_model and k not in state]
+    if unexpected:
+        raise AdapterFileError(
+            f"{source} holds {len(unexpected)} tensors that fit no module of this model, e.g. "
+            f"{unexpected[0]!r}: the adapter was saved for another model or other targets"
+        )
+    with torch.no_grad():
+        for fkey, tensor in tensors.items():
+            mkey = to_model.get(fkey, fkey)
+            target = state[mkey]
+            if target.shape != tensor.shape:
+                module = re.sub(
+                    r"\.(lora_\w+|base_layer|modules_to_save)(\..*)?$", "", mkey.removeprefix(_prefix_of(model))
+                )
+                raise AdapterFileError(
+                    f"{source}: module {module!r} has shape {tuple(target.shape)} for {mkey.rsplit('.', 2)[-2]!r} "
+                    f"in this model, but the adapter holds {tuple(tensor.shape)}: it was made for a base model with "
+                    "other shapes; load it onto the base named in its adapter_config.json"
+                )
+            target.copy_(tensor.to(target.dtype))
+
+
+# -- folders -----------------------------------------------------------------------------------------------------
+def adapter_folder(save_directory: str | os.PathLike, adapter_name: str) -> Path:
+    """'default' lives in the folder itself, any other adapter in a sub-folder named after it (as PEFT)."""
+    return Path(save_directory) if adapter_name == "default" else Path(save_directory) / adapter_name
+
+
+def write_adapter(folder: str | os.PathLike, config: LoraConfig, tensors: dict[str, Tensor]) -> None:
+    """Write one adapter: weights first, then the config, each atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / WEIGHTS_NAME, tensors)
+    atomic_write_json(folder / CONFIG_NAME, config.to_dict())
+
+
+def read_config(folder: str | os.PathLike) -> LoraConfig:
+    """The LoraConfig in ``folder``; AdapterFileError naming the file if it is missing or invalid."""
+    path = _existing_folder(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterFileError(
+            f"{path} does not exist: {folder} is not an adapter folder (save one with "
+            "save_pretrained, or pass the folder that holds adapter_config.json)"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{path} is not valid JSON ({e}); re-save the adapter") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    try:
+        return LoraConfig.from_dict(data)
+    except (ConfigError, TypeError) as e:
+        raise AdapterFileError(f"{path}: {e}") from None
+
+
+def read_weights(folder: str | os.PathLike) -> tuple[dict[str, Tensor], str]:
+    """(tensors, file name) of the adapter in ``folder``: safetensors, else a legacy .bin read with
+    ``torch.load(weights_only=True)``, which never runs code from the file."""
+    folder = _existing_folder(folder)
+    path = folder / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            return st_load(path.read_bytes()), str(path)
+        except (SafetensorError, ValueError, OSError) as e:
+            raise AdapterFileError(f"{path} is corrupt or truncated ({e}); re-save or re-download it") from None
+    legacy = folder / LEGACY_WEIGHTS_NAME
+    if legacy.is_file():
+        try:
+            tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means: not a plain tensor file
+            raise AdapterFileError(
+                f"{legacy} is not a plain tensor file ({type(e).__name__}: {e}); lorakit only loads weights, never code"
+            ) from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+            raise AdapterFileError(f"{legacy} does not hold a dict of tensors")
+        return tensors, str(legacy)
+    raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME} (nor {LEGACY_WEIGHTS_NAME}); is the save complete?")
+
+
+def _existing_folder(folder: str | os.PathLike) -> Path:
+    path = Path(folder)
+    if not path.is_dir():
+        raise AdapterFileError(f"adapter folder {str(folder)!r} does not exist; pass the folder save_pretrained wrote")
+    return path

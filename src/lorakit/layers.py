@@ -1,0 +1,213 @@
+"""LoRA wrappers around one base module: Linear (and GPT-2 Conv1D) and Embedding.
+
+A wrapper holds the untouched ``base_layer`` and, per named adapter, a low-rank update ``delta W = s * B @ A`` with
+A (r, in), B (out, r) and scaling s = alpha / r (or alpha / sqrt(r) with rsLoRA). The forward is the base output plus
+``B(A(dropout(x))) * s`` for each active adapter (Hu et al. 2021, eq. 3). Merging adds ``s * B @ A`` into the base
+weight; it happens only when ``merge()`` is called, never as a side effect of ``train()`` / ``eval()``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.config import scaling_for
+from lorakit.init import get_initializer
+
+
+class LoraLayer(nn.Module):
+    """Base of the wrappers: adapter bookkeeping, merge / unmerge. Subclasses own the parameter layout."""
+
+    fan_in_fan_out: bool = False  # True if base weight is stored (in, out) instead of (out, in)
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+        self.merged_adapters: list[str] = []
+
+    # -- parameter layout (subclasses) ---------------------------------------------------------------------------
+    def _create(self, name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def lora_weights(self, name: str) -> tuple[Tensor, Tensor]:
+        """The (A (r, in), B (out, r)) parameters of adapter ``name``."""
+        raise NotImplementedError
+
+    def _drop(self, name: str) -> None:
+        raise NotImplementedError
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    # -- adapters ------------------------------------------------------------------------------------------------
+    def update_layer(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init_lora_weights: bool | str,
+        use_rslora: bool = False,
+    ) -> None:
+        """Add adapter ``name`` with rank ``r``, initialized by ``init_lora_weights`` (see lorakit.init)."""
+        self.r[name], self.lora_alpha[name] = r, lora_alpha
+        self.scaling[name] = scaling_for(lora_alpha, r, use_rslora)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self._create(name, r)
+        init = get_initializer(init_lora_weights, embedding=isinstance(self, LoraEmbedding))
+        A0, B0, residual = init(self.weight_out_in(), r)
+        A, B = self.lora_weights(name)
+        with torch.no_grad():
+            A.copy_(A0)
+            B.copy_(B0)
+            if residual is not None:
+                self.base_weight().copy_(_transpose(residual, self.fan_in_fan_out))
+        device = self.base_weight().device
+        if A.device != device:
+            self.to(device)
+
+    def set_scale(self, name: str, scaling: float) -> None:
+        self.scaling[name] = scaling
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge it first")
+        self._drop(name)
+        for d in (self.r, self.lora_alpha, self.scaling):
+            d.pop(name, None)
+        del self.lora_dropout[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    # -- merging -------------------------------------------------------------------------------------------------
+    def base_weight(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    def weight_out_in(self) -> Tensor:
+        """The base weight as (out, in), whatever its storage layout."""
+        return _transpose(self.base_weight().detach(), self.fan_in_fan_out)
+
+    def delta_weight(self, name: str) -> Tensor:
+        """s * B @ A, in the base weight's storage layout and dtype."""
+        A, B = self.lora_weights(name)
+        delta = (B @ A) * self.scaling[name]  # (out, r) @ (r, in) -> (out, in)
+        return _transpose(delta, self.fan_in_fan_out).to(self.base_weight().dtype)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the updates of ``adapter_names`` (default: the active ones) into the base weight."""
+        names = [n for n in (adapter_names or self.active_adapters) if n in self.r and n not in self.merged_adapters]
+        weight = self.base_weight()
+        for name in names:
+            with torch.no_grad():
+                new = weight.data + self.delta_weight(name)
+                if safe_merge and not torch.isfinite(new).all():
+                    raise ValueError(f"merging adapter {name!r} gives NaN/inf weights; the adapter is broken")
+                weight.data = new
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged update from the base weight, newest first."""
+        weight = self.base_weight()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                weight.data -= self.delta_weight(name)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around ``nn.Linear`` (weight (out, in)) or GPT-2's ``Conv1D`` (weight (in, out), fan_in_fan_out)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        weight = base_layer.weight
+        fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # transformers' Conv1D stores (in, out)
+        in_f, out_f = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
+        super().__init__(base_layer, in_f, out_f)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create(self, name: str, r: int) -> None:
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+
+    def lora_weights(self, name: str) -> tuple[Tensor, Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _drop(self, name: str) -> None:
+        del self.lora_A[name], self.lora_B[name]
+
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)  # (..., out)
+        if self.disable_adapters or self.merged:
+            return result
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            A, B = self.lora_A[name], self.lora_B[name]
+            h = self.lora_dropout[name](x.to(A.weight.dtype))  # (..., in)
+            result = result + (B(A(h)) * self.scaling[name]).to(result.dtype)  # (..., r) -> (..., out)
+        return result
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around ``nn.Embedding`` (weight (num_embeddings, dim)): A (r, num_embeddings) is looked up by token id,
+    then projected by B (dim, r). No dropout on token ids, as in PEFT."""
+
+    fan_in_fan_out = True  # weight is (in=num_embeddings, out=dim)
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _create(self, name: str, r: int) -> None:
+        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, self.in_features))
+        self.lora_embedding_B[name] = nn.Parameter(torch.zeros(self.out_features, r))
+
+    def lora_weights(self, name: str) -> tuple[Tensor, Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def _drop(self, name: str) -> None:
+        del self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)  # (B, T, dim)
+        if self.disable_adapters or self.merged:
+            return result
+        base = self.base_layer
+        for name in self.active_adapters:
+            if name not in self.lora_embedding_A:
+                continue
+            A, B = self.lora_weights(name)
+            after_A = nn.functional.embedding(
+                x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            )  # (B, T, r)
+            result = result + ((after_A @ B.T) * self.scaling[name]).to(result.dtype)  # (B, T, dim)
+        return result
+
+
+def wrap(module: nn.Module) -> LoraLayer:
+    """The LoRA wrapper for ``module``; TypeError if lorakit cannot wrap its type."""
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        return LoraLinear(module)
+    raise TypeError(
+        f"lorakit can wrap nn.Linear, GPT-2 Conv1D and nn.Embedding, not {type(module).__name__}; "
+        "choose target_modules that name such layers"
+    )
+
+
+def _transpose(weight: Tensor, fan_in_fan_out: bool) -> Tensor:
+    return weight.T if fan_in_fan_out else weight

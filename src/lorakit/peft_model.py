@@ -1,0 +1,323 @@
+"""PeftModel: the user-facing adapter model, a drop-in for HF PEFT's class of the same name.
+
+``get_peft_model(model, config)`` returns one; it forwards everything a transformers model offers (forward, generate,
+config, gradient checkpointing) and adds adapter management, trainable-parameter counts and PEFT-format files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit import io
+from lorakit.config import LoraConfig, TaskType
+from lorakit.inject import SEQ_CLS_HEADS
+from lorakit.model import AdapterError, LoraModel, check_adapter_name
+
+
+class PeftModel(nn.Module):
+    """A transformers model with LoRA adapters. Parameter names read ``base_model.model.<path>``, as in PEFT."""
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        peft_config = self._prepare_config(model, peft_config)
+        self.base_model = LoraModel(model, peft_config, adapter_name)
+        self._enable_input_grads_if_checkpointing()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @staticmethod
+    def _prepare_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        return config
+
+    # -- forwarding ----------------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The transformers model (with the LoRA wrappers inside it)."""
+        return self.base_model.model
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Enable activation checkpointing in the base model; inputs are made to require grad so that the frozen
+        embeddings do not cut the graph under reentrant checkpointing."""
+        self.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self._enable_input_grads_if_checkpointing()
+
+    def _enable_input_grads_if_checkpointing(self) -> None:
+        base = self.get_base_model()
+        on = getattr(base, "is_activation_checkpointing", None)
+        if on is None:
+            on = getattr(base, "is_gradient_checkpointing", False)
+        if on and hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+
+    # -- adapters (delegated to LoraModel, listed here for discoverability) --------------------------------------
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.base_model.active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Add a new, inactive adapter (activate it with set_adapter)."""
+        self.base_model.add_adapter(adapter_name, self._prepare_config(self.get_base_model(), peft_config))
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """``with model.disable_adapter():`` runs the plain base model."""
+        with self.base_model.disable_adapter():
+            yield
+
+    # -- parameter counts ----------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, counting shared (tied) tensors once, as PEFT does."""
+        trainable = total = 0
+        for param in self.parameters():
+            n = param.numel()
+            if n == 0 and hasattr(param, "ds_numel"):
+                n = param.ds_numel
+            if param.__class__.__name__ == "Params4bit":  # packed 4-bit storage holds two values per byte
+                n *= 2
+            total += n
+            if param.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+    # -- files ---------------------------------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write each selected adapter (default: all) in PEFT's format; 'default' in ``save_directory`` itself,
+        others in a sub-folder named after them. Only ``is_main_process`` writes (for torch.distributed)."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a folder")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            if name not in self.peft_config:
+                raise AdapterError(f"cannot save adapter {name!r}: it does not exist (have {list(self.peft_config)})")
+        if not is_main_process:
+            return
+        for name in names:
+            # Unlike PEFT's "auto", the full base embedding is saved only on request: adapters stay small.
+            tensors = io.adapter_state_dict(self, name, save_embedding_layers=save_embedding_layers is True)
+            saved = LoraConfig.from_dict({**self.peft_config[name].to_dict(), "inference_mode": True})
+            io.write_adapter(io.adapter_folder(save_directory, name), saved, tensors)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: LoraConfig | None = None,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Wrap ``model`` with the adapter saved in folder ``model_id`` (frozen unless ``is_trainable``)."""
+        check_adapter_name(adapter_name)
+        config = config or io.read_config(model_id)
+        config.inference_mode = not is_trainable
+        model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
+        config_copy = LoraConfig.from_dict({**config.to_dict(), "init_lora_weights": True})
+        peft_model = model_cls(model, config_copy, adapter_name)
+        tensors, source = io.read_weights(model_id)
+        io.load_adapter_state_dict(peft_model, tensors, adapter_name, source)
+        return peft_model
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
+    ) -> None:
+        """Add the adapter saved in ``model_id`` under ``adapter_name`` (inactive; use set_adapter)."""
+        config = io.read_config(model_id)
+        config.inference_mode = not is_trainable
+        config.init_lora_weights = True
+        self.add_adapter(adapter_name, config)
+        try:
+            tensors, source = io.read_weights(model_id)
+            io.load_adapter_state_dict(self, tensors, adapter_name, source)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    # -- merging (delegated) -------------------------------------------------------------------------------------
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+
+class PeftModelForCausalLM(PeftModel):
+    """PeftModel for decoder-only language models (task_type CAUSAL_LM)."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self.get_base_model()(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
+        )
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """PeftModel for classifiers: the head ('classifier' or 'score') is trained in full and saved with the adapter."""
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+        heads = [h for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)]
+        saved = list(peft_config.modules_to_save or [])
+        peft_config.modules_to_save = saved + [h for h in heads if h not in saved]
+        super().__init__(model, peft_config, adapter_name)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self.get_base_model()(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
+        )
+
+
+class PeftModelForTokenClassification(PeftModelForSequenceClassification):
+    """PeftModel for token classifiers (head trained in full, like sequence classification)."""
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """PeftModel for encoders used as feature extractors."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """PeftModel for encoder-decoder language models."""
+
+
+MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType | None, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(
+    model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs: Any
+) -> PeftModel:
+    """Wrap ``model`` with a new LoRA adapter ``adapter_name`` described by ``peft_config`` (the model is changed in
+    place: its target modules become LoRA wrappers)."""
+    if not isinstance(peft_config, LoraConfig):
+        raise TypeError(f"peft_config must be a lorakit.LoraConfig, not {type(peft_config).__name__}")
+    if any(isinstance(m, PeftModel) for m in [model]):
+        raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter")
+    unknown = set(kwargs) - {"mixed", "autocast_adapter_dtype", "revision", "low_cpu_mem_usage"}
+    if unknown:
+        warnings.warn(f"get_peft_model ignored arguments: {sorted(unknown)}", stacklevel=2)
+    model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)  # type: ignore[arg-type]
+    return model_cls(model, peft_config, adapter_name)
+
+
+def _auto_base_model(model_id: str | os.PathLike, auto_class_name: str, **kwargs: Any) -> tuple[nn.Module, LoraConfig]:
+    config = io.read_config(model_id)
+    base_id = config.base_model_name_or_path
+    if not base_id:
+        raise io.AdapterFileError(
+            f"{Path(model_id) / io.CONFIG_NAME} names no base_model_name_or_path; load the base "
+            "model yourself and use PeftModel.from_pretrained(model, folder)"
+        )
+    import transformers
+
+    from lorakit.models import resolve_model  # the resolver knows the bundled default model and offline rules
+
+    auto_cls = getattr(transformers, auto_class_name)
+    trust = kwargs.pop("trust_remote_code", False)
+    base = auto_cls.from_pretrained(
+        resolve_model(base_id),
+        trust_remote_code=trust,
+        **{k: v for k, v in kwargs.items() if k in ("dtype", "torch_dtype", "num_labels")},
+    )
+    return base, config
+
+
+class _AutoPeftModel:
+    auto_class_name = "AutoModel"
+    peft_class: type[PeftModel] = PeftModel
+
+    @classmethod
+    def from_pretrained(
+        cls, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any
+    ) -> PeftModel:
+        """Load the base model named in the adapter's config (resolved offline where possible), then the adapter."""
+        base, config = _auto_base_model(model_id, cls.auto_class_name, **kwargs)
+        return cls.peft_class.from_pretrained(
+            base, model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config
+        )
+
+
+class AutoPeftModel(_AutoPeftModel):
+    pass
+
+
+class AutoPeftModelForCausalLM(_AutoPeftModel):
+    auto_class_name = "AutoModelForCausalLM"
+    peft_class = PeftModelForCausalLM
+
+
+class AutoPeftModelForSequenceClassification(_AutoPeftModel):
+    auto_class_name = "AutoModelForSequenceClassification"
+    peft_class = PeftModelForSequenceClassification
+
+
+class AutoPeftModelForTokenClassification(_AutoPeftModel):
+    auto_class_name = "AutoModelForTokenClassification"
+    peft_class = PeftModelForTokenClassification
