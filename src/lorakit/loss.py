@@ -1,0 +1,55 @@
+"""Causal-LM loss as a token sum, computing logits only where a label is.
+
+HF models compute logits for every position (B, T, vocab) in fp32 before the loss; with loss on completions only
+most of them are thrown away, and for a 49k vocabulary they dominate memory. ``lm_loss_sum`` runs the model body,
+keeps the hidden states whose next token has a label, and applies the output layer to those alone. The reference,
+``lm_loss_sum_reference``, is the plain full-logits computation; tests check the two agree (value and gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+
+def lm_loss_sum_reference(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    """(sum of next-token cross-entropies over labelled positions, their count) from full logits."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits  # (B, T, V); a cache would turn off packed-row isolation
+    target = batch["labels"][:, 1:]  # position t predicts token t + 1
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((target != IGNORE_INDEX).sum())
+
+
+def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder body, output layer) of a transformers *ForCausalLM (possibly inside a PeftModel), or None when the
+    model post-processes its logits (soft-capping, scaling) and the fast path would differ."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(body, nn.Module) or head is None or not type(base).__name__.endswith("ForCausalLM"):
+        return None
+    return body, head
+
+
+def lm_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    """Same value as ``lm_loss_sum_reference``; the output layer runs on labelled positions only."""
+    parts = _body_and_head(model)
+    if parts is None:
+        return lm_loss_sum_reference(model, batch)
+    body, head = parts
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    target = batch["labels"][:, 1:]  # (B, T-1)
+    keep = target != IGNORE_INDEX
+    logits = head(hidden[:, :-1][keep])  # (N, H) -> (N, V), N labelled positions
+    loss = F.cross_entropy(logits.float(), target[keep], reduction="sum")
+    return loss, int(keep.sum())
