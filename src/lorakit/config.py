@@ -120,6 +120,12 @@ class LoraConfig:
             raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} is unknown; use one of: {allowed}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is set but layers_to_transform is not; set both, or neither")
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            # PEFT refuses this combination, so an adapter saved with it could not be loaded there
+            raise ConfigError(
+                f"layers_to_transform / layers_pattern need target_modules as a list of names, not the string "
+                f"{self.target_modules!r}; list the module names, or put the layer index into the regex"
+            )
         if self.use_dora:
             raise ConfigError("use_dora=True is not supported yet; set use_dora=False")
         if isinstance(self.target_modules, list) and not self.target_modules:

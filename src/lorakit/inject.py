@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
-from lorakit.layers import LoraLayer, wrap
+from lorakit.layers import LoraLayer, LoraLinear, wrap
 from lorakit.modules_to_save import ModulesToSaveWrapper
 
 # target_modules=None picks these, by transformers' model_type (the attention projections, as PEFT does).
@@ -167,12 +167,15 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
     """Wrap every target of ``config`` (or add the adapter to existing wrappers) and set up modules_to_save copies.
     Returns the names of the wrapped modules."""
     targets = find_targets(model, config)
+    layouts: list[bool] = []  # fan_in_fan_out of each wrapped Linear / Conv1D
     for name in targets:
         parent, child = _parent(model, name)
         module = getattr(parent, child)
         if not isinstance(module, LoraLayer):
             module = wrap(module)
             setattr(parent, child, module)
+        if isinstance(module, LoraLinear):
+            layouts.append(module.fan_in_fan_out)
         module.update_layer(
             adapter_name,
             config.rank_for(name),
@@ -181,6 +184,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
             config.init_lora_weights,
             config.use_rslora,
         )
+    if layouts:  # record the detected layout (True for Conv1D), as PEFT does, so the saved config matches the model
+        config.fan_in_fan_out = any(layouts)
     for entry in config.modules_to_save or []:
         wrapped = [n for n, m in plain_modules(model) if name_matches(n, entry)]
         if not wrapped and entry in SEQ_CLS_HEADS:

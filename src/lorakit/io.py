@@ -139,6 +139,10 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor], adapte
     state = model.state_dict()
     owned = _owned_keys(model, adapter_name, config.bias)
     to_model = {file_key(k, adapter_name): k for k in owned}
+    # PEFT with bias="all" also writes each modules_to_save copy's bias as '<module>.modules_to_save.bias' (a
+    # duplicate of '<module>.bias'); accept it as an alias of the copy.
+    mts = f".modules_to_save.{adapter_name}."
+    to_model.update({k.replace(mts, ".modules_to_save."): k for k in owned if mts in k and k.endswith(".bias")})
     missing = [k for k in to_model if k not in tensors and (".lora_" in k or k.endswith("lora_embedding_A"))]
     if missing:
         raise AdapterFileError(
@@ -152,17 +156,19 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor], adapte
             f"{unexpected[0]!r}: the adapter was saved for another model or other targets"
         )
     with torch.no_grad():
-        for fkey, tensor in tensors.items():
+        position = {k: i for i, k in enumerate(state)}
+        for fkey in sorted(tensors, key=lambda k: position[to_model.get(k, k)]):  # model order: first layer first
+            tensor = tensors[fkey]
             mkey = to_model.get(fkey, fkey)
             target = state[mkey]
             if target.shape != tensor.shape:
-                module = re.sub(
-                    r"\.(lora_\w+|base_layer|modules_to_save)(\..*)?$", "", mkey.removeprefix(_prefix_of(model))
-                )
+                local = mkey.removeprefix(_prefix_of(model))
+                module = re.sub(r"\.(lora_\w+|base_layer|modules_to_save|original_module)(\..*)?$", "", local)
                 raise AdapterFileError(
-                    f"{source}: module {module!r} has shape {tuple(target.shape)} for {mkey.rsplit('.', 2)[-2]!r} "
-                    f"in this model, but the adapter holds {tuple(tensor.shape)}: it was made for a base model with "
-                    "other shapes; load it onto the base named in its adapter_config.json"
+                    f"{source}: module {module!r} expects {fkey.removeprefix(_prefix_of(model) + module + '.')!r} "
+                    f"of shape {tuple(target.shape)} in this model, but the adapter holds {tuple(tensor.shape)}: "
+                    "it was made for a base model with other shapes; load it onto the base named in its "
+                    "adapter_config.json"
                 )
             target.copy_(tensor.to(target.dtype))
 

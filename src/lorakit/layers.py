@@ -62,6 +62,7 @@ class LoraLayer(nn.Module):
         self.scaling[name] = scaling_for(lora_alpha, r, use_rslora)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._create(name, r)
+        self.train(self.base_layer.training)  # new modules start in train mode; follow the model's mode instead
         init = get_initializer(init_lora_weights, embedding=isinstance(self, LoraEmbedding))
         A0, B0, residual = init(self.weight_out_in(), r)
         A, B = self.lora_weights(name)

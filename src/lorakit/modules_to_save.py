@@ -16,6 +16,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disable_adapters = False
+        self.train(original_module.training)
 
     def update(self, name: str) -> None:
         """Add a trainable copy for adapter ``name`` (a copy of the original, so it starts equal)."""

@@ -56,11 +56,19 @@ class PeftModel(nn.Module):
         """The transformers model (with the LoRA wrappers inside it)."""
         return self.base_model.model
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Enable activation checkpointing in the base model; inputs are made to require grad so that the frozen
-        embeddings do not cut the graph under reentrant checkpointing."""
-        self.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kw: Any) -> None:
+        """Enable activation (gradient) checkpointing in the base model; inputs are made to require grad so that
+        the frozen embeddings do not cut the graph under reentrant checkpointing."""
+        base = self.get_base_model()
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs, **kw)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
         self._enable_input_grads_if_checkpointing()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kw: Any) -> None:
+        """The older name of activation_checkpointing_enable (what transformers.Trainer calls)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kw)
 
     def _enable_input_grads_if_checkpointing(self) -> None:
         base = self.get_base_model()

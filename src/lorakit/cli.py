@@ -1,0 +1,312 @@
+"""The ``lorakit`` command: argument parsing and printing only; the work is done by the library modules.
+
+    lorakit train --data train.jsonl [--config run.yaml] [--r 8 --lr 1e-4 --packing ...]   # lorakit.train
+    lorakit generate [--adapter DIR] [--model M] [--prompts-file F] [prompt ...]             # lorakit.generate
+    lorakit eval [--adapter DIR] [--model M] --data eval.jsonl [--json]                     # lorakit.evaluate
+    lorakit merge --adapter DIR --output DIR2 [--model M] [--overwrite]                     # lorakit.merge
+    lorakit info DIR [--json]                                                               # lorakit.info
+    lorakit demo [--output DIR] [--steps N] [--quick]                                       # lorakit.demo
+
+Every expected failure (bad data, bad options, missing or corrupt files, unknown models) ends with one line
+``lorakit: error: <what is wrong and what to do>`` on stderr and exit code 2. Set ``LORAKIT_DEBUG=1`` to get the
+traceback instead. With ``HF_HUB_OFFLINE=1`` the network is never used (see ``lorakit.models``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorakit import __version__
+from lorakit.data import detect_dataset_format, load_records
+from lorakit.evaluate import evaluate
+from lorakit.generate import generate, load_pretrained, read_prompts
+from lorakit.info import adapter_info, format_info
+from lorakit.merge import merge_adapter_to_folder
+from lorakit.train_args import TrainArgs
+
+EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+
+
+class CliError(Exception):
+    """An expected failure whose message is shown as-is on one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ``lorakit: error:`` line like every other expected failure."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise CliError(f"{message} (see `{self.prog} --help`)")
+
+
+# -- train: flags built from the TrainArgs dataclass --------------------------------------------------------------
+def _field_type(annotation: Any) -> type:
+    """``int`` for ``int``, ``str`` for ``str | None``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def _train_fields() -> dict[str, tuple[dataclasses.Field, type]]:
+    hints = typing.get_type_hints(TrainArgs)
+    return {f.name: (f, _field_type(hints[f.name])) for f in dataclasses.fields(TrainArgs)}
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainArgs field (``grad_accum`` -> ``--grad-accum``), help from the field's metadata. Defaults
+    are SUPPRESSed so that only flags given on the command line appear in the namespace (they override --config)."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file of these options (names with '-' or '_'); "
+                        "flags given on the command line override it.")  # fmt: skip
+    for name, (field, typ) in _train_fields().items():
+        flag = "--" + name.replace("_", "-")
+        text = f"{field.metadata.get('help', '')} (default: {field.default})"
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+        else:
+            parser.add_argument(flag, type=typ, default=argparse.SUPPRESS, metavar=name.upper(), help=text)
+
+
+def _coerce(name: str, value: Any, typ: type, source: str) -> Any:
+    """A config-file value as the field's type (YAML reads ``1e-4`` as a string, ``[q_proj, v_proj]`` as a list)."""
+    if value is None or (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
+        return value
+    if typ is str and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    if typ in (int, float) and not isinstance(value, bool):
+        try:
+            number = typ(value)
+            if typ is int and isinstance(value, float) and number != value:
+                raise ValueError
+            return number
+        except (TypeError, ValueError):
+            pass
+    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise CliError(f"{source}: option '{name}' must be {typ.__name__}, got {value!r}; fix its value")
+
+
+# Names from HF TrainingArguments / PEFT's LoraConfig that people write in configs -> the TrainArgs field.
+_HF_NAMES = {
+    "learning_rate": "lr", "lora_alpha": "alpha", "lora_r": "r", "rank": "r", "lora_dropout": "dropout",
+    "target_modules": "targets", "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size", "output_dir": "output", "model_name_or_path": "model",
+    "lr_scheduler_type": "lr_scheduler",
+}  # fmt: skip
+
+
+def read_train_config(path: str) -> dict[str, Any]:
+    """The options in a YAML ``--config`` file, keyed by TrainArgs field names and converted to their types."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file '{path}' does not exist; pass a YAML file of train options")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise CliError(f"config file '{path}' is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CliError(f"config file '{path}' must hold a mapping such as 'r: 8', not a {type(data).__name__}")
+    fields = _train_fields()
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            close = [_HF_NAMES[name]] if name in _HF_NAMES else difflib.get_close_matches(name, list(fields), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise CliError(f"config file '{path}': unknown option '{key}'; {hint}valid options: {', '.join(fields)}")
+        out[name] = _coerce(name, value, fields[name][1], f"config file '{path}'")
+    return out
+
+
+def train_args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
+    """TrainArgs from the --config file (if any), overridden by the flags given on the command line."""
+    values = read_train_config(ns.config) if getattr(ns, "config", None) else {}
+    values.update({name: getattr(ns, name) for name in _train_fields() if hasattr(ns, name)})
+    return TrainArgs(**values)
+
+
+def _cmd_train(ns: argparse.Namespace) -> int:
+    from lorakit.trainer import TrainingError, train  # late: heavy imports
+
+    args = train_args_from_namespace(ns)
+    try:
+        summary = train(args) or {}
+    except TrainingError as e:
+        raise CliError(str(e)) from e
+    output = Path(args.output)
+    print(f"lorakit: training finished; outputs in {output}")
+    paths = {"adapter": summary.get("adapter", output), "metrics": output / "metrics.jsonl",
+             "summary": output / "summary.json", "plot": summary.get("plot", output / "loss.png")}  # fmt: skip
+    for key, path in paths.items():
+        if Path(path).exists():
+            print(f"  {key:<8} {path}")
+    for key, value in summary.items():
+        if key not in paths and (value is None or isinstance(value, (str, int, float, bool))):
+            print(f"  {key}: {value}")
+    return EXIT_OK
+
+
+# -- generate / eval / merge / info / demo -----------------------------------------------------------------------
+def _cmd_generate(ns: argparse.Namespace) -> int:
+    prompts = list(ns.prompt) + (read_prompts(ns.prompts_file) if ns.prompts_file else [])
+    if not prompts:
+        raise CliError("no prompt given; pass prompt text (lorakit generate 'Hello') or --prompts-file FILE")
+    model, tokenizer = load_pretrained(ns.model, ns.adapter)
+    options = dict(max_new_tokens=ns.max_new_tokens, do_sample=ns.sample, temperature=ns.temperature,
+                   top_p=ns.top_p, top_k=ns.top_k, batch_size=ns.batch_size, chat=ns.chat)  # fmt: skip
+    if len(prompts) == 1:
+        generate(model, tokenizer, prompts, stream=lambda text: print(text, end="", flush=True), **options)
+        print()
+        return EXIT_OK
+    for prompt, output in zip(prompts, generate(model, tokenizer, prompts, **options)):
+        print(f"### {prompt}\n{output}\n")
+    return EXIT_OK
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN / Infinity: such floats become null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _cmd_eval(ns: argparse.Namespace) -> int:
+    records = load_records(ns.data)
+    detect_dataset_format(records)  # bad records fail before a model is loaded
+    model, tokenizer = load_pretrained(ns.model, ns.adapter)
+    result = evaluate(model, tokenizer, records, max_length=ns.max_length, batch_size=ns.batch_size,
+                      exact_match=ns.exact_match, max_new_tokens=ns.max_new_tokens)  # fmt: skip
+    if ns.json:
+        meta = {"data": ns.data, "adapter": ns.adapter, "model": ns.model}
+        print(json.dumps({**meta, **{k: _finite(v) for k, v in result.items()}}))
+        return EXIT_OK
+    print(f"loss         {result['loss']:.4f}  ({result['n_tokens']} tokens in {result['n_examples']} examples)")
+    print(f"perplexity   {result['perplexity']:.3f}")
+    if result["exact_match"] is None:
+        print("exact match  n/a (no prompt/completion or messages records, or --no-exact-match)")
+    else:
+        print(f"exact match  {result['exact_match']:.3f}  ({result['n_exact_match']} examples, greedy)")
+    return EXIT_OK
+
+
+def _cmd_merge(ns: argparse.Namespace) -> int:
+    output = merge_adapter_to_folder(ns.adapter, ns.output, model=ns.model, overwrite=ns.overwrite)
+    print(f"merged model written to {output} (load it with transformers' AutoModelForCausalLM.from_pretrained)")
+    return EXIT_OK
+
+
+def _cmd_info(ns: argparse.Namespace) -> int:
+    info = adapter_info(ns.adapter_dir)
+    print(json.dumps(info, indent=2) if ns.json else format_info(info))
+    return EXIT_OK
+
+
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    try:
+        from lorakit.demo import main as demo_main
+    except ModuleNotFoundError as e:
+        if e.name != "lorakit.demo":
+            raise
+        raise CliError("the demo is not part of this lorakit install") from None
+    argv = ["--output", ns.output] + (["--steps", str(ns.steps)] if ns.steps is not None else [])
+    return int(demo_main(argv + (["--quick"] if ns.quick else [])) or EXIT_OK)
+
+
+# -- parser and entry point ---------------------------------------------------------------------------------------
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", metavar="DIR", help="Adapter folder (as written by train / save_pretrained).")
+    parser.add_argument("--model", metavar="M", help="Base model: local folder, hub id, or 'default' (default: the "
+                        "adapter's base_model_name_or_path, else the bundled SmolLM2-135M-Instruct).")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lorakit", description="LoRA fine-tuning for Hugging Face transformers models.")
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("train", help="Train a LoRA adapter.", description="Train a LoRA adapter.")
+    _add_train_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("generate", help="Generate text with a base model or an adapter.")
+    _add_model_flags(p)
+    p.add_argument("prompt", nargs="*", help="Prompt text (one prompt per argument).")
+    p.add_argument("--prompts-file", metavar="F", help='Prompts, one per line, or .jsonl with a "prompt" string.')
+    p.add_argument("--max-new-tokens", type=int, default=128, help="Tokens to generate per prompt (default: 128).")
+    p.add_argument("--sample", action="store_true", help="Sample (default: greedy decoding).")
+    p.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (default: 0.7).")
+    p.add_argument("--top-p", type=float, default=0.9, help="Nucleus sampling mass (default: 0.9).")
+    p.add_argument("--top-k", type=int, default=None, help="Sample from the k likeliest tokens only.")
+    p.add_argument("--batch-size", type=int, default=8, help="Prompts decoded together (default: 8).")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="Wrap prompts in the chat template (default: if the tokenizer has one).")  # fmt: skip
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("eval", help="Loss, perplexity and exact match on a dataset.")
+    _add_model_flags(p)
+    p.add_argument("--data", required=True, metavar="F", help="Evaluation data (.jsonl, .json, .csv, .parquet, .txt).")
+    p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
+    p.add_argument("--max-length", type=int, default=512, help="Truncate examples to this many tokens (default: 512).")
+    p.add_argument("--batch-size", type=int, default=8, help="Examples per forward pass (default: 8).")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="Answer length for exact match (default: 64).")
+    p.add_argument("--exact-match", action=argparse.BooleanOptionalAction, default=True,
+                   help="Score greedy answers against the references (default: on).")  # fmt: skip
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("merge", help="Merge an adapter into its base model and save a plain transformers folder.")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="Adapter folder.")
+    p.add_argument("--output", required=True, metavar="DIR2", help="Folder for the merged model.")
+    p.add_argument("--model", metavar="M", help="Base model (default: the adapter's base_model_name_or_path).")
+    p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output folder.")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("info", help="Show an adapter's config, size and per-module update norms.")
+    p.add_argument("adapter_dir", metavar="DIR", help="Adapter folder.")
+    p.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("demo", help="Fine-tune the bundled model on a small task and show before / after.")
+    p.add_argument("--output", default="runs/demo", metavar="DIR", help="Output folder (default: runs/demo).")
+    p.add_argument("--steps", type=int, default=None, help="Training steps (default: the demo's own).")
+    p.add_argument("--quick", action="store_true", help="A short run, for a smoke test.")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lorakit`` command line; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    try:
+        ns = build_parser().parse_args(argv)
+        return ns.func(ns)
+    except SystemExit as e:  # --help / --version (code 0), or a parser inside a subcommand (demo)
+        return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("lorakit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CliError, ValueError, OSError, yaml.YAMLError) as e:
+        # ValueError covers DataError, ConfigError, TargetError, AdapterFileError, AdapterError and TrainArgs
+        # checks; OSError covers ModelNotFoundError and missing / unwritable files.
+        if os.environ.get("LORAKIT_DEBUG"):
+            raise
+        print(f"lorakit: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Tiny random transformers models for tests: built from configs (no downloads), deterministic, in eval mode.
+
+Import from any test file (pytest puts ``tests/`` on ``sys.path`` via the rootdir conftest)::
+
+    from helpers import input_ids, tiny_llama
+
+    model = tiny_llama(seed=0)      # LlamaForCausalLM, hidden 32, 2 layers, vocab 100, eval mode
+    logits = model(input_ids()).logits  # (2, 8, 100)
+
+The same seed gives bit-identical weights, so ``tiny_llama(0)`` twice yields two independent copies of one base model
+(the "fresh identical base" that an adapter is loaded onto). Every factory is also reachable through the ``tiny``
+fixture of ``conftest.py`` (``tiny.llama(seed=1)``, ``tiny.input_ids()``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+from lorakit import LoraConfig, get_peft_model
+
+VOCAB = 100
+HIDDEN = 32
+LAYERS = 2
+PAD_ID = 0  # pad token of tiny_llama_cls; input_ids() never produces it
+
+
+def _llama_config(**overrides: object) -> LlamaConfig:
+    kwargs: dict = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    config = LlamaConfig(**kwargs)
+    config._attn_implementation = "eager"
+    return config
+
+
+def _build(cls: type[nn.Module], config: object, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = cls(config)
+    model.eval()
+    return model
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """LlamaForCausalLM: hidden 32, 2 layers, 4 heads (2 kv), vocab 100, untied lm_head, no biases."""
+    return _build(LlamaForCausalLM, _llama_config(), seed)
+
+
+def tiny_llama_cls(seed: int = 0, num_labels: int = 3) -> LlamaForSequenceClassification:
+    """LlamaForSequenceClassification (head ``score``, no bias) with pad_token_id = PAD_ID, so batches of any size
+    pool the last non-pad token."""
+    return _build(LlamaForSequenceClassification, _llama_config(num_labels=num_labels, pad_token_id=PAD_ID), seed)
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """GPT2LMHeadModel: n_embd 32, 2 layers, 4 heads, vocab 100; Conv1D layers (weights stored (in, out)) with
+    biases; lm_head tied to wte."""
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, bos_token_id=1, eos_token_id=2
+    )
+    config._attn_implementation = "eager"
+    return _build(GPT2LMHeadModel, config, seed)
+
+
+def tiny_bert_cls(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
+    """BertForSequenceClassification: hidden 32, 2 layers, 4 heads, vocab 100; head ``classifier`` (with bias);
+    every Linear has a bias."""
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
+    config._attn_implementation = "eager"
+    return _build(BertForSequenceClassification, config, seed)
+
+
+def input_ids(batch: int = 2, seq: int = 8, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
+    """(batch, seq) int64 token ids in [1, vocab): deterministic from ``seed``, never the pad id 0."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (batch, seq), generator=gen)
+
+
+def perturb_(params: list[nn.Parameter] | list[torch.Tensor], seed: int, scale: float = 0.1) -> None:
+    """Add N(0, scale^2) noise to ``params`` in place (deterministic from ``seed``), e.g. to make zero-initialized
+    biases or LoRA B matrices non-zero so that a test can tell them apart from a fresh model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * scale)
+
+
+# -- tokenizers and saved folders (for generate / eval / merge / CLI tests) ----------------------------------------
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# ids 0..5; bos 1, eos 2 as LlamaConfig
+PROMPT_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+WORDS = "the cat sat on a mat what is two plus four six hello world user assistant system".split()
+
+
+def tiny_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over exactly the tiny llama's VOCAB ids. chat=True: ChatML template, eos <|im_end|>,
+    no BOS (like SmolLM2); chat=False: no template, eos </s>, BOS prepended (like Llama)."""
+    vocab = PROMPT_SPECIALS + WORDS + [f"w{i}" for i in range(VOCAB - len(PROMPT_SPECIALS) - len(WORDS))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if not chat:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="<|im_end|>" if chat else "</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    if chat:
+        tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def silence_eos_(model: nn.Module) -> nn.Module:
+    """Zero the lm_head rows of the special tokens: their logit is 0 while the best of ~94 random logits is > 0, so
+    greedy decoding never stops early and outputs have exactly max_new_tokens words."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight[: len(PROMPT_SPECIALS)] = 0
+    return model
+
+
+def save_tiny_folder(folder: Path, seed: int = 0, chat: bool = True) -> Path:
+    """A tiny llama (eos silenced) + tokenizer saved as a transformers folder."""
+    silence_eos_(tiny_llama(seed)).save_pretrained(folder)
+    tiny_tokenizer(chat).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_adapter(base_dir: Path, adapter_dir: Path, seed: int = 1, **config: Any) -> Path:
+    """A random (non-identity) LoRA adapter on q_proj / v_proj of the model in ``base_dir``, saved to ``adapter_dir``;
+    its base_model_name_or_path is ``base_dir``."""
+    torch.manual_seed(seed)
+    options: dict[str, Any] = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(**{**options, **config}))
+    peft.save_pretrained(adapter_dir)
+    return adapter_dir

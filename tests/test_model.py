@@ -1,0 +1,243 @@
+"""PeftModel / LoraModel on tiny models: targets, trainable sets, adapter verbs, merging, combining."""
+
+import pytest
+import torch
+from helpers import input_ids, perturb_, tiny_bert_cls, tiny_gpt2, tiny_llama
+from torch import nn
+
+from lorakit import (
+    AdapterError,
+    LoraConfig,
+    LoraLinear,
+    PeftModelForCausalLM,
+    PeftModelForSequenceClassification,
+    TargetError,
+    get_peft_model,
+)
+
+
+def _trainable(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _logits(model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids() if ids is None else ids).logits
+
+
+def _adapted_llama(**kw) -> PeftModelForCausalLM:
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    cfg.update(kw)
+    return get_peft_model(tiny_llama(), LoraConfig(**cfg))
+
+
+def _wrapped(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+
+
+# -- targets -------------------------------------------------------------------------------------------------------
+def test_list_targets_match_dotted_suffix():
+    model = _adapted_llama()
+    assert _wrapped(model) == [
+        f"base_model.model.model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
+    ]
+
+
+def test_regex_targets_full_match_and_default_targets():
+    model = _adapted_llama(target_modules=r".*layers\.1\.self_attn\.(q|k)_proj")
+    assert [n.removeprefix("base_model.model.model.") for n in _wrapped(model)] == ["layers.1.self_attn.q_proj",
+                                                                     "layers.1.self_attn.k_proj"]
+    default = _adapted_llama(target_modules=None)
+    assert len(_wrapped(default)) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in _wrapped(default))
+
+
+def test_all_linear_excludes_lm_head_and_classifier():
+    names = _wrapped(_adapted_llama(target_modules="all-linear"))
+    assert len(names) == 2 * 7 and not any("lm_head" in n for n in names)
+    cls = get_peft_model(tiny_bert_cls(), LoraConfig(target_modules="all-linear", task_type="SEQ_CLS"))
+    assert not any("classifier" in n for n in _wrapped(cls)) and any("pooler" in n for n in _wrapped(cls))
+
+
+def test_layers_to_transform_and_exclude_modules():
+    model = _adapted_llama(target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers")
+    assert all(".layers.1." in n for n in _wrapped(model)) and len(_wrapped(model)) == 2
+    model = _adapted_llama(target_modules="all-linear", exclude_modules=["down_proj", "up_proj"])
+    assert not any(n.endswith(("down_proj", "up_proj")) for n in _wrapped(model))
+
+
+def test_target_typo_is_an_error_with_suggestion_even_when_others_match():
+    with pytest.raises(TargetError, match=r"'q_prj' matched nothing; did you mean 'q_proj'"):
+        _adapted_llama(target_modules=["q_prj", "v_proj"])
+
+
+def test_target_on_unwrappable_module_names_it():
+    with pytest.raises(TargetError, match="LlamaRMSNorm"):
+        _adapted_llama(target_modules=["input_layernorm"])
+
+
+def test_unknown_architecture_needs_explicit_targets():
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+    with pytest.raises(TargetError, match="pass target_modules explicitly"):
+        get_peft_model(Toy(), LoraConfig())
+
+
+def test_rank_and_alpha_pattern_per_module():
+    model = _adapted_llama(rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.0\.self_attn\.q_proj": 32})
+    base = model.base_model.model.model
+    assert base.layers[0].self_attn.v_proj.r["default"] == 2 and base.layers[0].self_attn.q_proj.r["default"] == 4
+    assert base.layers[0].self_attn.q_proj.scaling["default"] == 8 and base.layers[1].self_attn.q_proj.scaling[
+        "default"] == 2
+
+
+# -- trainable parameters ------------------------------------------------------------------------------------------
+def test_print_trainable_parameters_matches_peft_numbers(capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = get_peft_model(GPT2LMHeadModel(GPT2Config()), LoraConfig(r=8, target_modules=["c_attn"]))
+    model.print_trainable_parameters()
+    assert capsys.readouterr().out.strip() == (
+        "trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364"
+    )
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_trainable_sets_per_bias_mode(bias):
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], bias=bias))
+    trainable = _trainable(model)
+    lora = {n for n in trainable if ".lora_" in n}
+    assert len(lora) == 4 and all("c_attn" in n for n in lora)
+    biases = trainable - lora
+    if bias == "none":
+        assert biases == set()
+    elif bias == "lora_only":
+        assert biases == {f"base_model.model.transformer.h.{i}.attn.c_attn.base_layer.bias" for i in range(2)}
+    else:
+        all_biases = {n for n, _ in model.named_parameters() if n.endswith("bias")}
+        assert biases == all_biases and len(all_biases) > 10
+
+
+def test_modules_to_save_copy_trains_and_original_stays():
+    model = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    assert isinstance(model, PeftModelForSequenceClassification)
+    trainable = _trainable(model)
+    assert "base_model.model.classifier.modules_to_save.default.weight" in trainable
+    assert "base_model.model.classifier.original_module.weight" not in trainable
+
+
+def test_gradients_reach_only_adapter():
+    model = _adapted_llama()
+    model.train()
+    out = model(input_ids=input_ids(), labels=input_ids())
+    out.loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == _trainable(model) and all(".lora_" in n for n in with_grad)
+
+
+# -- adapter verbs -------------------------------------------------------------------------------------------------
+def test_disable_adapter_equals_base_model():
+    ref = _logits(tiny_llama())
+    model = _adapted_llama()
+    assert not torch.allclose(_logits(model), ref)
+    with model.disable_adapter():
+        torch.testing.assert_close(_logits(model), ref)
+    model.merge_adapter()
+    with model.disable_adapter():
+        torch.testing.assert_close(_logits(model), ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(_logits(model), ref)
+
+
+def test_merge_unmerge_and_merge_and_unload_equal_outputs():
+    model = _adapted_llama(target_modules="all-linear")
+    unmerged = _logits(model)
+    model.merge_adapter()
+    torch.testing.assert_close(_logits(model), unmerged, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(_logits(model), unmerged, atol=1e-5, rtol=1e-5)
+    plain = model.merge_and_unload()
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    assert not any(isinstance(m, LoraLinear) for m in plain.modules())
+    torch.testing.assert_close(_logits(plain), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_unload_restores_exact_original_modules():
+    base = tiny_llama()
+    q0 = base.model.layers[0].self_attn.q_proj
+    ref = _logits(tiny_llama())
+    model = get_peft_model(base, LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    model.merge_adapter()
+    plain = model.unload()
+    assert plain.model.layers[0].self_attn.q_proj is q0
+    torch.testing.assert_close(_logits(plain), ref, atol=1e-6, rtol=0)
+
+
+def test_several_adapters_set_delete_and_both_active_add_up():
+    model = _adapted_llama()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    assert model.active_adapters == ["default"]
+    assert not any(".other." in n for n in _trainable(model))
+    a = _logits(model)
+    model.set_adapter("other")
+    b = _logits(model)
+    assert {n.split(".lora_")[1].split(".")[1] for n in _trainable(model)} == {"other"}
+    assert not torch.allclose(a, b)
+    model.set_adapter(["default", "other"])
+    both = _logits(model)
+    model.merge_adapter()  # W + s1 B1 A1 + s2 B2 A2: the dense reference of two active adapters
+    torch.testing.assert_close(_logits(model), both, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    model.delete_adapter("other")
+    assert model.active_adapters == ["default"] and "other" not in model.peft_config
+    torch.testing.assert_close(_logits(model), a)
+    with pytest.raises(AdapterError, match="does not exist"):
+        model.set_adapter("other")
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", "x.y", "/abs"])
+def test_adapter_names_that_could_escape_a_folder_are_refused(name):
+    model = _adapted_llama()
+    with pytest.raises(AdapterError, match="invalid"):
+        model.add_adapter(name, LoraConfig(target_modules=["q_proj"]))
+
+
+def test_add_weighted_adapter_cat_equals_weighted_sum_of_deltas():
+    model = _adapted_llama()
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.add_weighted_adapter(["default", "b"], [0.7, -0.4], "mix", combination_type="cat")
+    for layer in (m for m in model.modules() if isinstance(m, LoraLinear)):
+        expect = 0.7 * layer.delta_weight("default") - 0.4 * layer.delta_weight("b")
+        torch.testing.assert_close(layer.delta_weight("mix"), expect, atol=1e-6, rtol=1e-5)
+        assert layer.r["mix"] == 6 and layer.scaling["mix"] == 1
+    assert model.active_adapters == ["default"]
+
+
+def test_gradient_checkpointing_keeps_adapter_gradients():
+    model = _adapted_llama()
+    model.gradient_checkpointing_enable({"use_reentrant": True})
+    model.train()
+    model.config.use_cache = False
+    model(input_ids=input_ids(), labels=input_ids()).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_perturbed_bias_trains_with_bias_all():
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], bias="all"))
+    perturb_([p for n, p in model.named_parameters() if n.endswith("bias")], seed=1)
+    model.train()
+    model(input_ids=input_ids(), labels=input_ids()).loss.backward()
+    assert model.base_model.model.transformer.h[0].ln_1.bias.grad is not None
+
+
+def test_wrappers_follow_the_model_mode_so_eval_has_no_dropout():
+    model = _adapted_llama(lora_dropout=0.5)  # tiny_llama() is in eval mode
+    torch.testing.assert_close(_logits(model), _logits(model))
+    model.add_adapter("late", LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.5, init_lora_weights=False))
+    model.set_adapter("late")
+    torch.testing.assert_close(_logits(model), _logits(model))
+    model.train()
+    assert not torch.allclose(_logits(model), _logits(model))
