@@ -16,6 +16,10 @@ import os
 import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: 2 workers x 2 threads on 2 cores thrash
+    import torch
+
+    torch.set_num_threads(1)
 
 import helpers  # noqa: E402
 import pytest  # noqa: E402

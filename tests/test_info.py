@@ -10,7 +10,8 @@ import torch
 from helpers import tiny_llama
 
 from lorakit import AdapterFileError, LoraConfig, get_peft_model
-from lorakit.info import adapter_info, delta_norm, format_info, lora_pairs
+from lorakit.info import adapter_info, delta_norm, format_info
+from lorakit.io import lora_pairs
 from lorakit.layers import LoraLayer
 
 

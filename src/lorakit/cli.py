@@ -15,13 +15,10 @@ traceback instead. With ``HF_HUB_OFFLINE=1`` the network is never used (see ``lo
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
 import json
 import math
 import os
 import sys
-import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +32,7 @@ from lorakit.evaluate import evaluate
 from lorakit.generate import generate, load_pretrained, read_prompts
 from lorakit.info import adapter_info, format_info
 from lorakit.merge import merge_adapter_to_folder
-from lorakit.train_args import TrainArgs
+from lorakit.train_args import TrainArgs, read_train_config, train_fields
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 
@@ -52,24 +49,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 # -- train: flags built from the TrainArgs dataclass --------------------------------------------------------------
-def _field_type(annotation: Any) -> type:
-    """``int`` for ``int``, ``str`` for ``str | None``."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return next(a for a in typing.get_args(annotation) if a is not type(None))
-    return annotation
-
-
-def _train_fields() -> dict[str, tuple[dataclasses.Field, type]]:
-    hints = typing.get_type_hints(TrainArgs)
-    return {f.name: (f, _field_type(hints[f.name])) for f in dataclasses.fields(TrainArgs)}
-
-
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainArgs field (``grad_accum`` -> ``--grad-accum``), help from the field's metadata. Defaults
     are SUPPRESSed so that only flags given on the command line appear in the namespace (they override --config)."""
     parser.add_argument("--config", metavar="FILE", help="YAML file of these options (names with '-' or '_'); "
                         "flags given on the command line override it.")  # fmt: skip
-    for name, (field, typ) in _train_fields().items():
+    for name, (field, typ) in train_fields().items():
         flag = "--" + name.replace("_", "-")
         text = f"{field.metadata.get('help', '')} (default: {field.default})"
         if typ is bool:
@@ -78,63 +63,10 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=typ, default=argparse.SUPPRESS, metavar=name.upper(), help=text)
 
 
-def _coerce(name: str, value: Any, typ: type, source: str) -> Any:
-    """A config-file value as the field's type (YAML reads ``1e-4`` as a string, ``[q_proj, v_proj]`` as a list)."""
-    if value is None or (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
-        return value
-    if typ is str and isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return ",".join(value)
-    if typ in (int, float) and not isinstance(value, bool):
-        try:
-            number = typ(value)
-            if typ is int and isinstance(value, float) and number != value:
-                raise ValueError
-            return number
-        except (TypeError, ValueError):
-            pass
-    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise CliError(f"{source}: option '{name}' must be {typ.__name__}, got {value!r}; fix its value")
-
-
-# Names from HF TrainingArguments / PEFT's LoraConfig that people write in configs -> the TrainArgs field.
-_HF_NAMES = {
-    "learning_rate": "lr", "lora_alpha": "alpha", "lora_r": "r", "rank": "r", "lora_dropout": "dropout",
-    "target_modules": "targets", "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad_accum",
-    "per_device_train_batch_size": "batch_size", "output_dir": "output", "model_name_or_path": "model",
-    "lr_scheduler_type": "lr_scheduler",
-}  # fmt: skip
-
-
-def read_train_config(path: str) -> dict[str, Any]:
-    """The options in a YAML ``--config`` file, keyed by TrainArgs field names and converted to their types."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"config file '{path}' does not exist; pass a YAML file of train options")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise CliError(f"config file '{path}' is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise CliError(f"config file '{path}' must hold a mapping such as 'r: 8', not a {type(data).__name__}")
-    fields = _train_fields()
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in fields:
-            close = [_HF_NAMES[name]] if name in _HF_NAMES else difflib.get_close_matches(name, list(fields), n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise CliError(f"config file '{path}': unknown option '{key}'; {hint}valid options: {', '.join(fields)}")
-        out[name] = _coerce(name, value, fields[name][1], f"config file '{path}'")
-    return out
-
-
 def train_args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
     """TrainArgs from the --config file (if any), overridden by the flags given on the command line."""
     values = read_train_config(ns.config) if getattr(ns, "config", None) else {}
-    values.update({name: getattr(ns, name) for name in _train_fields() if hasattr(ns, name)})
+    values.update({name: getattr(ns, name) for name in train_fields() if hasattr(ns, name)})
     return TrainArgs(**values)
 
 

@@ -68,8 +68,8 @@ def run(output: str = "runs/demo", n_train: int = 400, n_test: int = 50, steps: 
         model: str | None = None) -> dict[str, Any]:
     """Generate the task, score the base model, fine-tune, score again; returns and writes demo.json."""
     from lorakit.models import load_model, load_tokenizer
-    from lorakit.trainer import train
     from lorakit.train_args import TrainArgs
+    from lorakit.trainer import train
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def run(output: str = "runs/demo", n_train: int = 400, n_test: int = 50, steps: 
           f"(e.g. {test_rows[0]['prompt'].splitlines()[-1]!r} -> {before_answers[0]!r})")
     del base
     args = TrainArgs(data=str(out / "train.jsonl"), eval_data=str(out / "test.jsonl"), output=str(out / "adapter"),
-                     model=model, r=16, alpha=32, dropout=0.0, lr=2e-3, batch_size=8, max_steps=steps,
+                     model=model, r=16, alpha=32, dropout=0.0, lr=1e-3, batch_size=8, max_steps=steps,
                      max_length=128, warmup_ratio=0.05, seed=seed, overwrite=True, logging_steps=5)
     summary = train(args)
     tuned = summary.pop("model")

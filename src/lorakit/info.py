@@ -12,7 +12,6 @@ Example::
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +19,6 @@ from torch import Tensor
 
 from lorakit import io
 from lorakit.config import scaling_for
-
-# Adapter tensor names in the file (see io.py): '<module>.lora_A.weight' / '<module>.lora_embedding_A', same for B.
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:embedding_)?(?P<which>[AB])(?:\.weight)?$")
-
-
-def lora_pairs(tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
-    """``{module name: (A (r, in), B (out, r))}`` of the LoRA tensors in an adapter file, in natural order
-    (layers.2 before layers.10), names without the ``base_model.model.`` prefix. For embeddings A is (r, vocab) and
-    B (dim, r)."""
-    parts: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _LORA_KEY.match(key)
-        if match:
-            parts.setdefault(match["module"], {})[match["which"]] = tensor
-    pairs = {name: (p["A"], p["B"]) for name, p in parts.items() if "A" in p and "B" in p}
-    return {name: pairs[name] for name in sorted(pairs, key=_natural)}
-
-
-def _natural(name: str) -> list[Any]:
-    """Sort key putting 'layers.2' before 'layers.10'."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 def delta_norm(A: Tensor, B: Tensor, scaling: float) -> float:
@@ -64,7 +42,7 @@ def adapter_info(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
     config = io.read_config(adapter_dir)
     tensors, source = io.read_weights(adapter_dir)
     modules: dict[str, dict[str, Any]] = {}
-    for name, (A, B) in lora_pairs(tensors).items():
+    for name, (A, B) in io.lora_pairs(tensors).items():
         r, alpha = A.shape[0], config.alpha_for(name)
         scaling = scaling_for(alpha, r, config.use_rslora)
         modules[name] = {

@@ -77,6 +77,28 @@ def file_key(model_key: str, adapter_name: str) -> str:
     return f"{re.sub(re.escape('.' + adapter_name) + '$', '', head)}.{leaf}"
 
 
+# '<module>.lora_A.weight' / '<module>.lora_embedding_A', same for B.
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:embedding_)?(?P<which>[AB])(?:\.weight)?$")
+
+
+def lora_pairs(tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{module name: (A (r, in), B (out, r))}`` of the LoRA tensors in an adapter file, in natural order
+    (layers.2 before layers.10), names without the ``base_model.model.`` prefix. For embeddings A is (r, vocab) and
+    B (dim, r)."""
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match:
+            parts.setdefault(match["module"], {})[match["which"]] = tensor
+    pairs = {name: (p["A"], p["B"]) for name, p in parts.items() if "A" in p and "B" in p}
+    return {name: pairs[name] for name in sorted(pairs, key=_natural)}
+
+
+def _natural(name: str) -> list[Any]:
+    """Sort key putting 'layers.2' before 'layers.10'."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
 def _owned_keys(model: nn.Module, adapter_name: str, bias: str) -> list[str]:
     """The model state-dict keys that belong to adapter ``adapter_name`` (plus the biases its ``bias`` mode trains)."""
     from lorakit.inject import wrappers

@@ -8,7 +8,6 @@ keeps the hidden states whose next token has a label, and applies the output lay
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

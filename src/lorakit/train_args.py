@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 def _opt(default: Any, text: str) -> Any:
@@ -76,11 +82,68 @@ class TrainArgs:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "the config") -> TrainArgs:
-        names = {f.name for f in dataclasses.fields(cls)}
-        clean = {k.replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(clean) - names)
-        if unknown:
-            raise ValueError(f"{source} has unknown options {unknown}; valid ones: {sorted(names)}")
-        return cls(**clean)
+
+# -- reading options from a YAML file ----------------------------------------------------------------------------------
+def _field_type(annotation: Any) -> type:
+    """``int`` for ``int``, ``str`` for ``str | None``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def train_fields() -> dict[str, tuple[dataclasses.Field, type]]:
+    hints = typing.get_type_hints(TrainArgs)
+    return {f.name: (f, _field_type(hints[f.name])) for f in dataclasses.fields(TrainArgs)}
+
+
+def _coerce(name: str, value: Any, typ: type, source: str) -> Any:
+    """A config-file value as the field's type (YAML reads ``1e-4`` as a string, ``[q_proj, v_proj]`` as a list)."""
+    if value is None or (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
+        return value
+    if typ is str and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    if typ in (int, float) and not isinstance(value, bool):
+        try:
+            number = typ(value)
+            if typ is int and isinstance(value, float) and number != value:
+                raise ValueError
+            return number
+        except (TypeError, ValueError):
+            pass
+    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{source}: option '{name}' must be {typ.__name__}, got {value!r}; fix its value")
+
+
+# Names from HF TrainingArguments / PEFT's LoraConfig that people write in configs -> the TrainArgs field.
+_HF_NAMES = {
+    "learning_rate": "lr", "lora_alpha": "alpha", "lora_r": "r", "rank": "r", "lora_dropout": "dropout",
+    "target_modules": "targets", "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size", "output_dir": "output", "model_name_or_path": "model",
+    "lr_scheduler_type": "lr_scheduler",
+}  # fmt: skip
+
+
+def read_train_config(path: str) -> dict[str, Any]:
+    """The options in a YAML ``--config`` file, keyed by TrainArgs field names and converted to their types."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file '{path}' does not exist; pass a YAML file of train options")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file '{path}' is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file '{path}' must hold a mapping such as 'r: 8', not a {type(data).__name__}")
+    fields = train_fields()
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            close = [_HF_NAMES[name]] if name in _HF_NAMES else difflib.get_close_matches(name, list(fields), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"config file '{path}': unknown option '{key}'; {hint}valid options: {', '.join(fields)}")
+        out[name] = _coerce(name, value, fields[name][1], f"config file '{path}'")
+    return out
