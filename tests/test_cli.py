@@ -6,8 +6,6 @@ import dataclasses
 import json
 import re
 import shutil
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -251,14 +249,19 @@ def test_info_prints_ranks(work: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_demo_forwards_its_options(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    seen: list[list[str]] = []
-    module = types.ModuleType("lorakit.demo")
-    module.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "lorakit.demo", module)
-    assert run(capsys, "demo", "--output", "o", "--steps", 5, "--quick")[0] == 0
-    assert run(capsys, "demo")[0] == 0
-    assert seen == [["--output", "o", "--steps", "5", "--quick"], ["--output", "runs/demo"]]
+    import lorakit.demo
 
+    seen: list[tuple] = []
+
+    def fake_run(*args: Any) -> dict[str, Any]:
+        seen.append(args)
+        return {"accuracy_before": 0.1, "accuracy_after": 0.9, "total_wall_time_s": 1.0, "adapter": "a", "plot": "p"}
+
+    monkeypatch.setattr(lorakit.demo, "run", fake_run)
+    code, out, _ = run(capsys, "demo", "--output", "o", "--steps", 5, "--quick")
+    assert code == 0 and "10% -> 90% (+80 points)" in out
+    assert run(capsys, "demo")[0] == 0
+    assert seen == [("o", 400, 20, 5, 0, None), ("runs/demo", 400, 50, 40, 0, None)]
 
 def test_help_and_version_exit_zero(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--version")

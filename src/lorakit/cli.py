@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from lorakit import __version__
+from lorakit import __version__, demo
 from lorakit.data import detect_dataset_format, load_records
 from lorakit.evaluate import evaluate
 from lorakit.generate import generate, load_pretrained, read_prompts
@@ -145,14 +145,9 @@ def _cmd_info(ns: argparse.Namespace) -> int:
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
-    try:
-        from lorakit.demo import main as demo_main
-    except ModuleNotFoundError as e:
-        if e.name != "lorakit.demo":
-            raise
-        raise CliError("the demo is not part of this lorakit install") from None
-    argv = ["--output", ns.output] + (["--steps", str(ns.steps)] if ns.steps is not None else [])
-    return int(demo_main(argv + (["--quick"] if ns.quick else [])) or EXIT_OK)
+    from lorakit.demo import run_from_args
+
+    return run_from_args(ns)
 
 
 # -- parser and entry point ---------------------------------------------------------------------------------------
@@ -210,9 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("demo", help="Fine-tune the bundled model on a small task and show before / after.")
-    p.add_argument("--output", default="runs/demo", metavar="DIR", help="Output folder (default: runs/demo).")
-    p.add_argument("--steps", type=int, default=None, help="Training steps (default: the demo's own).")
-    p.add_argument("--quick", action="store_true", help="A short run, for a smoke test.")
+    demo.add_arguments(p)
     p.set_defaults(func=_cmd_demo)
     return parser
 

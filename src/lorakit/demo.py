@@ -15,8 +15,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 INSTRUCTION = "Rewrite this date in ISO format (YYYY-MM-DD). Answer with the date only."
 
@@ -64,8 +76,14 @@ def accuracy(model: Any, tokenizer: Any, records: list[dict[str, str]]) -> tuple
     return exact_match_score(answers, [r["completion"] for r in records]), answers
 
 
-def run(output: str = "runs/demo", n_train: int = 400, n_test: int = 50, steps: int = 100, seed: int = 0,
-        model: str | None = None) -> dict[str, Any]:
+def run(
+    output: str = "runs/demo",
+    n_train: int = 400,
+    n_test: int = 50,
+    steps: int = 40,
+    seed: int = 0,
+    model: str | None = None,
+) -> dict[str, Any]:
     """Generate the task, score the base model, fine-tune, score again; returns and writes demo.json."""
     from lorakit.models import load_model, load_tokenizer
     from lorakit.train_args import TrainArgs
@@ -82,38 +100,80 @@ def run(output: str = "runs/demo", n_train: int = 400, n_test: int = 50, steps: 
     tokenizer = load_tokenizer(model)
     base = load_model(model)
     before, before_answers = accuracy(base, tokenizer, test_rows)
-    print(f"base model: exact match {before:.0%} on {n_test} held-out dates "
-          f"(e.g. {test_rows[0]['prompt'].splitlines()[-1]!r} -> {before_answers[0]!r})")
+    print(
+        f"base model: exact match {before:.0%} on {n_test} held-out dates "
+        f"(e.g. {test_rows[0]['prompt'].splitlines()[-1]!r} -> {before_answers[0]!r})"
+    )
     del base
-    args = TrainArgs(data=str(out / "train.jsonl"), eval_data=str(out / "test.jsonl"), output=str(out / "adapter"),
-                     model=model, r=16, alpha=32, dropout=0.0, lr=1e-3, batch_size=8, max_steps=steps,
-                     max_length=128, warmup_ratio=0.05, seed=seed, overwrite=True, logging_steps=5)
+    args = TrainArgs(
+        data=str(out / "train.jsonl"),
+        eval_data=str(out / "test.jsonl"),
+        output=str(out / "adapter"),
+        model=model,
+        r=16,
+        alpha=32,
+        dropout=0.0,
+        lr=1e-3,
+        batch_size=8,
+        max_steps=steps,
+        max_length=128,
+        warmup_ratio=0.05,
+        seed=seed,
+        overwrite=True,
+        logging_steps=5,
+    )
     summary = train(args)
     tuned = summary.pop("model")
     tuned.eval()
     after, after_answers = accuracy(tuned, tokenizer, test_rows)
-    print(f"fine-tuned: exact match {after:.0%} (e.g. {test_rows[0]['prompt'].splitlines()[-1]!r} -> "
-          f"{after_answers[0]!r})")
-    result = {"accuracy_before": before, "accuracy_after": after, "n_test": n_test, "n_train": n_train,
-              "steps": steps, "train_wall_time_s": summary["wall_time_s"],
-              "total_wall_time_s": round(time.perf_counter() - started, 1), "eval_loss": summary["eval_loss"],
-              "eval_loss_start": summary["eval_loss_start"], "adapter": str(out / "adapter"),
-              "plot": summary["plot"]}
+    print(
+        f"fine-tuned: exact match {after:.0%} (e.g. {test_rows[0]['prompt'].splitlines()[-1]!r} -> "
+        f"{after_answers[0]!r})"
+    )
+    result = {
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "n_test": n_test,
+        "n_train": n_train,
+        "steps": steps,
+        "train_wall_time_s": summary["wall_time_s"],
+        "total_wall_time_s": round(time.perf_counter() - started, 1),
+        "eval_loss": summary["eval_loss"],
+        "eval_loss_start": summary["eval_loss_start"],
+        "adapter": str(out / "adapter"),
+        "plot": summary["plot"],
+    }
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default="runs/demo", metavar="DIR", help="Output folder (default: runs/demo).")
+    parser.add_argument("--steps", type=int, default=None, help="Training steps (default: 40; 15 with --quick).")
+    parser.add_argument("--train-examples", type=int, default=400, help="Generated training examples.")
+    parser.add_argument("--test-examples", type=int, default=None, help="Held-out examples (default: 50).")
+    parser.add_argument("--model", default=None, help="Base model (default: the bundled SmolLM2-135M-Instruct).")
+    parser.add_argument("--seed", type=int, default=0, help="Random seed (data and adapter init).")
+    parser.add_argument("--quick", action="store_true", help="A short run (15 steps, 20 test dates), for a smoke test.")
+
+
+def run_from_args(ns: argparse.Namespace) -> int:
+    steps = ns.steps or (15 if ns.quick else 40)
+    n_test = ns.test_examples or (20 if ns.quick else 50)
+    r = run(ns.output, ns.train_examples, n_test, steps, ns.seed, ns.model)
+    gain = (r["accuracy_after"] - r["accuracy_before"]) * 100
+    print(
+        f"\naccuracy {r['accuracy_before']:.0%} -> {r['accuracy_after']:.0%} ({gain:+.0f} points) on {n_test} "
+        f"held-out dates, {steps} training steps, {r['total_wall_time_s']:.0f} s in all"
+    )
+    print(
+        f"adapter:   {r['adapter']}\nloss plot: {r['plot']}\ntry it:    lorakit generate --adapter {r['adapter']} "
+        f'"{INSTRUCTION}\\nDate: July 4, 1976"'
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lorakit demo", description=__doc__)
-    parser.add_argument("--output", default="runs/demo")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--train-examples", type=int, default=400)
-    parser.add_argument("--test-examples", type=int, default=50)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    a = parser.parse_args(argv)
-    r = run(a.output, a.train_examples, a.test_examples, a.steps, a.seed, a.model)
-    print(f"\naccuracy {r['accuracy_before']:.0%} -> {r['accuracy_after']:.0%} "
-          f"({(r['accuracy_after'] - r['accuracy_before']) * 100:+.0f} points) in {r['total_wall_time_s']:.0f} s")
-    print(f"adapter: {r['adapter']}\nloss plot: {r['plot']}")
-    return 0
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))

@@ -1,0 +1,55 @@
+"""On the real bundled default model (SmolLM2-135M-Instruct, dequantized from its GGUF): a short fine-tune lowers
+the eval loss, the adapter round-trips through files and through HF PEFT with equal logits, and merge is exact."""
+
+import json
+
+import pytest
+import torch
+
+from lorakit import PeftModel
+from lorakit.demo import make_examples
+from lorakit.models import DEFAULT_MODEL, load_model, load_tokenizer
+from lorakit.trainer import train
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    for name, n, seed in (("train.jsonl", 48, 0), ("eval.jsonl", 16, 1)):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in make_examples(n, seed)))
+    summary = train(data=str(root / "train.jsonl"), eval_data=str(root / "eval.jsonl"), output=str(root / "out"),
+                    r=8, alpha=16, dropout=0.0, lr=1e-3, batch_size=4, max_steps=8, max_length=96, progress=False)
+    return root, summary
+
+
+def test_short_fine_tune_lowers_eval_loss(trained):
+    _, summary = trained
+    assert summary["eval_loss"] < 0.7 * summary["eval_loss_start"], summary
+    assert summary["trainable_params"] > 0
+
+
+def test_adapter_records_the_bundled_base_and_reloads_equal(trained):
+    root, summary = trained
+    config = json.loads((root / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == DEFAULT_MODEL
+    tokenizer = load_tokenizer()
+    ids = tokenizer("Rewrite this date: May 1, 2000", return_tensors="pt")["input_ids"]
+    tuned = summary["model"].eval()
+    with torch.no_grad():
+        expect = tuned(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(load_model(), root / "out")
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expect, atol=1e-4, rtol=0)
+        merged = reloaded.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, expect, atol=1e-4, rtol=0)
+
+
+def test_hf_peft_loads_the_adapter_with_equal_logits(trained):
+    peft = pytest.importorskip("peft")
+    root, summary = trained
+    ids = torch.tensor([[1, 504, 2593, 28, 3108]])
+    with torch.no_grad():
+        expect = summary["model"].eval()(input_ids=ids).logits
+        theirs = peft.PeftModel.from_pretrained(load_model(), str(root / "out"))
+        torch.testing.assert_close(theirs(input_ids=ids).logits, expect, atol=1e-4, rtol=0)
