@@ -120,7 +120,8 @@ def run(
         warmup_ratio=0.05,
         seed=seed,
         overwrite=True,
-        logging_steps=5,
+        logging_steps=1,
+        eval_steps=10,
     )
     summary = train(args)
     tuned = summary.pop("model")
