@@ -7,6 +7,7 @@ config, gradient checkpointing) and adds adapter management, trainable-parameter
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import warnings
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ class PeftModel(nn.Module):
         peft_config = self._prepare_config(model, peft_config)
         self.base_model = LoraModel(model, peft_config, adapter_name)
         self._enable_input_grads_if_checkpointing()
+        self.forward = _ForwardWithBaseSignature(self)  # type: ignore[method-assign]
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -198,6 +200,19 @@ class PeftModel(nn.Module):
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
         return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+
+class _ForwardWithBaseSignature:
+    """``peft_model.forward`` with the base model's signature, so that ``transformers.Trainer`` (which keeps only
+    dataset columns named in ``inspect.signature(model.forward)``) sees ``input_ids``, ``labels``, ``token_type_ids``
+    ... as it would for the base model. Calls the class's forward."""
+
+    def __init__(self, model: PeftModel) -> None:
+        self.model = model
+        self.__signature__ = inspect.signature(model.get_base_model().forward)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.model).forward(self.model, *args, **kwargs)
 
 
 class PeftModelForCausalLM(PeftModel):

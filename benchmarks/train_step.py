@@ -1,0 +1,123 @@
+"""Train-step time and memory, lorakit against HF PEFT, measured in the same run (issue: speed target 1).
+
+For each (library, precision) a fresh subprocess loads the default model (SmolLM2-135M-Instruct), wraps it with LoRA
+r=16 on all linear layers, dropout 0.05, and times forward + backward + optimizer step on the same padded batch
+(4 x 256 random tokens, loss on every token). Memory is the peak resident set size above the loaded model (VmHWM
+after a reset, minus VmRSS before the steps). Also timed: a no-grad forward, the floor a LoRA step is compared with.
+
+    .venv/bin/python benchmarks/train_step.py [--steps 5] [--batch 4] [--seq 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+        f.write("5")
+
+
+def measure(library: str, precision: str, steps: int, batch: int, seq: int) -> dict[str, float]:
+    """One measurement, in this process (run it in a fresh subprocess so that peaks do not mix)."""
+    import torch
+
+    from lorakit.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model()
+    model.config.use_cache = False
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    bf16 = precision == "bf16"
+    if library == "none":  # the floor: no-grad forward
+        model.eval()
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                model(input_ids=ids)
+            times.append(time.perf_counter() - start)
+        return {"step_s": statistics.median(times[1:])}
+    if library == "peft":
+        import peft
+
+        config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
+        wrapped = peft.get_peft_model(model, config)
+
+        def loss_fn() -> torch.Tensor:
+            return wrapped(input_ids=ids, labels=ids).loss
+    else:
+        import lorakit
+        from lorakit.loss import lm_loss_sum
+
+        config = lorakit.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
+        wrapped = lorakit.get_peft_model(model, config)
+        batch_inputs = {"input_ids": ids, "labels": ids}
+
+        def loss_fn() -> torch.Tensor:
+            total, n = lm_loss_sum(wrapped, batch_inputs)
+            return total / n
+
+    wrapped.train()
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    before = _rss_kb("VmRSS")
+    _reset_peak()
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return {"step_s": statistics.median(times[1:]), "train_mem_mb": (_rss_kb("VmHWM") - before) / 1024,
+            "loss": float(loss)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--one", nargs=2, metavar=("LIBRARY", "PRECISION"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(*args.one, args.steps, args.batch, args.seq)))
+        return
+    results: dict[tuple[str, str], dict[str, float]] = {}
+    for precision in ("fp32", "bf16"):
+        for library in ("none", "peft", "lorakit"):
+            cmd = [sys.executable, __file__, "--one", library, precision, "--steps", str(args.steps),
+                   "--batch", str(args.batch), "--seq", str(args.seq)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            results[library, precision] = json.loads(out)
+            print(f"{precision} {library:8s} {results[library, precision]}", file=sys.stderr)
+    print(f"\nbatch {args.batch} x {args.seq} tokens, r=16 all-linear, dropout 0.05, median of {args.steps} steps\n")
+    print("| precision | no-grad fwd (s) | PEFT step (s) | lorakit step (s) | time lorakit/PEFT | "
+          "lorakit / (2 x fwd) | train mem PEFT (MB) | lorakit (MB) | mem lorakit/PEFT |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for precision in ("fp32", "bf16"):
+        fwd = results["none", precision]["step_s"]
+        p, k = results["peft", precision], results["lorakit", precision]
+        print(f"| {precision} | {fwd:.2f} | {p['step_s']:.2f} | {k['step_s']:.2f} | {k['step_s'] / p['step_s']:.2f} | "
+              f"{k['step_s'] / (2 * fwd):.2f} | {p['train_mem_mb']:.0f} | {k['train_mem_mb']:.0f} | "
+              f"{k['train_mem_mb'] / p['train_mem_mb']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
