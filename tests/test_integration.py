@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lorakit import PeftModel
+from lorakit import AutoPeftModelForCausalLM, PeftModel
 from lorakit.demo import make_examples
 from lorakit.models import DEFAULT_MODEL, load_model, load_tokenizer
 from lorakit.trainer import train
@@ -41,6 +41,9 @@ def test_adapter_records_the_bundled_base_and_reloads_equal(trained):
         expect = tuned(input_ids=ids).logits
         reloaded = PeftModel.from_pretrained(load_model(), root / "out")
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expect, atol=1e-4, rtol=0)
+        auto = AutoPeftModelForCausalLM.from_pretrained(root / "out")  # base resolved from the recorded id, offline
+        assert auto.get_base_model().name_or_path == DEFAULT_MODEL
+        torch.testing.assert_close(auto(input_ids=ids).logits, expect, atol=1e-4, rtol=0)
         merged = reloaded.merge_and_unload()
         torch.testing.assert_close(merged(input_ids=ids).logits, expect, atol=1e-4, rtol=0)
 

@@ -18,8 +18,24 @@ from lorakit.peft_model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from lorakit.quant import quantize
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``lorakit.train``, ``lorakit.TrainArgs`` and ``lorakit.TrainingError``, imported on first use (the training
+    stack pulls in data loading and model resolution, which ``import lorakit`` alone does not need)."""
+    if name in ("train", "TrainingError"):
+        from lorakit import trainer
+
+        return getattr(trainer, name)
+    if name == "TrainArgs":
+        from lorakit.train_args import TrainArgs
+
+        return TrainArgs
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
 
 __all__ = [
     "AdapterError",
@@ -43,5 +59,9 @@ __all__ = [
     "PeftModelForTokenClassification",
     "TargetError",
     "TaskType",
+    "TrainArgs",
+    "TrainingError",
     "get_peft_model",
+    "quantize",
+    "train",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit import io
+from lorakit import convert, io
 from lorakit.config import LoraConfig, TaskType
 from lorakit.inject import SEQ_CLS_HEADS
 from lorakit.model import AdapterError, LoraModel, check_adapter_name
@@ -141,10 +141,14 @@ class PeftModel(nn.Module):
         selected_adapters: list[str] | None = None,
         save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
         """Write each selected adapter (default: all) in PEFT's format; 'default' in ``save_directory`` itself,
-        others in a sub-folder named after them. Only ``is_main_process`` writes (for torch.distributed)."""
+        others in a sub-folder named after them. Only ``is_main_process`` writes (for torch.distributed).
+        ``path_initial_model_for_weight_conversion``: the folder where the adapter was saved right after
+        get_peft_model; a PiSSA / OLoRA adapter is then written as a plain rank-2r LoRA for the original base
+        (see lorakit.convert)."""
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a folder")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -157,6 +161,10 @@ class PeftModel(nn.Module):
             # Unlike PEFT's "auto", the full base embedding is saved only on request: adapters stay small.
             tensors = io.adapter_state_dict(self, name, save_embedding_layers=save_embedding_layers is True)
             saved = LoraConfig.from_dict({**self.peft_config[name].to_dict(), "inference_mode": True})
+            if path_initial_model_for_weight_conversion is not None:
+                tensors, saved = convert.to_original_base(
+                    tensors, saved, path_initial_model_for_weight_conversion, name
+                )
             io.write_adapter(io.adapter_folder(save_directory, name), saved, tensors)
 
     @classmethod
@@ -309,6 +317,7 @@ def _auto_base_model(model_id: str | os.PathLike, auto_class_name: str, **kwargs
         trust_remote_code=trust,
         **{k: v for k, v in kwargs.items() if k in ("dtype", "torch_dtype", "num_labels")},
     )
+    base.name_or_path = base.config._name_or_path = base_id  # the id, not the cache folder it resolved to
     return base, config
 
 
