@@ -29,7 +29,7 @@ def test_fast_loss_equals_reference_value_and_gradients(factory, targets):
         loss.backward()
         grads.append((loss.detach(), n, {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
     (ref, n_ref, g_ref), (fast, n_fast, g_fast) = grads
-    assert n_ref == n_fast == 3 * 4 - 1 - 1 - 2 + 1  # positions 6..9 predicted, minus padding
+    assert n_ref == n_fast == 4 + 4 + 2  # labels at positions 6..9; row 2 padded from 8
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
     for k in g_ref:
         torch.testing.assert_close(g_fast[k], g_ref[k], atol=1e-6, rtol=1e-4)

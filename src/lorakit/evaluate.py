@@ -20,15 +20,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lorakit.data import detect_dataset_format, is_conversational
-from lorakit.data_pack import collate
-from lorakit.data_tokenize import IGNORE_INDEX, tokenize_records
+from lorakit.data_tokenize import tokenize_records
 from lorakit.generate import Prompt, generate
+from lorakit.loss import loss_over_examples
 
 
 def exact_match_score(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -86,23 +84,7 @@ def eval_loss(
     """Token-weighted mean loss over the labelled tokens of ``records``, with the counts behind it."""
     examples, stats = tokenize_records(records, tokenizer, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    total, n_tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(examples), batch_size):
-                batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
-                labels = batch.pop("labels")  # (B, T)
-                logits = model(**batch, use_cache=False).logits.float()  # (B, T, V)
-                # position t predicts token t + 1
-                total += F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-                ).item()
-                n_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
+    total, n_tokens = loss_over_examples(model, examples, batch_size, pad_id)
     loss = total / n_tokens
     return {
         "loss": loss,

@@ -8,6 +8,10 @@ keeps the hidden states whose next token has a label, and applies the output lay
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -52,3 +56,26 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int
     logits = head(hidden[:, :-1][keep])  # (N, H) -> (N, V), N labelled positions
     loss = F.cross_entropy(logits.float(), target[keep], reduction="sum")
     return loss, int(keep.sum())
+
+
+def loss_over_examples(
+    model: nn.Module, examples: Sequence[Any], batch_size: int, pad_id: int, bf16: bool = False
+) -> tuple[float, int]:
+    """(sum of token losses, labelled-token count) over ``examples`` in eval mode, without gradients; batches are
+    formed longest first to pad little. The model's train/eval mode is restored."""
+    from lorakit.data_pack import collate
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    rows = sorted(examples, key=len, reverse=True)
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for i in range(0, len(rows), batch_size):
+                batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
+                loss, n = lm_loss_sum(model, batch)
+                total, count = total + loss.item(), count + n
+    finally:
+        model.train(was_training)
+    return total, count

@@ -24,9 +24,10 @@ from lorakit.config import LoraConfig, TaskType
 from lorakit.data import load_records, split_eval
 from lorakit.data_pack import PackedRow, collate, pack_examples
 from lorakit.data_tokenize import IGNORE_INDEX, Example, tokenize_records
-from lorakit.loss import lm_loss_sum
+from lorakit.loss import lm_loss_sum, loss_over_examples
 from lorakit.metrics import METRICS_NAME, MetricsLog, plot_loss, write_summary
 from lorakit.peft_model import PeftModel, get_peft_model
+from lorakit.quant import quantize
 from lorakit.train_args import TrainArgs
 
 ADAPTER = "default"
@@ -111,6 +112,8 @@ def build_model(args: TrainArgs) -> tuple[PeftModel, Any]:
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     model = load_model(args.model, trust_remote_code=args.trust_remote_code)
     model.config.use_cache = False
+    if args.quantize:  # QLoRA: a frozen NF4 / int8 base, quantized before the adapter wraps it
+        quantize(model, bits=args.quantize)
     config = LoraConfig(
         r=args.r,
         lora_alpha=args.alpha,
@@ -137,8 +140,8 @@ def check_output(output: Path, args: TrainArgs) -> None:
                 f"--resume: no checkpoint in {output / checkpoint.CHECKPOINTS}; run without --resume "
                 "(and with --save-steps N to write checkpoints)"
             )
-        keys = ("data", "model", "r", "alpha", "targets", "batch_size", "grad_accum", "seed", "packing")
-        changed = [k for k in keys if old is not None and old.get(k) != getattr(args, k)]
+        keys = ("data", "model", "r", "alpha", "targets", "batch_size", "grad_accum", "seed", "packing", "quantize")
+        changed = [k for k in keys if old is not None and old.get(k, getattr(TrainArgs, k)) != getattr(args, k)]
         if changed:
             raise TrainingError(
                 f"--resume: {output} holds a run with different {', '.join(changed)}; resume with "
@@ -160,16 +163,8 @@ def evaluate_loss(
     model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, rank: int, world: int, bf16: bool
 ) -> float:
     """Token-weighted mean eval loss over ``examples`` (sharded over processes)."""
-    was_training = model.training
-    model.eval()
-    total = count = 0.0
-    mine = sorted(examples[rank::world], key=len, reverse=True)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for i in range(0, len(mine), batch_size):
-            loss, n = lm_loss_sum(model, collate(mine[i : i + batch_size], pad_id))
-            total, count = total + loss.item(), count + n
+    total, count = loss_over_examples(model, examples[rank::world], batch_size, pad_id, bf16)
     total, count = distributed.sum_over_processes([total, count])
-    model.train(was_training)
     return total / max(count, 1)
 
 
