@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lorakit import convert, io
@@ -226,18 +225,6 @@ class _ForwardWithBaseSignature:
 class PeftModelForCausalLM(PeftModel):
     """PeftModel for decoder-only language models (task_type CAUSAL_LM)."""
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        return self.get_base_model()(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
-        )
-
 
 class PeftModelForSequenceClassification(PeftModel):
     """PeftModel for classifiers: the head ('classifier' or 'score') is trained in full and saved with the adapter."""
@@ -247,18 +234,6 @@ class PeftModelForSequenceClassification(PeftModel):
         saved = list(peft_config.modules_to_save or [])
         peft_config.modules_to_save = saved + [h for h in heads if h not in saved]
         super().__init__(model, peft_config, adapter_name)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        return self.get_base_model()(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
-        )
 
 
 class PeftModelForTokenClassification(PeftModelForSequenceClassification):
