@@ -157,9 +157,9 @@ class LoraModel(nn.Module):
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
-        """Merge the active (or named) adapters and return the plain transformers model, wrappers removed."""
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        return unwrap(self.model, merge=True, adapter_names=adapter_names)
+        """Merge the active (or named) adapters and return the plain transformers model, wrappers removed. Layers on
+        a quantized base come back as full-precision nn.Linear (see inject.unwrap)."""
+        return unwrap(self.model, merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:
         """Return the plain base model with every wrapper removed and nothing merged (merged adapters are undone)."""
@@ -184,9 +184,11 @@ class LoraModel(nn.Module):
         svd_driver: str | None = None,
         density: float | None = None,
         majority_sign_method: str = "total",
+        generator: combine.Generator | None = None,
     ) -> None:
         """Add ``adapter_name`` = a weighted combination of existing adapters (see lorakit.combine). Like PEFT,
-        the new adapter is added inactive; call set_adapter to use it."""
+        the new adapter is added inactive; call set_adapter to use it. The ``dare_*`` types are random: pass a
+        seeded torch.Generator (an addition to PEFT's signature) or seed the global RNG to reproduce them."""
         if adapter_name in self.peft_config:
             raise AdapterError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter it")
         for name in adapters:
@@ -194,7 +196,7 @@ class LoraModel(nn.Module):
         if len(adapters) != len(weights):
             raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights; give one weight per adapter")
         configs = [self.peft_config[a] for a in adapters]
-        combination_type, new_rank = combine.plan(combination_type, configs, svd_rank)
+        combination_type, new_rank = combine.plan(combination_type, configs, svd_rank, density, majority_sign_method)
         layer_names = [n for n, m in self._lora_layers() if any(a in m.r for a in adapters)]
         self.add_adapter(adapter_name, combine.combined_config(configs, new_rank, layer_names))
         for _, module in self._lora_layers():
@@ -213,6 +215,7 @@ class LoraModel(nn.Module):
                 driver=svd_driver,
                 density=density,
                 majority_sign_method=majority_sign_method,
+                generator=generator,
             )
             new_A, new_B = module.lora_weights(adapter_name)
             new_A.data.zero_()
