@@ -104,6 +104,9 @@ class LoraConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid field and what it accepts."""
         _check_rank("r", self.r)
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a dict {{module name regex: value}}")
         for key, r in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{key!r}]", r)
         _check_alpha("lora_alpha", self.lora_alpha)
@@ -113,10 +116,10 @@ class LoraConfig:
             raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be a number in [0, 1), e.g. 0.05")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias={self.bias!r} is unknown; use one of: {', '.join(BIAS_MODES)}")
-        from lorakit.init import INITIALIZERS  # late import: init imports nothing from here
+        from lorakit.init import INITIALIZERS, PISSA_NITER_HELP, is_known  # late import: init imports nothing from here
 
-        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights in INITIALIZERS):
-            allowed = ", ".join(["True", "False", *map(repr, INITIALIZERS)])
+        if not is_known(self.init_lora_weights):
+            allowed = ", ".join(["True", "False", *map(repr, INITIALIZERS), PISSA_NITER_HELP])
             raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} is unknown; use one of: {allowed}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is set but layers_to_transform is not; set both, or neither")

@@ -1,18 +1,25 @@
 """Adapter initializers: pure functions from a base weight to the starting (A, B).
 
-Every initializer takes the base weight ``W`` (out, in) and the rank ``r`` and returns ``LoraInit(A (r, in),
-B (out, r), residual)``, where ``residual`` is the new base weight for initializers that move part of W into the
-adapter (None: keep W). They are chosen by name from ``INITIALIZERS``; ``True`` in a config means ``"kaiming"``.
+Every initializer takes the base weight ``W`` (out, in), the rank ``r`` and the adapter's scaling ``s`` (alpha / r,
+or alpha / sqrt(r) with rsLoRA) and returns ``LoraInit(A (r, in), B (out, r), residual)``, where ``residual`` is the
+new base weight for initializers that move part of W into the adapter (None: keep W); then ``residual + s * B @ A``
+equals W, so the model's output is unchanged at step 0. They are chosen by name from ``INITIALIZERS`` (plus the
+pattern ``"pissa_niter_<K>"``, see ``get_initializer``); ``True`` in a config means ``"kaiming"``. Maths in fp32,
+residual cast back to the weight's dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from lorakit.loftq import loftq
 
 
 class LoraInit(NamedTuple):
@@ -21,7 +28,7 @@ class LoraInit(NamedTuple):
     residual: Tensor | None  # new base weight (out, in), or None to keep the base weight
 
 
-def kaiming(weight: Tensor, r: int) -> LoraInit:
+def kaiming(weight: Tensor, r: int, scaling: float) -> LoraInit:
     """A ~ Kaiming-uniform (as nn.Linear's default, a=sqrt(5)), B = 0: the adapter starts as the identity
     (Hu et al. 2021, sec. 4.1)."""
     out_f, in_f = weight.shape
@@ -30,13 +37,13 @@ def kaiming(weight: Tensor, r: int) -> LoraInit:
     return LoraInit(A, torch.zeros(out_f, r), None)
 
 
-def gaussian(weight: Tensor, r: int) -> LoraInit:
+def gaussian(weight: Tensor, r: int, scaling: float) -> LoraInit:
     """A ~ N(0, 1/r^2), B = 0 (PEFT's 'gaussian')."""
     out_f, in_f = weight.shape
     return LoraInit(torch.randn(r, in_f) / r, torch.zeros(out_f, r), None)
 
 
-def random_nonzero(weight: Tensor, r: int) -> LoraInit:
+def random_nonzero(weight: Tensor, r: int, scaling: float) -> LoraInit:
     """Both A and B random (nn.Linear's default init): NOT an identity at start; PEFT's ``init_lora_weights=False``,
     useful for tests of merge and save/load."""
     out_f, in_f = weight.shape
@@ -46,18 +53,78 @@ def random_nonzero(weight: Tensor, r: int) -> LoraInit:
     return LoraInit(A, B, None)
 
 
-def embedding_default(weight: Tensor, r: int) -> LoraInit:
+def embedding_default(weight: Tensor, r: int, scaling: float) -> LoraInit:
     """For Embedding targets (weight (num_embeddings, dim) seen as (out=dim, in=num_embeddings)): A = 0, B ~ N(0, 1),
     as PEFT does for every truthy init_lora_weights."""
     out_f, in_f = weight.shape
     return LoraInit(torch.zeros(r, in_f), torch.randn(out_f, r), None)
 
 
-Initializer = Callable[[Tensor, int], LoraInit]
+def pissa(weight: Tensor, r: int, scaling: float, niter: int | None = None) -> LoraInit:
+    """PiSSA (Meng et al. 2024, arXiv:2404.02948): the adapter takes W's principal part. With W ~ U_r diag(S_r)
+    V_r^T (top-r singular triplets), A = diag(sqrt(S_r / s)) V_r^T and B = U_r diag(sqrt(S_r / s)), so that s * B @ A
+    is the best rank-r approximation of W, and the residual is W - s * B @ A. ``niter``: use the randomized
+    ``torch.svd_lowrank(niter=niter)`` (faster, approximate, draws from the global RNG) instead of the exact SVD."""
+    W = _fp32(weight, r, "pissa")  # (out, in)
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # U (out, k), S (k,), Vh (k, in)
+        U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    else:
+        U, S, V = torch.svd_lowrank(W, q=r, niter=niter)  # U (out, r), S (r,), V (in, r)
+        Vh = V.T
+    root = torch.sqrt(S / scaling)  # (r,)
+    A = root[:, None] * Vh  # (r, in)
+    B = U * root[None, :]  # (out, r)
+    return LoraInit(A, B, (W - scaling * (B @ A)).to(weight.dtype))
+
+
+def olora(weight: Tensor, r: int, scaling: float) -> LoraInit:
+    """OLoRA (Büyükakyüz 2024, "Orthonormal Low-Rank Adaptation of Large Language Models"): from the thin QR
+    decomposition W = Q R, B = Q[:, :r] (orthonormal columns) and A = R[:r]; the residual is W - s * B @ A."""
+    W = _fp32(weight, r, "olora")  # (out, in)
+    Q, R = torch.linalg.qr(W)  # Q (out, k), R (k, in)
+    B, A = Q[:, :r].contiguous(), R[:r].contiguous()  # (out, r), (r, in)
+    return LoraInit(A, B, (W - scaling * (B @ A)).to(weight.dtype))
+
+
+def orthogonal(weight: Tensor, r: int, scaling: float) -> LoraInit:
+    """PEFT's 'orthogonal' (after Datta 2024, "Rethinking LoRA initialisation"): both A and B are random and non-zero,
+    yet B @ A = 0. Q is a random (r, r) orthogonal matrix; the columns of A (r, in) lie in the span of Q's even rows
+    and the rows of B (out, r) in the span of its odd rows, which are orthogonal to them. Needs an even r. Draws from
+    the global RNG in PEFT's order ((r, r), (in, r/2), (r/2, out)), so the same seed gives PEFT's values."""
+    if r % 2:
+        raise ValueError(f"init_lora_weights='orthogonal' needs an even rank, got r={r}; use an even r, e.g. {r + 1}")
+    out_f, in_f = weight.shape
+    Q, _ = torch.linalg.qr(torch.randn(r, r))  # (r, r), orthonormal rows
+    A = (torch.randn(in_f, r // 2) @ Q[0::2]).T / 10.0  # (in, r/2) @ (r/2, r) -> (r, in)
+    B = torch.randn(r // 2, out_f).T @ Q[1::2] / 10.0  # (out, r/2) @ (r/2, r) -> (out, r)
+    return LoraInit(A.contiguous(), B.contiguous(), None)
+
+
+def _fp32(weight: Tensor, r: int, name: str) -> Tensor:
+    """``weight`` in fp32 for the decompositions; ValueError if r exceeds its rank bound or its dtype is not a float."""
+    if not weight.is_floating_point():
+        raise TypeError(
+            f"init_lora_weights={name!r} needs a floating-point base weight, not {weight.dtype}; initialize on the "
+            "fp32/fp16/bf16 model, then quantize the residual base"
+        )
+    if r > min(weight.shape):
+        raise ValueError(
+            f"init_lora_weights={name!r} needs r <= min(out, in) = {min(weight.shape)} for a weight of shape "
+            f"{tuple(weight.shape)}, got r={r}; lower r (or set rank_pattern for this module)"
+        )
+    return weight.detach().to(torch.float32)
+
+
+Initializer = Callable[[Tensor, int, float], LoraInit]
 
 INITIALIZERS: dict[str, Initializer] = {
     "kaiming": kaiming,
     "gaussian": gaussian,
+    "pissa": pissa,
+    "olora": olora,
+    "orthogonal": orthogonal,
+    "loftq": loftq,
 }
 
 
@@ -69,4 +136,39 @@ def get_initializer(init_lora_weights: bool | str, embedding: bool = False) -> I
         return embedding_default
     if init_lora_weights is True:
         return kaiming
-    return INITIALIZERS[init_lora_weights]
+    init = _lookup(init_lora_weights)
+    if init is None:
+        raise ValueError(
+            f"init_lora_weights={init_lora_weights!r} is unknown; use True, False, {PISSA_NITER_HELP} "
+            f"or one of {sorted(INITIALIZERS)}"
+        )
+    return init
+
+
+PISSA_NITER_HELP = "'pissa_niter_<K>' (PiSSA by randomized SVD with K subspace iterations, e.g. 'pissa_niter_4')"
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def is_known(init_lora_weights: object) -> bool:
+    """True if ``init_lora_weights`` names an initializer (a bool, a registry name, or ``pissa_niter_<K>``)."""
+    return isinstance(init_lora_weights, bool) or _lookup(init_lora_weights) is not None
+
+
+def mutates_base(init_lora_weights: object) -> bool:
+    """True for initializers that move part of the base weight into the adapter (PiSSA, OLoRA): their adapters only
+    fit the residual base, unless saved with ``path_initial_model_for_weight_conversion``."""
+    init = _lookup(init_lora_weights)
+    return getattr(init, "func", init) in (pissa, olora)
+
+
+def _lookup(name: object) -> Initializer | None:
+    """The initializer called ``name``: a registry key, ``pissa_niter_<K>``, or a registry key in other case (PEFT
+    accepts e.g. 'OLoRA' and 'Gaussian'); None if there is none."""
+    if not isinstance(name, str):
+        return None
+    if name in INITIALIZERS:
+        return INITIALIZERS[name]
+    match = _PISSA_NITER.fullmatch(name)
+    if match:
+        return functools.partial(pissa, niter=int(match[1]))
+    return INITIALIZERS.get(name.lower())

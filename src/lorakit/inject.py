@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
 from lorakit.layers import LoraLayer, LoraLinear, wrap
 from lorakit.modules_to_save import ModulesToSaveWrapper
+from lorakit.quant import QuantLinear
 
 # target_modules=None picks these, by transformers' model_type (the attention projections, as PEFT does).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -44,7 +47,7 @@ class TargetError(ValueError):
 
 
 def is_wrappable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding)) or type(module).__name__ == "Conv1D"
+    return isinstance(module, (nn.Linear, nn.Embedding, QuantLinear)) or type(module).__name__ == "Conv1D"
 
 
 def plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -183,6 +186,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
             config.lora_dropout,
             config.init_lora_weights,
             config.use_rslora,
+            init_options=config.loftq_config,
         )
     if layouts:  # record the detected layout (True for Conv1D), as PEFT does, so the saved config matches the model
         config.fan_in_fan_out = any(layouts)
@@ -202,20 +206,60 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
     return targets
 
 
-def unwrap(model: nn.Module, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
+def unwrap(
+    model: nn.Module, merge: bool, adapter_names: list[str] | None = None, safe_merge: bool = False
+) -> nn.Module:
     """Replace every wrapper by its base module (after merging ``adapter_names`` or the active adapters if
-    ``merge``); modules_to_save wrappers give back their active trained copy if ``merge``, else the original."""
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-            continue
+    ``merge``); modules_to_save wrappers give back their active trained copy if ``merge``, else the original.
+
+    A LoRA layer on a quantized base (QuantLinear) cannot merge in place; with ``merge`` it is replaced by a
+    full-precision nn.Linear holding dequantize(W) + s * B @ A (``merged_linear``), with a warning: the result is not
+    quantized again, because quantizing the merged weight adds a rounding error as large as the one the adapter was
+    trained to compensate, which undoes much of the fine-tuning."""
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+    merged: dict[str, nn.Linear] = {}
+    if merge:  # merge everything first, so that a failing safe_merge leaves the wrappers in place
+        merged = {n: merged_linear(m, adapter_names, safe_merge) for n, m in modules if _quantized_lora(m)}
+        for _, module in modules:
+            if isinstance(module, LoraLayer) and not _quantized_lora(module):
+                module.merge(adapter_names, safe_merge=safe_merge)
+    for name, module in modules:
         parent, child = _parent(model, name)
         if isinstance(module, LoraLayer):
-            if merge:
-                module.merge(adapter_names)
-            setattr(parent, child, module.base_layer)
+            setattr(parent, child, merged.get(name, module.base_layer))
         else:
             setattr(parent, child, module.current if merge else module.original_module)
+    if merged:
+        warnings.warn(
+            f"merge_and_unload: {len(merged)} LoRA layers had a quantized base; they are now full-precision nn.Linear "
+            "(dequantized W + s * B @ A, fp32) and were not quantized again: quantizing the merged weight would add "
+            "a rounding error as large as the one the adapter learned to compensate. Call lorakit.quantize(model) "
+            "on the result only if memory matters more than quality",
+            stacklevel=3,
+        )
     return model
+
+
+def merged_linear(layer: LoraLayer, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Linear:
+    """A full-precision nn.Linear with weight dequantize(W) + sum of s * B @ A over ``adapter_names`` (default: the
+    active adapters) and the base layer's bias: the merge of a LoRA layer whose base is quantized."""
+    names = [n for n in (adapter_names or layer.active_adapters) if n in layer.r]
+    base = layer.base_layer
+    with torch.no_grad():
+        weight = layer.weight_out_in()  # (out, in) fp32
+        for name in names:
+            weight = weight + layer.delta_weight(name)
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"merging adapters {names} gives NaN/inf weights; the adapter is broken")
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if base.bias is not None:
+        linear.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=base.bias.requires_grad)
+    return linear.train(base.training)
+
+
+def _quantized_lora(module: nn.Module) -> bool:
+    return isinstance(module, LoraLayer) and module.quantized
 
 
 def wrappers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSaveWrapper]]:

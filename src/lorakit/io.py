@@ -9,15 +9,22 @@ whose keys are the model's parameter names with the adapter name removed::
     base_model.model.score.weight                                       # a modules_to_save copy, full
 
 Adapters other than "default" go in a sub-folder named after them. Every write is atomic (temp file in the same
-folder, fsync, ``os.replace``): a crash leaves the previous file or the new one, never half of one.
+folder, fsync, ``os.replace``): a crash leaves the previous file or the new one, never half of one. The two files of
+an adapter are replaced one after the other, so ``write_adapter`` first writes a journal (the new config and the new
+weights' SHA-256): a crash between the two files leaves new weights beside the old config, and ``read_config`` then
+takes the config from the journal, so the folder always loads as one whole version.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,7 @@ from lorakit.config import ConfigError, LoraConfig
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+JOURNAL_NAME = ".adapter_config.next.json"  # the config being written, until both files are in place
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 
 
@@ -62,8 +70,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomically write ``tensors`` as a safetensors file (copies are made contiguous and unshared)."""
+    atomic_write_bytes(path, _safetensors_bytes(tensors, metadata))
+
+
+def _safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write_bytes(path, st_save(plain, metadata=metadata or {"format": "pt"}))
+    return st_save(plain, metadata=metadata or {"format": "pt"})
 
 
 # -- key naming --------------------------------------------------------------------------------------------------
@@ -197,36 +209,98 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor], adapte
 
 # -- folders -----------------------------------------------------------------------------------------------------
 def adapter_folder(save_directory: str | os.PathLike, adapter_name: str) -> Path:
-    """'default' lives in the folder itself, any other adapter in a sub-folder named after it (as PEFT)."""
+    """'default' lives in the folder itself, any other adapter in a sub-folder named after it (as PEFT). The name is
+    checked here too (AdapterError), so that no name ('../x', '/abs', 'a/b') can point outside ``save_directory``."""
+    from lorakit.model import check_adapter_name  # late import, as in _owned_keys
+
+    check_adapter_name(adapter_name)
     return Path(save_directory) if adapter_name == "default" else Path(save_directory) / adapter_name
 
 
 def write_adapter(folder: str | os.PathLike, config: LoraConfig, tensors: dict[str, Tensor]) -> None:
-    """Write one adapter: weights first, then the config, each atomically."""
+    """Write one adapter: the journal, the weights, the config (each atomically), then drop the journal. A crash at
+    any point leaves a folder that read_config + read_weights load as the old or the new version, whole."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_tensors(folder / WEIGHTS_NAME, tensors)
+    data = _safetensors_bytes(tensors)
+    journal = {"config": config.to_dict(), "weights_sha256": hashlib.sha256(data).hexdigest()}
+    atomic_write_json(folder / JOURNAL_NAME, journal)
+    atomic_write_bytes(folder / WEIGHTS_NAME, data)
     atomic_write_json(folder / CONFIG_NAME, config.to_dict())
+    (folder / JOURNAL_NAME).unlink(missing_ok=True)
+
+
+def _journal_config(folder: Path) -> dict[str, Any] | None:
+    """The config of an interrupted write_adapter whose weights are already in place (None if there is none)."""
+    try:
+        journal = json.loads((folder / JOURNAL_NAME).read_text())
+        data = (folder / WEIGHTS_NAME).read_bytes()
+    except (OSError, ValueError, RecursionError):  # no journal (the normal case), no weights, or a broken journal
+        return None
+    if isinstance(journal, dict) and journal.get("weights_sha256") == hashlib.sha256(data).hexdigest():
+        return journal.get("config")
+    return None  # the crash came before the new weights were in place: the old config fits them
 
 
 def read_config(folder: str | os.PathLike) -> LoraConfig:
     """The LoraConfig in ``folder``; AdapterFileError naming the file if it is missing or invalid."""
     path = _existing_folder(folder) / CONFIG_NAME
-    if not path.is_file():
+    data = _journal_config(path.parent)
+    if data is not None:
+        path = path.parent / JOURNAL_NAME
+    elif not path.is_file():
         raise AdapterFileError(
             f"{path} does not exist: {folder} is not an adapter folder (save one with "
             "save_pretrained, or pass the folder that holds adapter_config.json)"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{path} is not valid JSON ({e}); re-save the adapter") from None
+    else:
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too many digits or brackets
+            raise AdapterFileError(f"{path} is not valid JSON ({e}); re-save the adapter") from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    _check_json_types(path, data)
     try:
         return LoraConfig.from_dict(data)
     except (ConfigError, TypeError) as e:
         raise AdapterFileError(f"{path}: {e}") from None
+
+
+def _check_json_types(path: Path, data: dict[str, Any]) -> None:
+    """AdapterFileError naming the first LoraConfig field whose JSON value has a type its annotation does not allow
+    (e.g. target_modules: list[str] | str | None), or a regex (target_modules / exclude_modules as str, the keys
+    of rank_pattern / alpha_pattern) that does not compile: such a file would fail later, far from its name."""
+    hints = typing.get_type_hints(LoraConfig)
+    for field in dataclasses.fields(LoraConfig):
+        if field.name in data and not _fits(data[field.name], hints[field.name]):
+            raise AdapterFileError(
+                f"{path}: {field.name}={data[field.name]!r} must be of type {field.type}; fix it or re-save the adapter"
+            )
+    regexes = [data[k] for k in ("target_modules", "exclude_modules") if isinstance(data.get(k), str)]
+    for pattern in [*regexes, *data.get("rank_pattern", {}), *data.get("alpha_pattern", {})]:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise AdapterFileError(f"{path}: {pattern!r} is not a valid regular expression ({e}); fix it") from None
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a type annotation (a JSON int fits float; a bool fits neither int nor float)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if typing.get_origin(hint) is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(_fits(k, key) and _fits(v, item) for k, v in value.items())
+    if hint is type(None):
+        return value is None
+    return isinstance(value, hint) if isinstance(hint, type) else True  # Any, Literal, ...: left to LoraConfig
 
 
 def read_weights(folder: str | os.PathLike) -> tuple[dict[str, Tensor], str]:
@@ -258,3 +332,16 @@ def _existing_folder(folder: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise AdapterFileError(f"adapter folder {str(folder)!r} does not exist; pass the folder save_pretrained wrote")
     return path
+
+
+def check_ranks(config: LoraConfig, tensors: dict[str, Tensor], source: str) -> None:
+    """Every ``lora_A`` in the file must have the rank the config gives its module (checked before any adapter is
+    built, so that a config with a wrong or absurd ``r`` fails here, naming the file, not in an allocation)."""
+    for module, (A, _) in lora_pairs(tensors).items():
+        expected = config.rank_for(module)
+        rank = A.shape[0]
+        if rank != expected:
+            raise AdapterFileError(
+                f"{source} holds rank {rank} for module {module!r}, but its adapter_config.json gives r={expected}: "
+                "the two files do not belong together; re-save the adapter"
+            )

@@ -8,11 +8,16 @@ weight; it happens only when ``merge()`` is called, never as a side effect of ``
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from lorakit.config import scaling_for
 from lorakit.init import get_initializer
+from lorakit.quant import QuantizedBaseError, QuantLinear
 
 
 class LoraLayer(nn.Module):
@@ -56,24 +61,26 @@ class LoraLayer(nn.Module):
         lora_dropout: float,
         init_lora_weights: bool | str,
         use_rslora: bool = False,
+        init_options: dict[str, Any] | None = None,
     ) -> None:
-        """Add adapter ``name`` with rank ``r``, initialized by ``init_lora_weights`` (see lorakit.init)."""
+        """Add adapter ``name`` with rank ``r``, initialized by ``init_lora_weights`` (see lorakit.init).
+        ``init_options`` (a config's loftq_config) go to initializers that name them as keyword parameters."""
         self.r[name], self.lora_alpha[name] = r, lora_alpha
         self.scaling[name] = scaling_for(lora_alpha, r, use_rslora)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._create(name, r)
         self.train(self.base_layer.training)  # new modules start in train mode; follow the model's mode instead
         init = get_initializer(init_lora_weights, embedding=isinstance(self, LoraEmbedding))
-        A0, B0, residual = init(self.weight_out_in(), r)
+        weight = self.weight_out_in()  # (out, in)
+        A0, B0, residual = init(weight, r, self.scaling[name], **_accepted(init, init_options or {}))
         A, B = self.lora_weights(name)
         with torch.no_grad():
             A.copy_(A0)
             B.copy_(B0)
             if residual is not None:
-                self.base_weight().copy_(_transpose(residual, self.fan_in_fan_out))
-        device = self.base_weight().device
-        if A.device != device:
-            self.to(device)
+                self._set_base_weight(residual)
+        if A.device != weight.device:
+            self.to(weight.device)
 
     def set_scale(self, name: str, scaling: float) -> None:
         self.scaling[name] = scaling
@@ -92,14 +99,30 @@ class LoraLayer(nn.Module):
         return self.base_layer.weight
 
     def weight_out_in(self) -> Tensor:
-        """The base weight as (out, in), whatever its storage layout."""
+        """The base weight as (out, in), whatever its storage layout (fp32 dequantized for a quantized base)."""
+        if self.quantized:
+            return self.base_layer.dequantize()
         return _transpose(self.base_weight().detach(), self.fan_in_fan_out)
+
+    # -- a quantized base (QLoRA, lorakit.quant): read-only codes, adapters in full precision ---------------------
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.base_layer, QuantLinear)
+
+    def _set_base_weight(self, weight: Tensor) -> None:
+        """Make ``weight`` (out, in) the base weight. A quantized base stores it quantized: lossless for LoftQ's
+        residual (already a dequantized weight), lossy for other residuals (PiSSA, OLoRA)."""
+        if self.quantized:
+            self.base_layer.requantize_(weight)
+        else:
+            self.base_weight().copy_(_transpose(weight, self.fan_in_fan_out))
 
     def delta_weight(self, name: str) -> Tensor:
         """s * B @ A, in the base weight's storage layout and dtype."""
         A, B = self.lora_weights(name)
         delta = (B @ A) * self.scaling[name]  # (out, r) @ (r, in) -> (out, in)
-        return _transpose(delta, self.fan_in_fan_out).to(self.base_weight().dtype)
+        dtype = torch.float32 if self.quantized else self.base_weight().dtype
+        return _transpose(delta, self.fan_in_fan_out).to(dtype)
 
     @property
     def merged(self) -> bool:
@@ -108,6 +131,15 @@ class LoraLayer(nn.Module):
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Add the updates of ``adapter_names`` (default: the active ones) into the base weight."""
         names = [n for n in (adapter_names or self.active_adapters) if n in self.r and n not in self.merged_adapters]
+        if not names:
+            return
+        if self.quantized:
+            raise QuantizedBaseError(
+                f"cannot merge adapter(s) {names} in place into a quantized base ({self.base_layer.extra_repr()}): "
+                "adding s * B @ A would mean quantizing the sum again, which rounds the update away. Use "
+                "merge_and_unload(), which returns full-precision nn.Linear layers (dequantized W + s * B @ A), or "
+                "keep the adapter unmerged"
+            )
         weight = self.base_weight()
         for name in names:
             with torch.no_grad():
@@ -119,20 +151,22 @@ class LoraLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Subtract every merged update from the base weight, newest first."""
-        weight = self.base_weight()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
-                weight.data -= self.delta_weight(name)
+                self.base_weight().data -= self.delta_weight(name)
 
 
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` (weight (out, in)) or GPT-2's ``Conv1D`` (weight (in, out), fan_in_fan_out)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
-        weight = base_layer.weight
-        fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # transformers' Conv1D stores (in, out)
-        in_f, out_f = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
+        if isinstance(base_layer, QuantLinear):  # QLoRA: a quantized base, (out, in) like nn.Linear
+            fan_in_fan_out, in_f, out_f = False, base_layer.in_features, base_layer.out_features
+        else:
+            weight = base_layer.weight
+            fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # transformers' Conv1D stores (in, out)
+            in_f, out_f = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
         super().__init__(base_layer, in_f, out_f)
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_A = nn.ModuleDict()
@@ -202,13 +236,22 @@ def wrap(module: nn.Module) -> LoraLayer:
     """The LoRA wrapper for ``module``; TypeError if lorakit cannot wrap its type."""
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
-    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+    if isinstance(module, (nn.Linear, QuantLinear)) or type(module).__name__ == "Conv1D":
         return LoraLinear(module)
     raise TypeError(
-        f"lorakit can wrap nn.Linear, GPT-2 Conv1D and nn.Embedding, not {type(module).__name__}; "
+        f"lorakit can wrap nn.Linear, lorakit QuantLinear, GPT-2 Conv1D and nn.Embedding, not {type(module).__name__}; "
         "choose target_modules that name such layers"
     )
 
 
 def _transpose(weight: Tensor, fan_in_fan_out: bool) -> Tensor:
     return weight.T if fan_in_fan_out else weight
+
+
+def _accepted(init: Callable[..., object], options: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` that ``init`` names as optional parameters: an initializer declares the options it
+    reads (LoftQ: loftq_bits, loftq_iter), the others are called with (weight, r, scaling) only."""
+    if not options:
+        return {}
+    params = inspect.signature(init).parameters
+    return {k: v for k, v in options.items() if k in params and params[k].default is not inspect.Parameter.empty}

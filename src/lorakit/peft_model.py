@@ -18,7 +18,7 @@ from torch import nn
 
 from lorakit import convert, io
 from lorakit.config import LoraConfig, TaskType
-from lorakit.inject import SEQ_CLS_HEADS
+from lorakit.inject import SEQ_CLS_HEADS, TargetError
 from lorakit.model import AdapterError, LoraModel, check_adapter_name
 
 
@@ -181,9 +181,13 @@ class PeftModel(nn.Module):
         config = config or io.read_config(model_id)
         config.inference_mode = not is_trainable
         model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
-        config_copy = LoraConfig.from_dict({**config.to_dict(), "init_lora_weights": True})
-        peft_model = model_cls(model, config_copy, adapter_name)
+        config_copy = LoraConfig.from_dict({**config.to_dict(), "init_lora_weights": _init_for_loading(config)})
         tensors, source = io.read_weights(model_id)
+        io.check_ranks(config_copy, tensors, source)
+        try:
+            peft_model = model_cls(model, config_copy, adapter_name)
+        except TargetError as e:
+            raise io.AdapterFileError(f"{Path(model_id) / io.CONFIG_NAME}: {e}") from None
         io.load_adapter_state_dict(peft_model, tensors, adapter_name, source)
         return peft_model
 
@@ -193,10 +197,14 @@ class PeftModel(nn.Module):
         """Add the adapter saved in ``model_id`` under ``adapter_name`` (inactive; use set_adapter)."""
         config = io.read_config(model_id)
         config.inference_mode = not is_trainable
-        config.init_lora_weights = True
-        self.add_adapter(adapter_name, config)
+        config.init_lora_weights = _init_for_loading(config)
+        tensors, source = io.read_weights(model_id)
+        io.check_ranks(config, tensors, source)
         try:
-            tensors, source = io.read_weights(model_id)
+            self.add_adapter(adapter_name, config)
+        except TargetError as e:
+            raise io.AdapterFileError(f"{Path(model_id) / io.CONFIG_NAME}: {e}") from None
+        try:
             io.load_adapter_state_dict(self, tensors, adapter_name, source)
         except Exception:
             self.delete_adapter(adapter_name)
@@ -207,6 +215,15 @@ class PeftModel(nn.Module):
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
         return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+
+def _init_for_loading(config: LoraConfig) -> bool | str:
+    """How to initialize an adapter whose weights are about to be loaded: skip the work (True: cheap kaiming), except
+    for initializers that change the base weight (PiSSA, OLoRA), whose adapters fit the residual base only: re-run
+    those to rebuild it, as PEFT does."""
+    from lorakit.init import mutates_base
+
+    return config.init_lora_weights if mutates_base(config.init_lora_weights) else True
 
 
 class _ForwardWithBaseSignature:
@@ -264,7 +281,7 @@ def get_peft_model(
     place: its target modules become LoRA wrappers)."""
     if not isinstance(peft_config, LoraConfig):
         raise TypeError(f"peft_config must be a lorakit.LoraConfig, not {type(peft_config).__name__}")
-    if any(isinstance(m, PeftModel) for m in [model]):
+    if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter")
     unknown = set(kwargs) - {"mixed", "autocast_adapter_dtype", "revision", "low_cpu_mem_usage"}
     if unknown:

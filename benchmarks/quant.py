@@ -1,0 +1,217 @@
+"""A quantized base on the CPU (lorakit.quant, lorakit.loftq): weight memory, QLoRA step time, quality after tuning.
+
+On the default model (SmolLM2-135M-Instruct, ``lorakit.models.load_model()``), in one process:
+
+1. memory: bytes of parameters + buffers (shared tensors once) of the fp32 model and of the model with every Linear
+   except the tied lm_head quantized to int8 / NF4 / NF4 with double-quantized scales;
+2. one layer (up_proj, 1536 x 576): forward time of nn.Linear vs QuantLinear (whole weight dequantized per call, and
+   in row chunks), median of --repeat;
+3. train step (forward + backward + AdamW) of LoRA r=16 on all linear layers, fp32 base vs NF4 / int8 base, on the
+   same batch of 8 examples; median of --timing-steps after one warm-up step;
+4. eval loss on 50 held-out examples of the demo's date task (``lorakit.demo.make_examples``) before and after
+   --steps optimizer steps (batch 8, lr 1e-3, warmup + cosine, same data order) for fp32 LoRA, QLoRA (NF4),
+   QLoRA + LoftQ (NF4, 1 iteration) and QLoRA (int8).
+
+    PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/quant.py [--steps 30] [--timing-steps 5]
+
+Times depend on the machine's load: run it on an idle machine, or read them as rough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit import LoraConfig, TaskType, get_peft_model, quantize
+from lorakit.data_pack import collate
+from lorakit.data_tokenize import tokenize_records
+from lorakit.demo import make_examples
+from lorakit.loss import lm_loss_sum, loss_over_examples
+from lorakit.models import load_model, load_tokenizer
+from lorakit.quant import QuantLinear
+from lorakit.train_args import TrainArgs
+from lorakit.trainer import lr_lambda, make_plan
+
+R, ALPHA, LR, BATCH, MAX_LENGTH = 16, 32, 1e-3, 8, 128
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers of ``model``, each storage counted once (tied weights)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def median_time(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def lora_config(init: bool | str = True) -> LoraConfig:
+    return LoraConfig(
+        r=R,
+        lora_alpha=ALPHA,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type=TaskType.CAUSAL_LM,
+        init_lora_weights=init,
+        loftq_config={"loftq_bits": 4, "loftq_iter": 1} if init == "loftq" else {},
+    )
+
+
+def build(kind: str) -> tuple[nn.Module, float]:
+    """A fresh PeftModel of ``kind`` and the seconds its set-up took (quantization, LoftQ)."""
+    model = load_model()
+    model.config.use_cache = False
+    torch.manual_seed(0)  # the same A for every kind that starts with Kaiming A
+    start = time.perf_counter()
+    if kind == "fp32 LoRA":
+        peft = get_peft_model(model, lora_config())
+    elif kind == "QLoRA NF4":
+        peft = get_peft_model(quantize(model, bits=4), lora_config())
+    elif kind == "QLoRA int8":
+        peft = get_peft_model(quantize(model, bits=8), lora_config())
+    elif kind == "QLoRA NF4 + LoftQ":
+        peft = get_peft_model(model, lora_config("loftq"))
+        quantize(peft.get_base_model(), bits=4)
+    else:
+        raise ValueError(kind)
+    return peft, time.perf_counter() - start
+
+
+def memory_table() -> list[tuple[str, int]]:
+    fp32 = load_model()
+    rows = [("fp32", resident_bytes(fp32))]
+    for name, bits, dq in [("int8", 8, False), ("NF4", 4, False), ("NF4 + double quant", 4, True)]:
+        model = quantize(copy.deepcopy(fp32), bits=bits, double_quant=dq)
+        rows.append((name, resident_bytes(model)))
+        del model
+    linear = sum(m.weight.numel() * 4 for m in fp32.modules() if isinstance(m, nn.Linear) and m is not fp32.lm_head)
+    rows.append(("(of which fp32 Linear weights)", linear))
+    return rows
+
+
+def layer_times(repeat: int) -> list[tuple[str, float]]:
+    """Median ms of each layer's no-grad forward, the layers timed in turn (a load change hits them all alike)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 1536, bias=False)
+    x = torch.randn(8, 48, 576)
+    nf4, int8, chunked = (QuantLinear.from_linear(linear, b) for b in (4, 8, 4))
+    chunked.chunk_elements = linear.weight.numel() // 8
+    calls = {
+        "nn.Linear fp32": lambda: linear(x),
+        "QuantLinear NF4, whole weight": lambda: nf4(x),
+        "QuantLinear NF4, 8 row chunks": lambda: chunked(x),
+        "QuantLinear int8, whole weight": lambda: int8(x),
+        "NF4 dequantize() alone": nf4.dequantize,
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.no_grad():
+        for _ in range(repeat + 2):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    return [(name, statistics.median(t[2:]) * 1e3) for name, t in times.items()]
+
+
+def train_step(peft: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
+    loss, n = lm_loss_sum(peft, batch)
+    (loss / max(n, 1)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item() / max(n, 1)
+
+
+def measure(kind: str, train: list, test: list, pad: int, args: TrainArgs, timing_steps: int) -> dict[str, float]:
+    """Set-up time, weight MiB, step time, eval loss before / after ``args.max_steps`` steps, for ``kind``."""
+    peft, setup_s = build(kind)
+    res = {"setup_s": setup_s, "weight_MiB": resident_bytes(peft) / 2**20}
+    total, count = loss_over_examples(peft, test, 16, pad)
+    res["eval_loss_start"] = total / count
+    peft.train()
+    params = [p for p in peft.parameters() if p.requires_grad]
+    timing_batch = collate(train[:BATCH], pad)
+    idle = torch.optim.AdamW(params, lr=0.0)  # lr 0: the timed steps leave the adapter as initialized
+    res["step_s"] = median_time(lambda: train_step(peft, idle, timing_batch), timing_steps)
+    plan = make_plan(len(train), args, world=1)
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, plan.total_steps))
+    started = time.perf_counter()
+    for step in range(plan.total_steps):
+        res["train_loss"] = train_step(peft, optimizer, collate([train[i] for i in plan.rows_for_step(step)], pad))
+        scheduler.step()
+    res["tune_s"] = time.perf_counter() - started
+    total, count = loss_over_examples(peft, test, 16, pad)
+    res["eval_loss_end"] = total / count
+    return res
+
+
+def run(kinds: list[str], steps: int, timing_steps: int) -> dict[str, dict[str, float]]:
+    tokenizer = load_tokenizer()
+    train_rows = make_examples(400, 0)
+    test_rows = make_examples(50, 1, exclude={dt.date.fromisoformat(r["completion"]) for r in train_rows})
+    train, _ = tokenize_records(train_rows, tokenizer, MAX_LENGTH)
+    test, _ = tokenize_records(test_rows, tokenizer, MAX_LENGTH)
+    args = TrainArgs(lr=LR, batch_size=BATCH, max_steps=steps, max_length=MAX_LENGTH, warmup_ratio=0.05)
+    results: dict[str, dict[str, float]] = {}
+    for kind in kinds:
+        results[kind] = measure(kind, train, test, tokenizer.pad_token_id, args, timing_steps)
+        print(f"  {kind}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[kind].items()), flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="Fine-tuning steps per configuration.")
+    parser.add_argument("--timing-steps", type=int, default=5, help="Timed train steps (median).")
+    parser.add_argument("--repeat", type=int, default=20, help="Timed single-layer forwards (median).")
+    parser.add_argument(
+        "--kinds", default="fp32 LoRA,QLoRA NF4,QLoRA NF4 + LoftQ,QLoRA int8", help="Comma list of configurations."
+    )
+    ns = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+
+    rows = memory_table()
+    fp32 = rows[0][1]
+    print(f"{'weights (parameters + buffers)':<34}{'MiB':>9}{'x fp32':>9}")
+    for name, n in rows:
+        print(f"{name:<34}{n / 2**20:>9.1f}{n / fp32:>9.3f}")
+
+    print(f"\n{'one layer 1536x576, x (8, 48, 576)':<34}{'ms':>9}")
+    for name, ms in layer_times(ns.repeat):
+        print(f"{name:<34}{ms:>9.2f}")
+
+    print(f"\nfine-tune: {ns.steps} steps, batch {BATCH}, LoRA r={R} alpha={ALPHA} all-linear, lr {LR}")
+    results = run([k.strip() for k in ns.kinds.split(",") if k.strip()], ns.steps, ns.timing_steps)
+    base = results.get("fp32 LoRA", {}).get("step_s")
+    columns = f"{'MiB':>9}{'setup s':>9}{'step s':>8}{'x fp32':>8}{'eval start':>12}{'eval end':>10}"
+    print(f"\n{'configuration':<19}{columns}")
+    for kind, r in results.items():
+        ratio = f"{r['step_s'] / base:>8.2f}" if base else f"{'':>8}"
+        print(
+            f"{kind:<19}{r['weight_MiB']:>9.1f}{r['setup_s']:>9.1f}{r['step_s']:>8.2f}{ratio}"
+            f"{r['eval_loss_start']:>12.4f}{r['eval_loss_end']:>10.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
