@@ -7,7 +7,7 @@ On the default model (SmolLM2-135M-Instruct, ``lorakit.models.load_model()``), i
 2. one layer (up_proj, 1536 x 576): forward time of nn.Linear vs QuantLinear (whole weight dequantized per call, and
    in row chunks), median of --repeat;
 3. train step (forward + backward + AdamW) of LoRA r=16 on all linear layers, fp32 base vs NF4 / int8 base, on the
-   same batch of 8 examples; median of --timing-steps after one warm-up step;
+   same batch of 8 examples; the models take turns, median of --timing-steps after one warm-up round;
 4. eval loss on 50 held-out examples of the demo's date task (``lorakit.demo.make_examples``) before and after
    --steps optimizer steps (batch 8, lr 1e-3, warmup + cosine, same data order) for fp32 LoRA, QLoRA (NF4),
    QLoRA + LoftQ (NF4, 1 iteration) and QLoRA (int8).
@@ -24,8 +24,6 @@ import copy
 import datetime as dt
 import statistics
 import time
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -52,17 +50,6 @@ def resident_bytes(model: nn.Module) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
-
-
-def median_time(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def lora_config(init: bool | str = True) -> LoraConfig:
@@ -141,40 +128,56 @@ def train_step(peft: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[st
     return loss.item() / max(n, 1)
 
 
-def measure(kind: str, train: list, test: list, pad: int, args: TrainArgs, timing_steps: int) -> dict[str, float]:
-    """Set-up time, weight MiB, step time, eval loss before / after ``args.max_steps`` steps, for ``kind``."""
-    peft, setup_s = build(kind)
-    res = {"setup_s": setup_s, "weight_MiB": resident_bytes(peft) / 2**20}
-    total, count = loss_over_examples(peft, test, 16, pad)
-    res["eval_loss_start"] = total / count
-    peft.train()
-    params = [p for p in peft.parameters() if p.requires_grad]
-    timing_batch = collate(train[:BATCH], pad)
-    idle = torch.optim.AdamW(params, lr=0.0)  # lr 0: the timed steps leave the adapter as initialized
-    res["step_s"] = median_time(lambda: train_step(peft, idle, timing_batch), timing_steps)
+def step_times(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], repeat: int) -> dict[str, float]:
+    """Median seconds of one train step (forward, backward, AdamW with lr 0, which leaves the adapters as they are)
+    per model; the models take turns, so a change of the machine's load hits them alike."""
+    optimizers = {
+        k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.0) for k, m in models.items()
+    }
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(repeat + 1):  # the first round warms up
+        for kind, peft in models.items():
+            peft.train()
+            start = time.perf_counter()
+            train_step(peft, optimizers[kind], batch)
+            times[kind].append(time.perf_counter() - start)
+    return {k: statistics.median(t[1:]) for k, t in times.items()}
+
+
+def fine_tune(peft: nn.Module, train: list, pad: int, args: TrainArgs) -> dict[str, float]:
+    """``args.max_steps`` optimizer steps (the trainer's data order and schedule); final train loss and seconds."""
     plan = make_plan(len(train), args, world=1)
-    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, plan.total_steps))
-    started = time.perf_counter()
+    peft.train()
+    started, loss = time.perf_counter(), float("nan")
     for step in range(plan.total_steps):
-        res["train_loss"] = train_step(peft, optimizer, collate([train[i] for i in plan.rows_for_step(step)], pad))
+        loss = train_step(peft, optimizer, collate([train[i] for i in plan.rows_for_step(step)], pad))
         scheduler.step()
-    res["tune_s"] = time.perf_counter() - started
-    total, count = loss_over_examples(peft, test, 16, pad)
-    res["eval_loss_end"] = total / count
-    return res
+    return {"train_loss": loss, "tune_s": time.perf_counter() - started}
 
 
 def run(kinds: list[str], steps: int, timing_steps: int) -> dict[str, dict[str, float]]:
     tokenizer = load_tokenizer()
+    pad = tokenizer.pad_token_id
     train_rows = make_examples(400, 0)
     test_rows = make_examples(50, 1, exclude={dt.date.fromisoformat(r["completion"]) for r in train_rows})
     train, _ = tokenize_records(train_rows, tokenizer, MAX_LENGTH)
     test, _ = tokenize_records(test_rows, tokenizer, MAX_LENGTH)
     args = TrainArgs(lr=LR, batch_size=BATCH, max_steps=steps, max_length=MAX_LENGTH, warmup_ratio=0.05)
+    models: dict[str, nn.Module] = {}
     results: dict[str, dict[str, float]] = {}
     for kind in kinds:
-        results[kind] = measure(kind, train, test, tokenizer.pad_token_id, args, timing_steps)
+        models[kind], setup_s = build(kind)
+        total, count = loss_over_examples(models[kind], test, 16, pad)
+        results[kind] = {"setup_s": setup_s, "weight_MiB": resident_bytes(models[kind]) / 2**20}
+        results[kind]["eval_loss_start"] = total / count
+    for kind, seconds in step_times(models, collate(train[:BATCH], pad), timing_steps).items():
+        results[kind]["step_s"] = seconds
+    for kind, peft in models.items():
+        results[kind].update(fine_tune(peft, train, pad, args))
+        total, count = loss_over_examples(peft, test, 16, pad)
+        results[kind]["eval_loss_end"] = total / count
         print(f"  {kind}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[kind].items()), flush=True)
     return results
 

@@ -42,6 +42,11 @@ def plan(
     if combination_type not in COMBINATIONS:
         raise ValueError(f"combination_type={combination_type!r} is unknown; use one of: {', '.join(COMBINATIONS)}")
     merge_math.check_majority_sign_method(majority_sign_method)
+    if any(c.use_dora for c in configs):
+        raise ValueError(
+            "add_weighted_adapter cannot combine DoRA adapters (use_dora=True): each rescales its rows by its own "
+            "magnitude, which a sum of low-rank updates cannot express; merge_and_unload them instead"
+        )
     if _merge_name(combination_type) in PRUNING:
         merge_math.check_density(density, f"combination_type={combination_type!r}")
     if len(configs) == 1:

@@ -82,7 +82,10 @@ class LoraConfig:
     revision: str | None = _help("Revision of the base model on the hub, if any.")
     inference_mode: bool = _help("True when loaded for inference: adapter weights are frozen.", False)
     loftq_config: LoftQConfig | dict = _help("LoftQ settings, used with init_lora_weights='loftq'.", factory=dict)
-    use_dora: bool = _help("Weight-decomposed LoRA (DoRA). Not supported yet: must be False.", False)
+    use_dora: bool = _help(
+        "Weight-decomposed LoRA (DoRA, Liu et al. 2024): a learned magnitude per output row rescales W + s * B @ A.",
+        False,
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -129,8 +132,6 @@ class LoraConfig:
                 f"layers_to_transform / layers_pattern need target_modules as a list of names, not the string "
                 f"{self.target_modules!r}; list the module names, or put the layer index into the regex"
             )
-        if self.use_dora:
-            raise ConfigError("use_dora=True is not supported yet; set use_dora=False")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError("target_modules=[] wraps nothing; list module names, use 'all-linear', or None")
 

@@ -37,6 +37,11 @@ def difference_factors(A: Tensor, B: Tensor, A0: Tensor, B0: Tensor) -> tuple[Te
 def converted_config(config: LoraConfig) -> LoraConfig:
     """The config of the converted adapter: a plain LoRA (init_lora_weights=True) with r, rank_pattern and lora_alpha,
     alpha_pattern doubled (lora_alpha * sqrt(2) with rsLoRA), so that each module keeps its scaling."""
+    if config.use_dora:
+        raise ValueError(
+            "path_initial_model_for_weight_conversion cannot convert a DoRA adapter (use_dora=True): its magnitudes "
+            "belong to the changed base, not the original one; save without conversion"
+        )
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         # rsLoRA's scaling alpha / sqrt(r) is not kept by doubling the patterns; PEFT refuses this case too
         raise ValueError(

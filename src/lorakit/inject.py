@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from lorakit import dora
 from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
 from lorakit.layers import LoraLayer, LoraLinear, wrap
 from lorakit.modules_to_save import ModulesToSaveWrapper
@@ -187,6 +188,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
             config.init_lora_weights,
             config.use_rslora,
             init_options=config.loftq_config,
+            use_dora=config.use_dora,
         )
     if layouts:  # record the detected layout (True for Conv1D), as PEFT does, so the saved config matches the model
         config.fan_in_fan_out = any(layouts)
@@ -242,13 +244,18 @@ def unwrap(
 
 def merged_linear(layer: LoraLayer, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Linear:
     """A full-precision nn.Linear with weight dequantize(W) + sum of s * B @ A over ``adapter_names`` (default: the
-    active adapters) and the base layer's bias: the merge of a LoRA layer whose base is quantized."""
+    active adapters) and the base layer's bias: the merge of a LoRA layer whose base is quantized. A DoRA adapter
+    rescales the rows instead (lorakit.dora.merge_weight)."""
     names = [n for n in (adapter_names or layer.active_adapters) if n in layer.r]
     base = layer.base_layer
     with torch.no_grad():
-        weight = layer.weight_out_in()  # (out, in) fp32
+        base_weight = weight = layer.weight_out_in()  # (out, in) fp32
         for name in names:
-            weight = weight + layer.delta_weight(name)
+            if name in layer.lora_magnitude_vector:  # DoRA: (m / ||W + dW||_row) * (weight + dW), see lorakit.dora
+                m, norm = layer.dora_scale_args(name, base_weight)
+                weight = dora.merge_weight(weight, layer.delta_weight(name), m.detach().float(), norm)
+            else:
+                weight = weight + layer.delta_weight(name)
         if safe_merge and not torch.isfinite(weight).all():
             raise ValueError(f"merging adapters {names} gives NaN/inf weights; the adapter is broken")
     linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device="meta")

@@ -4,6 +4,10 @@ A wrapper holds the untouched ``base_layer`` and, per named adapter, a low-rank 
 A (r, in), B (out, r) and scaling s = alpha / r (or alpha / sqrt(r) with rsLoRA). The forward is the base output plus
 ``B(A(dropout(x))) * s`` for each active adapter (Hu et al. 2021, eq. 3). Merging adds ``s * B @ A`` into the base
 weight; it happens only when ``merge()`` is called, never as a side effect of ``train()`` / ``eval()``.
+
+With DoRA (``use_dora``, Liu et al. 2024) an adapter also owns a magnitude vector m (out,) in
+``lora_magnitude_vector[name]``, and the adapted weight is ``m * (W + s * B @ A) / ||W + s * B @ A||_row``; the maths
+is in lorakit.dora.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lorakit import dora
 from lorakit.config import scaling_for
 from lorakit.init import get_initializer
 from lorakit.quant import QuantizedBaseError, QuantLinear
@@ -36,6 +41,8 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.disable_adapters = False
         self.merged_adapters: list[str] = []
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: m (out,) per adapter
+        self._dora_norms: dict[str, Tensor] = {}  # ||W + s * B @ A||_row of each merged DoRA adapter, for unmerge
 
     # -- parameter layout (subclasses) ---------------------------------------------------------------------------
     def _create(self, name: str, r: int) -> None:
@@ -47,6 +54,13 @@ class LoraLayer(nn.Module):
 
     def _drop(self, name: str) -> None:
         raise NotImplementedError
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """Every trainable parameter of adapter ``name``: A, B, and DoRA's magnitude if it has one."""
+        params = list(self.lora_weights(name))
+        if name in self.lora_magnitude_vector:
+            params.append(self.lora_magnitude_vector[name])
+        return params
 
     @property
     def adapter_names(self) -> list[str]:
@@ -62,9 +76,11 @@ class LoraLayer(nn.Module):
         init_lora_weights: bool | str,
         use_rslora: bool = False,
         init_options: dict[str, Any] | None = None,
+        use_dora: bool = False,
     ) -> None:
         """Add adapter ``name`` with rank ``r``, initialized by ``init_lora_weights`` (see lorakit.init).
-        ``init_options`` (a config's loftq_config) go to initializers that name them as keyword parameters."""
+        ``init_options`` (a config's loftq_config) go to initializers that name them as keyword parameters.
+        ``use_dora`` adds a DoRA magnitude m = ||W + s * B @ A||_row, taken after the initializer ran."""
         self.r[name], self.lora_alpha[name] = r, lora_alpha
         self.scaling[name] = scaling_for(lora_alpha, r, use_rslora)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -79,6 +95,10 @@ class LoraLayer(nn.Module):
             B.copy_(B0)
             if residual is not None:
                 self._set_base_weight(residual)
+            if use_dora:
+                delta = self._delta_out_in(name).to(weight.device, torch.float32)  # A, B move to the base below
+                norm = dora.weight_norm(self.weight_out_in().float(), delta)  # (out,)
+                self.lora_magnitude_vector[name] = nn.Parameter(norm.to(A.dtype))
         if A.device != weight.device:
             self.to(weight.device)
 
@@ -89,6 +109,8 @@ class LoraLayer(nn.Module):
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge it first")
         self._drop(name)
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         for d in (self.r, self.lora_alpha, self.scaling):
             d.pop(name, None)
         del self.lora_dropout[name]
@@ -117,12 +139,21 @@ class LoraLayer(nn.Module):
         else:
             self.base_weight().copy_(_transpose(weight, self.fan_in_fan_out))
 
+    def _delta_out_in(self, name: str) -> Tensor:
+        """s * B @ A as (out, in), in the adapter's dtype."""
+        A, B = self.lora_weights(name)
+        return (B @ A) * self.scaling[name]  # (out, r) @ (r, in) -> (out, in)
+
     def delta_weight(self, name: str) -> Tensor:
         """s * B @ A, in the base weight's storage layout and dtype."""
-        A, B = self.lora_weights(name)
-        delta = (B @ A) * self.scaling[name]  # (out, r) @ (r, in) -> (out, in)
         dtype = torch.float32 if self.quantized else self.base_weight().dtype
-        return _transpose(delta, self.fan_in_fan_out).to(dtype)
+        return _transpose(self._delta_out_in(name), self.fan_in_fan_out).to(dtype)
+
+    def dora_scale_args(self, name: str, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """(m, ||weight + s * B @ A||_row) of DoRA adapter ``name``; ``weight`` (out, in) is the unmerged base. The
+        norm is detached: a constant for the backward pass (Liu et al. 2024, sec. 4.3)."""
+        delta = self._delta_out_in(name).detach().to(weight.dtype)
+        return self.lora_magnitude_vector[name], dora.weight_norm(weight, delta).detach()
 
     @property
     def merged(self) -> bool:
@@ -143,7 +174,10 @@ class LoraLayer(nn.Module):
         weight = self.base_weight()
         for name in names:
             with torch.no_grad():
-                new = weight.data + self.delta_weight(name)
+                if name in self.lora_magnitude_vector:
+                    new = self._dora_merged(name)
+                else:
+                    new = weight.data + self.delta_weight(name)
                 if safe_merge and not torch.isfinite(new).all():
                     raise ValueError(f"merging adapter {name!r} gives NaN/inf weights; the adapter is broken")
                 weight.data = new
@@ -154,7 +188,29 @@ class LoraLayer(nn.Module):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
-                self.base_weight().data -= self.delta_weight(name)
+                weight = self.base_weight()
+                weight.data = self._unmerged(weight.data, name, self._dora_norms.pop(name, None))
+
+    def _unmerged(self, weight: Tensor, name: str, norm: Tensor | None) -> Tensor:
+        """``weight`` (storage layout) with merged adapter ``name`` taken out; ``norm`` is a DoRA adapter's norm."""
+        if norm is None:
+            return weight - self.delta_weight(name)
+        m, delta = self.lora_magnitude_vector[name].detach(), self._delta_out_in(name).to(weight.dtype)
+        unmerged = dora.unmerge_weight(_transpose(weight, self.fan_in_fan_out), delta, m, norm)  # (out, in)
+        return _transpose(unmerged, self.fan_in_fan_out).to(weight.dtype)
+
+    def _dora_merged(self, name: str) -> Tensor:
+        """The base weight (storage layout) with DoRA adapter ``name`` merged: W' = (m / n) * (W + s * B @ A), n taken
+        from the base without the adapters merged before (as the unmerged forward sees it), as PEFT does."""
+        weight = self.base_weight().data
+        unmerged = weight
+        for earlier in reversed(self.merged_adapters):
+            unmerged = self._unmerged(unmerged, earlier, self._dora_norms.get(earlier))
+        m, norm = self.dora_scale_args(name, _transpose(unmerged, self.fan_in_fan_out))
+        self._dora_norms[name] = norm
+        delta = self._delta_out_in(name).to(weight.dtype)
+        merged = dora.merge_weight(_transpose(weight, self.fan_in_fan_out), delta, m.detach(), norm)
+        return _transpose(merged, self.fan_in_fan_out).to(weight.dtype)
 
 
 class LoraLinear(LoraLayer):
@@ -183,7 +239,7 @@ class LoraLinear(LoraLayer):
         del self.lora_A[name], self.lora_B[name]
 
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)  # (..., out)
+        result = base = self.base_layer(x, *args, **kwargs)  # (..., out)
         if self.disable_adapters or self.merged:
             return result
         for name in self.active_adapters:
@@ -191,8 +247,22 @@ class LoraLinear(LoraLayer):
                 continue
             A, B = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x.to(A.weight.dtype))  # (..., in)
-            result = result + (B(A(h)) * self.scaling[name]).to(result.dtype)  # (..., r) -> (..., out)
+            lora = B(A(h)) * self.scaling[name]  # (..., r) -> (..., out)
+            if name in self.lora_magnitude_vector:
+                lora = self._dora_output(name, base, h, lora)
+            result = result + lora.to(result.dtype)
         return result
+
+    def _dora_output(self, name: str, base: Tensor, h: Tensor, lora: Tensor) -> Tensor:
+        """DoRA's addition to the base output (lorakit.dora.linear_output). Its x @ W.T reuses the base output
+        (bias removed) unless dropout is active: then it is computed on the dropped input h, as PEFT does."""
+        weight = self.weight_out_in().to(h.dtype)  # (out, in)
+        if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            x_w = (base if bias is None else base - bias).to(h.dtype)  # (..., out)
+        else:
+            x_w = nn.functional.linear(h, weight)  # (..., out)
+        return dora.linear_output(x_w, lora, *self.dora_scale_args(name, weight))
 
 
 class LoraEmbedding(LoraLayer):
@@ -217,7 +287,7 @@ class LoraEmbedding(LoraLayer):
         del self.lora_embedding_A[name], self.lora_embedding_B[name]
 
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)  # (B, T, dim)
+        result = embedded = self.base_layer(x, *args, **kwargs)  # (B, T, dim)
         if self.disable_adapters or self.merged:
             return result
         base = self.base_layer
@@ -228,7 +298,12 @@ class LoraEmbedding(LoraLayer):
             after_A = nn.functional.embedding(
                 x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
             )  # (B, T, r)
-            result = result + ((after_A @ B.T) * self.scaling[name]).to(result.dtype)  # (B, T, dim)
+            lora = (after_A @ B.T) * self.scaling[name]  # (B, T, dim)
+            if name in self.lora_magnitude_vector:  # DoRA rescales the base embedding too: add the difference
+                m, norm = self.dora_scale_args(name, self.weight_out_in().to(lora.dtype))
+                e = embedded.to(lora.dtype)
+                lora = dora.embedding_output(e, lora, m, norm) - e
+            result = result + lora.to(result.dtype)
         return result
 
 

@@ -117,7 +117,7 @@ class LoraModel(nn.Module):
                 continue
             for name in trainable:
                 if name in module.r:
-                    for p in module.lora_weights(name):
+                    for p in module.adapter_parameters(name):
                         p.requires_grad_(True)
         modes = {c.bias for a, c in zip(self.active_adapters, configs) if a in trainable}
         for name, param in self.model.named_parameters():

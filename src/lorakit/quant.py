@@ -51,6 +51,7 @@ _NF4_PAIRS = torch.stack([NF4_CODES.repeat_interleave(16), NF4_CODES.repeat(16)]
 NF4_BLOCK = 64  # weights per absmax (QLoRA)
 DQ_BLOCK = 256  # absmax values per double-quantization block (QLoRA)
 BITS = (4, 8)
+_META = ("shape", "block_size")  # the non-tensor fields of NF4Tensor / Int8Tensor
 
 
 class QuantizedBaseError(RuntimeError):
@@ -204,7 +205,7 @@ def check_bits(bits: int) -> None:
 
 
 def _tensors(q: QuantizedWeight) -> dict[str, Tensor | None]:
-    return {f.name: getattr(q, f.name) for f in dataclasses.fields(q) if f.name not in ("shape", "block_size")}
+    return {f.name: getattr(q, f.name) for f in dataclasses.fields(q) if f.name not in _META}
 
 
 def _blocks(x: Tensor, block: int) -> Tensor:
@@ -319,9 +320,6 @@ class QuantLinear(nn.Module):
 
     def _device(self) -> torch.device:
         return next(t for _, t in self.named_buffers()).device
-
-
-_META = ("shape", "block_size")
 
 
 # -- a whole model ---------------------------------------------------------------------------------------------------
