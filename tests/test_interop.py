@@ -381,10 +381,16 @@ def test_add_weighted_adapter_matches_peft(factory, combination_type, options, t
         theirs.peft_config["mix"].lora_alpha,
     )
 
-    # per layer: delta = s * B @ A in the base weight's layout (the SVD factors may differ in sign, the delta not)
+    assert_same_mix(theirs, ours)
+
+
+def assert_same_mix(theirs: nn.Module, ours: nn.Module, n_layers: int | None = None) -> None:
+    """Per layer, s * B @ A of adapter 'mix' in the base weight's layout (SVD factors may differ in sign, the delta
+    not), and the logits, agree within ATOL; the mix really changes the model."""
     our_layers = dict(ours.get_base_model().named_modules())
     names = _lora_module_names(theirs.get_base_model(), "mix")
     assert names == _lora_module_names(ours.get_base_model(), "mix") and names
+    assert n_layers is None or len(names) == n_layers
     for name, module in theirs.get_base_model().named_modules():
         if name in names:
             expected = module.get_delta_weight("mix")
@@ -392,7 +398,6 @@ def test_add_weighted_adapter_matches_peft(factory, combination_type, options, t
             assert got.shape == expected.shape, name
             assert _max_diff(got, expected) < ATOL, name
             assert expected.abs().max() > 1e-3, name
-
     expected_logits = _logits(theirs)
     assert _max_diff(_logits(ours), expected_logits) < ATOL
     with theirs.disable_adapter():

@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers import tiny_llama
 from peft.utils import merge_utils
-from test_interop import ATOL, _logits, _lora_module_names, _max_diff
+from test_interop import ATOL, _logits, _lora_module_names, _max_diff, assert_same_mix
 from torch import nn
 
 import lorakit
@@ -57,24 +57,6 @@ def _combine(model: nn.Module, combination_type: str, **options: object) -> None
     model.set_adapter("mix")
 
 
-def _assert_same_mix(theirs: nn.Module, ours: nn.Module) -> None:
-    """Per layer s * B @ A of 'mix' (in the base weight's layout) and the logits agree within ATOL."""
-    our_layers = dict(ours.get_base_model().named_modules())
-    names = _lora_module_names(theirs.get_base_model(), "mix")
-    assert names == _lora_module_names(ours.get_base_model(), "mix") and len(names) == 7  # 2 x (q, v, o) + embed
-    for name, module in theirs.get_base_model().named_modules():
-        if name in names:
-            expected = module.get_delta_weight("mix")
-            got = our_layers[name].delta_weight("mix")
-            assert got.shape == expected.shape, name
-            assert _max_diff(got, expected) < ATOL, name
-            assert expected.abs().max() > 1e-3, name
-    expected_logits = _logits(theirs)
-    assert _max_diff(_logits(ours), expected_logits) < ATOL
-    with theirs.disable_adapter():
-        assert _max_diff(_logits(theirs), expected_logits) > 1e-3
-
-
 DETERMINISTIC = [
     pytest.param(combination_type, method, options, id=f"{combination_type}-{method}{'-rank3-clamp' * bool(options)}")
     for combination_type in ("ties", "ties_svd", "magnitude_prune", "magnitude_prune_svd")
@@ -89,7 +71,7 @@ def test_deterministic_types_match_peft(combination_type, method, options, tmp_p
     for model in (theirs, ours):
         _combine(model, combination_type, density=DENSITY, majority_sign_method=method, **options)
     assert ours.peft_config["mix"].r == theirs.peft_config["mix"].r
-    _assert_same_mix(theirs, ours)
+    assert_same_mix(theirs, ours, n_layers=7)  # 2 x (q, v, o) + embed
 
 
 @pytest.mark.parametrize("combination_type", ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"])
@@ -97,7 +79,7 @@ def test_dare_at_density_1_matches_peft(combination_type, tmp_path):
     theirs, ours = _pair(tmp_path)
     for model in (theirs, ours):
         _combine(model, combination_type, density=1.0, majority_sign_method="frequency")
-    _assert_same_mix(theirs, ours)
+    assert_same_mix(theirs, ours, n_layers=7)  # 2 x (q, v, o) + embed
 
 
 @pytest.mark.parametrize("combination_type", ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"])
