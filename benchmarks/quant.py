@@ -24,6 +24,7 @@ import copy
 import datetime as dt
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -110,14 +111,24 @@ def layer_times(repeat: int) -> list[tuple[str, float]]:
         "QuantLinear int8, whole weight": lambda: int8(x),
         "NF4 dequantize() alone": nf4.dequantize,
     }
-    times: dict[str, list[float]] = {name: [] for name in calls}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
     with torch.no_grad():
         for _ in range(repeat + 2):
             for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
-    return [(name, statistics.median(t[2:]) * 1e3) for name, t in times.items()]
+                times[name].append(timed(call))
+    return [(name, *median_pair(t[2:], 1e3)) for name, t in times.items()]
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one call. On a shared machine the CPU time is the
+    steadier measure of the work done (it still includes the time OpenMP threads spin while waiting)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def median_pair(pairs: list[tuple[float, float]], unit: float = 1.0) -> tuple[float, float]:
+    return statistics.median(p[0] for p in pairs) * unit, statistics.median(p[1] for p in pairs) * unit
 
 
 def train_step(peft: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
@@ -128,20 +139,20 @@ def train_step(peft: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[st
     return loss.item() / max(n, 1)
 
 
-def step_times(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], repeat: int) -> dict[str, float]:
-    """Median seconds of one train step (forward, backward, AdamW with lr 0, which leaves the adapters as they are)
-    per model; the models take turns, so a change of the machine's load hits them alike."""
+def step_times(
+    models: dict[str, nn.Module], batch: dict[str, torch.Tensor], repeat: int
+) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds of one train step (forward, backward, AdamW with lr 0, which leaves the adapters as
+    they are) per model; the models take turns, so a change of the machine's load hits them alike."""
     optimizers = {
         k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.0) for k, m in models.items()
     }
-    times: dict[str, list[float]] = {k: [] for k in models}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in models}
     for _ in range(repeat + 1):  # the first round warms up
         for kind, peft in models.items():
             peft.train()
-            start = time.perf_counter()
-            train_step(peft, optimizers[kind], batch)
-            times[kind].append(time.perf_counter() - start)
-    return {k: statistics.median(t[1:]) for k, t in times.items()}
+            times[kind].append(timed(lambda peft=peft, kind=kind: train_step(peft, optimizers[kind], batch)))
+    return {k: median_pair(t[1:]) for k, t in times.items()}
 
 
 def fine_tune(peft: nn.Module, train: list, pad: int, args: TrainArgs) -> dict[str, float]:
@@ -150,11 +161,11 @@ def fine_tune(peft: nn.Module, train: list, pad: int, args: TrainArgs) -> dict[s
     optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, plan.total_steps))
     peft.train()
-    started, loss = time.perf_counter(), float("nan")
+    started, cpu, loss = time.perf_counter(), time.process_time(), float("nan")
     for step in range(plan.total_steps):
         loss = train_step(peft, optimizer, collate([train[i] for i in plan.rows_for_step(step)], pad))
         scheduler.step()
-    return {"train_loss": loss, "tune_s": time.perf_counter() - started}
+    return {"train_loss": loss, "tune_s": time.perf_counter() - started, "tune_cpu_s": time.process_time() - cpu}
 
 
 def run(kinds: list[str], steps: int, timing_steps: int) -> dict[str, dict[str, float]]:
@@ -172,8 +183,8 @@ def run(kinds: list[str], steps: int, timing_steps: int) -> dict[str, dict[str, 
         total, count = loss_over_examples(models[kind], test, 16, pad)
         results[kind] = {"setup_s": setup_s, "weight_MiB": resident_bytes(models[kind]) / 2**20}
         results[kind]["eval_loss_start"] = total / count
-    for kind, seconds in step_times(models, collate(train[:BATCH], pad), timing_steps).items():
-        results[kind]["step_s"] = seconds
+    for kind, (wall, cpu) in step_times(models, collate(train[:BATCH], pad), timing_steps).items():
+        results[kind].update(step_s=wall, step_cpu_s=cpu)
     for kind, peft in models.items():
         results[kind].update(fine_tune(peft, train, pad, args))
         total, count = loss_over_examples(peft, test, 16, pad)
@@ -199,21 +210,21 @@ def main(argv: list[str] | None = None) -> None:
     for name, n in rows:
         print(f"{name:<34}{n / 2**20:>9.1f}{n / fp32:>9.3f}")
 
-    print(f"\n{'one layer 1536x576, x (8, 48, 576)':<34}{'ms':>9}")
-    for name, ms in layer_times(ns.repeat):
-        print(f"{name:<34}{ms:>9.2f}")
+    print(f"\n{'one layer 1536x576, x (8, 48, 576)':<34}{'wall ms':>9}{'CPU ms':>9}")
+    for name, wall, cpu in layer_times(ns.repeat):
+        print(f"{name:<34}{wall:>9.2f}{cpu:>9.2f}")
 
     print(f"\nfine-tune: {ns.steps} steps, batch {BATCH}, LoRA r={R} alpha={ALPHA} all-linear, lr {LR}")
     results = run([k.strip() for k in ns.kinds.split(",") if k.strip()], ns.steps, ns.timing_steps)
-    base = results.get("fp32 LoRA", {}).get("step_s")
-    columns = f"{'MiB':>9}{'setup s':>9}{'step s':>8}{'x fp32':>8}{'eval start':>12}{'eval end':>10}"
-    print(f"\n{'configuration':<19}{columns}")
+    base = results.get("fp32 LoRA")
+    print("\nstep: median of the timed steps; tune: all fine-tuning steps; CPU = process CPU time (all threads)")
+    columns = ["MiB", "setup s", "step s", "step CPU", "x fp32", "tune s", "tune CPU", "x fp32", "eval 0", "eval end"]
+    print(f"{'configuration':<19}" + "".join(f"{c:>9}" for c in columns))
     for kind, r in results.items():
-        ratio = f"{r['step_s'] / base:>8.2f}" if base else f"{'':>8}"
-        print(
-            f"{kind:<19}{r['weight_MiB']:>9.1f}{r['setup_s']:>9.1f}{r['step_s']:>8.2f}{ratio}"
-            f"{r['eval_loss_start']:>12.4f}{r['eval_loss_end']:>10.4f}"
-        )
+        ratios = [r[k] / base[k] if base else float("nan") for k in ("step_cpu_s", "tune_cpu_s")]
+        values = [r["weight_MiB"], r["setup_s"], r["step_s"], r["step_cpu_s"], ratios[0], r["tune_s"],
+                  r["tune_cpu_s"], ratios[1], r["eval_loss_start"], r["eval_loss_end"]]  # fmt: skip
+        print(f"{kind:<19}" + "".join(f"{v:>9.4f}" if v < 1 else f"{v:>9.2f}" for v in values))
 
 
 if __name__ == "__main__":
