@@ -360,10 +360,11 @@ COMBINE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("factory, combination_type, options", COMBINE_CASES)
-def test_add_weighted_adapter_matches_peft(factory, combination_type, options, tmp_path):
-    sources = _combine_sources(factory, same_rank=combination_type == "linear")
-    # the adapters are made by PEFT and copied to lorakit through the files
+def peft_pair(
+    factory: Callable[..., nn.Module], sources: dict[str, dict], tmp_path: Path
+) -> tuple[nn.Module, nn.Module]:
+    """(PEFT model, lorakit model) holding the same adapters 'one' and 'two': made by PEFT (random init) and copied
+    to lorakit through the files."""
     theirs = peft.get_peft_model(factory(0), peft.LoraConfig(**sources["one"], init_lora_weights=False), "one")
     theirs.add_adapter("two", peft.LoraConfig(**sources["two"], init_lora_weights=False))
     with warnings.catch_warnings():
@@ -371,6 +372,13 @@ def test_add_weighted_adapter_matches_peft(factory, combination_type, options, t
         theirs.save_pretrained(tmp_path)
     ours = lorakit.PeftModel.from_pretrained(factory(0), tmp_path / "one", adapter_name="one")
     ours.load_adapter(tmp_path / "two", adapter_name="two")
+    return theirs, ours
+
+
+@pytest.mark.parametrize("factory, combination_type, options", COMBINE_CASES)
+def test_add_weighted_adapter_matches_peft(factory, combination_type, options, tmp_path):
+    sources = _combine_sources(factory, same_rank=combination_type == "linear")
+    theirs, ours = peft_pair(factory, sources, tmp_path)
 
     weights = [0.7, -0.4]
     for model in (theirs, ours):

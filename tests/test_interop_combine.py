@@ -14,15 +14,13 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import peft
 import pytest
 import torch
 from helpers import tiny_llama
 from peft.utils import merge_utils
-from test_interop import ATOL, _logits, _lora_module_names, _max_diff, assert_same_mix
+from test_interop import ATOL, _logits, _lora_module_names, _max_diff, assert_same_mix, peft_pair
 from torch import nn
 
-import lorakit
 from lorakit import merge_math
 
 WEIGHTS = [0.7, -0.4]
@@ -39,15 +37,7 @@ def _sources(embedding: bool) -> dict[str, dict]:
 
 def _pair(tmp_path: Path, embedding: bool = True) -> tuple[nn.Module, nn.Module]:
     """(PEFT model, lorakit model) holding the same adapters 'one' and 'two'."""
-    sources = _sources(embedding)
-    theirs = peft.get_peft_model(tiny_llama(0), peft.LoraConfig(**sources["one"], init_lora_weights=False), "one")
-    theirs.add_adapter("two", peft.LoraConfig(**sources["two"], init_lora_weights=False))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Setting save_embedding_layers to True"
-        theirs.save_pretrained(tmp_path)
-    ours = lorakit.PeftModel.from_pretrained(tiny_llama(0), tmp_path / "one", adapter_name="one")
-    ours.load_adapter(tmp_path / "two", adapter_name="two")
-    return theirs, ours
+    return peft_pair(tiny_llama, _sources(embedding), tmp_path)
 
 
 def _combine(model: nn.Module, combination_type: str, **options: object) -> None:

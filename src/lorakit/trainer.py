@@ -204,8 +204,6 @@ def train(args: TrainArgs | None = None, **kwargs: Any) -> dict[str, Any]:
 
         atomic_write_json(output / RUN_NAME, json.loads(json.dumps(args.to_dict())))
     log = MetricsLog(output, resume_step=start_step if args.resume else None)
-    if rank == 0 and not args.resume:
-        log.rows = []
     trainable, total_params = peft.get_nb_trainable_parameters()
 
     eval_start = None
