@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorakit import dora
+from lorakit import branch, dora
 from lorakit.config import scaling_for
 from lorakit.init import get_initializer
 from lorakit.quant import QuantizedBaseError, QuantLinear
@@ -246,10 +246,11 @@ class LoraLinear(LoraLayer):
             if name not in self.lora_A:
                 continue
             A, B = self.lora_A[name], self.lora_B[name]
+            if name not in self.lora_magnitude_vector:  # plain LoRA: lorakit.branch, lean and tested against the math
+                result = branch.lora_add(result, x, A.weight, B.weight, self.scaling[name], self.lora_dropout[name])
+                continue
             h = self.lora_dropout[name](x.to(A.weight.dtype))  # (..., in)
-            lora = B(A(h)) * self.scaling[name]  # (..., r) -> (..., out)
-            if name in self.lora_magnitude_vector:
-                lora = self._dora_output(name, base, h, lora)
+            lora = self._dora_output(name, base, h, B(A(h)) * self.scaling[name])  # (..., r) -> (..., out)
             result = result + lora.to(result.dtype)
         return result
 
