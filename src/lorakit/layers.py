@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorakit import branch, dora
+from lorakit import branch, dora, mixed_batch
 from lorakit.config import scaling_for
 from lorakit.init import get_initializer
 from lorakit.quant import QuantizedBaseError, QuantLinear
@@ -43,6 +43,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: m (out,) per adapter
         self._dora_norms: dict[str, Tensor] = {}  # ||W + s * B @ A||_row of each merged DoRA adapter, for unmerge
+        self.routing: mixed_batch.Routing | None = None  # set while a batch runs one adapter per row (adapter_names)
 
     # -- parameter layout (subclasses) ---------------------------------------------------------------------------
     def _create(self, name: str, r: int) -> None:
@@ -239,6 +240,8 @@ class LoraLinear(LoraLayer):
         del self.lora_A[name], self.lora_B[name]
 
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        if self.routing is not None:  # a mixed-adapter batch: one adapter per row
+            return mixed_batch.linear_forward(self, x, *args, **kwargs)
         result = base = self.base_layer(x, *args, **kwargs)  # (..., out)
         if self.disable_adapters or self.merged:
             return result
@@ -288,6 +291,8 @@ class LoraEmbedding(LoraLayer):
         del self.lora_embedding_A[name], self.lora_embedding_B[name]
 
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        if self.routing is not None:  # a mixed-adapter batch: one adapter per row
+            return mixed_batch.embedding_forward(self, x, *args, **kwargs)
         result = embedded = self.base_layer(x, *args, **kwargs)  # (B, T, dim)
         if self.disable_adapters or self.merged:
             return result

@@ -6,6 +6,8 @@ import copy
 
 from torch import nn
 
+from lorakit import mixed_batch
+
 
 class ModulesToSaveWrapper(nn.Module):
     """Keeps ``original_module`` untouched and routes the forward through the active adapter's trainable copy."""
@@ -16,6 +18,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disable_adapters = False
+        self.routing: mixed_batch.Routing | None = None  # set while a batch runs one adapter per row (adapter_names)
         self.train(original_module.training)
 
     def update(self, name: str) -> None:
@@ -45,4 +48,6 @@ class ModulesToSaveWrapper(nn.Module):
         return self.current.weight
 
     def forward(self, *args: object, **kwargs: object) -> object:
+        if self.routing is not None:  # a mixed-adapter batch: one adapter per row
+            return mixed_batch.modules_to_save_forward(self, *args, **kwargs)
         return self.current(*args, **kwargs)

@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from lorakit import convert, io
+from lorakit import convert, io, mixed_batch
 from lorakit.config import LoraConfig, TaskType
-from lorakit.inject import SEQ_CLS_HEADS, TargetError
+from lorakit.inject import SEQ_CLS_HEADS, TargetError, wrappers
 from lorakit.model import AdapterError, LoraModel, check_adapter_name
 
 
@@ -47,11 +48,27 @@ class PeftModel(nn.Module):
         return config
 
     # -- forwarding ----------------------------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model()(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward. ``adapter_names`` (one per batch row, ``"__base__"`` for none) runs each row
+        with its own adapter, in eval mode (see lorakit.mixed_batch)."""
+        with self._adapter_per_row(adapter_names, rows=_batch_rows(args, kwargs)):
+            return self.get_base_model()(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's generate; ``adapter_names`` as in ``forward``, one per prompt, held for every step."""
+        base = self.get_base_model()
+        repeat = mixed_batch.rows_per_prompt(kwargs, getattr(base, "generation_config", None))
+        with self._adapter_per_row(adapter_names, rows=_batch_rows(args, kwargs), repeat=repeat):
+            return base.generate(*args, **kwargs)
+
+    def _adapter_per_row(
+        self, adapter_names: list[str] | None, rows: int | None, repeat: int = 1
+    ) -> contextlib.AbstractContextManager:
+        if adapter_names is None:
+            return contextlib.nullcontext()
+        base = self.get_base_model()
+        layers = [module for _, module in wrappers(base)]
+        return mixed_batch.routed(layers, adapter_names, list(self.peft_config), base.training, rows, repeat)
 
     def get_base_model(self) -> nn.Module:
         """The transformers model (with the LoRA wrappers inside it)."""
@@ -215,6 +232,13 @@ class PeftModel(nn.Module):
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
         return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+
+def _batch_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """The batch size of a forward / generate call, from its input_ids or inputs_embeds (None if neither is given)."""
+    named = (kwargs[k] for k in ("input_ids", "inputs", "inputs_embeds") if kwargs.get(k) is not None)
+    inputs = args[0] if args else next(named, None)
+    return inputs.shape[0] if isinstance(inputs, torch.Tensor) else None
 
 
 def _init_for_loading(config: LoraConfig) -> bool | str:
