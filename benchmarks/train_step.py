@@ -89,6 +89,40 @@ def measure(library: str, precision: str, steps: int, batch: int, seq: int) -> d
             "loss": float(loss)}
 
 
+def run(steps: int = 5, batch: int = 4, seq: int = 256) -> dict[str, dict[str, float]]:
+    """{"<library> <precision>": measurement} for library none (no-grad forward) / peft / lorakit, fp32 and bf16."""
+    results: dict[str, dict[str, float]] = {}
+    for precision in ("fp32", "bf16"):
+        for library in ("none", "peft", "lorakit"):
+            cmd = [sys.executable, __file__, "--one", library, precision, "--steps", str(steps),
+                   "--batch", str(batch), "--seq", str(seq)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            results[f"{library} {precision}"] = json.loads(out)
+            print(f"{precision} {library:8s} {results[f'{library} {precision}']}", file=sys.stderr)
+    return results
+
+
+def ratios(results: dict[str, dict[str, float]], precision: str) -> dict[str, float]:
+    """Target 1's three ratios for one precision: time and memory against PEFT, time against 2 x no-grad forward."""
+    fwd = results[f"none {precision}"]["step_s"]
+    p, k = results[f"peft {precision}"], results[f"lorakit {precision}"]
+    return {"time vs PEFT": k["step_s"] / p["step_s"], "memory vs PEFT": k["train_mem_mb"] / p["train_mem_mb"],
+            "step vs 2 x forward": k["step_s"] / (2 * fwd)}
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    lines = ["| precision | no-grad fwd (s) | PEFT step (s) | lorakit step (s) | time lorakit/PEFT | "
+             "lorakit / (2 x fwd) | train mem PEFT (MB) | lorakit (MB) | mem lorakit/PEFT |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for precision in ("fp32", "bf16"):
+        fwd = results[f"none {precision}"]["step_s"]
+        p, k, r = results[f"peft {precision}"], results[f"lorakit {precision}"], ratios(results, precision)
+        lines.append(f"| {precision} | {fwd:.2f} | {p['step_s']:.2f} | {k['step_s']:.2f} | {r['time vs PEFT']:.2f} | "
+                     f"{r['step vs 2 x forward']:.2f} | {p['train_mem_mb']:.0f} | {k['train_mem_mb']:.0f} | "
+                     f"{r['memory vs PEFT']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
@@ -99,24 +133,9 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(*args.one, args.steps, args.batch, args.seq)))
         return
-    results: dict[tuple[str, str], dict[str, float]] = {}
-    for precision in ("fp32", "bf16"):
-        for library in ("none", "peft", "lorakit"):
-            cmd = [sys.executable, __file__, "--one", library, precision, "--steps", str(args.steps),
-                   "--batch", str(args.batch), "--seq", str(args.seq)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            results[library, precision] = json.loads(out)
-            print(f"{precision} {library:8s} {results[library, precision]}", file=sys.stderr)
+    results = run(args.steps, args.batch, args.seq)
     print(f"\nbatch {args.batch} x {args.seq} tokens, r=16 all-linear, dropout 0.05, median of {args.steps} steps\n")
-    print("| precision | no-grad fwd (s) | PEFT step (s) | lorakit step (s) | time lorakit/PEFT | "
-          "lorakit / (2 x fwd) | train mem PEFT (MB) | lorakit (MB) | mem lorakit/PEFT |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for precision in ("fp32", "bf16"):
-        fwd = results["none", precision]["step_s"]
-        p, k = results["peft", precision], results["lorakit", precision]
-        print(f"| {precision} | {fwd:.2f} | {p['step_s']:.2f} | {k['step_s']:.2f} | {k['step_s'] / p['step_s']:.2f} | "
-              f"{k['step_s'] / (2 * fwd):.2f} | {p['train_mem_mb']:.0f} | {k['train_mem_mb']:.0f} | "
-              f"{k['train_mem_mb'] / p['train_mem_mb']:.2f} |")
+    print(table(results))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""lorakit against HF PEFT, all four speed targets in one run, printed as a table of ratios (issue: speed).
+
+1. train step (train_step.py): time and training memory against PEFT, and against 2 x a no-grad forward; fp32, bf16
+2. end to end (end_to_end.py): ``lorakit train`` against transformers.Trainer + PEFT on variable-length chat data
+3. generation (generation.py): decoding with an unmerged adapter against the plain base model
+4. mixed-adapter batches (mixed_adapters.py): ``generate(adapter_names=...)``, 8 adapters over 32 prompts, vs PEFT
+
+Each part runs in fresh processes, one after another; each part's own table is printed as it finishes, then the
+summary. On this project's 2-core machine the whole run takes about 20 minutes.
+
+    .venv/bin/python benchmarks/speed.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+def in_subprocess(module: str, **kwargs: Any) -> Any:
+    """``benchmarks/<module>.py``'s ``run(**kwargs)``, called in a fresh Python process (no shared allocator or
+    thread state); its JSON result."""
+    code = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import {module}; "
+            f"print('RESULT ' + json.dumps({module}.run(**{kwargs!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmarks/{module}.py failed:\n{done.stderr[-3000:]}")
+    line = [row for row in done.stdout.splitlines() if row.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def summary_rows(step: dict, e2e: dict, gen: dict, mixed: dict) -> list[tuple[str, float, str, bool]]:
+    """(what, measured, goal, met) for every target."""
+    import train_step
+
+    rows = []
+    for precision in ("fp32", "bf16"):
+        r = train_step.ratios(step, precision)
+        rows += [(f"1. train step {precision}: time lorakit / PEFT", r["time vs PEFT"], "<= 0.70",
+                  r["time vs PEFT"] <= 0.70),
+                 (f"1. train step {precision}: memory lorakit / PEFT", r["memory vs PEFT"], "<= 0.60",
+                  r["memory vs PEFT"] <= 0.60),
+                 (f"1. train step {precision}: lorakit / (2 x no-grad forward)", r["step vs 2 x forward"], "<= 1.15",
+                  r["step vs 2 x forward"] <= 1.15)]
+    ours, theirs = e2e["results"]["lorakit train (defaults)"], e2e["results"]["Trainer + PEFT"]
+    wall = ours["wall_s"] / theirs["wall_s"]
+    rows += [("2. end to end: wall lorakit train / (Trainer + PEFT)", wall, "<= 0.50", wall <= 0.50),
+             ("2. end to end: eval loss lorakit - (Trainer + PEFT)", ours["eval_loss"] - theirs["eval_loss"], "<= 0",
+              ours["eval_loss"] <= theirs["eval_loss"])]
+    rows += [("3. generation: unmerged / base tokens per s", gen["unmerged / base"], ">= 0.90",
+              gen["unmerged / base"] >= 0.90),
+             ("3. generation: merged / base tokens per s", gen["merged / base"], "~ 1.00",
+              gen["merged / base"] >= 0.95)]
+    ratio = mixed["ratio_peft_over_lorakit"]
+    rows.append(("4. mixed adapters: PEFT time / lorakit time (tokens equal)", ratio, ">= 3.00",
+                 ratio >= 3.0 and mixed["tokens_equal"]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (a check that all parts run)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(HERE))
+    import end_to_end
+    import train_step
+
+    start = time.perf_counter()
+    step = train_step.run(steps=2 if args.quick else 5)
+    print("## 1. train step (batch 4 x 256, r=16 all-linear, dropout 0.05)\n\n" + train_step.table(step) + "\n",
+          flush=True)
+    e2e = in_subprocess("end_to_end", **({"steps": 4, "n_eval": 8} if args.quick else {}))
+    print("## 2. end to end\n\n" + end_to_end.table(e2e) + "\n", flush=True)
+    gen = in_subprocess("generation", repeats=1 if args.quick else 3)
+    print("## 3. generation (batch 1, greedy)\n\n" + json.dumps(gen, indent=1) + "\n", flush=True)
+    mixed = in_subprocess("mixed_adapters", repeats=1 if args.quick else 2, threads=os.cpu_count() or 1)
+    print("## 4. mixed-adapter batches\n\n" + json.dumps(mixed) + "\n", flush=True)
+
+    print("## Summary: ratios measured in this run\n")
+    print("| target | measured | goal | met |\n| --- | --- | --- | --- |")
+    for what, value, goal, met in summary_rows(step, e2e, gen, mixed):
+        print(f"| {what} | {value:.2f} | {goal} | {'yes' if met else 'no'} |")
+    print(f"\nwhole run: {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
