@@ -2,8 +2,11 @@
 
 HF models compute logits for every position (B, T, vocab) in fp32 before the loss; with loss on completions only
 most of them are thrown away, and for a 49k vocabulary they dominate memory. ``lm_loss_sum`` runs the model body,
-keeps the hidden states whose next token has a label, and applies the output layer to those alone. The reference,
-``lm_loss_sum_reference``, is the plain full-logits computation; tests check the two agree (value and gradients).
+keeps the hidden states whose next token has a label, and applies the output layer to those alone. When the output
+layer is a plain ``nn.Linear`` (also the active copy of a ``modules_to_save`` head), the output layer and the
+cross-entropy are fused and chunked (``lorakit.fused_ce``), so not even the (N, V) labelled-position logits are held.
+The reference, ``lm_loss_sum_reference``, is the plain full-logits computation; ``lm_loss_sum_unfused`` is the
+labelled-positions path with ordinary logits; tests check all three agree (value and gradients).
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lorakit.fused_ce import DEFAULT_CHUNK, linear_cross_entropy
+from lorakit.modules_to_save import ModulesToSaveWrapper
 
 IGNORE_INDEX = -100
 
@@ -43,19 +49,50 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return body, head
 
 
-def lm_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-    """Same value as ``lm_loss_sum_reference``; the output layer runs on labelled positions only."""
-    parts = _body_and_head(model)
-    if parts is None:
-        return lm_loss_sum_reference(model, batch)
-    body, head = parts
+def _plain_linear(head: nn.Module) -> nn.Linear | None:
+    """The ``nn.Linear`` that computes ``head(x)``, or None when the head does more (a LoRA wrapper, quantized
+    weights, hooks, per-row adapter routing) and only its own forward is exact."""
+    if isinstance(head, ModulesToSaveWrapper):
+        if _has_hooks(head) or getattr(head, "routing", None) is not None:  # routing: one adapter per row
+            return None
+        head = head.current
+    if type(head) is nn.Linear and not _has_hooks(head):
+        return head
+    return None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _labelled(body: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(hidden states (N, H) of the positions whose next token has a label, those labels (N,))."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     target = batch["labels"][:, 1:]  # (B, T-1)
     keep = target != IGNORE_INDEX
-    logits = head(hidden[:, :-1][keep])  # (N, H) -> (N, V), N labelled positions
-    loss = F.cross_entropy(logits.float(), target[keep], reduction="sum")
-    return loss, int(keep.sum())
+    return hidden[:, :-1][keep], target[keep]
+
+
+def lm_loss_sum_unfused(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    """Same value as ``lm_loss_sum_reference``; the output layer runs on labelled positions only, as one matmul."""
+    parts = _body_and_head(model)
+    if parts is None:
+        return lm_loss_sum_reference(model, batch)
+    hidden, target = _labelled(parts[0], batch)
+    logits = parts[1](hidden)  # (N, H) -> (N, V), N labelled positions
+    return F.cross_entropy(logits.float(), target, reduction="sum"), len(target)
+
+
+def lm_loss_sum(model: nn.Module, batch: dict[str, Tensor], chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, int]:
+    """Same value as ``lm_loss_sum_reference``; the output layer runs on labelled positions only, fused with the
+    cross-entropy in chunks of ``chunk`` rows when it is a plain Linear (else as ``lm_loss_sum_unfused``)."""
+    parts = _body_and_head(model)
+    linear = None if parts is None else _plain_linear(parts[1])
+    if linear is None:
+        return lm_loss_sum_unfused(model, batch)
+    hidden, target = _labelled(parts[0], batch)
+    return linear_cross_entropy(hidden, linear.weight, target, linear.bias, chunk), len(target)
 
 
 def loss_over_examples(
