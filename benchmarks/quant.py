@@ -2,8 +2,9 @@
 
 On the default model (SmolLM2-135M-Instruct, ``lorakit.models.load_model()``), in one process:
 
-1. memory: bytes of parameters + buffers (shared tensors once) of the fp32 model and of the model with every Linear
-   except the tied lm_head quantized to int8 / NF4 / NF4 with double-quantized scales;
+1. memory: bytes of parameters + buffers (shared storages once, ``lorakit.quant.resident_bytes``) of the fp32 model
+   and of the model with every Linear except the tied lm_head quantized to int8 / NF4 / NF4 with double-quantized
+   scales, the tied embedding / lm_head in bf16 (quantize's default) or left in fp32 (``embeddings="keep"``);
 2. one layer (up_proj, 1536 x 576): forward time of nn.Linear vs QuantLinear (whole weight dequantized per call, and
    in row chunks), median of --repeat;
 3. train step (forward + backward + AdamW) of LoRA r=16 on all linear layers, fp32 base vs NF4 / int8 base, on the
@@ -35,22 +36,11 @@ from lorakit.data_tokenize import tokenize_records
 from lorakit.demo import make_examples
 from lorakit.loss import lm_loss_sum, loss_over_examples
 from lorakit.models import load_model, load_tokenizer
-from lorakit.quant import QuantLinear
+from lorakit.quant import QuantLinear, resident_bytes
 from lorakit.train_args import TrainArgs
 from lorakit.trainer import lr_lambda, make_plan
 
 R, ALPHA, LR, BATCH, MAX_LENGTH = 16, 32, 1e-3, 8, 128
-
-
-def resident_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters and buffers of ``model``, each storage counted once (tied weights)."""
-    seen: set[int] = set()
-    total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 def lora_config(init: bool | str = True) -> LoraConfig:
@@ -88,12 +78,19 @@ def build(kind: str) -> tuple[nn.Module, float]:
 def memory_table() -> list[tuple[str, int]]:
     fp32 = load_model()
     rows = [("fp32", resident_bytes(fp32))]
-    for name, bits, dq in [("int8", 8, False), ("NF4", 4, False), ("NF4 + double quant", 4, True)]:
-        model = quantize(copy.deepcopy(fp32), bits=bits, double_quant=dq)
+    configurations = [
+        ("int8, embedding bf16", 8, False, "bf16"),
+        ("NF4, embedding bf16", 4, False, "bf16"),
+        ("NF4 + DQ, embedding bf16", 4, True, "bf16"),  # quantize(model, bits=4): the defaults
+        ("NF4 + DQ, embedding fp32", 4, True, "keep"),
+    ]
+    for name, bits, dq, embeddings in configurations:
+        model = quantize(copy.deepcopy(fp32), bits=bits, double_quant=dq, embeddings=embeddings)
         rows.append((name, resident_bytes(model)))
         del model
     linear = sum(m.weight.numel() * 4 for m in fp32.modules() if isinstance(m, nn.Linear) and m is not fp32.lm_head)
-    rows.append(("(of which fp32 Linear weights)", linear))
+    rows.append(("(of fp32: Linear weights)", linear))
+    rows.append(("(of fp32: tied embedding)", fp32.get_input_embeddings().weight.numel() * 4))
     return rows
 
 

@@ -2,11 +2,13 @@
 quantized base): gradients, save / load, merge_and_unload, unload, the trainer's --quantize."""
 
 import dataclasses
+import json
 import math
+import warnings
 
 import pytest
 import torch
-from helpers import input_ids, perturb_, save_tiny_folder, tiny_llama
+from helpers import input_ids, perturb_, save_tiny_folder, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers import LlamaForCausalLM
 
@@ -27,6 +29,7 @@ from lorakit.quant import (
     quantize_nf4,
     quantize_weight,
 )
+from lorakit.quant_embeddings import HalfLinear
 from lorakit.train_args import TrainArgs
 
 HALF_GAP = float((NF4_CODES[1:] - NF4_CODES[:-1]).max()) / 2  # worst rounding error of a value in [-1, 1]
@@ -179,7 +182,7 @@ def test_quantize_model_replaces_linears_except_the_output_and_tied_layers():
         for name, module in ref.named_modules():
             if isinstance(module, nn.Linear) and name != "lm_head":
                 module.weight.copy_(dequantize(quantize_weight(module.weight)))
-    assert quantize(model) is model
+    assert quantize(model, embeddings="keep") is model  # the embeddings' storage: tests/test_quant_embeddings.py
     kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))}
     assert kinds["lm_head"] is nn.Linear and kinds["model.layers.0.self_attn.q_proj"] is QuantLinear
     assert sum(k is QuantLinear for k in kinds.values()) == 14  # 2 layers x (4 attention + 3 mlp)
@@ -189,7 +192,7 @@ def test_quantize_model_replaces_linears_except_the_output_and_tied_layers():
     config = tiny_llama(0).config
     config.tie_word_embeddings = True
     tied = LlamaForCausalLM(config)
-    quantize(tied, skip=())  # lm_head is both the output embedding and tied to embed_tokens: kept anyway
+    quantize(tied, skip=(), embeddings="keep")  # lm_head is the output embedding and tied to embed_tokens: kept
     assert type(tied.lm_head) is nn.Linear and tied.lm_head.weight is tied.model.embed_tokens.weight
 
 
@@ -274,7 +277,7 @@ def test_trainer_quantize_option(tmp_path):
     peft, _ = build_model(TrainArgs(model=str(folder), quantize=4, r=4))
     layers = [m for m in peft.modules() if isinstance(m, LoraLinear)]
     assert layers and all(m.quantized for m in layers)
-    assert type(peft.get_base_model().lm_head) is nn.Linear
+    assert type(peft.get_base_model().lm_head) is HalfLinear  # quantize's default embeddings="bf16"
 
 
 def test_perturbed_adapter_changes_the_quantized_forward():
@@ -285,3 +288,80 @@ def test_perturbed_adapter_changes_the_quantized_forward():
     perturb_([p for n, p in peft.named_parameters() if ".lora_B." in n], seed=0)
     with torch.no_grad():
         assert not torch.allclose(peft(input_ids()).logits, before, atol=1e-3)
+
+
+# -- GPT-2 Conv1D (weight stored (in, out)) ------------------------------------------------------------------------
+def test_conv1d_is_quantized_as_its_transpose():
+    conv = tiny_gpt2(0).transformer.h[0].attn.c_attn  # Conv1D: weight (in 32, out 96), bias (96,)
+    layer = QuantLinear.from_linear(conv, bits=4)
+    assert layer.from_conv1d and (layer.in_features, layer.out_features) == (32, 96)
+    W = layer.dequantize()  # (out, in)
+    assert torch.equal(W, dequantize(quantize_weight(conv.weight.T)))
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ W.T + conv.bias, atol=1e-5, rtol=1e-5)
+        back = layer.full_precision()  # a Conv1D again, weight (in, out) = W.T
+        assert type(back) is type(conv) and back.weight.shape == (32, 96) and back.weight.is_contiguous()
+        torch.testing.assert_close(back(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_gpt2_matches_its_rounded_reference_and_stays_close_to_fp32():
+    model, ref, full = tiny_gpt2(0), tiny_gpt2(0), tiny_gpt2(0)
+    with torch.no_grad():  # the reference: each Conv1D holds its dequantized weight, the tied wte its bf16 rounding
+        for module in ref.modules():
+            if type(module).__name__ == "Conv1D":
+                module.weight.copy_(dequantize(quantize_weight(module.weight.T)).T)
+        ref.transformer.wte.weight.copy_(ref.transformer.wte.weight.bfloat16().float())
+    quantize(model)
+    conv = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.from_conv1d]
+    assert len(conv) == 8  # 2 blocks x (c_attn, c_proj, c_fc, mlp.c_proj)
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied (one bf16 tensor)
+    with torch.no_grad():
+        logits, expected, fp32 = (m(input_ids()).logits for m in (model, ref, full))
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    rel = ((logits - fp32).norm() / fp32.norm()).item()
+    print(f"\nGPT-2 NF4: relative logit error vs fp32 {rel:.4f}")
+    assert rel < 0.1  # measured 0.046 (NF4 on a random tiny model)
+
+
+def test_lora_on_a_quantized_gpt2_trains_saves_and_loads_in_peft_on_the_fp32_base(tmp_path):
+    import peft as hf_peft
+
+    torch.manual_seed(1)
+    model = get_peft_model(quantize(tiny_gpt2(0)), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    layer = model.get_base_model().transformer.h[0].attn.c_attn
+    assert isinstance(layer.base_layer, QuantLinear) and not layer.fan_in_fan_out  # the codes are (out, in)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids(), labels=input_ids()).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True  # the layout of the model the file is for (Conv1D), as PEFT writes it
+
+    with torch.no_grad():
+        trained = model(input_ids()).logits
+        requantized = PeftModel.from_pretrained(quantize(tiny_gpt2(0)), tmp_path)(input_ids()).logits
+        ours = PeftModel.from_pretrained(tiny_gpt2(0), tmp_path)(input_ids()).logits  # fp32 base
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            theirs = hf_peft.PeftModel.from_pretrained(tiny_gpt2(0), tmp_path)(input_ids()).logits
+    torch.testing.assert_close(requantized, trained, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    assert not [str(w.message) for w in caught if "fan_in_fan_out" in str(w.message)]
+    assert ((ours - trained).norm() / ours.norm()) < 0.1  # the quantization error only
+
+    with pytest.warns(UserWarning, match="not quantized again"):
+        merged = model.merge_and_unload()
+    c_attn = merged.transformer.h[0].attn.c_attn
+    assert type(c_attn).__name__ == "Conv1D" and c_attn.weight.shape == (32, 96)  # (in, out), as GPT-2 stores it
+    assert c_attn.weight.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids()).logits, trained, atol=1e-5, rtol=1e-5)

@@ -15,6 +15,10 @@ from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
 from lorakit.layers import LoraLayer, LoraLinear, wrap
 from lorakit.modules_to_save import ModulesToSaveWrapper
 from lorakit.quant import QuantLinear
+from lorakit.quant_embeddings import HalfEmbedding, HalfLinear
+
+# Bases stored below full precision by lorakit.quantize: a LoRA layer around one merges into a full-precision copy.
+REDUCED_PRECISION = (QuantLinear, HalfEmbedding, HalfLinear)
 
 # target_modules=None picks these, by transformers' model_type (the attention projections, as PEFT does).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -178,8 +182,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
         if not isinstance(module, LoraLayer):
             module = wrap(module)
             setattr(parent, child, module)
-        if isinstance(module, LoraLinear):
-            layouts.append(module.fan_in_fan_out)
+        if isinstance(module, LoraLinear):  # a quantized Conv1D is (out, in) now; the model file keeps (in, out)
+            layouts.append(module.fan_in_fan_out or getattr(module.base_layer, "from_conv1d", False))
         module.update_layer(
             adapter_name,
             config.rank_for(name),
@@ -214,12 +218,13 @@ def unwrap(
     """Replace every wrapper by its base module (after merging ``adapter_names`` or the active adapters if
     ``merge``); modules_to_save wrappers give back their active trained copy if ``merge``, else the original.
 
-    A LoRA layer on a quantized base (QuantLinear) cannot merge in place; with ``merge`` it is replaced by a
-    full-precision nn.Linear holding dequantize(W) + s * B @ A (``merged_linear``), with a warning: the result is not
-    quantized again, because quantizing the merged weight adds a rounding error as large as the one the adapter was
-    trained to compensate, which undoes much of the fine-tuning."""
+    A LoRA layer on a quantized base (QuantLinear, or a 16-bit embedding / output layer of ``lorakit.quantize``) is not
+    merged in place; with ``merge`` it is replaced by a full-precision module (nn.Linear, Conv1D or nn.Embedding)
+    holding dequantize(W) + s * B @ A (``merged_linear``), with a warning: the result is not quantized again, because
+    quantizing the merged weight adds a rounding error as large as the one the adapter was trained to compensate,
+    which undoes much of the fine-tuning."""
     modules = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
-    merged: dict[str, nn.Linear] = {}
+    merged: dict[str, nn.Module] = {}
     if merge:  # merge everything first, so that a failing safe_merge leaves the wrappers in place
         merged = {n: merged_linear(m, adapter_names, safe_merge) for n, m in modules if _quantized_lora(m)}
         for _, module in modules:
@@ -233,7 +238,7 @@ def unwrap(
             setattr(parent, child, module.current if merge else module.original_module)
     if merged:
         warnings.warn(
-            f"merge_and_unload: {len(merged)} LoRA layers had a quantized base; they are now full-precision nn.Linear "
+            f"merge_and_unload: {len(merged)} LoRA layers had a quantized base; they are now full-precision layers "
             "(dequantized W + s * B @ A, fp32) and were not quantized again: quantizing the merged weight would add "
             "a rounding error as large as the one the adapter learned to compensate. Call lorakit.quantize(model) "
             "on the result only if memory matters more than quality",
@@ -242,31 +247,29 @@ def unwrap(
     return model
 
 
-def merged_linear(layer: LoraLayer, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Linear:
-    """A full-precision nn.Linear with weight dequantize(W) + sum of s * B @ A over ``adapter_names`` (default: the
-    active adapters) and the base layer's bias: the merge of a LoRA layer whose base is quantized. A DoRA adapter
-    rescales the rows instead (lorakit.dora.merge_weight)."""
+def merged_linear(layer: LoraLayer, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
+    """The merge of a LoRA layer whose base has reduced precision (``REDUCED_PRECISION``): a full-precision module of
+    the kind the base stands for (``base_layer.full_precision``: nn.Linear, GPT-2 Conv1D or nn.Embedding) with weight
+    dequantize(W) + sum of s * B @ A over ``adapter_names`` (default: the active adapters), computed in fp32, and the
+    base layer's bias. A DoRA adapter rescales the rows instead (lorakit.dora.merge_weight)."""
     names = [n for n in (adapter_names or layer.active_adapters) if n in layer.r]
-    base = layer.base_layer
     with torch.no_grad():
-        base_weight = weight = layer.weight_out_in()  # (out, in) fp32
+        base_weight = weight = layer.weight_out_in().float()  # (out, in)
         for name in names:
+            A, B = layer.lora_weights(name)
+            delta = (B.float() @ A.float()) * layer.scaling[name]  # (out, r) @ (r, in) -> (out, in)
             if name in layer.lora_magnitude_vector:  # DoRA: (m / ||W + dW||_row) * (weight + dW), see lorakit.dora
                 m, norm = layer.dora_scale_args(name, base_weight)
-                weight = dora.merge_weight(weight, layer.delta_weight(name), m.detach().float(), norm)
+                weight = dora.merge_weight(weight, delta, m.detach().float(), norm)
             else:
-                weight = weight + layer.delta_weight(name)
+                weight = weight + delta
         if safe_merge and not torch.isfinite(weight).all():
             raise ValueError(f"merging adapters {names} gives NaN/inf weights; the adapter is broken")
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    if base.bias is not None:
-        linear.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=base.bias.requires_grad)
-    return linear.train(base.training)
+    return layer.base_layer.full_precision((weight.T if layer.fan_in_fan_out else weight).contiguous())  # base layout
 
 
 def _quantized_lora(module: nn.Module) -> bool:
-    return isinstance(module, LoraLayer) and module.quantized
+    return isinstance(module, LoraLayer) and isinstance(module.base_layer, REDUCED_PRECISION)
 
 
 def wrappers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSaveWrapper]]:

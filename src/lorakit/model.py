@@ -158,7 +158,7 @@ class LoraModel(nn.Module):
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
         """Merge the active (or named) adapters and return the plain transformers model, wrappers removed. Layers on
-        a quantized base come back as full-precision nn.Linear (see inject.unwrap)."""
+        a quantized base come back as full-precision nn.Linear / Conv1D / nn.Embedding (see inject.unwrap)."""
         return unwrap(self.model, merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:

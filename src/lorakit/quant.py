@@ -14,11 +14,13 @@ LoftQ flow relies on (``lorakit.loftq``).
 
 int8 (weight-only): one absmax scale per output row, codes round(W / scale) in [-127, 127]; |error| <= absmax / 254.
 
-``quantize(model, bits)`` replaces the model's ``nn.Linear`` layers by ``QuantLinear`` in place. A QuantLinear keeps
-the codes in buffers (no Parameters, no gradients) and dequantizes its weight in row chunks during the forward and
-again during the backward, so no full-precision copy of the weight outlives a matmul.
+``quantize(model, bits)`` replaces the model's ``nn.Linear`` layers (and GPT-2's ``Conv1D``, whose weight is stored
+(in, out): it is quantized as its transpose (out, in)) by ``QuantLinear`` in place. A QuantLinear keeps the codes in
+buffers (no Parameters, no gradients) and dequantizes its weight in row chunks during the forward and again during the
+backward, so no full-precision copy of the weight outlives a matmul. The input embedding and the output layer are
+stored in 16 bits instead (``lorakit.quant_embeddings``, option ``embeddings``).
 
-    model = lorakit.quantize(load_model(), bits=4)       # every Linear except lm_head -> NF4
+    model = lorakit.quantize(load_model(), bits=4)       # every Linear except lm_head -> NF4; embeddings -> bf16
     y = model.model.layers[0].mlp.up_proj(x)             # = x @ dequantize(W).T (+ bias)
 """
 
@@ -30,7 +32,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +91,16 @@ def nbytes(q: QuantizedWeight) -> int:
     return sum(t.numel() * t.element_size() for t in _tensors(q).values() if t is not None)
 
 
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes held by the parameters and buffers of ``model``, each storage counted once (a tied weight, or a
+    buffer that is a view of a larger tensor, counts its whole storage once)."""
+    storages: dict[int, int] = {}  # data pointer -> bytes
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 # -- int8 ------------------------------------------------------------------------------------------------------------
 def absmax_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric linear int8 codes of each row of ``x`` (n, k): codes (n, k) int8 in [-127, 127] and scale (n,) =
@@ -124,7 +136,7 @@ def quantize_scales(absmax: Tensor, block: int = DQ_BLOCK) -> tuple[Tensor, Tens
     rows = _blocks(absmax, block)  # (m, block)
     offset = (rows.amax(dim=1) + rows.amin(dim=1)) / 2  # (m,) midpoint of each block's range
     codes, step = absmax_int8(rows - offset[:, None])
-    return codes.flatten()[: absmax.numel()], step, offset
+    return codes.flatten()[: absmax.numel()].clone(), step, offset  # clone: no padding kept in memory
 
 
 def dequantize_scales(codes: Tensor, step: Tensor, offset: Tensor, first: int = 0, block: int = DQ_BLOCK) -> Tensor:
@@ -229,12 +241,18 @@ def _float_weight(weight: Tensor, ndim: int | None = None) -> Tensor:
 
 
 # -- the layer -------------------------------------------------------------------------------------------------------
+class ChunkedWeight(Protocol):
+    """A frozen layer that gives its weight (out, in) in full precision a few rows at a time."""
+
+    def weight_chunks(self) -> Iterator[tuple[int, int, Tensor]]: ...
+
+
 class _DequantLinear(torch.autograd.Function):
     """y = x @ W.T with W dequantized chunk by chunk; the backward dequantizes again instead of saving W, and
     returns no gradient for W (it is frozen)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, layer: QuantLinear) -> Tensor:  # x (..., in) -> (..., out)
+    def forward(ctx: Any, x: Tensor, layer: ChunkedWeight) -> Tensor:  # x (..., in) -> (..., out)
         ctx.layer, ctx.x_dtype = layer, x.dtype
         parts = [nn.functional.linear(x, w.to(x.dtype)) for _, _, w in layer.weight_chunks()]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
@@ -250,17 +268,26 @@ class _DequantLinear(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), None
 
 
+def chunked_linear(x: Tensor, layer: ChunkedWeight) -> Tensor:
+    """x @ W.T (..., in) -> (..., out) for a frozen ``layer``, its weight W made a few rows at a time in the forward
+    and again in the backward (never saved); no gradient for W."""
+    return _DequantLinear.apply(x, layer)
+
+
 class QuantLinear(nn.Module):
     """A frozen linear layer whose weight (out, in) is stored as NF4 or int8 codes in buffers; the bias (if any)
-    stays a Parameter. ``forward(x) = x @ dequantize().T + bias``."""
+    stays a Parameter. ``forward(x) = x @ dequantize().T + bias``. ``from_conv1d``: it replaced a GPT-2 Conv1D (weight
+    stored (in, out)); the codes hold the transpose, so the forward is the same, and ``full_precision()`` gives back a
+    Conv1D."""
 
     chunk_elements: int = 1 << 24  # weights dequantized at once (64 MB in fp32); larger layers go in row chunks
 
-    def __init__(self, weight: QuantizedWeight, bias: Tensor | None = None) -> None:
+    def __init__(self, weight: QuantizedWeight, bias: Tensor | None = None, from_conv1d: bool = False) -> None:
         super().__init__()
         if len(weight.shape) != 2:
             raise ValueError(f"QuantLinear needs a 2-D (out, in) weight, got shape {weight.shape}")
         self.out_features, self.in_features = weight.shape
+        self.from_conv1d = from_conv1d
         self._format = type(weight)
         self._meta = {f.name: getattr(weight, f.name) for f in dataclasses.fields(weight) if f.name in _META}
         for name, tensor in _tensors(weight).items():
@@ -271,8 +298,11 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int = 4, double_quant: bool = True) -> QuantLinear:
-        return cls(quantize_weight(linear.weight, bits, double_quant), linear.bias)
+    def from_linear(cls, linear: nn.Module, bits: int = 4, double_quant: bool = True) -> QuantLinear:
+        """From an ``nn.Linear`` (weight (out, in)) or a GPT-2 ``Conv1D`` (weight (in, out), quantized as W.T)."""
+        conv1d = is_conv1d(linear)
+        weight = linear.weight.T if conv1d else linear.weight  # (out, in)
+        return cls(quantize_weight(weight, bits, double_quant), linear.bias, from_conv1d=conv1d)
 
     @property
     def bits(self) -> int:
@@ -298,6 +328,25 @@ class QuantLinear(nn.Module):
             stop = min(start + rows, self.out_features)
             yield start, stop, dequantize(q, start, stop)
 
+    def full_precision(self, weight: Tensor | None = None) -> nn.Module:
+        """The full-precision module this layer stands for, holding ``weight`` (out, in; default: the dequantized
+        weight) and this layer's bias: an ``nn.Linear``, or a GPT-2 ``Conv1D`` (weight stored (in, out)) if
+        ``from_conv1d``. The weight does not require grad (frozen, as here)."""
+        weight = self.dequantize() if weight is None else weight.detach()
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit {self}")
+        with torch.device("meta"):  # no initial weights: they are replaced below
+            if self.from_conv1d:
+                from transformers.pytorch_utils import Conv1D
+
+                module: nn.Module = Conv1D(self.out_features, self.in_features)
+            else:
+                module = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        module.weight = nn.Parameter(weight.T.contiguous() if self.from_conv1d else weight, requires_grad=False)
+        if self.bias is not None:
+            module.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+        return module.train(self.training)
+
     def requantize_(self, weight: Tensor) -> None:
         """Store ``weight`` (out, in) in this layer's format (lossless if ``weight`` is a dequantized one)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
@@ -308,12 +357,16 @@ class QuantLinear(nn.Module):
         self._meta = {f.name: getattr(q, f.name) for f in dataclasses.fields(q) if f.name in _META}
 
     def forward(self, x: Tensor) -> Tensor:
-        y = _DequantLinear.apply(x, self)  # (..., out)
+        y = chunked_linear(x, self)  # (..., out)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         kind = f"nf4{' double-quant' if self.double_quant else ''}" if self.bits == 4 else "int8"
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {kind}"
+        origin = ", from Conv1D" if self.from_conv1d else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"{kind}{origin}"
+        )
 
     def _buffer_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self._format) if f.name not in _META]
@@ -323,30 +376,60 @@ class QuantLinear(nn.Module):
 
 
 # -- a whole model ---------------------------------------------------------------------------------------------------
-def quantize(
-    model: nn.Module, bits: int = 4, skip: Sequence[str] = ("lm_head",), double_quant: bool = True
-) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` by a ``QuantLinear`` (NF4 for bits=4, int8 for bits=8), in place, and
-    return the model.
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out); matched by class name."""
+    return type(module).__name__ == "Conv1D"
 
-    Kept in full precision: modules named in ``skip`` (exact name or dotted suffix), the output embeddings
+
+def quantize(
+    model: nn.Module,
+    bits: int = 4,
+    skip: Sequence[str] = ("lm_head",),
+    double_quant: bool = True,
+    embeddings: str = "bf16",
+) -> nn.Module:
+    """Quantize the frozen base ``model`` in place and return it: every ``nn.Linear`` and GPT-2 ``Conv1D`` becomes a
+    ``QuantLinear`` (NF4 for bits=4, int8 for bits=8); the input embedding and the output layer are stored as
+    ``embeddings`` says.
+
+    Linear layers kept as they are: modules named in ``skip`` (exact name or dotted suffix), the output layer
     (``get_output_embeddings()``), and any Linear whose weight is shared with another module (tied). Inside LoRA
     wrappers only the base layer is quantized (lora_A / lora_B stay fp32); modules_to_save copies are left alone.
+
+    ``embeddings``: the storage of the input embedding (``get_input_embeddings()``) and of the output layer (lm_head),
+    which are never quantized to ``bits`` (bitsandbytes / Unsloth QLoRA keep them in 16 bits too); see
+    lorakit.quant_embeddings.
+
+    * ``"bf16"`` (default): their weights are kept in bfloat16, half the bytes of fp32 (SmolLM2-135M: the tied 49152 x
+      576 embedding, 108 MiB in fp32, becomes 54 MiB), with an error of at most 2^-8 of each value. The model still
+      computes in its own dtype (fp32): looked-up rows and the output layer's weight are cast on the fly. A tied
+      embedding stays tied: one bf16 tensor serves both. LoRA on embed_tokens works as on any embedding, and
+      ``merge_and_unload()`` gives it back as a full-precision nn.Embedding.
+    * ``"fp16"``: the same in float16 (finer, 2^-11 of each value, but only from 6e-5 to 65504).
+    * ``"keep"``: left as they are.
+
+    Only plain ``nn.Embedding`` / ``nn.Linear`` modules in fp32 or fp64 are converted (a subclass, e.g. a scaled
+    embedding, is kept with a warning; a model already in 16 bits has nothing to gain).
 
         model = lorakit.quantize(load_model(), bits=4)
         peft = lorakit.get_peft_model(model, LoraConfig(target_modules="all-linear"))   # QLoRA
     """
     from lorakit.layers import LoraLayer  # late imports: layers imports this module
     from lorakit.modules_to_save import ModulesToSaveWrapper
+    from lorakit.quant_embeddings import check_embeddings, store_embeddings
 
     check_bits(bits)
+    check_embeddings(embeddings)
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     get_out = getattr(model, "get_output_embeddings", None)
     output = get_out() if callable(get_out) else None
 
-    def kept(name: str, module: nn.Module, linear: nn.Linear) -> bool:
+    def kept(name: str, module: nn.Module, linear: nn.Module) -> bool:
         named = any(name == s or name.endswith(f".{s}") for s in skip)
         return named or module is output or linear is output or uses[id(linear.weight)] > 1
+
+    def linear_like(module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) or is_conv1d(module)
 
     def visit(prefix: str, parent: nn.Module) -> int:
         count = 0
@@ -356,10 +439,11 @@ def quantize(
                 continue
             if isinstance(child, LoraLayer):
                 base = child.base_layer
-                if isinstance(base, nn.Linear) and not kept(name, child, base):
+                if linear_like(base) and not kept(name, child, base):
                     child.base_layer = QuantLinear.from_linear(base, bits, double_quant)
+                    child.fan_in_fan_out = False  # a QuantLinear holds (out, in), whatever the layout it replaced
                     count += 1
-            elif isinstance(child, nn.Linear):
+            elif linear_like(child):
                 if not kept(name, child, child):
                     setattr(parent, child_name, QuantLinear.from_linear(child, bits, double_quant))
                     count += 1
@@ -369,8 +453,9 @@ def quantize(
 
     if visit("", model) == 0:
         warnings.warn(
-            f"lorakit.quantize: no nn.Linear to quantize in {type(model).__name__} (skip={tuple(skip)!r}); it is "
-            "already quantized, or its layers are not nn.Linear (GPT-2's Conv1D is not quantized)",
+            f"lorakit.quantize: no nn.Linear or Conv1D to quantize in {type(model).__name__} (skip={tuple(skip)!r}); "
+            "it is already quantized, or its layers are of other types",
             stacklevel=2,
         )
+    store_embeddings(model, embeddings)
     return model
