@@ -11,10 +11,19 @@ from typing import Any
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoTokenizer,
+    BloomConfig,
+    BloomForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MptConfig,
+    MptForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from lorakit.data import DataError, detect_dataset_format, detect_format, load_records, split_eval
-from lorakit.data_pack import PackedRow, collate, pack_examples
+from lorakit.data_pack import PackedRow, collate, isolates_packed_rows, pack_examples
 from lorakit.data_tokenize import IGNORE_INDEX, Example, tokenize_records
 
 WORDS = "the cat sat on a mat what is two plus four six hello world".split()
@@ -365,6 +374,20 @@ def test_packed_loss_is_token_weighted_mean_of_example_losses() -> None:
             counts.append(len(e) - 1)  # shifted labels: every token but the first is predicted
     expected = sum(loss * n for loss, n in zip(losses, counts)) / sum(counts)
     torch.testing.assert_close(packed_loss, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_isolation_probe_accepts_llama_and_keeps_its_mode(attn: str) -> None:
+    model = tiny_llama(attn).train()
+    assert isolates_packed_rows(model)
+    assert model.training
+
+
+def test_isolation_probe_rejects_alibi_models() -> None:
+    """Bloom takes no position_ids, MPT ignores them when masking: packed examples would attend to each other."""
+    torch.manual_seed(0)
+    assert not isolates_packed_rows(BloomForCausalLM(BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4)))
+    assert not isolates_packed_rows(MptForCausalLM(MptConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4)))
 
 
 def test_tokenize_pack_collate_end_to_end(smol_tok: Any) -> None:

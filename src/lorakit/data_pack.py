@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from lorakit.data import DataError
 from lorakit.data_tokenize import IGNORE_INDEX, Example
@@ -124,3 +125,31 @@ def collate(batch: Sequence[Example | PackedRow], pad_token_id: int) -> dict[str
     if not packed:
         out["attention_mask"] = attention_mask
     return out
+
+
+def isolates_packed_rows(model: nn.Module, atol: float = 1e-3) -> bool:
+    """Whether ``model`` keeps packed examples apart: the logits of an example packed after another one must equal its
+    logits alone. Two forwards of a few tokens, in eval mode and fp32, without gradients; the mode is restored.
+
+    False for models that ignore ``position_ids`` when masking (see the module docstring) or take none at all.
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    first = [(7 * i + 3) % vocab for i in range(5)]
+    second = [(5 * i + 11) % vocab for i in range(4)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            packed = model(
+                input_ids=torch.tensor([first + second]),
+                position_ids=torch.tensor([list(range(len(first))) + list(range(len(second)))]),
+                use_cache=False,
+            ).logits[0, len(first) :]  # (4, V)
+            alone = model(
+                input_ids=torch.tensor([second]), position_ids=torch.tensor([list(range(len(second)))]), use_cache=False
+            ).logits[0]  # (4, V)
+    except TypeError:  # no position_ids argument (e.g. ALiBi models): packed rows cannot be told apart
+        return False
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(packed.float(), alone.float(), rtol=0, atol=atol))

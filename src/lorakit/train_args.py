@@ -45,6 +45,12 @@ class TrainArgs:
     max_steps: int = _opt(0, "Optimizer steps to run; 0: derived from --epochs.")
     max_length: int = _opt(512, "Examples longer than this many tokens are truncated.")
     packing: bool = _opt(False, "Pack several examples per row (they never attend to each other).")
+    padding_free: bool = _opt(
+        True,
+        "Put each micro-batch's examples back to back in rows as long as its longest example instead of padding "
+        "every example to that length: the same loss and gradients (up to float rounding) for fewer computed tokens. "
+        "Automatically off for models that would let the examples attend to each other.",
+    )
     completion_only_loss: bool = _opt(True, "Loss on completions / assistant turns only (else on every token).")
     warmup_ratio: float = _opt(0.05, "Fraction of steps with linear learning-rate warmup.")
     lr_scheduler: str = _opt("cosine", "Learning-rate schedule after warmup: cosine, linear or constant.")
@@ -56,7 +62,11 @@ class TrainArgs:
     resume: bool = _opt(False, "Continue from the newest checkpoint in --output.")
     overwrite: bool = _opt(False, "Allow writing into an --output that holds another run.")
     seed: int = _opt(0, "Random seed (adapter init, data order, dropout).")
-    bf16: bool = _opt(False, "bfloat16 autocast for the forward/backward (adapter weights stay fp32).")
+    bf16: bool | None = _opt(
+        None,
+        "bfloat16 autocast for the forward/backward and evaluation (adapter weights stay fp32). Default: on when the "
+        "CPU computes bf16 natively (avx512_bf16, amx_bf16 or ARM bf16 in /proc/cpuinfo), else off.",
+    )
     gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
     quantize: int = _opt(
         0,

@@ -8,6 +8,7 @@ run's result does not depend on how the batch is split (processes, micro-batches
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import shutil
@@ -22,13 +23,16 @@ from torch import nn
 from lorakit import checkpoint, distributed
 from lorakit.config import LoraConfig, TaskType
 from lorakit.data import load_records, split_eval
-from lorakit.data_pack import PackedRow, collate, pack_examples
+from lorakit.data_pack import PackedRow, collate, isolates_packed_rows, pack_examples
 from lorakit.data_tokenize import IGNORE_INDEX, Example, tokenize_records
 from lorakit.loss import lm_loss_sum, loss_over_examples
 from lorakit.metrics import METRICS_NAME, MetricsLog, plot_loss, write_summary
 from lorakit.peft_model import PeftModel, get_peft_model
+from lorakit.precision import resolve_bf16
 from lorakit.quant import quantize
 from lorakit.train_args import TrainArgs
+
+logger = logging.getLogger(__name__)
 
 ADAPTER = "default"
 RUN_NAME = "run.json"
@@ -71,6 +75,21 @@ def micro_batches(rows: list[Row], indices: list[int], batch_size: int) -> list[
     """Split this process's rows into micro-batches, longest first (less padding; the sum is unchanged)."""
     mine = sorted((rows[i] for i in indices), key=len, reverse=True)
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def micro_batch_tensors(micro: list[Row], pad_id: int, padding_free: bool) -> dict[str, torch.Tensor]:
+    """The model inputs of one micro-batch.
+
+    Padded: ``(len(micro), longest)`` with an attention mask. Padding-free (examples, not packed rows): the same
+    examples back to back in rows as long as the longest of them (``pack_examples``), ``position_ids`` restarting at
+    each example and no attention mask, so no example attends to another (``data_pack``). The labelled tokens are the
+    same, so the loss sum and its gradient equal the padded ones up to float rounding, for fewer computed tokens; the
+    rows are no longer than the padded ones, so attention (quadratic in the row length) costs no more either.
+    Measured on the default model, 8 chat examples of 26-326 tokens: 3-4 rows instead of 8, a bf16 step 2.2x faster.
+    """
+    if padding_free and not any(isinstance(row, PackedRow) for row in micro):
+        return collate(pack_examples(micro, max(map(len, micro))), pad_id)
+    return collate(micro, pad_id)
 
 
 def n_labels(row: Row) -> int:
@@ -126,6 +145,23 @@ def build_model(args: TrainArgs) -> tuple[PeftModel, Any]:
     if args.gradient_checkpointing:
         peft.gradient_checkpointing_enable({"use_reentrant": False})
     return peft, tokenizer
+
+
+def check_isolation(args: TrainArgs, model: nn.Module) -> bool:
+    """Whether micro-batches run padding-free. Both that and --packing need a model that keeps examples in one row
+    apart (``data_pack.isolates_packed_rows``); without it --packing is an error, padding-free falls back to padding."""
+    if not (args.packing or args.padding_free):
+        return False
+    if isolates_packed_rows(model):
+        return not args.packing  # packed rows are already dense
+    name = type(model.get_base_model()).__name__ if hasattr(model, "get_base_model") else type(model).__name__
+    if args.packing:
+        raise TrainingError(
+            f"--packing: {name} lets examples packed in one row attend to each other (it does not mask by "
+            "position_ids, e.g. ALiBi models); run without --packing"
+        )
+    logger.info("%s does not keep packed examples apart: micro-batches are padded (--no-padding-free)", name)
+    return False
 
 
 def check_output(output: Path, args: TrainArgs) -> None:
@@ -188,6 +224,8 @@ def train(args: TrainArgs | None = None, **kwargs: Any) -> dict[str, Any]:
     peft, tokenizer = build_model(args)
     rows, eval_examples, data_report = prepare_data(args, tokenizer)
     pad_id = tokenizer.pad_token_id
+    bf16 = resolve_bf16(args.bf16)
+    padding_free = check_isolation(args, peft)
     plan = make_plan(len(rows), args, world)
     params = [p for p in peft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -208,7 +246,7 @@ def train(args: TrainArgs | None = None, **kwargs: Any) -> dict[str, Any]:
 
     eval_start = None
     if eval_examples and start_step == 0:
-        eval_start = evaluate_loss(peft, eval_examples, args.batch_size, pad_id, rank, world, args.bf16)
+        eval_start = evaluate_loss(peft, eval_examples, args.batch_size, pad_id, rank, world, bf16)
         if rank == 0:
             log.append({"step": 0, "eval_loss": eval_start})
 
@@ -220,8 +258,8 @@ def train(args: TrainArgs | None = None, **kwargs: Any) -> dict[str, Any]:
         n_global = sum(n_labels(rows[i]) for i in indices)
         loss_sum, n_tokens = 0.0, 0
         for micro in micro_batches(rows, indices[rank::world], args.batch_size):
-            batch = collate(micro, pad_id)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            batch = micro_batch_tensors(micro, pad_id, padding_free)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss, _ = lm_loss_sum(peft, batch)
             (loss / max(n_global, 1)).backward()
             loss_sum += loss.item()
@@ -252,9 +290,9 @@ def train(args: TrainArgs | None = None, **kwargs: Any) -> dict[str, Any]:
             "tokens_per_s": tokens_seen / elapsed,
         }
         if args.eval_steps and eval_examples and done % args.eval_steps == 0 and done < plan.total_steps:
-            last["eval_loss"] = evaluate_loss(peft, eval_examples, args.batch_size, pad_id, rank, world, args.bf16)
+            last["eval_loss"] = evaluate_loss(peft, eval_examples, args.batch_size, pad_id, rank, world, bf16)
         if done == plan.total_steps and eval_examples:
-            last["eval_loss"] = evaluate_loss(peft, eval_examples, args.batch_size, pad_id, rank, world, args.bf16)
+            last["eval_loss"] = evaluate_loss(peft, eval_examples, args.batch_size, pad_id, rank, world, bf16)
         if rank == 0 and (done % args.logging_steps == 0 or "eval_loss" in last or done == plan.total_steps):
             log.append(last)
         if progress is not None:
@@ -287,6 +325,8 @@ def train(args: TrainArgs | None = None, **kwargs: Any) -> dict[str, Any]:
         "trainable_params": trainable,
         "all_params": total_params,
         "world_size": world,
+        "bf16": bf16,
+        "padding_free": padding_free,
         **data_report,
         "adapter": str(output),
         "plot": str(output / "loss.png"),

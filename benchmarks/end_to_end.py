@@ -1,0 +1,379 @@
+"""End to end: ``lorakit train`` against ``transformers.Trainer`` + HF PEFT on variable-length chat data (issue 5,
+speed target 2: wall time <= 0.5x at equal or lower eval loss).
+
+The data is synthetic chat, made here from a seed: four task kinds whose exact answers the default model does not
+know (a date rewritten as ISO 8601, a number written in words or in digits, a list sorted, a question about made-up
+records, some with a follow-up turn), 20 to ~300 tokens each. The loss is on assistant turns only.
+
+Each side runs in a fresh subprocess with the same hyperparameters (r, alpha, dropout, all-linear targets, AdamW,
+learning rate, cosine schedule with the same warmup steps, clipping, batch size, optimizer steps, max_length), on the
+same tokens and labels (the Trainer side tokenizes the way a PEFT user writes it; the benchmark checks it equals
+lorakit's tokenization). The Trainer side is the usual setup: a ``datasets.Dataset`` with labels -100 on
+non-assistant tokens, ``DataCollatorForSeq2Seq`` padding, ``save_strategy="no"``, ``report_to=[]``, its default
+optimizer (fused AdamW) and precision (fp32 on CPU unless ``--trainer-bf16``).
+
+Timed, the same way on both sides: **wall** = model + tokenizer load, tokenization, training, adapter save (what a
+user waits for after Python has imported the libraries); **loop** = the training loop alone (lorakit's
+``wall_time_s``, the Trainer's ``train_runtime``). Eval loss: both saved adapters are loaded onto the base by one
+function in a third subprocess and scored with ``lorakit.loss.loss_over_examples`` in fp32 on the held-out set.
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/end_to_end.py [--steps 10] [--batch 8] [--levers]
+        [--no-lorakit-bf16] [--trainer-bf16] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SYSTEMS = ["You are a precise assistant.", "Answer exactly as asked.", "Be brief."]
+WORDS = (
+    "apple river candle orbit maple tunnel violet copper lantern meadow pebble harbor falcon quartz saddle "
+    "thistle walnut ember glacier hammock jasmine kettle lagoon mosaic nectar oyster prism quiver ribbon "
+    "sparrow tundra umbra velvet willow yarrow zephyr anchor bramble cobalt dune"
+).split()
+SYLLABLES = "ka lo mir ven tas ul dra shi pon eth gar ino ral sef tum bri oda"
+CITIES = "Tormund Alvesca Brinmoor Quelton Saradel Vostrik Heldane Ormsby Pellaro Zanthe".split()
+PROFESSIONS = "welder botanist cartographer baker archivist pilot glazier surveyor luthier chemist".split()
+PETS = "ferret parrot tortoise hamster iguana goat cat hedgehog axolotl rabbit".split()
+ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split()
+)
+TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+# -- the data --------------------------------------------------------------------------------------------------------
+def number_words(n: int) -> str:
+    """0 <= n < 1,000,000 in words, no "and": 42107 -> 'forty-two thousand one hundred seven'."""
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        return TENS[n // 10] + ("" if n % 10 == 0 else "-" + ONES[n % 10])
+    if n < 1000:
+        return ONES[n // 100] + " hundred" + ("" if n % 100 == 0 else " " + number_words(n % 100))
+    return number_words(n // 1000) + " thousand" + ("" if n % 1000 == 0 else " " + number_words(n % 1000))
+
+
+def _name(rng: random.Random) -> str:
+    syllables = SYLLABLES.split()
+    return " ".join("".join(rng.choice(syllables) for _ in range(rng.randint(2, 3))).capitalize() for _ in "ab")
+
+
+def _turn(user: str, assistant: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def _date_task(rng: random.Random) -> list[dict[str, str]]:
+    from lorakit.demo import spell_date
+
+    day = dt.date(1950, 1, 1) + dt.timedelta(days=rng.randrange(36500))
+    prompt = f"Rewrite this date as YYYY-MM-DD: {spell_date(day, rng.randrange(6))}"
+    return _turn(prompt, day.isoformat())
+
+
+def _number_task(rng: random.Random) -> list[dict[str, str]]:
+    n = rng.randrange(10 ** rng.randint(2, 6))
+    if rng.random() < 0.5:
+        return _turn(f"Write {n} in words.", number_words(n))
+    return _turn(f"Write in digits: {number_words(n)}", str(n))
+
+
+def _sort_task(rng: random.Random) -> list[dict[str, str]]:
+    if rng.random() < 0.5:
+        items = rng.sample(WORDS, rng.randint(3, len(WORDS)))
+        answer = sorted(items)
+        prompt = "Sort these words alphabetically, comma-separated: "
+    else:
+        numbers = [rng.randrange(10 ** rng.randint(1, 4)) for _ in range(rng.randint(3, 30))]
+        items, answer = [str(x) for x in numbers], [str(x) for x in sorted(numbers)]
+        prompt = "Sort these numbers from smallest to largest, comma-separated: "
+    return _turn(prompt + ", ".join(items), ", ".join(answer))
+
+
+def _records_task(rng: random.Random) -> list[dict[str, str]]:
+    people = [
+        {"name": _name(rng), "city": rng.choice(CITIES), "job": rng.choice(PROFESSIONS), "pet": rng.choice(PETS),
+         "born": str(rng.randint(1940, 2005))}
+        for _ in range(rng.randint(1, 8))
+    ]  # fmt: skip
+    card = "\n".join("; ".join(f"{k}: {v}" for k, v in p.items()) for p in people)
+    asked = {"city": "city", "job": "job", "pet": "pet", "born": "birth year"}
+    who, field = rng.choice(people), rng.choice(list(asked))
+    messages = _turn(f"Records:\n{card}\nWhat is the {asked[field]} of {who['name']}? One word.", who[field])
+    if rng.random() < 0.4:  # a follow-up turn: the loss is on both assistant turns
+        other = rng.choice([f for f in asked if f != field])
+        messages += _turn(f"And the {asked[other]}?", who[other])
+    return messages
+
+
+TASKS = [_date_task, _number_task, _sort_task, _records_task]
+
+
+def make_records(n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` chat records ``{"messages": [system, user, assistant, ...]}``, task kinds in equal shares."""
+    rng = random.Random(seed)
+    return [
+        {"messages": [{"role": "system", "content": rng.choice(SYSTEMS)}, *TASKS[i % len(TASKS)](rng)]}
+        for i in range(n)
+    ]
+
+
+def chat_tokens(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> dict[str, list[int]]:
+    """The Trainer side's tokenization, as a PEFT user writes it: ``input_ids``, and ``labels`` that are -100 except
+    on the assistant turns (their content and ``<|im_end|>``, not the newline the template puts after it)."""
+
+    def encode(turns: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ids = encode(messages, False)
+    labels = [-100] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start, end = len(encode(messages[:i], True)), len(encode(messages[: i + 1], False)) - 1
+            labels[start:end] = ids[start:end]
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# -- the three jobs, each run in a fresh subprocess -------------------------------------------------------------------
+def _lorakit_job(job: dict[str, Any]) -> dict[str, Any]:
+    import lorakit
+    import lorakit.models  # noqa: F401 - imported by lorakit.train; imported here like the Trainer side's modules
+
+    start = time.perf_counter()
+    summary = lorakit.train(
+        data=job["train"], output=job["out"], overwrite=True, r=16, alpha=32, dropout=0.05, targets="all-linear",
+        lr=job["lr"], lr_scheduler="cosine", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
+        batch_size=job["batch"], grad_accum=1, max_steps=job["steps"], max_length=job["max_length"],
+        seed=job.get("seed", 0), bf16=job["bf16"], padding_free=job["padding_free"], logging_steps=job["steps"],
+        progress=False,
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "loop_s": summary["wall_time_s"], "train_loss": summary["train_loss"],
+            "bf16": summary["bf16"], "padding_free": summary["padding_free"]}  # fmt: skip
+
+
+def _trainer_job(job: dict[str, Any]) -> dict[str, Any]:
+    import datasets
+    import peft
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    from lorakit.models import resolve_model
+
+    datasets.disable_progress_bars()
+    folder = resolve_model(None)  # the local copy of the default model that lorakit loads
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    set_seed(0)  # the adapter's random init comes before the Trainer seeds anything
+    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, config)
+    data = datasets.Dataset.from_list(_read_jsonl(job["train"]))
+    data = data.map(lambda r: chat_tokens(tokenizer, r["messages"], job["max_length"]), remove_columns=["messages"])
+    args = TrainingArguments(
+        output_dir=job["out"], per_device_train_batch_size=job["batch"], gradient_accumulation_steps=1,
+        max_steps=job["steps"], learning_rate=job["lr"], lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, bf16=job["bf16"], logging_steps=job["steps"], save_strategy="no", report_to=[], seed=0,
+        use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorForSeq2Seq(tokenizer))
+    result = trainer.train()
+    model.save_pretrained(job["out"])
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "loop_s": result.metrics["train_runtime"], "train_loss": result.training_loss,
+            "bf16": job["bf16"], "padding_free": False, "optimizer": args.optim}  # fmt: skip
+
+
+def _eval_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Eval loss of each adapter (and of the base model alone) on the held-out set: one function for all, fp32."""
+    from lorakit import PeftModel
+    from lorakit.data import load_records
+    from lorakit.data_tokenize import tokenize_records
+    from lorakit.loss import loss_over_examples
+    from lorakit.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer()
+    examples, _ = tokenize_records(load_records(job["eval"]), tokenizer, job["max_length"])
+    out = {}
+    for name, folder in job["adapters"].items():
+        model = load_model() if folder is None else PeftModel.from_pretrained(load_model(), folder)
+        total, count = loss_over_examples(model, examples, 8, tokenizer.pad_token_id, bf16=False)
+        out[name] = total / count
+    return out
+
+
+JOBS = {"lorakit": _lorakit_job, "trainer": _trainer_job, "eval": _eval_job}
+
+
+def _subprocess(kind: str, job: dict[str, Any], folder: Path, threads: int) -> dict[str, Any]:
+    """Run one job in a fresh Python process; returns what the job returned."""
+    job_file, result_file = folder / f"{job['name']}.job.json", folder / f"{job['name']}.result.json"
+    job_file.write_text(json.dumps(job))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--job", kind, str(job_file), str(result_file)]
+    start = time.perf_counter()
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    process_s = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{job['name']} failed:\n{done.stderr[-3000:]}")
+    return {**json.loads(result_file.read_text()), "process_s": process_s}
+
+
+def check_same_tokens(records: list[dict[str, Any]], max_length: int) -> dict[str, Any]:
+    """Both sides train on the same token ids and labels: the Trainer side's ``chat_tokens`` equals lorakit's."""
+    from lorakit.data_tokenize import tokenize_records
+    from lorakit.models import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    examples, _ = tokenize_records(records, tokenizer, max_length)
+    for i, (record, example) in enumerate(zip(records, examples, strict=True)):
+        theirs = chat_tokens(tokenizer, record["messages"], max_length)
+        if theirs != {"input_ids": example.input_ids, "labels": example.labels}:
+            raise AssertionError(f"record {i}: the Trainer side would train on other tokens or labels than lorakit")
+    lengths = sorted(len(e) for e in examples)
+    return {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1], "tokens": sum(lengths),
+            "labelled": sum(e.n_trainable for e in examples)}  # fmt: skip
+
+
+def run(
+    steps: int = 10,
+    batch: int = 8,
+    lr: float = 1e-3,
+    n_eval: int = 32,
+    max_length: int = 512,
+    lorakit_bf16: bool | None = None,
+    trainer_bf16: bool = False,
+    levers: bool = False,
+    threads: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train both sides on ``steps * batch`` examples (one epoch, so both see every example once), score both.
+
+    ``lorakit_bf16`` None: lorakit's default (bf16 autocast on CPUs with native bf16). ``levers``: also run lorakit
+    with each speed lever alone (padded fp32, padded bf16, padding-free fp32). ``threads``: OMP_NUM_THREADS of the
+    jobs (0: torch's default). Returns the settings, the data statistics and one result per side.
+    """
+    records = make_records(steps * batch + n_eval, seed)
+    train, held_out = records[:-n_eval], records[-n_eval:]
+    data_stats = check_same_tokens(train, max_length)
+    settings = {"steps": steps, "batch": batch, "lr": lr, "n_train": len(train), "n_eval": n_eval,
+                "max_length": max_length, "threads": threads or "torch default"}  # fmt: skip
+    sides: list[tuple[str, str, dict[str, Any]]] = [("trainer", "Trainer + PEFT", {"bf16": trainer_bf16})]
+    if levers:
+        sides += [("lorakit", "lorakit, padded fp32", {"bf16": False, "padding_free": False}),
+                  ("lorakit", "lorakit, padded bf16", {"bf16": True, "padding_free": False}),
+                  ("lorakit", "lorakit, padding-free fp32", {"bf16": False, "padding_free": True})]  # fmt: skip
+    sides.append(("lorakit", "lorakit train (defaults)", {"bf16": lorakit_bf16, "padding_free": True}))
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="lorakit-e2e-") as tmp:
+        folder = Path(tmp)
+        for name, rows in (("train", train), ("eval", held_out)):
+            (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        common = {"train": str(folder / "train.jsonl"), "steps": steps, "batch": batch, "lr": lr,
+                  "max_length": max_length}  # fmt: skip
+        for i, (kind, label, options) in enumerate(sides):
+            job = {**common, **options, "name": f"side{i}", "out": str(folder / f"side{i}")}
+            results[label] = _subprocess(kind, job, folder, threads)
+        adapters = {label: str(folder / f"side{i}") for i, (_, label, _) in enumerate(sides)}
+        job = {"name": "eval", "eval": str(folder / "eval.jsonl"), "max_length": max_length,
+               "adapters": {"base model (no adapter)": None, **adapters}}  # fmt: skip
+        losses = _subprocess("eval", job, folder, threads)
+        losses.pop("process_s")
+    for label, loss in losses.items():
+        results.setdefault(label, {})["eval_loss"] = loss
+    return {"settings": settings, "data": data_stats, "results": results}
+
+
+def table(report: dict[str, Any]) -> str:
+    s, d, results = report["settings"], report["data"], report["results"]
+    ref = results["Trainer + PEFT"]
+    lines = [
+        f"SmolLM2-135M-Instruct, LoRA r=16 alpha=32 dropout 0.05 all-linear; {s['steps']} steps x batch {s['batch']} "
+        f"= {s['n_train']} chat examples once ({d['min']}-{d['max']} tokens, median {d['median']}, {d['tokens']} "
+        f"tokens, {d['labelled']} labelled); AdamW lr {s['lr']:g}, cosine, no warmup, clip 1.0, max_length "
+        f"{s['max_length']}; threads: {s['threads']}",
+        f"eval loss: {s['n_eval']} held-out examples, fp32, lorakit.loss.loss_over_examples for every adapter",
+        "total: the whole training process, launch to exit (Python imports, model load, tokenization, training, "
+        "adapter save); load+: total minus importing the libraries' top modules; loop: the training loop alone",
+        "",
+        f"{'side':30} {'precision':9} {'micro-batches':13} {'total s':>8} {'load+ s':>8} {'loop s':>8} {'total x':>7} "
+        f"{'loop x':>7} {'eval loss':>9}",
+    ]
+    for label, r in results.items():
+        if "wall_s" not in r:
+            lines.append(f"{label:30} {'':9} {'':13} {'':>8} {'':>8} {'':>8} {'':>7} {'':>7} {r['eval_loss']:9.4f}")
+            continue
+        lines.append(
+            f"{label:30} {'bf16' if r['bf16'] else 'fp32':9} {'padding-free' if r['padding_free'] else 'padded':13} "
+            f"{r['process_s']:8.1f} {r['wall_s']:8.1f} {r['loop_s']:8.1f} {r['process_s'] / ref['process_s']:7.2f} "
+            f"{r['loop_s'] / ref['loop_s']:7.2f} {r['eval_loss']:9.4f}"
+        )
+    lines.append(f"(x: ratio to Trainer + PEFT; Trainer optimizer: {ref.get('optimizer')}, lorakit: torch AdamW)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--job", nargs=3, metavar=("KIND", "JOB", "RESULT"), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--n-eval", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument(
+        "--lorakit-bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="lorakit precision (default: lorakit's own default, bf16 on CPUs with native bf16)",
+    )
+    parser.add_argument("--trainer-bf16", action="store_true", help="Trainer with bf16=True (default: fp32)")
+    parser.add_argument("--levers", action="store_true", help="also run lorakit with each speed lever alone")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of the jobs (0: torch's default). Default 1: on a CPU shared with other jobs, 2 OpenMP "
+        "threads on 2 busy cores made an elementwise op ~100x slower (spinning), skewing both sides",
+    )
+    args = parser.parse_args()
+    if args.job:
+        kind, job_file, result_file = args.job
+        result = JOBS[kind](json.loads(Path(job_file).read_text()))
+        Path(result_file).write_text(json.dumps(result))
+        return
+    start = time.perf_counter()
+    report = run(args.steps, args.batch, args.lr, args.n_eval, args.max_length, args.lorakit_bf16, args.trainer_bf16,
+                 args.levers, args.threads)  # fmt: skip
+    print(table(report))
+    print(f"benchmark total: {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
