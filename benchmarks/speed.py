@@ -68,13 +68,18 @@ def summary_rows(step: dict, e2e: dict, gen: dict, mixed: dict) -> list[tuple[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (a check that all parts run)")
+    parser.add_argument("--train-step-results", metavar="JSON",
+                        help="part 1's results from an earlier run (train_step.run() as JSON) instead of measuring")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     import end_to_end
     import train_step
 
     start = time.perf_counter()
-    step = train_step.run(steps=2 if args.quick else 5)
+    if args.train_step_results:
+        step = json.loads(Path(args.train_step_results).read_text())
+    else:
+        step = train_step.run(steps=2 if args.quick else 5)
     print("## 1. train step (batch 4 x 256, r=16 all-linear, dropout 0.05)\n\n" + train_step.table(step) + "\n",
           flush=True)
     e2e = in_subprocess("end_to_end", **({"steps": 4, "n_eval": 8} if args.quick else {}))
