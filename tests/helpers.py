@@ -170,3 +170,16 @@ def save_tiny_adapter(base_dir: Path, adapter_dir: Path, seed: int = 1, **config
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(**{**options, **config}))
     peft.save_pretrained(adapter_dir)
     return adapter_dir
+
+
+def check_against_dense(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Assert ``layer(x)`` and its input gradient equal ``x @ weight.T + bias`` for a random x (3, 5, in); returns x
+    (its .grad set) for further checks."""
+    x = torch.randn(3, 5, weight.shape[1], requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, ref = layer(x), x_ref @ weight.T + (0 if bias is None else bias)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    y.square().sum().backward()
+    ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-5)
+    return x

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import input_ids, perturb_, save_tiny_folder, tiny_gpt2, tiny_llama
+from helpers import check_against_dense, input_ids, perturb_, save_tiny_folder, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers import LlamaForCausalLM
 
@@ -158,19 +158,14 @@ def test_quant_linear_forward_and_input_gradient_equal_the_dense_reference(bits)
     layer = QuantLinear.from_linear(linear, bits)
     W = layer.dequantize()
     assert W.shape == (24, 40) and layer.in_features == 40 and layer.out_features == 24
-    x = torch.randn(3, 5, 40, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    y, ref = layer(x), x_ref @ W.T + linear.bias
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-    y.square().sum().backward()
-    ref.square().sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-5)
+    x = check_against_dense(layer, W, linear.bias)
+    y, grad = layer(x).detach(), x.grad.clone()
     layer.chunk_elements = 5 * 40  # five rows at a time: the chunked forward and backward give the same
     x.grad = None
     y2 = layer(x)
     y2.square().sum().backward()
     torch.testing.assert_close(y2, y, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(x.grad, grad, atol=1e-4, rtol=1e-5)
     assert [n for n, _ in layer.named_parameters()] == ["bias"]
     assert all(not b.is_floating_point() or not b.requires_grad for b in layer.buffers())
 

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import HIDDEN, VOCAB, input_ids, tiny_llama
+from helpers import HIDDEN, VOCAB, check_against_dense, input_ids, tiny_llama
 from torch import nn
 from transformers import LlamaForCausalLM
 
@@ -131,13 +131,7 @@ def test_half_linear_forward_and_input_gradient_equal_the_dense_reference():
     layer = HalfLinear(linear, weight, torch.float32)
     layer.chunk_elements = 5 * 40  # five rows at a time
     W = weight.float()
-    x = torch.randn(3, 5, 40, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    y, ref = layer(x), x_ref @ W.T + linear.bias
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-    y.square().sum().backward()
-    ref.square().sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-5)
+    x = check_against_dense(layer, W, linear.bias)
     weight.requires_grad_(True)  # a trained 16-bit weight takes the plain path and gets its gradient
     layer(x).sum().backward()
     assert weight.grad is not None and weight.grad.dtype == torch.bfloat16
