@@ -6,19 +6,24 @@ know (a date rewritten as ISO 8601, a number written in words or in digits, a li
 records, some with a follow-up turn), 20 to ~300 tokens each. The loss is on assistant turns only.
 
 Each side runs in a fresh subprocess with the same hyperparameters (r, alpha, dropout, all-linear targets, AdamW,
-learning rate, cosine schedule with the same warmup steps, clipping, batch size, optimizer steps, max_length), on the
-same tokens and labels (the Trainer side tokenizes the way a PEFT user writes it; the benchmark checks it equals
-lorakit's tokenization). The Trainer side is the usual setup: a ``datasets.Dataset`` with labels -100 on
-non-assistant tokens, ``DataCollatorForSeq2Seq`` padding, ``save_strategy="no"``, ``report_to=[]``, its default
-optimizer (fused AdamW) and precision (fp32 on CPU unless ``--trainer-bf16``).
+learning rate, cosine schedule without warmup -- the two warmup formulas differ, HF's first step has lr 0 --,
+clipping 1.0, batch size, optimizer steps = one epoch, max_length, seed 0), on the same tokens and labels (the
+Trainer side tokenizes the way a PEFT user writes it; the benchmark checks it equals lorakit's tokenization). The
+Trainer side is the usual setup: a ``datasets.Dataset`` with labels -100 on non-assistant tokens,
+``DataCollatorForSeq2Seq`` padding, ``save_strategy="no"``, ``report_to=[]``, its default optimizer (fused AdamW)
+and precision (fp32 on CPU unless ``--trainer-bf16``). lorakit runs with its defaults: fp32, padding-free
+micro-batches. ``--levers`` adds lorakit with each other combination of padding-free and bf16, and the Trainer with
+``bf16=True``.
 
-Timed, the same way on both sides: **wall** = model + tokenizer load, tokenization, training, adapter save (what a
-user waits for after Python has imported the libraries); **loop** = the training loop alone (lorakit's
-``wall_time_s``, the Trainer's ``train_runtime``). Eval loss: both saved adapters are loaded onto the base by one
-function in a third subprocess and scored with ``lorakit.loss.loss_over_examples`` in fp32 on the held-out set.
+Timed, the same way on both sides: **total** = the training process from launch to exit (Python imports, model and
+tokenizer load, tokenization, training, adapter save); **load+** = the same without importing the libraries' top
+modules; **loop** = the training loop alone (lorakit's ``wall_time_s``, the Trainer's ``train_runtime``). Eval loss:
+every saved adapter is loaded onto the base by one function in a last subprocess and scored with
+``lorakit.loss.loss_over_examples`` in fp32 on the held-out set. Jobs run one at a time with 1 OpenMP thread by
+default (``--threads``); about 10 minutes on 2 shared cores (``--levers``: about 20).
 
     HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/end_to_end.py [--steps 10] [--batch 8] [--levers]
-        [--no-lorakit-bf16] [--trainer-bf16] [--threads 1]
+        [--lorakit-bf16] [--trainer-bf16] [--threads 1]
 """
 
 from __future__ import annotations
@@ -159,8 +164,8 @@ def _lorakit_job(job: dict[str, Any]) -> dict[str, Any]:
         data=job["train"], output=job["out"], overwrite=True, r=16, alpha=32, dropout=0.05, targets="all-linear",
         lr=job["lr"], lr_scheduler="cosine", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
         batch_size=job["batch"], grad_accum=1, max_steps=job["steps"], max_length=job["max_length"],
-        seed=job.get("seed", 0), bf16=job["bf16"], padding_free=job["padding_free"], logging_steps=job["steps"],
-        progress=False,
+        seed=job.get("seed", 0), logging_steps=job["steps"], progress=False,
+        **{k: job[k] for k in ("bf16", "padding_free") if k in job},  # else lorakit's defaults
     )  # fmt: skip
     wall = time.perf_counter() - start
     return {"wall_s": wall, "loop_s": summary["wall_time_s"], "train_loss": summary["train_loss"],
@@ -268,7 +273,7 @@ def run(
     lr: float = 1e-3,
     n_eval: int = 32,
     max_length: int = 512,
-    lorakit_bf16: bool | None = None,
+    lorakit_bf16: bool = False,
     trainer_bf16: bool = False,
     levers: bool = False,
     threads: int = 1,
@@ -276,8 +281,9 @@ def run(
 ) -> dict[str, Any]:
     """Train both sides on ``steps * batch`` examples (one epoch, so both see every example once), score both.
 
-    ``lorakit_bf16`` None: lorakit's default (bf16 autocast on CPUs with native bf16). ``levers``: also run lorakit
-    with each speed lever alone (padded fp32, padded bf16, padding-free fp32). ``threads``: OMP_NUM_THREADS of the
+    ``lorakit_bf16``: run lorakit with ``--bf16`` instead of its defaults (fp32, padding-free). ``levers``: also run
+    lorakit with the other lever combinations (padded fp32, padded bf16, padding-free bf16) and the Trainer with
+    ``bf16=True``, which shows what bf16 costs in eval loss on either side. ``threads``: OMP_NUM_THREADS of the
     jobs (0: torch's default). Returns the settings, the data statistics and one result per side.
     """
     records = make_records(steps * batch + n_eval, seed)
@@ -287,10 +293,12 @@ def run(
                 "max_length": max_length, "threads": threads or "torch default"}  # fmt: skip
     sides: list[tuple[str, str, dict[str, Any]]] = [("trainer", "Trainer + PEFT", {"bf16": trainer_bf16})]
     if levers:
-        sides += [("lorakit", "lorakit, padded fp32", {"bf16": False, "padding_free": False}),
-                  ("lorakit", "lorakit, padded bf16", {"bf16": True, "padding_free": False}),
-                  ("lorakit", "lorakit, padding-free fp32", {"bf16": False, "padding_free": True})]  # fmt: skip
-    sides.append(("lorakit", "lorakit train (defaults)", {"bf16": lorakit_bf16, "padding_free": True}))
+        sides += [("trainer", "Trainer + PEFT, bf16=True", {"bf16": True}),
+                  ("lorakit", "lorakit --no-padding-free", {"bf16": False, "padding_free": False}),
+                  ("lorakit", "lorakit --no-padding-free --bf16", {"bf16": True, "padding_free": False}),
+                  ("lorakit", "lorakit --bf16", {"bf16": True, "padding_free": True})]  # fmt: skip
+    sides.append(("lorakit", "lorakit train --bf16" if lorakit_bf16 else "lorakit train (defaults)",
+                  {"bf16": True} if lorakit_bf16 else {}))  # fmt: skip
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="lorakit-e2e-") as tmp:
         folder = Path(tmp)
@@ -323,19 +331,26 @@ def table(report: dict[str, Any]) -> str:
         "total: the whole training process, launch to exit (Python imports, model load, tokenization, training, "
         "adapter save); load+: total minus importing the libraries' top modules; loop: the training loop alone",
         "",
-        f"{'side':30} {'precision':9} {'micro-batches':13} {'total s':>8} {'load+ s':>8} {'loop s':>8} {'total x':>7} "
+        f"{'side':34} {'precision':9} {'micro-batches':13} {'total s':>8} {'load+ s':>8} {'loop s':>8} {'total x':>7} "
         f"{'loop x':>7} {'eval loss':>9}",
     ]
     for label, r in results.items():
         if "wall_s" not in r:
-            lines.append(f"{label:30} {'':9} {'':13} {'':>8} {'':>8} {'':>8} {'':>7} {'':>7} {r['eval_loss']:9.4f}")
+            lines.append(f"{label:34} {'':9} {'':13} {'':>8} {'':>8} {'':>8} {'':>7} {'':>7} {r['eval_loss']:9.4f}")
             continue
         lines.append(
-            f"{label:30} {'bf16' if r['bf16'] else 'fp32':9} {'padding-free' if r['padding_free'] else 'padded':13} "
+            f"{label:34} {'bf16' if r['bf16'] else 'fp32':9} {'padding-free' if r['padding_free'] else 'padded':13} "
             f"{r['process_s']:8.1f} {r['wall_s']:8.1f} {r['loop_s']:8.1f} {r['process_s'] / ref['process_s']:7.2f} "
             f"{r['loop_s'] / ref['loop_s']:7.2f} {r['eval_loss']:9.4f}"
         )
     lines.append(f"(x: ratio to Trainer + PEFT; Trainer optimizer: {ref.get('optimizer')}, lorakit: torch AdamW)")
+    mine = results[next(label for label in results if label.startswith("lorakit train"))]
+    ratio, gap = mine["process_s"] / ref["process_s"], mine["eval_loss"] - ref["eval_loss"]
+    met = ratio <= 0.5 and gap <= 0
+    lines.append(
+        f"target (total <= 0.5x at equal or lower eval loss): {ratio:.2f}x, eval loss {gap:+.4f} -> "
+        + ("met" if met else "not met")
+    )
     return "\n".join(lines)
 
 
@@ -347,12 +362,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--n-eval", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument(
-        "--lorakit-bf16",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="lorakit precision (default: lorakit's own default, bf16 on CPUs with native bf16)",
-    )
+    parser.add_argument("--lorakit-bf16", action="store_true", help="lorakit with --bf16 (default: its defaults)")
     parser.add_argument("--trainer-bf16", action="store_true", help="Trainer with bf16=True (default: fp32)")
     parser.add_argument("--levers", action="store_true", help="also run lorakit with each speed lever alone")
     parser.add_argument(

@@ -1,4 +1,5 @@
-"""Default precision: bf16 autocast exactly when /proc/cpuinfo lists a native bf16 feature; explicit choices win."""
+"""Precision choice: bf16=None means bf16 exactly when /proc/cpuinfo lists a native bf16 feature; explicit choices
+win, with a warning for bf16 on a CPU that emulates it."""
 
 import pytest
 
@@ -36,9 +37,12 @@ def test_native_bf16_from_cpuinfo(text: str, native: bool) -> None:
     assert precision.has_native_bf16(text) is native
 
 
-def test_resolve_bf16_explicit_choice_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolve_bf16_explicit_choice_wins(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     for native in (True, False):
         monkeypatch.setattr(precision, "has_native_bf16", lambda native=native: native)
+        caplog.clear()
         assert precision.resolve_bf16(None) is native
-        assert precision.resolve_bf16(True) is True
         assert precision.resolve_bf16(False) is False
+        assert not caplog.records
+        assert precision.resolve_bf16(True) is True
+        assert ("emulated" in caplog.text and "--no-bf16" in caplog.text) is not native

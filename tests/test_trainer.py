@@ -168,11 +168,12 @@ def test_padding_free_run_gives_the_padded_adapter(setup, tmp_path):
         torch.testing.assert_close(runs[True][key], runs[False][key], atol=1e-5, rtol=0, msg=key)
 
 
-def test_bf16_is_the_default_exactly_on_native_bf16_cpus(setup, tmp_path, monkeypatch):
+def test_fp32_by_default_and_bf16_none_follows_the_cpu(setup, tmp_path, monkeypatch):
     for native in (True, False):
         monkeypatch.setattr(precision, "has_native_bf16", lambda native=native: native)
-        assert train(_args(setup, tmp_path / f"auto{native}", max_steps=1))["bf16"] is native
-        assert train(_args(setup, tmp_path / f"off{native}", max_steps=1, bf16=False))["bf16"] is False
+        assert train(_args(setup, tmp_path / f"default{native}", max_steps=1))["bf16"] is False
+        assert train(_args(setup, tmp_path / f"auto{native}", max_steps=1, bf16=None))["bf16"] is native
+        assert train(_args(setup, tmp_path / f"on{native}", max_steps=1, bf16=True))["bf16"] is True
 
 
 def test_models_that_mix_packed_rows_pad_or_refuse_packing(setup, tmp_path, monkeypatch):
