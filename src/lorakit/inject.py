@@ -14,7 +14,7 @@ from lorakit import dora
 from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
 from lorakit.layers import LoraLayer, LoraLinear, wrap
 from lorakit.modules_to_save import ModulesToSaveWrapper
-from lorakit.quant import QuantLinear
+from lorakit.quant import QuantLinear, is_conv1d
 from lorakit.quant_embeddings import HalfEmbedding, HalfLinear
 
 # Bases stored below full precision by lorakit.quantize: a LoRA layer around one merges into a full-precision copy.
@@ -52,7 +52,7 @@ class TargetError(ValueError):
 
 
 def is_wrappable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding, QuantLinear)) or type(module).__name__ == "Conv1D"
+    return isinstance(module, (nn.Linear, nn.Embedding, QuantLinear)) or is_conv1d(module)
 
 
 def plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lorakit import branch, dora, mixed_batch
 from lorakit.config import scaling_for
 from lorakit.init import get_initializer
-from lorakit.quant import QuantizedBaseError, QuantLinear
+from lorakit.quant import QuantizedBaseError, QuantLinear, is_conv1d
 
 
 class LoraLayer(nn.Module):
@@ -317,7 +317,7 @@ def wrap(module: nn.Module) -> LoraLayer:
     """The LoRA wrapper for ``module``; TypeError if lorakit cannot wrap its type."""
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
-    if isinstance(module, (nn.Linear, QuantLinear)) or type(module).__name__ == "Conv1D":
+    if isinstance(module, (nn.Linear, QuantLinear)) or is_conv1d(module):
         return LoraLinear(module)
     raise TypeError(
         f"lorakit can wrap nn.Linear, lorakit QuantLinear, GPT-2 Conv1D and nn.Embedding, not {type(module).__name__}; "
