@@ -268,6 +268,14 @@ class _DequantLinear(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), None
 
 
+def row_chunks(rows: int, row_size: int, chunk_elements: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) ranges covering ``rows`` rows of ``row_size`` elements, at most ``chunk_elements`` elements each
+    (at least one row)."""
+    step = max(1, chunk_elements // row_size)
+    for start in range(0, rows, step):
+        yield start, min(start + step, rows)
+
+
 def chunked_linear(x: Tensor, layer: ChunkedWeight) -> Tensor:
     """x @ W.T (..., in) -> (..., out) for a frozen ``layer``, its weight W made a few rows at a time in the forward
     and again in the backward (never saved); no gradient for W."""
@@ -323,9 +331,7 @@ class QuantLinear(nn.Module):
     def weight_chunks(self) -> Iterator[tuple[int, int, Tensor]]:
         """(start, stop, rows start:stop of the weight in fp32), at most ``chunk_elements`` weights at a time."""
         q = self.quantized_weight()
-        rows = max(1, self.chunk_elements // self.in_features)
-        for start in range(0, self.out_features, rows):
-            stop = min(start + rows, self.out_features)
+        for start, stop in row_chunks(self.out_features, self.in_features, self.chunk_elements):
             yield start, stop, dequantize(q, start, stop)
 
     def full_precision(self, weight: Tensor | None = None) -> nn.Module:

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from lorakit.quant import QuantLinear, chunked_linear
+from lorakit.quant import QuantLinear, chunked_linear, row_chunks
 
 EMBEDDING_STORAGE: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "keep": None}
 
@@ -92,9 +92,7 @@ class HalfLinear(nn.Linear):
 
     def weight_chunks(self) -> Iterator[tuple[int, int, Tensor]]:
         """(start, stop, rows start:stop of the weight in compute_dtype)."""
-        rows = max(1, self.chunk_elements // self.in_features)
-        for start in range(0, self.out_features, rows):
-            stop = min(start + rows, self.out_features)
+        for start, stop in row_chunks(self.out_features, self.in_features, self.chunk_elements):
             yield start, stop, self.weight[start:stop].to(self.compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
