@@ -51,24 +51,26 @@ class PeftModel(nn.Module):
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward. ``adapter_names`` (one per batch row, ``"__base__"`` for none) runs each row
         with its own adapter, in eval mode (see lorakit.mixed_batch)."""
-        with self._adapter_per_row(adapter_names, rows=_batch_rows(args, kwargs)):
+        with self._adapter_per_row(adapter_names, args, kwargs):
             return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's generate; ``adapter_names`` as in ``forward``, one per prompt, held for every step."""
-        base = self.get_base_model()
-        repeat = mixed_batch.rows_per_prompt(kwargs, getattr(base, "generation_config", None))
-        with self._adapter_per_row(adapter_names, rows=_batch_rows(args, kwargs), repeat=repeat):
-            return base.generate(*args, **kwargs)
+        with self._adapter_per_row(adapter_names, args, kwargs, generating=True):
+            return self.get_base_model().generate(*args, **kwargs)
 
     def _adapter_per_row(
-        self, adapter_names: list[str] | None, rows: int | None, repeat: int = 1
+        self, adapter_names: list[str] | None, args: tuple, kwargs: dict[str, Any], generating: bool = False
     ) -> contextlib.AbstractContextManager:
+        """The routing context of a forward / generate call with ``adapter_names`` (nothing to do without them)."""
         if adapter_names is None:
             return contextlib.nullcontext()
         base = self.get_base_model()
+        repeat = mixed_batch.rows_per_prompt(kwargs, getattr(base, "generation_config", None)) if generating else 1
         layers = [module for _, module in wrappers(base)]
-        return mixed_batch.routed(layers, adapter_names, list(self.peft_config), base.training, rows, repeat)
+        return mixed_batch.routed(
+            layers, adapter_names, list(self.peft_config), base.training, _batch_rows(args, kwargs), repeat
+        )
 
     def get_base_model(self) -> nn.Module:
         """The transformers model (with the LoRA wrappers inside it)."""
