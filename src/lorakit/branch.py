@@ -25,6 +25,8 @@ as int64 words is ~4x faster on the CPU than ``bernoulli_``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -41,9 +43,7 @@ def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.de
     k = keep_threshold(p)
     if k <= 0:
         raise ValueError(f"dropout probability {p} drops every element; use a value below 1")
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
     bits = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
     return bits < (k - _LEVELS // 2), _LEVELS / k
