@@ -2,7 +2,8 @@
 
 It holds the wrapped model as ``self.model`` (so parameter names read ``base_model.model.<path>`` under a PeftModel,
 exactly as in HF PEFT) and one LoraConfig per adapter in ``peft_config``. Every state change is an explicit call:
-add / set / delete / disable / merge / unmerge / unload.
+add / set / delete / disable / merge / unmerge / unload. While wrapped, the model's gated MLPs compute their
+activation with lorakit.swiglu (same values, less memory kept for backward); unloading restores them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from lorakit import combine
+from lorakit import combine, swiglu
 from lorakit.config import LoraConfig
 from lorakit.inject import inject, unwrap, wrappers
 from lorakit.layers import LoraLayer
@@ -45,6 +46,7 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self.add_adapter(adapter_name, config)
+        swiglu.patch_mlps(model)
 
     def __getattr__(self, name: str) -> object:
         try:
@@ -159,12 +161,16 @@ class LoraModel(nn.Module):
     ) -> nn.Module:
         """Merge the active (or named) adapters and return the plain transformers model, wrappers removed. Layers on
         a quantized base come back as full-precision nn.Linear / Conv1D / nn.Embedding (see inject.unwrap)."""
-        return unwrap(self.model, merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
+        model = unwrap(self.model, merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
+        swiglu.unpatch_mlps(model)
+        return model
 
     def unload(self) -> nn.Module:
         """Return the plain base model with every wrapper removed and nothing merged (merged adapters are undone)."""
         self.unmerge_adapter()
-        return unwrap(self.model, merge=False)
+        model = unwrap(self.model, merge=False)
+        swiglu.unpatch_mlps(model)
+        return model
 
     def _lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
         for name, module in wrappers(self.model):

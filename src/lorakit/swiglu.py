@@ -1,0 +1,88 @@
+"""The gated MLP of Llama-family models, ``down(silu(gate(x)) * up(x))``, with an activation that keeps less for
+backward.
+
+For ``h = silu(g) * u`` (g, u: the gate and up projections' outputs, (tokens, intermediate) each) autograd's
+composition keeps g (for silu's backward), silu(g) and u (for the product's backward): three tensors of the MLP's
+widest shape per layer. ``SwiGLU`` keeps g and u and recomputes silu(g) in backward (one elementwise pass), so a
+training step holds one (tokens, intermediate) tensor less per layer. Its backward, for the upstream gradient d,
+
+    d loss / d u = d * silu(g)
+    d loss / d g = silu'(g) * (d * u),     silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+
+is computed with the same aten kernels autograd uses (``silu_backward`` for silu'(g) * (.)), so gradients equal
+autograd's, in fp32 and in bf16 autocast alike.
+
+``patch_mlps(model)`` makes each gated MLP of a known class use it, on the module instances (their class is not
+touched); ``unpatch_mlps(model)`` restores them. lorakit's LoraModel patches when adapters are added and unpatches
+when the model is unloaded; the values are the same either way (tests/test_swiglu.py).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import Tensor, nn
+
+# transformers MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
+GATED_MLP_CLASSES = frozenset(
+    {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "GraniteMLP", "SmolLM3MLP", "GemmaMLP"}
+)
+# activation modules that compute exactly ``nn.functional.silu`` (transformers' ACT2FN["silu"] is SiLUActivation)
+SILU_CLASSES = frozenset({"SiLU", "SiLUActivation"})
+
+
+def reference(g: Tensor, u: Tensor) -> Tensor:
+    """The definition, autograd's own composition: ``silu(g) * u``."""
+    return nn.functional.silu(g) * u
+
+
+class SwiGLU(torch.autograd.Function):
+    """``silu(g) * u``, keeping g and u (not silu(g)) for backward; gradients as in the module doc."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, u: Tensor) -> Tensor:
+        ctx.save_for_backward(g, u)
+        return nn.functional.silu(g).mul_(u)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        g, u = ctx.saved_tensors
+        grad_u = nn.functional.silu(g).mul_(grad) if ctx.needs_input_grad[1] else None
+        grad_g = torch.ops.aten.silu_backward(grad * u, g) if ctx.needs_input_grad[0] else None
+        return grad_g, grad_u
+
+
+def swiglu(g: Tensor, u: Tensor) -> Tensor:
+    """``silu(g) * u``: through ``SwiGLU`` when a gradient may be needed, else in place on silu(g)'s buffer."""
+    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+        return SwiGLU.apply(g, u)
+    return nn.functional.silu(g).mul_(u)
+
+
+def _gated_forward(self: nn.Module, x: Tensor) -> Tensor:
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def is_gated_mlp(module: nn.Module) -> bool:
+    """True for a known gated-MLP class (``GATED_MLP_CLASSES``) whose activation is SiLU (Gemma's is GELU: no)."""
+    return type(module).__name__ in GATED_MLP_CLASSES and type(getattr(module, "act_fn", None)).__name__ in SILU_CLASSES
+
+
+def patch_mlps(model: nn.Module) -> int:
+    """Make every gated MLP in ``model`` compute its activation with ``swiglu``; returns how many were patched
+    (already patched ones are not counted again)."""
+    count = 0
+    for module in model.modules():
+        if is_gated_mlp(module) and "forward" not in module.__dict__:
+            module.forward = types.MethodType(_gated_forward, module)
+            count += 1
+    return count
+
+
+def unpatch_mlps(model: nn.Module) -> None:
+    """Undo ``patch_mlps``: the MLPs run their class's own forward again."""
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, types.MethodType) and forward.__func__ is _gated_forward:
+            del module.forward
