@@ -23,11 +23,11 @@ def _grads(out, tensors, seed=1):
     return torch.autograd.grad(out, tensors, upstream)
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_branch_equals_autograd_composition_values_and_gradients(with_mask):
+@pytest.mark.parametrize("mask_dtype", [None, torch.uint8, torch.bool, torch.float32])
+def test_branch_equals_autograd_composition_values_and_gradients(mask_dtype):
     x, W, A, B = _inputs()
-    mask, keep = (torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) < 0.7, 1 / 0.7) if with_mask \
-        else (None, 1.0)
+    keep_mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) < 0.7
+    mask, keep = (keep_mask.to(mask_dtype), 1 / 0.7) if mask_dtype else (None, 1.0)
     fast = branch.LoraBranch.apply(x @ W.T, x, A, B, 0.5, mask, keep)
     ref = branch.reference_with_mask(x @ W.T, x, A, B, 0.5, mask, keep)
     torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
@@ -35,11 +35,26 @@ def test_branch_equals_autograd_composition_values_and_gradients(with_mask):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.uint8, torch.float32])
+def test_backward_leaves_saved_tensors_untouched(mask_dtype):
+    """A second backward through the same graph gives the same gradients, and x and the mask are unchanged."""
+    x, W, A, B = _inputs()
+    mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) < 0.7).to(mask_dtype)
+    x_before, mask_before = x.detach().clone(), mask.clone()
+    out = branch.LoraBranch.apply(x @ W.T, x, A, B, 0.5, mask, 1 / 0.7)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    first = torch.autograd.grad(out, (x, A, B), upstream, retain_graph=True)
+    second = torch.autograd.grad(out, (x, A, B), upstream)
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(x.detach(), x_before) and torch.equal(mask, mask_before)
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_branch_gradcheck_float64(with_mask):
     x, W, A, B = _inputs(torch.float64, shape=(2, 3), n_in=4, n_out=3, r=2)
     base = (x @ W.T).detach().requires_grad_()
-    mask = torch.tensor([[1, 0, 1, 1]] * 6, dtype=torch.bool).view(2, 3, 4) if with_mask else None
+    mask = torch.tensor([[1, 0, 1, 1]] * 6, dtype=torch.uint8).view(2, 3, 4) if with_mask else None
     assert torch.autograd.gradcheck(
         lambda b, x_, a, b_: branch.LoraBranch.apply(b, x_, a, b_, 0.75, mask, 2.0), (base, x, A, B)
     )
@@ -74,7 +89,7 @@ def test_lora_add_with_dropout_uses_the_drawn_mask():
 def test_dropout_mask_keeps_one_minus_p_and_is_unbiased(p):
     torch.manual_seed(0)
     mask, keep = branch.dropout_mask((1000, 1000), p, torch.device("cpu"))
-    assert mask.dtype == torch.bool and mask.shape == (1000, 1000)
+    assert mask.dtype == torch.uint8 and mask.shape == (1000, 1000) and set(mask.unique().tolist()) == {0, 1}
     rate = mask.float().mean().item()
     assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / 1e6) ** 0.5 + 2**-16  # 5 sigma
     assert abs(rate * keep - 1) < 5 * (p / (1 - p) / 1e6) ** 0.5 + 1e-4  # E[mask * scale] = 1

@@ -20,7 +20,9 @@ maths:
 Dropout masks come from torch's global generator (so seeding and checkpointed RNG state cover them), 16 random bits
 per element: an element is kept with probability ``k / 65536``, ``k = round((1 - p) * 65536)``, and kept values are
 scaled by ``65536 / k`` (an unbiased dropout whose p is rounded to a multiple of 2**-16). Drawing 16 bits per element
-as int64 words is ~4x faster on the CPU than ``bernoulli_``.
+as int64 words is ~4x faster on the CPU than ``bernoulli_``. The mask is uint8 0 / 1, applied as ``m.to(x.dtype) * x``:
+on the CPU, torch's kernels that read or write bool tensors (``where``, ``<`` into bool, bool -> float) run ~5-10x
+slower than the same work on uint8 (tests/test_branch.py has the equality tests; benchmarks/train_step.py the step).
 """
 
 from __future__ import annotations
@@ -39,14 +41,15 @@ def keep_threshold(p: float) -> int:
 
 
 def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> tuple[Tensor, float]:
-    """(keep mask of ``shape`` (bool), scale 1 / keep probability) for dropout probability ``p`` in (0, 1)."""
+    """(keep mask of ``shape`` (uint8, 1 = keep), 1 / keep probability) for dropout probability ``p`` in (0, 1)."""
     k = keep_threshold(p)
     if k <= 0:
         raise ValueError(f"dropout probability {p} drops every element; use a value below 1")
     n = math.prod(shape)
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
     bits = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
-    return bits < (k - _LEVELS // 2), _LEVELS / k
+    mask = torch.lt(bits, k - _LEVELS // 2, out=torch.empty(shape, dtype=torch.uint8, device=device))
+    return mask, _LEVELS / k
 
 
 def reference(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: nn.Module) -> Tensor:
@@ -87,18 +90,28 @@ class LoraBranch(torch.autograd.Function):
         g_u = (g @ B.to(g.dtype)) * ctx.s  # (N, r): d loss / d ((x * m) @ A.T)
         if ctx.needs_input_grad[3]:
             grad_B = (g.T @ u.to(g.dtype)).to(B.dtype)  # (out, r)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        if mask is not None:
+            mask = mask.view(x2.shape).to(x.dtype)  # 0. / 1., converted once for both uses below
         if ctx.needs_input_grad[2]:
-            h = _masked(x.reshape(-1, x.shape[-1]), mask)  # (N, in), recomputed: cheaper than saving a copy
+            h = _masked(x2, mask)  # (N, in), recomputed: cheaper than saving a copy
             grad_A = (g_u.T @ h.to(g_u.dtype)).to(A.dtype)  # (r, in)
         if ctx.needs_input_grad[1]:
-            grad_x = _masked(g_u @ A.to(g_u.dtype), mask).view(x.shape).to(x.dtype)  # (N, in)
+            grad_x = _masked(g_u @ A.to(g_u.dtype), mask, in_place=True).view(x.shape).to(x.dtype)  # (N, in)
         grad_base = grad if ctx.needs_input_grad[0] else None
         return grad_base, grad_x, grad_A, grad_B, None, None, None
 
 
-def _masked(t: Tensor, mask: Tensor | None) -> Tensor:
-    """``t`` with the elements where ``mask`` is False set to 0 (``where`` reads the bool mask without a float copy)."""
-    return t if mask is None else torch.where(mask.view(t.shape), t, 0.0)
+def _masked(t: Tensor, mask: Tensor | None, in_place: bool = False) -> Tensor:
+    """``t`` with the elements where ``mask`` (0 / 1, any dtype) is 0 set to 0: ``t * mask``, in a new tensor unless
+    ``in_place`` (then ``t`` is overwritten). The uint8 -> float conversion is fast; a multiply by uint8 is not."""
+    if mask is None:
+        return t
+    view = mask.view(t.shape)
+    m = view.to(t.dtype)
+    if in_place:
+        return t.mul_(m)
+    return m.mul_(t) if m is not view else m * t  # m a fresh conversion of the mask: reuse its buffer
 
 
 def lora_add(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: nn.Module) -> Tensor:
