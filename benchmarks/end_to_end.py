@@ -7,7 +7,7 @@ records, some with a follow-up turn), 20 to ~300 tokens each. The loss is on ass
 
 Each side runs in a fresh subprocess with the same hyperparameters (r, alpha, dropout, all-linear targets, AdamW,
 learning rate, cosine schedule without warmup -- the two warmup formulas differ, HF's first step has lr 0 --,
-clipping 1.0, batch size, optimizer steps = one epoch, max_length, seed 0), on the same tokens and labels (the
+clipping 1.0, batch size, optimizer steps = one epoch, max_length, seed), on the same tokens and labels (the
 Trainer side tokenizes the way a PEFT user writes it; the benchmark checks it equals lorakit's tokenization). The
 Trainer side is the usual setup: a ``datasets.Dataset`` with labels -100 on non-assistant tokens,
 ``DataCollatorForSeq2Seq`` padding, ``save_strategy="no"``, ``report_to=[]``, its default optimizer (fused AdamW)
@@ -15,15 +15,23 @@ and precision (fp32 on CPU unless ``--trainer-bf16``). lorakit runs with its def
 micro-batches. ``--levers`` adds lorakit with each other combination of padding-free and bf16, and the Trainer with
 ``bf16=True``.
 
+``--seeds 0 1 2`` runs every side once per seed (default: seed 0 alone). The seed is lorakit's ``seed`` and the
+Trainer side's ``set_seed`` before ``get_peft_model`` and ``TrainingArguments(seed=...)``: it drives the adapter
+init, the dropout masks and the data order on both sides (at one seed both start from the same adapter and take the
+rows in the same order -- HF's seeded sampler and lorakit both draw ``randperm(n)`` from a generator seeded with
+seed + epoch --; only the dropout masks differ). The data (``--data-seed``) is the same for all seeds. With several
+seeds the table ends with each side's mean and standard deviation, and the mean of the per-seed eval-loss
+differences to the Trainer with its standard error.
+
 Timed, the same way on both sides: **total** = the training process from launch to exit (Python imports, model and
 tokenizer load, tokenization, training, adapter save); **load+** = the same without importing the libraries' top
 modules; **loop** = the training loop alone (lorakit's ``wall_time_s``, the Trainer's ``train_runtime``). Eval loss:
 every saved adapter is loaded onto the base by one function in a last subprocess and scored with
 ``lorakit.loss.loss_over_examples`` in fp32 on the held-out set. Jobs run one at a time with 1 OpenMP thread by
-default (``--threads``); about 10 minutes on 2 shared cores (``--levers``: about 20).
+default (``--threads``); about 7 minutes per seed on 2 shared cores (``--levers``: about 20).
 
     HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/end_to_end.py [--steps 10] [--batch 8] [--levers]
-        [--lorakit-bf16] [--trainer-bf16] [--threads 1]
+        [--lorakit-bf16] [--trainer-bf16] [--threads 1] [--seeds 0 1 2] [--data-seed 0]
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import datetime as dt
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -164,7 +173,7 @@ def _lorakit_job(job: dict[str, Any]) -> dict[str, Any]:
         data=job["train"], output=job["out"], overwrite=True, r=16, alpha=32, dropout=0.05, targets="all-linear",
         lr=job["lr"], lr_scheduler="cosine", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
         batch_size=job["batch"], grad_accum=1, max_steps=job["steps"], max_length=job["max_length"],
-        seed=job.get("seed", 0), logging_steps=job["steps"], progress=False,
+        seed=job["seed"], logging_steps=job["steps"], progress=False,
         **{k: job[k] for k in ("bf16", "padding_free") if k in job},  # else lorakit's defaults
     )  # fmt: skip
     wall = time.perf_counter() - start
@@ -194,7 +203,7 @@ def _trainer_job(job: dict[str, Any]) -> dict[str, Any]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    set_seed(0)  # the adapter's random init comes before the Trainer seeds anything
+    set_seed(job["seed"])  # the adapter's random init comes before the Trainer seeds anything
     config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, config)
     data = datasets.Dataset.from_list(_read_jsonl(job["train"]))
@@ -202,8 +211,8 @@ def _trainer_job(job: dict[str, Any]) -> dict[str, Any]:
     args = TrainingArguments(
         output_dir=job["out"], per_device_train_batch_size=job["batch"], gradient_accumulation_steps=1,
         max_steps=job["steps"], learning_rate=job["lr"], lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, bf16=job["bf16"], logging_steps=job["steps"], save_strategy="no", report_to=[], seed=0,
-        use_cpu=True, disable_tqdm=True,
+        max_grad_norm=1.0, bf16=job["bf16"], logging_steps=job["steps"], save_strategy="no", report_to=[],
+        seed=job["seed"], use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorForSeq2Seq(tokenizer))
     result = trainer.train()
@@ -267,6 +276,9 @@ def check_same_tokens(records: list[dict[str, Any]], max_length: int) -> dict[st
             "labelled": sum(e.n_trainable for e in examples)}  # fmt: skip
 
 
+REFERENCE, BASE = "Trainer + PEFT", "base model (no adapter)"
+
+
 def run(
     steps: int = 10,
     batch: int = 8,
@@ -277,21 +289,24 @@ def run(
     trainer_bf16: bool = False,
     levers: bool = False,
     threads: int = 1,
-    seed: int = 0,
+    seeds: tuple[int, ...] = (0,),
+    data_seed: int = 0,
 ) -> dict[str, Any]:
     """Train both sides on ``steps * batch`` examples (one epoch, so both see every example once), score both.
 
     ``lorakit_bf16``: run lorakit with ``--bf16`` instead of its defaults (fp32, padding-free). ``levers``: also run
     lorakit with the other lever combinations (padded fp32, padded bf16, padding-free bf16) and the Trainer with
     ``bf16=True``, which shows what bf16 costs in eval loss on either side. ``threads``: OMP_NUM_THREADS of the
-    jobs (0: torch's default). Returns the settings, the data statistics and one result per side.
+    jobs (0: torch's default). ``seeds``: every side is trained once per seed (module docstring), on the data made
+    from ``data_seed``. Returns the settings, the data statistics, the base model's eval loss and one result per
+    seed and side (``results[seed][label]``).
     """
-    records = make_records(steps * batch + n_eval, seed)
+    records = make_records(steps * batch + n_eval, data_seed)
     train, held_out = records[:-n_eval], records[-n_eval:]
     data_stats = check_same_tokens(train, max_length)
     settings = {"steps": steps, "batch": batch, "lr": lr, "n_train": len(train), "n_eval": n_eval,
-                "max_length": max_length, "threads": threads or "torch default"}  # fmt: skip
-    sides: list[tuple[str, str, dict[str, Any]]] = [("trainer", "Trainer + PEFT", {"bf16": trainer_bf16})]
+                "max_length": max_length, "threads": threads or "torch default", "data_seed": data_seed}  # fmt: skip
+    sides: list[tuple[str, str, dict[str, Any]]] = [("trainer", REFERENCE, {"bf16": trainer_bf16})]
     if levers:
         sides += [("trainer", "Trainer + PEFT, bf16=True", {"bf16": True}),
                   ("lorakit", "lorakit --no-padding-free", {"bf16": False, "padding_free": False}),
@@ -299,57 +314,79 @@ def run(
                   ("lorakit", "lorakit --bf16", {"bf16": True, "padding_free": True})]  # fmt: skip
     sides.append(("lorakit", "lorakit train --bf16" if lorakit_bf16 else "lorakit train (defaults)",
                   {"bf16": True} if lorakit_bf16 else {}))  # fmt: skip
-    results: dict[str, Any] = {}
+    results: dict[int, dict[str, Any]] = {seed: {} for seed in seeds}
+    adapters: dict[str, tuple[int, str]] = {}  # job name -> (seed, side label)
     with tempfile.TemporaryDirectory(prefix="lorakit-e2e-") as tmp:
         folder = Path(tmp)
         for name, rows in (("train", train), ("eval", held_out)):
             (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         common = {"train": str(folder / "train.jsonl"), "steps": steps, "batch": batch, "lr": lr,
                   "max_length": max_length}  # fmt: skip
-        for i, (kind, label, options) in enumerate(sides):
-            job = {**common, **options, "name": f"side{i}", "out": str(folder / f"side{i}")}
-            results[label] = _subprocess(kind, job, folder, threads)
-        adapters = {label: str(folder / f"side{i}") for i, (_, label, _) in enumerate(sides)}
+        for seed in seeds:
+            for i, (kind, label, options) in enumerate(sides):
+                name = f"seed{seed}-side{i}"
+                job = {**common, **options, "seed": seed, "name": name, "out": str(folder / name)}
+                results[seed][label] = _subprocess(kind, job, folder, threads)
+                adapters[name] = (seed, label)
         job = {"name": "eval", "eval": str(folder / "eval.jsonl"), "max_length": max_length,
-               "adapters": {"base model (no adapter)": None, **adapters}}  # fmt: skip
+               "adapters": {BASE: None, **{name: str(folder / name) for name in adapters}}}  # fmt: skip
         losses = _subprocess("eval", job, folder, threads)
-        losses.pop("process_s")
-    for label, loss in losses.items():
-        results.setdefault(label, {})["eval_loss"] = loss
-    return {"settings": settings, "data": data_stats, "results": results}
+    for name, (seed, label) in adapters.items():
+        results[seed][label]["eval_loss"] = losses[name]
+    return {"settings": settings, "data": data_stats, "base_eval_loss": losses[BASE], "results": results}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
 def table(report: dict[str, Any]) -> str:
     s, d, results = report["settings"], report["data"], report["results"]
-    ref = results["Trainer + PEFT"]
     lines = [
         f"SmolLM2-135M-Instruct, LoRA r=16 alpha=32 dropout 0.05 all-linear; {s['steps']} steps x batch {s['batch']} "
         f"= {s['n_train']} chat examples once ({d['min']}-{d['max']} tokens, median {d['median']}, {d['tokens']} "
-        f"tokens, {d['labelled']} labelled); AdamW lr {s['lr']:g}, cosine, no warmup, clip 1.0, max_length "
-        f"{s['max_length']}; threads: {s['threads']}",
-        f"eval loss: {s['n_eval']} held-out examples, fp32, lorakit.loss.loss_over_examples for every adapter",
+        f"tokens, {d['labelled']} labelled; data seed {s['data_seed']}); AdamW lr {s['lr']:g}, cosine, no warmup, "
+        f"clip 1.0, max_length {s['max_length']}; threads: {s['threads']}",
+        f"eval loss: {s['n_eval']} held-out examples, fp32, lorakit.loss.loss_over_examples for every adapter; "
+        f"{BASE}: {report['base_eval_loss']:.4f}",
         "total: the whole training process, launch to exit (Python imports, model load, tokenization, training, "
         "adapter save); load+: total minus importing the libraries' top modules; loop: the training loop alone",
         "",
-        f"{'side':34} {'precision':9} {'micro-batches':13} {'total s':>8} {'load+ s':>8} {'loop s':>8} {'total x':>7} "
-        f"{'loop x':>7} {'eval loss':>9}",
+        f"{'seed':>4} {'side':34} {'precision':9} {'micro-batches':13} {'total s':>8} {'load+ s':>8} {'loop s':>8} "
+        f"{'total x':>7} {'loop x':>7} {'eval loss':>9}",
     ]
-    for label, r in results.items():
-        if "wall_s" not in r:
-            lines.append(f"{label:34} {'':9} {'':13} {'':>8} {'':>8} {'':>8} {'':>7} {'':>7} {r['eval_loss']:9.4f}")
-            continue
-        lines.append(
-            f"{label:34} {'bf16' if r['bf16'] else 'fp32':9} {'padding-free' if r['padding_free'] else 'padded':13} "
-            f"{r['process_s']:8.1f} {r['wall_s']:8.1f} {r['loop_s']:8.1f} {r['process_s'] / ref['process_s']:7.2f} "
-            f"{r['loop_s'] / ref['loop_s']:7.2f} {r['eval_loss']:9.4f}"
-        )
-    lines.append(f"(x: ratio to Trainer + PEFT; Trainer optimizer: {ref.get('optimizer')}, lorakit: torch AdamW)")
-    mine = results[next(label for label in results if label.startswith("lorakit train"))]
-    ratio, gap = mine["process_s"] / ref["process_s"], mine["eval_loss"] - ref["eval_loss"]
+    for seed, sides in results.items():
+        ref = sides[REFERENCE]
+        for label, r in sides.items():
+            lines.append(
+                f"{seed:4} {label:34} {'bf16' if r['bf16'] else 'fp32':9} "
+                f"{'padding-free' if r['padding_free'] else 'padded':13} {r['process_s']:8.1f} {r['wall_s']:8.1f} "
+                f"{r['loop_s']:8.1f} {r['process_s'] / ref['process_s']:7.2f} {r['loop_s'] / ref['loop_s']:7.2f} "
+                f"{r['eval_loss']:9.4f}"
+            )
+    first = next(iter(results.values()))
+    lines.append(f"(x: ratio to {REFERENCE} at the same seed; Trainer optimizer: {first[REFERENCE].get('optimizer')}, "
+                 "lorakit: torch AdamW)")  # fmt: skip
+    mean = {label: {key: statistics.fmean(sides[label][key] for sides in results.values())
+                    for key in ("process_s", "loop_s", "eval_loss")} for label in first}  # fmt: skip
+    if len(results) > 1:
+        lines += ["", f"over {len(results)} seeds: means of total and loop; eval loss mean +- sd; diff: eval loss minus"
+                  f" {REFERENCE}'s at the same seed, mean +- standard error",
+                  f"{'side':39} {'total s':>8} {'loop s':>8} {'eval loss':>18} {'diff':>18}"]  # fmt: skip
+        for label in first:
+            loss, sd = _mean_sd([sides[label]["eval_loss"] for sides in results.values()])
+            row = f"{label:39} {mean[label]['process_s']:8.1f} {mean[label]['loop_s']:8.1f} {loss:9.4f} +- {sd:.4f}"
+            if label != REFERENCE:
+                diff, sd = _mean_sd([sides[label]["eval_loss"] - sides[REFERENCE]["eval_loss"]
+                                     for sides in results.values()])  # fmt: skip
+                row += f" {diff:+9.4f} +- {sd / len(results) ** 0.5:.4f}"
+            lines.append(row)
+    mine = mean[next(label for label in first if label.startswith("lorakit train"))]
+    ratio, gap = mine["process_s"] / mean[REFERENCE]["process_s"], mine["eval_loss"] - mean[REFERENCE]["eval_loss"]
     met = ratio <= 0.5 and gap <= 0
     lines.append(
-        f"target (total <= 0.5x at equal or lower eval loss): {ratio:.2f}x, eval loss {gap:+.4f} -> "
-        + ("met" if met else "not met")
+        f"target (total <= 0.5x at equal or lower eval loss{', means over seeds' if len(results) > 1 else ''}): "
+        f"{ratio:.2f}x, eval loss {gap:+.4f} -> " + ("met" if met else "not met")
     )
     return "\n".join(lines)
 
@@ -372,6 +409,8 @@ def main() -> None:
         help="OMP_NUM_THREADS of the jobs (0: torch's default). Default 1: on a CPU shared with other jobs, 2 OpenMP "
         "threads on 2 busy cores made an elementwise op ~100x slower (spinning), skewing both sides",
     )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train every side once per seed")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train and eval data")
     args = parser.parse_args()
     if args.job:
         kind, job_file, result_file = args.job
@@ -380,7 +419,7 @@ def main() -> None:
         return
     start = time.perf_counter()
     report = run(args.steps, args.batch, args.lr, args.n_eval, args.max_length, args.lorakit_bf16, args.trainer_bf16,
-                 args.levers, args.threads)  # fmt: skip
+                 args.levers, args.threads, tuple(args.seeds), args.data_seed)  # fmt: skip
     print(table(report))
     print(f"benchmark total: {time.perf_counter() - start:.0f} s")
 
