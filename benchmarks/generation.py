@@ -7,6 +7,10 @@ interleaved, repeated, and the fastest of each kept (the machine's other load on
 checks that merged and unmerged lorakit produce the same tokens as PEFT.
 
     .venv/bin/python benchmarks/generation.py [--new-tokens 48] [--repeats 3] [--batch 1]
+    .venv/bin/python benchmarks/generation.py --layers   # one decoding step of each layer shape: microseconds
+
+``--layers`` times one decoding step (input (1, 1, in)) through a plain nn.Linear of each of the model's shapes and the
+same Linear wrapped with an unmerged r=16 adapter, interleaved, fastest of several rounds: the per-layer overhead.
 """
 
 from __future__ import annotations
@@ -79,13 +83,42 @@ def run(new_tokens: int = 48, repeats: int = 3, batch: int = 1) -> dict[str, flo
     return result
 
 
+def layers(rounds: int = 15, calls: int = 1000) -> dict[str, float]:
+    import torch
+    from torch import nn
+
+    from lorakit.layers import LoraLinear
+
+    result: dict[str, float] = {}
+    with torch.inference_mode():
+        for fan_in, fan_out in [(576, 576), (576, 192), (576, 1536), (1536, 576)]:  # q/o, k/v, gate/up, down
+            torch.manual_seed(0)
+            lora = LoraLinear(nn.Linear(fan_in, fan_out, bias=False))
+            lora.update_layer("default", 16, 32, 0.05, init_lora_weights=False)
+            lora.active_adapters = ["default"]
+            lora.eval()
+            base, x = lora.base_layer, torch.randn(1, 1, fan_in)
+            best = {"base": float("inf"), "lora": float("inf")}
+            for _ in range(rounds):
+                for name, layer in (("base", base), ("lora", lora)):
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        layer(x)
+                    best[name] = min(best[name], (time.perf_counter() - start) / calls * 1e6)
+            for name, us in best.items():
+                result[f"{fan_in}x{fan_out} {name} us"] = us
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, choices=range(1, len(PROMPTS) + 1))
+    parser.add_argument("--layers", action="store_true", help="time one decoding step per layer shape instead")
     args = parser.parse_args()
-    print(json.dumps(run(args.new_tokens, args.repeats, args.batch), indent=1))
+    result = layers() if args.layers else run(args.new_tokens, args.repeats, args.batch)
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ maths:
 
 - ``reference``: the textbook composition (dropout module, A and B as layers, scale, add), kept as the definition the
   other two are tested against;
-- without gradients (inference, evaluation): ``addmm(base, x @ A.T, B.T, alpha=s)``: the scale applied inside the
-  second matmul together with the addition, so no (..., out) temporaries beyond the result;
+- without gradients (inference, evaluation): ``lora_add_no_grad``, ``addmm(base, x @ A.T, B.T, alpha=s)``: the scale
+  applied inside the second matmul together with the addition, so no (..., out) temporaries beyond the result; for
+  a few rows (decoding, where each op's fixed cost dominates) ``base + s * linear(linear(x, A), B)`` in three ops
+  instead of the views around one addmm. ``LoraLinear.forward`` calls it directly in its common case;
 - with gradients: ``LoraBranch``, an autograd function. Autograd's composition would save a dropped copy of x for
   A's gradient (a full (..., in) tensor per adapted layer, on top of x itself) and run dropout as a float mask
   multiply. ``LoraBranch`` saves x itself (the base layer's input, which q/k/v share), a one-byte keep mask m and
@@ -121,9 +123,24 @@ def lora_add(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, drop
     if not same_dtype and not torch.is_autocast_enabled("cpu"):
         return reference(base, x, A, B, scaling, dropout)  # mixed storage dtypes: let the casts be explicit
     if p == 0.0 and not torch.is_grad_enabled():  # inference: two small matmuls, the scale and the add fused in
+        if same_dtype:
+            return lora_add_no_grad(base, x, A, B, scaling)
         u = x.reshape(-1, x.shape[-1]) @ A.T  # (N, r)
-        if not same_dtype:  # autocast: the matmul ran in its dtype; meet the base output's
-            u, B = u.to(base.dtype), B.to(base.dtype)
+        u, B = u.to(base.dtype), B.to(base.dtype)  # autocast: the matmul ran in its dtype; meet the base output's
         return torch.addmm(base.reshape(-1, base.shape[-1]), u, B.T, alpha=scaling).view(base.shape)
     mask, keep_scale = dropout_mask(x.shape, p, x.device) if p > 0.0 else (None, 1.0)
     return LoraBranch.apply(base, x, A, B, scaling, mask, keep_scale)
+
+
+_FEW = 1 << 15  # output elements (a few rows: decoding) up to which three ops beat the views around one addmm
+
+
+def lora_add_no_grad(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """``base + s * (x @ A.T) @ B.T`` without autograd or dropout, the four tensors of one dtype. For a few rows
+    (decoding, where the per-op cost dominates) the fewest ops: two linears and an add that applies the scale; for
+    more rows the scale and the add fused into the second matmul (addmm): no (..., out) temporary beyond the result."""
+    u = nn.functional.linear(x, A)  # (..., r)
+    if base.numel() <= _FEW:
+        return torch.add(base, nn.functional.linear(u, B), alpha=scaling)  # (..., out)
+    out = torch.addmm(base.reshape(-1, base.shape[-1]), u.reshape(-1, u.shape[-1]), B.T, alpha=scaling)  # (N, out)
+    return out.view(base.shape)

@@ -8,6 +8,10 @@ weight; it happens only when ``merge()`` is called, never as a side effect of ``
 With DoRA (``use_dora``, Liu et al. 2024) an adapter also owns a magnitude vector m (out,) in
 ``lora_magnitude_vector[name]``, and the adapted weight is ``m * (W + s * B @ A) / ||W + s * B @ A||_row``; the maths
 is in lorakit.dora.
+
+State changes are explicit calls or attribute assignments (``active_adapters = [...]``, ``disable_adapters = True``,
+``routing = ...``, ``base_layer = ...``); a Linear wrapper looks up what its forward needs for the current state once
+(``LoraLinear._plan``) and every such change drops that plan.
 """
 
 from __future__ import annotations
@@ -44,6 +48,22 @@ class LoraLayer(nn.Module):
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: m (out,) per adapter
         self._dora_norms: dict[str, Tensor] = {}  # ||W + s * B @ A||_row of each merged DoRA adapter, for unmerge
         self.routing: mixed_batch.Routing | None = None  # set while a batch runs one adapter per row (adapter_names)
+
+    # -- the forward's plan: lookups done once per state, dropped on every state change -----------------------------
+    def __setattr__(self, name: str, value: object) -> None:
+        self._replan()  # an assigned attribute is state: the active set, disable, routing, the base layer, ...
+        super().__setattr__(name, value)
+
+    def _replan(self) -> None:
+        self.__dict__["_plan"] = None
+
+    def _apply(self, fn: Callable[..., Tensor], recurse: bool = True) -> nn.Module:
+        self._replan()  # .to() / .half() may put new Parameter objects in place
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._replan()  # load_state_dict(assign=True) puts new Parameter objects in place
+        super()._load_from_state_dict(*args, **kwargs)
 
     # -- parameter layout (subclasses) ---------------------------------------------------------------------------
     def _create(self, name: str, r: int) -> None:
@@ -84,6 +104,7 @@ class LoraLayer(nn.Module):
         ``use_dora`` adds a DoRA magnitude m = ||W + s * B @ A||_row, taken after the initializer ran."""
         self.r[name], self.lora_alpha[name] = r, lora_alpha
         self.scaling[name] = scaling_for(lora_alpha, r, use_rslora)
+        self._replan()
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._create(name, r)
         self.train(self.base_layer.training)  # new modules start in train mode; follow the model's mode instead
@@ -105,10 +126,12 @@ class LoraLayer(nn.Module):
 
     def set_scale(self, name: str, scaling: float) -> None:
         self.scaling[name] = scaling
+        self._replan()
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge it first")
+        self._replan()
         self._drop(name)
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
@@ -183,11 +206,13 @@ class LoraLayer(nn.Module):
                     raise ValueError(f"merging adapter {name!r} gives NaN/inf weights; the adapter is broken")
                 weight.data = new
             self.merged_adapters.append(name)
+            self._replan()
 
     def unmerge(self) -> None:
         """Subtract every merged update from the base weight, newest first."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
+            self._replan()
             with torch.no_grad():
                 weight = self.base_weight()
                 weight.data = self._unmerged(weight.data, name, self._dora_norms.pop(name, None))
@@ -240,6 +265,15 @@ class LoraLinear(LoraLayer):
         del self.lora_A[name], self.lora_B[name]
 
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        plan = self._plan if self._plan is not None else self._make_plan()
+        if plan:  # at most one plain adapter, no routing: the common case, its lookups done once per state
+            base_layer, name, A, B, dropout = plan
+            result = base_layer(x, *args, **kwargs)  # (..., out)
+            if name is None:  # disabled, merged, or no adapter of this layer active
+                return result
+            if torch.is_grad_enabled() or dropout.training or not x.dtype == A.dtype == B.dtype == result.dtype:
+                return branch.lora_add(result, x, A, B, self.scaling[name], dropout)
+            return branch.lora_add_no_grad(result, x, A, B, self.scaling[name])
         if self.routing is not None:  # a mixed-adapter batch: one adapter per row
             return mixed_batch.linear_forward(self, x, *args, **kwargs)
         result = base = self.base_layer(x, *args, **kwargs)  # (..., out)
@@ -256,6 +290,22 @@ class LoraLinear(LoraLayer):
             lora = self._dora_output(name, base, h, B(A(h)) * self.scaling[name])  # (..., r) -> (..., out)
             result = result + lora.to(result.dtype)
         return result
+
+    def _make_plan(self) -> tuple:
+        """What forward needs in the current state, looked up once: (base_layer, name, A, B, dropout) of the one
+        active plain adapter; (base_layer, None, None, None, None) if the output is the base layer's alone (adapters
+        disabled or merged, none of this layer active); () for the general loop (routing, DoRA, several adapters)."""
+        active = [n for n in self.active_adapters if n in self.lora_A]
+        plan: tuple = ()
+        if self.routing is not None:
+            pass
+        elif self.disable_adapters or self.merged or not active:
+            plan = (self.base_layer, None, None, None, None)
+        elif len(active) == 1 and active[0] not in self.lora_magnitude_vector:
+            name = active[0]
+            plan = (self.base_layer, name, *self.lora_weights(name), self.lora_dropout[name])
+        self.__dict__["_plan"] = plan
+        return plan
 
     def _dora_output(self, name: str, base: Tensor, h: Tensor, lora: Tensor) -> Tensor:
         """DoRA's addition to the base output (lorakit.dora.linear_output). Its x @ W.T reuses the base output
