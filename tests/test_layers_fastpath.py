@@ -257,3 +257,36 @@ def test_lora_add_no_grad_equals_reference(rows):
         got = branch.lora_add_no_grad(base, x, A, B, 0.75)
         assert got.shape == base.shape
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
+
+
+def test_a_parameter_assigned_to_an_adapter_layer_is_picked_up():
+    model = _model()
+    a = _check(model)
+    for layer in _layers(model):
+        layer.lora_A["a"].weight = nn.Parameter(layer.lora_A["a"].weight.detach() * 3)  # a new Parameter object
+    tripled = _check(model)
+    assert not torch.allclose(tripled, a, atol=1e-3)
+
+
+def test_training_under_autocast_through_the_plan_equals_the_general_loop():
+    """bf16 autocast with dropout: the plan (one shared cast of each input, lorakit.shared_cast) gives the general
+    loop's loss to the bit and its gradients within bf16 rounding: the terms of each input's gradient are the same,
+    summed in another order, and a last-bit difference in fp32 can flip a later cast to bf16 (2**-8 relative)."""
+    runs = []
+    for general in (False, True):
+        model = _model().train()
+        if general:
+            for layer in _layers(model):
+                layer._make_plan = lambda: ()
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=input_ids()).logits.float().square().mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((loss.detach(), grads))
+    (loss, grads), (loss_ref, grads_ref) = runs
+    torch.testing.assert_close(loss, loss_ref, atol=0, rtol=0)
+    assert grads.keys() == grads_ref.keys() and grads
+    for name in grads:
+        scale = grads_ref[name].abs().max().item()
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=2e-2 * scale, rtol=0)

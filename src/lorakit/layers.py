@@ -27,6 +27,7 @@ from lorakit import branch, dora, mixed_batch
 from lorakit.config import scaling_for
 from lorakit.init import get_initializer
 from lorakit.quant import QuantizedBaseError, QuantLinear, is_conv1d
+from lorakit.shared_cast import shared_cast
 
 
 class LoraLayer(nn.Module):
@@ -267,10 +268,13 @@ class LoraLinear(LoraLayer):
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
         plan = self._plan if self._plan is not None else self._make_plan()
         if plan:  # at most one plain adapter, no routing: the common case, its lookups done once per state
-            base_layer, name, A, B, dropout = plan
-            result = base_layer(x, *args, **kwargs)  # (..., out)
+            base_layer, name, A_params, B_params, dropout, linear_base = plan
             if name is None:  # disabled, merged, or no adapter of this layer active
-                return result
+                return base_layer(x, *args, **kwargs)
+            A, B = A_params["weight"], B_params["weight"]  # read per call: a replaced Parameter is seen
+            if linear_base:  # under autocast: one cast of x for this layer, its branch and the layers beside it
+                x = shared_cast(x)
+            result = base_layer(x, *args, **kwargs)  # (..., out)
             if torch.is_grad_enabled() or dropout.training or not x.dtype == A.dtype == B.dtype == result.dtype:
                 return branch.lora_add(result, x, A, B, self.scaling[name], dropout)
             return branch.lora_add_no_grad(result, x, A, B, self.scaling[name])
@@ -292,18 +296,22 @@ class LoraLinear(LoraLayer):
         return result
 
     def _make_plan(self) -> tuple:
-        """What forward needs in the current state, looked up once: (base_layer, name, A, B, dropout) of the one
-        active plain adapter; (base_layer, None, None, None, None) if the output is the base layer's alone (adapters
-        disabled or merged, none of this layer active); () for the general loop (routing, DoRA, several adapters)."""
+        """What forward needs in the current state, looked up once: (base_layer, name, A's and B's parameter dicts,
+        dropout, whether the base is an nn.Linear) of the one active plain adapter; (base_layer, None, ...) if the
+        output is the base layer's alone (adapters disabled or merged, none of this layer active); () for the general
+        loop (routing, DoRA, several adapters). The parameter dicts (not the Parameters) are kept, so that assigning a
+        new Parameter to lora_A[name].weight needs no replanning."""
         active = [n for n in self.active_adapters if n in self.lora_A]
         plan: tuple = ()
         if self.routing is not None:
             pass
         elif self.disable_adapters or self.merged or not active:
-            plan = (self.base_layer, None, None, None, None)
+            plan = (self.base_layer, None, None, None, None, False)
         elif len(active) == 1 and active[0] not in self.lora_magnitude_vector:
             name = active[0]
-            plan = (self.base_layer, name, *self.lora_weights(name), self.lora_dropout[name])
+            A_params, B_params = self.lora_A[name]._parameters, self.lora_B[name]._parameters
+            linear_base = isinstance(self.base_layer, nn.Linear)
+            plan = (self.base_layer, name, A_params, B_params, self.lora_dropout[name], linear_base)
         self.__dict__["_plan"] = plan
         return plan
 
