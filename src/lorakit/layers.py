@@ -272,8 +272,8 @@ class LoraLinear(LoraLayer):
             if name is None:  # disabled, merged, or no adapter of this layer active
                 return base_layer(x, *args, **kwargs)
             A, B = A_params["weight"], B_params["weight"]  # read per call: a replaced Parameter is seen
-            if linear_base:  # under autocast: one cast of x for this layer, its branch and the layers beside it
-                x = shared_cast(x)
+            if linear_base and torch.is_autocast_enabled("cpu"):  # one cast of x for this layer, its branch and
+                x = shared_cast(x)  # the layers beside it (q, k, v) instead of one per layer and branch
             result = base_layer(x, *args, **kwargs)  # (..., out)
             if torch.is_grad_enabled() or dropout.training or not x.dtype == A.dtype == B.dtype == result.dtype:
                 return branch.lora_add(result, x, A, B, self.scaling[name], dropout)
