@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import _build, _llama_config, input_ids, tiny_llama
+from helpers import _build, _llama_config, input_ids, perturb_, tiny_llama
 from torch import nn
 from transformers import GemmaConfig, GemmaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -87,10 +87,12 @@ def _patched(model: nn.Module) -> list[nn.Module]:
 
 
 def test_wrapped_llama_training_step_equals_unpatched() -> None:
-    """Same seed, dropout 0.1: loss and every LoRA gradient of the patched model equal the class's own forward."""
+    """Same seed, dropout 0.1, B made non-zero (so every A has a gradient): loss and every LoRA gradient of the
+    patched model (lean activation, recomputed down input) equal the class's own forward."""
     results = []
     for patch in (True, False):
         model = _lora(tiny_llama(seed=0))
+        perturb_([p for n, p in model.named_parameters() if "lora_B" in n], seed=5)
         assert len(_patched(model)) == 2
         if not patch:
             swiglu.unpatch_mlps(model)
@@ -128,3 +130,53 @@ def _small() -> dict:
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings")
     return {k: getattr(config, k) for k in keys}
+
+
+def _mlp_with_lora(dropout: float = 0.1) -> tuple[nn.Module, torch.Tensor]:
+    model = _lora(tiny_llama(seed=0), dropout).train()
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    return model.base_model.model.model.layers[0].mlp, x
+
+
+def _down_input_and_output(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    seen = {}
+    handle = mlp.down_proj.register_forward_hook(lambda m, args, out: seen.update(h=args[0]))
+    try:
+        out = mlp(x)
+    finally:
+        handle.remove()
+    return seen["h"], out
+
+
+def test_down_projection_input_is_recomputed_not_kept():
+    mlp, x = _mlp_with_lora()
+    h, out = _down_input_and_output(mlp, x)
+    kept = out.grad_fn.saved_tensors[0]  # down's LoRA branch: its saved input, as backward gets it
+    assert kept.data_ptr() != h.data_ptr()  # recomputed from g and u ...
+    assert torch.equal(kept, h)  # ... bit for bit
+
+
+def test_other_saved_tensor_hooks_take_precedence():
+    """Under checkpointing / offloading hooks the recompute stands aside: the outer hooks see h itself."""
+    mlp, x = _mlp_with_lora()
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.data_ptr()) or t, lambda t: t):
+        h, out = _down_input_and_output(mlp, x)
+    assert h.data_ptr() in packed
+    assert out.grad_fn.saved_tensors[0].data_ptr() == h.data_ptr()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = _lora(tiny_llama(seed=0))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        torch.manual_seed(3)
+        ids = input_ids()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-6, atol=1e-7, msg=name)

@@ -12,6 +12,12 @@ training step holds one (tokens, intermediate) tensor less per layer. Its backwa
 is computed with the same aten kernels autograd uses (``silu_backward`` for silu'(g) * (.)), so gradients equal
 autograd's, in fp32 and in bf16 autocast alike.
 
+The product h itself is kept by whatever reads it for backward: down's LoRA branch, for A's gradient. While down
+runs, a saved-tensor hook stores g and u (already kept by SwiGLU) in place of h, and h is recomputed from them when
+backward asks for it, bit-identical (same kernels, same inputs): one more (tokens, intermediate) tensor less per
+layer, for one silu and one multiply in backward. The hook stands aside when other saved-tensor hooks are active
+(activation checkpointing, ``save_on_cpu``): theirs apply unchanged.
+
 ``patch_mlps(model)`` makes each gated MLP of a known class use it, on the module instances (their class is not
 touched); ``unpatch_mlps(model)`` restores them. lorakit's LoraModel patches when adapters are added and unpatches
 when the model is unloaded; the values are the same either way (tests/test_swiglu.py).
@@ -61,7 +67,43 @@ def swiglu(g: Tensor, u: Tensor) -> Tensor:
 
 
 def _gated_forward(self: nn.Module, x: Tensor) -> Tensor:
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    g, u = self.gate_proj(x), self.up_proj(x)
+    h = swiglu(g, u)
+    if h.grad_fn is None or _other_saved_tensor_hooks():
+        return self.down_proj(h)
+    with torch.autograd.graph.saved_tensors_hooks(*_recompute_hooks(h, g, u)):
+        return self.down_proj(h)
+
+
+class _Recompute:
+    """What is saved in place of ``h = silu(g) * u``: g and u (kept by SwiGLU's node anyway)."""
+
+    __slots__ = ("g", "u")
+
+    def __init__(self, g: Tensor, u: Tensor) -> None:
+        self.g, self.u = g.detach(), u.detach()
+
+    def value(self) -> Tensor:
+        return nn.functional.silu(self.g).mul_(self.u)  # the forward's ops on the same inputs: h bit for bit
+
+
+def _recompute_hooks(h: Tensor, g: Tensor, u: Tensor) -> tuple:
+    """Saved-tensor hooks that store h as a ``_Recompute`` and pass every other tensor through."""
+    key = (h.data_ptr(), h.shape, h.stride(), h.dtype)
+
+    def pack(t: Tensor) -> Tensor | _Recompute:
+        return _Recompute(g, u) if (t.data_ptr(), t.shape, t.stride(), t.dtype) == key else t
+
+    def unpack(saved: Tensor | _Recompute) -> Tensor:
+        return saved.value() if isinstance(saved, _Recompute) else saved
+
+    return pack, unpack
+
+
+def _other_saved_tensor_hooks() -> bool:
+    """True if saved-tensor hooks are active here (checkpointing, offloading), or if torch cannot tell."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
 
 
 def is_gated_mlp(module: nn.Module) -> bool:
