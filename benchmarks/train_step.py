@@ -1,9 +1,13 @@
 """Train-step time and memory, lorakit against HF PEFT, measured in the same run (issue: speed target 1).
 
 For each (library, precision) a fresh subprocess loads the default model (SmolLM2-135M-Instruct), wraps it with LoRA
-r=16 on all linear layers, dropout 0.05, and times forward + backward + optimizer step on the same padded batch
+r=16 on all linear layers, dropout 0.05, and runs forward + backward + optimizer step on the same padded batch
 (4 x 256 random tokens, loss on every token). Memory is the peak resident set size above the loaded model (VmHWM
-after a reset, minus VmRSS before the steps). Also timed: a no-grad forward, the floor a LoRA step is compared with.
+after a reset, minus VmRSS before the steps). Times come from one more process per precision holding three copies of
+the model, taking a no-grad forward (the floor a LoRA step is compared with), a PEFT step and a lorakit step in turn:
+this virtual machine's speed drifts by up to ~30% between minutes, which sequential runs mistook for library
+differences (fp32 lorakit/PEFT 0.77 to 1.01 over four sequential runs). ``alone_step_s`` keeps each library's time
+from its own process.
 
     .venv/bin/python benchmarks/train_step.py [--steps 5] [--batch 4] [--seq 256]
 """
@@ -31,26 +35,21 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def measure(library: str, precision: str, steps: int, batch: int, seq: int) -> dict[str, float]:
-    """One measurement, in this process (run it in a fresh subprocess so that peaks do not mix)."""
+def _step_fn(library: str, model, ids, bf16: bool):
+    """One timed unit of work on ``model`` (changed in place): a training step (forward, backward, AdamW) of PEFT or
+    lorakit LoRA r=16 all-linear dropout 0.05, or for library "none" a no-grad forward of the plain model."""
     import torch
 
-    from lorakit.models import load_model
-
-    torch.manual_seed(0)
-    model = load_model()
-    model.config.use_cache = False
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
-    bf16 = precision == "bf16"
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     if library == "none":  # the floor: no-grad forward
         model.eval()
-        times = []
-        for _ in range(steps + 1):
-            start = time.perf_counter()
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+
+        def forward() -> float:
+            with torch.no_grad(), autocast:
                 model(input_ids=ids)
-            times.append(time.perf_counter() - start)
-        return {"step_s": statistics.median(times[1:])}
+            return float("nan")
+
+        return forward
     if library == "peft":
         import peft
 
@@ -72,34 +71,91 @@ def measure(library: str, precision: str, steps: int, batch: int, seq: int) -> d
             return total / n
 
     wrapped.train()
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> float:
+        with autocast:
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def _setup(batch: int, seq: int):
+    import torch
+
+    from lorakit.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model()
+    model.config.use_cache = False
+    return model, torch.randint(0, model.config.vocab_size, (batch, seq))
+
+
+def measure(library: str, precision: str, steps: int, batch: int, seq: int) -> dict[str, float]:
+    """Memory (and time) of one library alone, in this process (run it in a fresh subprocess so that peaks do not
+    mix)."""
+    model, ids = _setup(batch, seq)
+    step = _step_fn(library, model, ids, precision == "bf16")
     before = _rss_kb("VmRSS")
     _reset_peak()
     times = []
     for _ in range(steps + 1):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = step()
         times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times[1:]), "train_mem_mb": (_rss_kb("VmHWM") - before) / 1024,
-            "loss": float(loss)}
+    result = {"step_s": statistics.median(times[1:]), "loss": loss}
+    if library != "none":
+        result["train_mem_mb"] = (_rss_kb("VmHWM") - before) / 1024
+    return result
+
+
+def measure_interleaved(precision: str, steps: int, batch: int, seq: int) -> dict[str, float]:
+    """Median times of the no-grad forward, the PEFT step and the lorakit step taken in turn in one process (each on
+    its own copy of the model), so that a slow minute of the (virtual) machine falls on all three alike."""
+    import torch
+
+    torch.manual_seed(0)
+    fns = {}
+    for library in LIBRARIES:
+        model, ids = _setup(batch, seq)
+        fns[library] = _step_fn(library, model, ids, precision == "bf16")
+    times: dict[str, list[float]] = {library: [] for library in LIBRARIES}
+    for _ in range(steps + 1):
+        for library, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[library].append(time.perf_counter() - start)
+    return {library: statistics.median(t[1:]) for library, t in times.items()}
+
+
+LIBRARIES = ("none", "peft", "lorakit")
 
 
 def run(steps: int = 5, batch: int = 4, seq: int = 256) -> dict[str, dict[str, float]]:
-    """{"<library> <precision>": measurement} for library none (no-grad forward) / peft / lorakit, fp32 and bf16."""
+    """{"<library> <precision>": {"step_s", "train_mem_mb"}} for library none (no-grad forward) / peft / lorakit, fp32
+    and bf16. Memory comes from each library alone in a fresh process; time from one process per precision that
+    takes the three in turn (``measure_interleaved``), since this machine's speed drifts by tens of percent between
+    minutes."""
     results: dict[str, dict[str, float]] = {}
     for precision in ("fp32", "bf16"):
-        for library in ("none", "peft", "lorakit"):
-            cmd = [sys.executable, __file__, "--one", library, precision, "--steps", str(steps),
-                   "--batch", str(batch), "--seq", str(seq)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            results[f"{library} {precision}"] = json.loads(out)
+        for library in LIBRARIES:
+            results[f"{library} {precision}"] = _subprocess(["--one", library, precision], steps, batch, seq)
+        times = _subprocess(["--interleaved", precision], steps, batch, seq)
+        for library in LIBRARIES:
+            results[f"{library} {precision}"]["alone_step_s"] = results[f"{library} {precision}"]["step_s"]
+            results[f"{library} {precision}"]["step_s"] = times[library]
             print(f"{precision} {library:8s} {results[f'{library} {precision}']}", file=sys.stderr)
     return results
+
+
+def _subprocess(args: list[str], steps: int, batch: int, seq: int) -> dict:
+    cmd = [sys.executable, __file__, *args, "--steps", str(steps), "--batch", str(batch), "--seq", str(seq)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    return json.loads(out)
 
 
 def ratios(results: dict[str, dict[str, float]], precision: str) -> dict[str, float]:
@@ -129,9 +185,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--one", nargs=2, metavar=("LIBRARY", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved", metavar="PRECISION", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(*args.one, args.steps, args.batch, args.seq)))
+        return
+    if args.interleaved:
+        print(json.dumps(measure_interleaved(args.interleaved, args.steps, args.batch, args.seq)))
         return
     results = run(args.steps, args.batch, args.seq)
     print(f"\nbatch {args.batch} x {args.seq} tokens, r=16 all-linear, dropout 0.05, median of {args.steps} steps\n")
