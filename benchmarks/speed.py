@@ -7,7 +7,7 @@
 4. mixed-adapter batches (mixed_adapters.py): ``generate(adapter_names=...)``, 8 adapters over 32 prompts, vs PEFT
 
 Each part runs in fresh processes, one after another; each part's own table is printed as it finishes, then the
-summary. On this project's 2-core machine the whole run takes about 15 minutes.
+summary. On this project's 2-core machine the whole run takes about 22 minutes (part 1 about 10, part 2 about 12).
 
     .venv/bin/python benchmarks/speed.py [--quick]
 """
