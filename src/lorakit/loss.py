@@ -79,8 +79,12 @@ def lm_loss_sum_unfused(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Ten
     parts = _body_and_head(model)
     if parts is None:
         return lm_loss_sum_reference(model, batch)
-    hidden, target = _labelled(parts[0], batch)
-    logits = parts[1](hidden)  # (N, H) -> (N, V), N labelled positions
+    return _head_loss(*parts, batch)
+
+
+def _head_loss(body: nn.Module, head: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    hidden, target = _labelled(body, batch)
+    logits = head(hidden)  # (N, H) -> (N, V), N labelled positions
     return F.cross_entropy(logits.float(), target, reduction="sum"), len(target)
 
 
@@ -88,10 +92,13 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, Tensor], chunk: int = DEFAULT
     """Same value as ``lm_loss_sum_reference``; the output layer runs on labelled positions only, fused with the
     cross-entropy in chunks of ``chunk`` rows when it is a plain Linear (else as ``lm_loss_sum_unfused``)."""
     parts = _body_and_head(model)
-    linear = None if parts is None else _plain_linear(parts[1])
+    if parts is None:
+        return lm_loss_sum_reference(model, batch)
+    body, head = parts
+    linear = _plain_linear(head)
     if linear is None:
-        return lm_loss_sum_unfused(model, batch)
-    hidden, target = _labelled(parts[0], batch)
+        return _head_loss(body, head, batch)
+    hidden, target = _labelled(body, batch)
     return linear_cross_entropy(hidden, linear.weight, target, linear.bias, chunk), len(target)
 
 
