@@ -282,6 +282,24 @@ def chunked_linear(x: Tensor, layer: ChunkedWeight) -> Tensor:
     return _DequantLinear.apply(x, layer)
 
 
+def frozen_linear(weight: Tensor, bias: nn.Parameter | None, training: bool, conv1d: bool = False) -> nn.Module:
+    """A plain ``nn.Linear`` holding ``weight`` (out, in), frozen, and a copy of ``bias`` (trainable if it was); a
+    GPT-2 ``Conv1D`` (weight stored (in, out)) if ``conv1d``. What a reduced-precision layer gives back in full
+    precision."""
+    out_features, in_features = weight.shape
+    with torch.device("meta"):  # no initial weights: they are replaced below
+        if conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            module: nn.Module = Conv1D(out_features, in_features)
+        else:
+            module = nn.Linear(in_features, out_features, bias=bias is not None)
+    module.weight = nn.Parameter(weight.T.contiguous() if conv1d else weight, requires_grad=False)
+    if bias is not None:
+        module.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+    return module.train(training)
+
+
 class QuantLinear(nn.Module):
     """A frozen linear layer whose weight (out, in) is stored as NF4 or int8 codes in buffers; the bias (if any)
     stays a Parameter. ``forward(x) = x @ dequantize().T + bias``. ``from_conv1d``: it replaced a GPT-2 Conv1D (weight
@@ -341,17 +359,7 @@ class QuantLinear(nn.Module):
         weight = self.dequantize() if weight is None else weight.detach()
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit {self}")
-        with torch.device("meta"):  # no initial weights: they are replaced below
-            if self.from_conv1d:
-                from transformers.pytorch_utils import Conv1D
-
-                module: nn.Module = Conv1D(self.out_features, self.in_features)
-            else:
-                module = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        module.weight = nn.Parameter(weight.T.contiguous() if self.from_conv1d else weight, requires_grad=False)
-        if self.bias is not None:
-            module.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
-        return module.train(self.training)
+        return frozen_linear(weight, self.bias, self.training, conv1d=self.from_conv1d)
 
     def requantize_(self, weight: Tensor) -> None:
         """Store ``weight`` (out, in) in this layer's format (lossless if ``weight`` is a dequantized one)."""

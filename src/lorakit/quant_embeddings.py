@@ -30,7 +30,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from lorakit.quant import QuantLinear, chunked_linear, row_chunks
+from lorakit.quant import QuantLinear, chunked_linear, frozen_linear, row_chunks
 
 EMBEDDING_STORAGE: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "keep": None}
 
@@ -106,11 +106,7 @@ class HalfLinear(nn.Linear):
         """A plain ``nn.Linear`` in ``compute_dtype`` holding ``weight`` (out, in; default: this weight) and this
         bias, the weight frozen."""
         weight = self.weight if weight is None else weight
-        module = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        module.weight = nn.Parameter(weight.detach().to(self.compute_dtype), requires_grad=False)
-        if self.bias is not None:
-            module.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
-        return module.train(self.training)
+        return frozen_linear(weight.detach().to(self.compute_dtype), self.bias, self.training)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stored {self.weight.dtype}, computes {self.compute_dtype}"
