@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+LIBRARIES = ("none", "peft", "lorakit")  # "none": the no-grad forward of the plain model
+
 
 def _rss_kb(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -130,9 +132,6 @@ def measure_interleaved(precision: str, steps: int, batch: int, seq: int) -> dic
             fn()
             times[library].append(time.perf_counter() - start)
     return {library: statistics.median(t[1:]) for library, t in times.items()}
-
-
-LIBRARIES = ("none", "peft", "lorakit")
 
 
 def run(steps: int = 5, batch: int = 4, seq: int = 256) -> dict[str, dict[str, float]]:
