@@ -23,40 +23,63 @@ def _grads(out, tensors, seed=1):
     return torch.autograd.grad(out, tensors, upstream)
 
 
-@pytest.mark.parametrize("mask_dtype", [None, torch.uint8, torch.bool, torch.float32])
-def test_branch_equals_autograd_composition_values_and_gradients(mask_dtype):
+def _keep_mask(shape, dropped):
+    """The 0 / 1 float mask with 0 at the flat positions ``dropped``: what reference_with_mask takes."""
+    mask = torch.ones(shape)
+    mask.view(-1)[dropped.long()] = 0.0
+    return mask
+
+
+@pytest.mark.parametrize("with_dropout", [False, True])
+def test_branch_equals_autograd_composition_values_and_gradients(with_dropout):
     x, W, A, B = _inputs()
-    keep_mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) < 0.7
-    mask, keep = (keep_mask.to(mask_dtype), 1 / 0.7) if mask_dtype else (None, 1.0)
-    fast = branch.LoraBranch.apply(x @ W.T, x, A, B, 0.5, mask, keep)
+    torch.manual_seed(2)
+    dropped = branch.dropped_positions(x.numel(), 0.3, x.device) if with_dropout else None
+    mask, keep = (_keep_mask(x.shape, dropped), 1 / 0.7) if with_dropout else (None, 1.0)
+    fast = branch.LoraBranch.apply(x @ W.T, x, A, B, 0.5, dropped, keep)
     ref = branch.reference_with_mask(x @ W.T, x, A, B, 0.5, mask, keep)
     torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
     for got, want in zip(_grads(fast, (x, W, A, B)), _grads(ref, (x, W, A, B)), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mask_dtype", [torch.uint8, torch.float32])
-def test_backward_leaves_saved_tensors_untouched(mask_dtype):
-    """A second backward through the same graph gives the same gradients, and x and the mask are unchanged."""
+@pytest.mark.parametrize("shape", [(5, 3), (15,)])
+def test_branch_drops_by_position_on_a_non_contiguous_input(shape):
+    """Positions index x's row-major order when x is a transposed view: a 3-d one (reshaped to rows by a copy) and
+    a 2-d one (its rows are x itself)."""
+    x, W, A, B = _inputs(shape=shape)
+    xt = x.transpose(0, 1) if len(shape) == 2 else x.detach().T.contiguous().T.requires_grad_()
+    assert not xt.is_contiguous()
+    dropped = torch.tensor([0, 7, 8, 40, 89], dtype=torch.int32)
+    fast = branch.LoraBranch.apply(xt @ W.T, xt, A, B, 0.5, dropped, 2.0)
+    ref = branch.reference_with_mask(xt @ W.T, xt, A, B, 0.5, _keep_mask(xt.shape, dropped), 2.0)
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(_grads(fast, (xt, A, B)), _grads(ref, (xt, A, B)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_leaves_saved_tensors_untouched():
+    """A second backward through the same graph gives the same gradients, and x and the positions are unchanged."""
     x, W, A, B = _inputs()
-    mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) < 0.7).to(mask_dtype)
-    x_before, mask_before = x.detach().clone(), mask.clone()
-    out = branch.LoraBranch.apply(x @ W.T, x, A, B, 0.5, mask, 1 / 0.7)
+    torch.manual_seed(2)
+    dropped = branch.dropped_positions(x.numel(), 0.3, x.device)
+    x_before, dropped_before = x.detach().clone(), dropped.clone()
+    out = branch.LoraBranch.apply(x @ W.T, x, A, B, 0.5, dropped, 1 / 0.7)
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     first = torch.autograd.grad(out, (x, A, B), upstream, retain_graph=True)
     second = torch.autograd.grad(out, (x, A, B), upstream)
     for a, b in zip(first, second, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert torch.equal(x.detach(), x_before) and torch.equal(mask, mask_before)
+    assert torch.equal(x.detach(), x_before) and torch.equal(dropped, dropped_before)
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_branch_gradcheck_float64(with_mask):
+@pytest.mark.parametrize("with_dropout", [False, True])
+def test_branch_gradcheck_float64(with_dropout):
     x, W, A, B = _inputs(torch.float64, shape=(2, 3), n_in=4, n_out=3, r=2)
     base = (x @ W.T).detach().requires_grad_()
-    mask = torch.tensor([[1, 0, 1, 1]] * 6, dtype=torch.uint8).view(2, 3, 4) if with_mask else None
+    dropped = torch.tensor([1, 5, 9, 13, 17, 21], dtype=torch.int32) if with_dropout else None  # column 1 of each row
     assert torch.autograd.gradcheck(
-        lambda b, x_, a, b_: branch.LoraBranch.apply(b, x_, a, b_, 0.75, mask, 2.0), (base, x, A, B)
+        lambda b, x_, a, b_: branch.LoraBranch.apply(b, x_, a, b_, 0.75, dropped, 2.0), (base, x, A, B)
     )
 
 
@@ -71,37 +94,69 @@ def test_lora_add_without_dropout_equals_reference_in_every_mode():
     torch.testing.assert_close(branch.lora_add(x @ W.T, x, A, B, 2.0, dropout_eval), want, rtol=1e-6, atol=1e-6)
 
 
-def test_lora_add_with_dropout_uses_the_drawn_mask():
-    """Same RNG state: lora_add equals the masked reference with the mask dropout_mask draws."""
+def test_lora_add_with_dropout_uses_the_drawn_positions():
+    """Same RNG state: lora_add equals the masked reference with the positions dropped_positions draws."""
     x, W, A, B = _inputs(shape=(4, 9))
     torch.manual_seed(5)
     fast = branch.lora_add(x @ W.T, x, A, B, 0.5, nn.Dropout(0.25).train())
     torch.manual_seed(5)
-    mask, keep = branch.dropout_mask(x.shape, 0.25, x.device)
-    ref = branch.reference_with_mask(x @ W.T, x, A, B, 0.5, mask, keep)
+    dropped = branch.dropped_positions(x.numel(), 0.25, x.device)
+    ref = branch.reference_with_mask(x @ W.T, x, A, B, 0.5, _keep_mask(x.shape, dropped), 1 / 0.75)
     torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
     for got, want in zip(_grads(fast, (x, W, A, B)), _grads(ref, (x, W, A, B)), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert not mask.all() and mask.any()
+    assert 0 < len(dropped) < x.numel()
 
 
-@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
-def test_dropout_mask_keeps_one_minus_p_and_is_unbiased(p):
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_dropped_positions_drop_each_element_with_probability_p_independently(p):
     torch.manual_seed(0)
-    mask, keep = branch.dropout_mask((1000, 1000), p, torch.device("cpu"))
-    assert mask.dtype == torch.uint8 and mask.shape == (1000, 1000) and set(mask.unique().tolist()) == {0, 1}
-    rate = mask.float().mean().item()
-    assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / 1e6) ** 0.5 + 2**-16  # 5 sigma
-    assert abs(rate * keep - 1) < 5 * (p / (1 - p) / 1e6) ** 0.5 + 1e-4  # E[mask * scale] = 1
-    # independent columns and rows: no visible correlation between neighbours
-    m = mask.float() - mask.float().mean()
+    n = 10**6
+    dropped = branch.dropped_positions(n, p, torch.device("cpu"))
+    assert dropped.dtype == torch.int32 and dropped.dim() == 1
+    assert bool((dropped[1:] > dropped[:-1]).all()) and 0 <= int(dropped[0]) and int(dropped[-1]) < n
+    sd = (n * p * (1 - p)) ** 0.5
+    assert abs(len(dropped) - n * p) < 5 * sd  # the drop count: Binomial(n, p), 5 sigma
+    mask = _keep_mask((1000, 1000), dropped)
+    m = mask - mask.mean()  # no visible correlation between neighbours in a row or a column
     assert abs((m[:, 1:] * m[:, :-1]).mean().item()) < 5 * p * (1 - p) / 1e3
     assert abs((m[1:] * m[:-1]).mean().item()) < 5 * p * (1 - p) / 1e3
+    gaps = torch.diff(dropped.long()).double()  # Geometric(p): mean 1 / p, variance (1 - p) / p**2
+    assert abs(gaps.mean().item() - 1 / p) < 5 * ((1 - p) / p**2 / len(gaps)) ** 0.5
+    assert abs(gaps.var().item() / ((1 - p) / p**2) - 1) < 0.05
 
 
-def test_dropout_mask_rejects_p_that_drops_everything():
-    with pytest.raises(ValueError, match="drops every element"):
-        branch.dropout_mask((3,), 0.99999999, torch.device("cpu"))
+def test_dropped_positions_every_position_equally_likely_including_the_ends():
+    """Many draws over 12 elements: each position is dropped with frequency p (first and last included) and the
+    count's variance is the binomial n p (1 - p)."""
+    torch.manual_seed(1)
+    n, p, trials = 12, 0.3, 20000
+    hits, counts = torch.zeros(n), []
+    for _ in range(trials):
+        dropped = branch.dropped_positions(n, p, torch.device("cpu")).long()
+        hits[dropped] += 1
+        counts.append(len(dropped))
+    sd = (p * (1 - p) / trials) ** 0.5
+    assert ((hits / trials - p).abs() < 5 * sd).all(), hits / trials
+    counts = torch.tensor(counts, dtype=torch.float64)
+    assert abs(counts.var().item() / (n * p * (1 - p)) - 1) < 0.05
+
+
+def test_dropped_positions_with_several_rounds_of_draws(monkeypatch):
+    """Rounds that fall short of n (forced here; ~1e-9 of real calls) continue where the last drop left off."""
+    monkeypatch.setattr(branch, "_MARGIN_SD", -50.0)  # each round draws far fewer gaps than needed
+    torch.manual_seed(0)
+    n, p = 10**5, 0.2
+    dropped = branch.dropped_positions(n, p, torch.device("cpu"))
+    assert bool((dropped[1:] > dropped[:-1]).all()) and int(dropped[-1]) < n
+    assert abs(len(dropped) - n * p) < 5 * (n * p * (1 - p)) ** 0.5
+    assert int(dropped[-1]) > n - 100  # the draws reached the end
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, -0.1])
+def test_dropped_positions_rejects_p_outside_0_1(p):
+    with pytest.raises(ValueError, match="not in \\(0, 1\\)"):
+        branch.dropped_positions(3, p, torch.device("cpu"))
 
 
 def test_branch_under_bf16_autocast_is_close_to_fp32_and_grads_are_fp32():

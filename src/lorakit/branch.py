@@ -11,20 +11,22 @@ maths:
   instead of the views around one addmm. ``LoraLinear.forward`` calls it directly in its common case;
 - with gradients: ``LoraBranch``, an autograd function. Autograd's composition would save a dropped copy of x for
   A's gradient (a full (..., in) tensor per adapted layer, on top of x itself) and run dropout as a float mask
-  multiply. ``LoraBranch`` saves x itself (the base layer's input, which q/k/v share), a one-byte keep mask m and
-  the r-wide activation ``u = (s / q) * (x * m) @ A.T`` (q: keep probability; the 1 / q of dropout is applied on the
-  r-wide side), and in backward computes, for the upstream gradient g,
+  multiply. ``LoraBranch`` saves x itself (the base layer's input, which q/k/v share), the flat positions of the
+  dropped elements and the r-wide activation ``u = (s / q) * drop(x) @ A.T`` (q = 1 - p: keep probability; the 1 / q
+  of dropout is applied on the r-wide side), and in backward computes, for the upstream gradient g,
 
-      dB = g.T @ u,   g_u = (s / q) * (g @ B),   dA = g_u.T @ (x * m),   dx = (g_u @ A) * m,   dbase = g
+      dB = g.T @ u,   g_u = (s / q) * (g @ B),   dA = g_u.T @ drop(x),   dx = drop(g_u @ A),   dbase = g
 
-  ``x * m`` is recomputed in backward (one pass) instead of being kept.
+  where drop(t) is t with the dropped positions set to 0. ``drop(x)`` is recomputed in backward (a copy and a
+  scatter of zeros) instead of being kept.
 
-Dropout masks come from torch's global generator (so seeding and checkpointed RNG state cover them), 16 random bits
-per element: an element is kept with probability ``k / 65536``, ``k = round((1 - p) * 65536)``, and kept values are
-scaled by ``65536 / k`` (an unbiased dropout whose p is rounded to a multiple of 2**-16). Drawing 16 bits per element
-as int64 words is ~4x faster on the CPU than ``bernoulli_``. The mask is uint8 0 / 1, applied as ``m.to(x.dtype) * x``:
-on the CPU, torch's kernels that read or write bool tensors (``where``, ``<`` into bool, bool -> float) run ~5-10x
-slower than the same work on uint8 (tests/test_branch.py has the equality tests; benchmarks/train_step.py the step).
+Dropout draws the dropped positions directly (``dropped_positions``), not a mask: in a sequence of independent
+Bernoulli(p) drops the gaps between successive drops are independent Geometric(p) variables, drawn as
+``floor(log(U) / log(1 - p)) + 1`` from float64 uniforms of torch's global generator (so seeding and checkpointed RNG
+state cover them). That is exactly dropout's distribution, with p n draws instead of n (p = 0.05: 20x fewer, the
+draw ~3x faster than a 16-bit mask's), and the positions (int32, 4 p bytes per element) are what backward keeps:
+0.2 bytes per element at p = 0.05, against PEFT's dropped fp32 copy (4 bytes). tests/test_branch.py checks the
+statistics and the equality with the textbook composition; benchmarks/train_step.py times the step.
 """
 
 from __future__ import annotations
@@ -34,24 +36,29 @@ import math
 import torch
 from torch import Tensor, nn
 
-_LEVELS = 1 << 16
+_INT32_POSITIONS = 2**31 - 1  # tensors with more elements keep int64 positions
+_MARGIN_SD = 6.0  # a round of draws covers this many standard deviations of the drop count past its mean
 
 
-def keep_threshold(p: float) -> int:
-    """The number k of 16-bit values (out of 65536) that keep an element: keep probability k / 65536."""
-    return round((1.0 - p) * _LEVELS)
-
-
-def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> tuple[Tensor, float]:
-    """(keep mask of ``shape`` (uint8, 1 = keep), 1 / keep probability) for dropout probability ``p`` in (0, 1)."""
-    k = keep_threshold(p)
-    if k <= 0:
-        raise ValueError(f"dropout probability {p} drops every element; use a value below 1")
-    n = math.prod(shape)
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
-    bits = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
-    mask = torch.lt(bits, k - _LEVELS // 2, out=torch.empty(shape, dtype=torch.uint8, device=device))
-    return mask, _LEVELS / k
+def dropped_positions(n: int, p: float, device: torch.device) -> Tensor:
+    """The sorted flat positions (int32, int64 for n >= 2**31) dropout with probability ``p`` in (0, 1) drops among
+    ``n`` elements, each independently: the running sum of Geometric(p) gaps ``floor(log(U) / log(1 - p)) + 1``,
+    U uniform in (0, 1], cut at n."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"dropout probability {p} is not in (0, 1); use 0 for no dropout and a value below 1")
+    log_keep = math.log1p(-p)
+    rounds, last = [], -1.0  # last: the position of the last drop drawn so far
+    while last < n:  # one round in all but ~1e-9 of the calls
+        mean = (n - 1 - last) * p
+        count = max(int(mean + _MARGIN_SD * math.sqrt(mean * (1.0 - p)) + 16.0), 1)
+        uniform = torch.rand(count, dtype=torch.float64, device=device)  # in [0, 1), so 1 - uniform is in (0, 1]
+        gaps = torch.log1p(uniform.neg_()).div_(log_keep).floor_().add_(1.0)  # Geometric(p) on {1, 2, ...}
+        rounds.append(gaps.cumsum_(0).add_(last))  # float64: exact integers up to 2**53
+        last = float(rounds[-1][-1])
+    positions = rounds[0] if len(rounds) == 1 else torch.cat(rounds)
+    positions = positions[: int(torch.searchsorted(positions, float(n)))]
+    dtype = torch.int32 if n <= _INT32_POSITIONS else torch.int64
+    return positions.to(dtype)
 
 
 def reference(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: nn.Module) -> Tensor:
@@ -69,51 +76,49 @@ def reference_with_mask(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: 
 
 
 class LoraBranch(torch.autograd.Function):
-    """``base + s * ((x * mask * keep_scale) @ A.T) @ B.T`` (mask None: no dropout); gradients as in the module doc."""
+    """``base + s * (drop(x) * keep_scale) @ A.T @ B.T``, drop(x): x with the flat positions ``dropped`` set to 0
+    (None: no dropout); gradients as in the module doc."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, mask: Tensor | None,
+    def forward(ctx, base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropped: Tensor | None,
                 keep_scale: float) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        s = scaling * keep_scale  # dropout's 1 / keep applied on the r-wide side: (x * m / q) @ A.T = (x * m) @ A.T / q
-        u = (_masked(x2, mask) @ A.T) * s  # (N, r)
+        s = scaling * keep_scale  # dropout's 1 / q applied on the r-wide side: (drop(x) / q) @ A.T = drop(x) @ A.T / q
+        u = (_drop(x2, dropped) @ A.T) * s  # (N, r)
         out = torch.addmm(base.reshape(-1, base.shape[-1]), u.to(base.dtype), B.T.to(base.dtype))  # (N, out)
-        ctx.save_for_backward(x, A, B, u, mask)
+        ctx.save_for_backward(x, A, B, u, dropped)
         ctx.s = s
         return out.view(base.shape)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, A, B, u, mask = ctx.saved_tensors
+        x, A, B, u, dropped = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_A = grad_B = grad_x = None
-        g_u = (g @ B.to(g.dtype)) * ctx.s  # (N, r): d loss / d ((x * m) @ A.T)
+        g_u = (g @ B.to(g.dtype)) * ctx.s  # (N, r): d loss / d (drop(x) @ A.T)
         if ctx.needs_input_grad[3]:
             grad_B = (g.T @ u.to(g.dtype)).to(B.dtype)  # (out, r)
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        if mask is not None:
-            mask = mask.view(x2.shape).to(x.dtype)  # 0. / 1., converted once for both uses below
+        if dropped is not None:
+            dropped = dropped.long()  # index_fill_ takes int64 positions; converted once for both uses below
         if ctx.needs_input_grad[2]:
-            h = _masked(x2, mask)  # (N, in), recomputed: cheaper than saving a copy
+            h = _drop(x.reshape(-1, x.shape[-1]), dropped)  # (N, in), recomputed: cheaper than saving a copy
             grad_A = (g_u.T @ h.to(g_u.dtype)).to(A.dtype)  # (r, in)
         if ctx.needs_input_grad[1]:
-            grad_x = _masked(g_u @ A.to(g_u.dtype), mask, in_place=True).view(x.shape).to(x.dtype)  # (N, in)
+            grad_x = _drop(g_u @ A.to(g_u.dtype), dropped, in_place=True).view(x.shape).to(x.dtype)  # (N, in)
         grad_base = grad if ctx.needs_input_grad[0] else None
         return grad_base, grad_x, grad_A, grad_B, None, None, None
 
 
-def _masked(t: Tensor, mask: Tensor | None, in_place: bool = False) -> Tensor:
-    """``t`` with the elements where ``mask`` (0 / 1, any dtype) is 0 set to 0: ``t * mask``, in a new tensor unless
-    ``in_place`` (then ``t`` is overwritten). The uint8 -> float conversion is fast; a multiply by uint8 is not."""
-    if mask is None:
+def _drop(t: Tensor, dropped: Tensor | None, in_place: bool = False) -> Tensor:
+    """``t`` with the elements at the flat positions ``dropped`` (of t's row-major layout) set to 0: a contiguous
+    copy unless ``in_place`` (then ``t``, contiguous, is overwritten); ``t`` itself if ``dropped`` is None."""
+    if dropped is None:
         return t
-    view = mask.view(t.shape)
-    m = view.to(t.dtype)
-    if in_place:
-        return t.mul_(m)
-    return m.mul_(t) if m is not view else m * t  # m a fresh conversion of the mask: reuse its buffer
+    out = t if in_place else t.clone(memory_format=torch.contiguous_format)
+    out.view(-1).index_fill_(0, dropped.long(), 0.0)  # .long() returns int64 positions as they are
+    return out
 
 
 def lora_add(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: nn.Module) -> Tensor:
@@ -128,8 +133,9 @@ def lora_add(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, drop
         u = x.reshape(-1, x.shape[-1]) @ A.T  # (N, r)
         u, B = u.to(base.dtype), B.to(base.dtype)  # autocast: the matmul ran in its dtype; meet the base output's
         return torch.addmm(base.reshape(-1, base.shape[-1]), u, B.T, alpha=scaling).view(base.shape)
-    mask, keep_scale = dropout_mask(x.shape, p, x.device) if p > 0.0 else (None, 1.0)
-    return LoraBranch.apply(base, x, A, B, scaling, mask, keep_scale)
+    if p == 0.0:
+        return LoraBranch.apply(base, x, A, B, scaling, None, 1.0)
+    return LoraBranch.apply(base, x, A, B, scaling, dropped_positions(x.numel(), p, x.device), 1.0 / (1.0 - p))
 
 
 _FEW = 1 << 15  # output elements (a few rows: decoding) up to which three ops beat the views around one addmm
