@@ -192,3 +192,88 @@ def test_lora_layer_training_step_matches_reference_layer():
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     for got, want in zip(_grads(out, (x, A, B)), _grads(ref, (x, A, B)), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("with_dropout", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_linear_branch_equals_linear_plus_composition(bias, with_dropout, layout):
+    """The frozen Linear and its branch as one node: values and gradients of x, A, B equal F.linear + the masked
+    composition."""
+    x, W, A, B = _inputs()
+    W = W.detach()
+    b = torch.randn(W.shape[0], generator=torch.Generator().manual_seed(3)) if bias else None
+    if layout == "transposed":  # (5, 3, in) view of x: not contiguous
+        x = x.detach().transpose(0, 1).requires_grad_()
+        assert not x.is_contiguous()
+    torch.manual_seed(2)
+    dropped = branch.dropped_positions(x.numel(), 0.3, x.device) if with_dropout else None
+    mask, keep = (_keep_mask(x.shape, dropped), 1 / 0.7) if with_dropout else (None, 1.0)
+    fast = branch.LinearBranch.apply(x, W, b, A, B, 0.5, dropped, keep)
+    ref = branch.reference_with_mask(nn.functional.linear(x, W, b), x, A, B, 0.5, mask, keep)
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(_grads(fast, (x, A, B)), _grads(ref, (x, A, B)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_branch_gradcheck_float64():
+    x, W, A, B = _inputs(torch.float64, shape=(2, 3), n_in=4, n_out=3, r=2)
+    W, bias = W.detach(), torch.randn(3, dtype=torch.float64)
+    dropped = torch.tensor([1, 5, 9, 13, 17, 21], dtype=torch.int32)
+    assert torch.autograd.gradcheck(
+        lambda x_, a, b_: branch.LinearBranch.apply(x_, W, bias, a, b_, 0.75, dropped, 2.0), (x, A, B)
+    )
+
+
+def test_linear_lora_add_draws_as_lora_add_does():
+    """Same RNG state: the fused node equals the layer's output + lora_add, dropout included."""
+    x, _, A, B = _inputs(shape=(4, 9))
+    linear = nn.Linear(6, 7).requires_grad_(False)
+    dropout = nn.Dropout(0.25).train()
+    torch.manual_seed(5)
+    fast = branch.linear_lora_add(linear, x, A, B, 0.5, dropout)
+    torch.manual_seed(5)
+    ref = branch.lora_add(linear(x), x, A, B, 0.5, dropout)
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(_grads(fast, (x, A, B)), _grads(ref, (x, A, B)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_lora_add_refuses_a_trainable_base():
+    x, _, A, B = _inputs()
+    with pytest.raises(ValueError, match="frozen base layer"):
+        branch.linear_lora_add(nn.Linear(6, 7), x, A, B, 0.5, nn.Identity())
+
+
+def _wrapped_linear(bias=True):
+    from lorakit.layers import LoraLinear
+
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(6, 5, bias=bias).requires_grad_(False))
+    layer.update_layer("a", 3, 6.0, 0.1, "gaussian")
+    layer.active_adapters = ["a"]
+    nn.init.normal_(layer.lora_B["a"].weight)
+    return layer.train()
+
+
+def test_lora_linear_fuses_a_frozen_linear_and_falls_back_when_it_must():
+    """Training a LoraLinear on a frozen nn.Linear runs one LinearBranch node; a hook on the base layer, a trainable
+    bias or autocast take the two-node path (the hook is called) with the same output."""
+    layer, x = _wrapped_linear(), torch.randn(2, 4, 6, requires_grad=True)
+    torch.manual_seed(1)
+    fused = layer(x)
+    assert type(fused.grad_fn).__name__ == "LinearBranchBackward"
+    calls = []
+    handle = layer.base_layer.register_forward_hook(lambda *a: calls.append(1))
+    torch.manual_seed(1)
+    hooked = layer(x)
+    handle.remove()
+    assert calls == [1] and type(hooked.grad_fn).__name__ != "LinearBranchBackward"
+    torch.testing.assert_close(hooked, fused, rtol=1e-6, atol=1e-6)
+    layer.base_layer.bias.requires_grad_(True)
+    assert type(layer(x).grad_fn).__name__ != "LinearBranchBackward"
+    layer.base_layer.bias.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(layer(x).grad_fn).__name__ != "LinearBranchBackward"
+    with torch.no_grad():
+        assert layer(x).grad_fn is None

@@ -214,8 +214,9 @@ def test_mixed_adapter_batch_after_the_plan_and_back():
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_training_through_the_plan_equals_the_general_loop(bf16):
-    """With gradients (and dropout in train mode) the plan only saves lookups: same dropout draws, loss and gradients
-    as the general loop. Under bf16 autocast it also shares one cast of each input (lorakit.shared_cast): the loss to
+    """With gradients (and dropout in train mode) the plan saves lookups and, in fp32, runs each frozen Linear and its
+    branch as one node (branch.LinearBranch): same dropout draws and loss as the general loop, gradients up to the
+    order of a sum. Under bf16 autocast it also shares one cast of each input (lorakit.shared_cast): the loss to
     the bit, gradients within bf16 rounding (each input's gradient has the same terms, summed in another order, and a
     last-bit difference in fp32 can flip a later cast to bf16, 2**-8 relative, which later layers carry on): over
     seeds 0-11 the largest relative difference (norm) of a parameter's gradient was 0.9% to 3.7%."""
@@ -238,7 +239,8 @@ def test_training_through_the_plan_equals_the_general_loop(bf16):
         if bf16:
             assert (grads[name] - grads_ref[name]).norm() <= 6e-2 * grads_ref[name].norm(), name
         else:
-            torch.testing.assert_close(grads[name], grads_ref[name], atol=0, rtol=0)
+            atol = 1e-6 * grads_ref[name].abs().max().item()  # the fused node (branch.LinearBranch) sums x's
+            torch.testing.assert_close(grads[name], grads_ref[name], atol=atol, rtol=1e-5)  # gradient in another order
 
 
 def test_eval_under_autocast_equals_the_general_loop():

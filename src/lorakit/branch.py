@@ -111,6 +111,54 @@ class LoraBranch(torch.autograd.Function):
         return grad_base, grad_x, grad_A, grad_B, None, None, None
 
 
+class LinearBranch(torch.autograd.Function):
+    """A frozen ``nn.Linear`` and its LoRA branch as one node: ``x @ W.T + bias + s * (drop(x) * keep_scale) @ A.T @
+    B.T``, gradients for x, A and B (W and bias must not need one). Against ``LoraBranch`` on the base layer's output
+    it saves two passes over a full-width tensor per layer: the branch is added into the base output in place by the
+    matmul (addmm_, no copy of the output), and x's gradient is one buffer, ``drop(g_u @ A)`` with ``g @ W`` summed
+    into it by the matmul, instead of two tensors that autograd then adds."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
+                dropped: Tensor | None, keep_scale: float) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        out = x2 @ W.T if bias is None else torch.addmm(bias, x2, W.T)  # (N, out): the base layer
+        s = scaling * keep_scale
+        u = (_drop(x2, dropped) @ A.T) * s  # (N, r)
+        out.addmm_(u, B.T)
+        ctx.save_for_backward(x, W, A, B, u, dropped)
+        ctx.s = s
+        return out.view(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, W, A, B, u, dropped = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        grad_x = grad_A = grad_B = None
+        g_u = (g @ B) * ctx.s  # (N, r)
+        if ctx.needs_input_grad[4]:
+            grad_B = g.T @ u  # (out, r)
+        if dropped is not None:
+            dropped = dropped.long()  # converted once for both uses below
+        if ctx.needs_input_grad[3]:
+            grad_A = g_u.T @ _drop(x.reshape(-1, x.shape[-1]), dropped)  # (r, in)
+        if ctx.needs_input_grad[0]:
+            grad_x = _drop(g_u @ A, dropped, in_place=True).addmm_(g, W).view(x.shape)  # (N, in)
+        return grad_x, None, None, grad_A, grad_B, None, None, None
+
+
+def linear_lora_add(linear: nn.Linear, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: nn.Module) -> Tensor:
+    """``linear(x) + s * B(A(dropout(x)))`` as one ``LinearBranch`` node, for a frozen ``nn.Linear`` (weight and bias
+    not requiring grad) whose weight, x, A and B share one dtype, outside autocast."""
+    if linear.weight.requires_grad or (linear.bias is not None and linear.bias.requires_grad):
+        raise ValueError("linear_lora_add takes a frozen base layer: its weight and bias get no gradient here; "
+                         "call the layer and lora_add instead")
+    p = dropout.p if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
+    dropped = dropped_positions(x.numel(), p, x.device) if p > 0.0 else None
+    keep_scale = 1.0 / (1.0 - p)
+    return LinearBranch.apply(x, linear.weight, linear.bias, A, B, scaling, dropped, keep_scale)
+
+
 def _drop(t: Tensor, dropped: Tensor | None, in_place: bool = False) -> Tensor:
     """``t`` with the elements at the flat positions ``dropped`` (of t's row-major layout) set to 0: a contiguous
     copy unless ``in_place`` (then ``t``, contiguous, is overwritten); ``t`` itself if ``dropped`` is None."""
