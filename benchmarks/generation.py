@@ -7,7 +7,13 @@ interleaved, repeated, and the fastest of each kept (the machine's other load on
 checks that merged and unmerged lorakit produce the same tokens as PEFT.
 
     .venv/bin/python benchmarks/generation.py [--new-tokens 48] [--repeats 3] [--batch 1]
+    .venv/bin/python benchmarks/generation.py --steps 150   # per-step interleaved timing: base vs unmerged
     .venv/bin/python benchmarks/generation.py --layers   # one decoding step of each layer shape: microseconds
+
+``--steps N`` times N single decoding steps (one new token on the prompt's KV cache, cropped back after each step) of
+the base model, lorakit unmerged and PEFT unmerged, taking the models in turn at every step: each step's ratio is
+measured under the same machine load, so the median of the per-step ratios drifts far less between runs than the
+end-to-end ratio (on the project's noisy 2-core machine: about +-1 point instead of +-3).
 
 ``--layers`` times one decoding step (input (1, 1, in)) through a plain nn.Linear of each of the model's shapes and the
 same Linear wrapped with an unmerged r=16 adapter, interleaved, fastest of several rounds: the per-layer overhead.
@@ -28,16 +34,15 @@ PROMPTS = [
 ]
 
 
-def run(new_tokens: int = 48, repeats: int = 3, batch: int = 1) -> dict[str, float]:
+def _models(merged: bool = True) -> dict:
+    """The plain model, lorakit with an unmerged adapter (r=16, all linear layers, B ~ N(0, 0.02)), optionally the
+    same adapter merged by lorakit, and the same adapter file loaded by PEFT, unmerged; all in eval mode."""
     import torch
 
     import lorakit
-    from lorakit.models import load_model, load_tokenizer
+    from lorakit.models import load_model
 
     torch.manual_seed(0)
-    tokenizer = load_tokenizer()
-    tokenizer.padding_side = "left"
-    ids = tokenizer(PROMPTS[:batch], return_tensors="pt", padding=True)
     base = load_model().eval()
     config = lorakit.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
     unmerged = lorakit.get_peft_model(load_model(), config).eval()
@@ -45,15 +50,27 @@ def run(new_tokens: int = 48, repeats: int = 3, batch: int = 1) -> dict[str, flo
         for name, param in unmerged.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02)
+    models = {"base": base, "lorakit unmerged": unmerged}
     with tempfile.TemporaryDirectory() as folder:
         unmerged.save_pretrained(folder)
-        merged = lorakit.PeftModel.from_pretrained(load_model(), folder).eval()
-        merged.merge_adapter()
+        if merged:
+            models["lorakit merged"] = lorakit.PeftModel.from_pretrained(load_model(), folder).eval()
+            models["lorakit merged"].merge_adapter()
         import peft
 
-        peft_model = peft.PeftModel.from_pretrained(load_model(), folder).eval()
+        models["PEFT unmerged"] = peft.PeftModel.from_pretrained(load_model(), folder).eval()
+    return models
 
-    models = {"base": base, "lorakit unmerged": unmerged, "lorakit merged": merged, "PEFT unmerged": peft_model}
+
+def run(new_tokens: int = 48, repeats: int = 3, batch: int = 1) -> dict[str, float]:
+    import torch
+
+    from lorakit.models import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    tokenizer.padding_side = "left"
+    ids = tokenizer(PROMPTS[:batch], return_tensors="pt", padding=True)
+    models = _models()
     pad = tokenizer.pad_token_id
 
     def decode(model: torch.nn.Module) -> tuple[float, torch.Tensor]:
@@ -80,6 +97,32 @@ def run(new_tokens: int = 48, repeats: int = 3, batch: int = 1) -> dict[str, flo
         torch.equal(outputs["lorakit unmerged"], outputs["PEFT unmerged"])
         and torch.equal(outputs["lorakit merged"], outputs["PEFT unmerged"])
     )
+    return result
+
+
+def steps(count: int = 150) -> dict[str, float]:
+    import statistics
+
+    import torch
+
+    from lorakit.models import load_tokenizer
+
+    ids = load_tokenizer()(PROMPTS[:1], return_tensors="pt").input_ids  # (1, T)
+    models = _models(merged=False)
+    token = torch.tensor([[42]])  # (1, 1): the step's new token; its value does not change the work
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        caches = {name: model(input_ids=ids, use_cache=True).past_key_values for name, model in models.items()}
+        for _ in range(count):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(input_ids=token, past_key_values=caches[name], use_cache=True)
+                seconds[name].append(time.perf_counter() - start)
+                caches[name].crop(-1)  # back to the prompt: every step attends over the same length
+    result = {f"{name} median ms": statistics.median(s) * 1e3 for name, s in seconds.items()}
+    for name in ("lorakit unmerged", "PEFT unmerged"):
+        ratios = [b / t for b, t in zip(seconds["base"], seconds[name])]
+        result[f"{name} / base, median per-step ratio"] = statistics.median(ratios)
     return result
 
 
@@ -115,9 +158,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, choices=range(1, len(PROMPTS) + 1))
+    parser.add_argument("--steps", type=int, default=0, help="time this many interleaved single decoding steps instead")
     parser.add_argument("--layers", action="store_true", help="time one decoding step per layer shape instead")
     args = parser.parse_args()
-    result = layers() if args.layers else run(args.new_tokens, args.repeats, args.batch)
+    if args.layers:
+        result = layers()
+    else:
+        result = steps(args.steps) if args.steps else run(args.new_tokens, args.repeats, args.batch)
     print(json.dumps(result, indent=1))
 
 
