@@ -257,8 +257,8 @@ def _wrapped_linear(bias=True):
 
 
 def test_lora_linear_fuses_a_frozen_linear_and_falls_back_when_it_must():
-    """Training a LoraLinear on a frozen nn.Linear runs one LinearBranch node; a hook on the base layer, a trainable
-    bias or autocast take the two-node path (the hook is called) with the same output."""
+    """Training a LoraLinear on a frozen nn.Linear runs one LinearBranch node; a hook on the base layer or a trainable
+    bias take the two-node path (the hook is called) with the same output."""
     layer, x = _wrapped_linear(), torch.randn(2, 4, 6, requires_grad=True)
     torch.manual_seed(1)
     fused = layer(x)
@@ -273,7 +273,29 @@ def test_lora_linear_fuses_a_frozen_linear_and_falls_back_when_it_must():
     layer.base_layer.bias.requires_grad_(True)
     assert type(layer(x).grad_fn).__name__ != "LinearBranchBackward"
     layer.base_layer.bias.requires_grad_(False)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert type(layer(x).grad_fn).__name__ != "LinearBranchBackward"
     with torch.no_grad():
         assert layer(x).grad_fn is None
+
+
+def test_lora_linear_fused_under_bf16_autocast_equals_the_two_node_path(monkeypatch):
+    """Under CPU autocast the fused node computes in bf16 as F.linear + lora_add do: same output to the bit (same
+    casts, same products), gradients of A and B in fp32 and equal within bf16 rounding of the summation order."""
+    from lorakit import layers
+
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(layers, "_fusable", lambda *a: False)
+        layer = _wrapped_linear()
+        x = torch.randn(2, 8, 6, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        assert (type(out.grad_fn).__name__ == "LinearBranchBackward") == fused and out.dtype == torch.bfloat16
+        A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+        runs.append((out, *_grads(out.float(), (x, A, B))))
+    (out, *grads), (out_ref, *grads_ref) = runs
+    torch.testing.assert_close(out, out_ref, atol=0, rtol=0)
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-2 * want.abs().max().item(), rtol=1e-2)

@@ -207,7 +207,7 @@ def test_two_processes_equal_one_process(setup, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     one = [sys.executable, "-m", "lorakit.cli", "train", *common, "--batch-size", "4", "--output", str(tmp_path / "1")]
     subprocess.run(one, check=True, env=env, capture_output=True)
-    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m",
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "lorakit.cli", "train", *common, "--batch-size", "2", "--output", str(tmp_path / "2")]
     done = subprocess.run(two, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

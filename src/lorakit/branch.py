@@ -149,14 +149,23 @@ class LinearBranch(torch.autograd.Function):
 
 def linear_lora_add(linear: nn.Linear, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: nn.Module) -> Tensor:
     """``linear(x) + s * B(A(dropout(x)))`` as one ``LinearBranch`` node, for a frozen ``nn.Linear`` (weight and bias
-    not requiring grad) whose weight, x, A and B share one dtype, outside autocast."""
+    not requiring grad). Outside autocast x, the weight, A and B share one dtype. Under CPU autocast the node runs in
+    autocast's dtype, as ``linear`` and ``lora_add`` would: the weight, bias, A, B (and x, unless LoraLinear passed
+    its shared cast) are cast to it, A's and B's casts in the graph so that their gradients return in their dtype."""
     if linear.weight.requires_grad or (linear.bias is not None and linear.bias.requires_grad):
         raise ValueError("linear_lora_add takes a frozen base layer: its weight and bias get no gradient here; "
                          "call the layer and lora_add instead")
     p = dropout.p if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
     dropped = dropped_positions(x.numel(), p, x.device) if p > 0.0 else None
     keep_scale = 1.0 / (1.0 - p)
-    return LinearBranch.apply(x, linear.weight, linear.bias, A, B, scaling, dropped, keep_scale)
+    W, bias = linear.weight, linear.bias
+    if not torch.is_autocast_enabled(x.device.type):
+        return LinearBranch.apply(x, W, bias, A, B, scaling, dropped, keep_scale)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    x, W, A, B = x.to(dtype), W.to(dtype), A.to(dtype), B.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return LinearBranch.apply(x, W, bias, A, B, scaling, dropped, keep_scale)
 
 
 def _drop(t: Tensor, dropped: Tensor | None, in_place: bool = False) -> Tensor:

@@ -273,10 +273,10 @@ class LoraLinear(LoraLayer):
             if name is None:  # disabled, merged, or no adapter of this layer active
                 return base_layer(x, *args, **kwargs)
             A, B = A_params["weight"], B_params["weight"]  # read per call: a replaced Parameter is seen
-            if torch.is_grad_enabled() and not args and not kwargs and _fusable(base_layer, x, A, B):
-                return branch.linear_lora_add(base_layer, x, A, B, self.scaling[name], dropout)
             if linear_base and torch.is_autocast_enabled("cpu"):  # one cast of x for this layer, its branch and
                 x = shared_cast(x)  # the layers beside it (q, k, v) instead of one per layer and branch
+            if torch.is_grad_enabled() and not args and not kwargs and _fusable(base_layer, x, A, B):
+                return branch.linear_lora_add(base_layer, x, A, B, self.scaling[name], dropout)
             result = base_layer(x, *args, **kwargs)  # (..., out)
             if torch.is_grad_enabled() or dropout.training or not x.dtype == A.dtype == B.dtype == result.dtype:
                 return branch.lora_add(result, x, A, B, self.scaling[name], dropout)
@@ -376,14 +376,19 @@ class LoraEmbedding(LoraLayer):
 
 def _fusable(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
     """Whether the base layer and the LoRA branch may run as one autograd node (branch.linear_lora_add): a plain
-    frozen ``nn.Linear`` (not a subclass with its own forward), no hooks that expect it to be called, x, W, A and B
-    of one dtype, and no autocast (whose casts the node does not make)."""
-    if type(base_layer) is not nn.Linear or torch.is_autocast_enabled(x.device.type):
+    frozen ``nn.Linear`` (not a subclass with its own forward), no hooks that expect it to be called, and x, W, A and
+    B of one dtype, or under CPU autocast fp32 parameters and x fp32 or already cast (lorakit.shared_cast)."""
+    if type(base_layer) is not nn.Linear:
         return False
     weight, bias = base_layer.weight, base_layer.bias
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return False
-    if not x.dtype == weight.dtype == A.dtype == B.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        if x.device.type != "cpu" or not weight.dtype == A.dtype == B.dtype == torch.float32:
+            return False
+        if x.dtype not in (torch.float32, torch.get_autocast_dtype("cpu")):
+            return False
+    elif not x.dtype == weight.dtype == A.dtype == B.dtype:
         return False
     hooks = (base_layer._forward_hooks, base_layer._forward_pre_hooks, base_layer._backward_hooks,
              base_layer._backward_pre_hooks, _module_hooks._global_forward_hooks,
