@@ -20,6 +20,10 @@ maths:
   where drop(t) is t with the dropped positions set to 0. ``drop(x)`` is recomputed in backward (a copy and a
   scatter of zeros) instead of being kept.
 
+``linear_lora_add`` (``LinearBranch``) is the same with-gradients maths with the base layer inside: for a frozen
+``nn.Linear`` LoraLinear calls it instead of the layer plus ``lora_add``, so that the branch is added into the base
+output by the matmul and x's two gradient terms, ``g @ W`` and ``drop(g_u @ A)``, are summed by the matmul too.
+
 Dropout draws the dropped positions directly (``dropped_positions``), not a mask: in a sequence of independent
 Bernoulli(p) drops the gaps between successive drops are independent Geometric(p) variables, drawn as
 ``floor(log(U) / log(1 - p)) + 1`` from float64 uniforms of torch's global generator (so seeding and checkpointed RNG
