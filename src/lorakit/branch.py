@@ -100,15 +100,8 @@ class LoraBranch(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, A, B, u, dropped = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        grad_A = grad_B = grad_x = None
-        g_u = (g @ B.to(g.dtype)) * ctx.s  # (N, r): d loss / d (drop(x) @ A.T)
-        if ctx.needs_input_grad[3]:
-            grad_B = (g.T @ u.to(g.dtype)).to(B.dtype)  # (out, r)
-        if dropped is not None:
-            dropped = dropped.long()  # index_fill_ takes int64 positions; converted once for both uses below
-        if ctx.needs_input_grad[2]:
-            h = _drop(x.reshape(-1, x.shape[-1]), dropped)  # (N, in), recomputed: cheaper than saving a copy
-            grad_A = (g_u.T @ h.to(g_u.dtype)).to(A.dtype)  # (r, in)
+        g_u, dropped, grad_A, grad_B = _low_rank_backward(g, x, A, B, u, dropped, ctx.s, *ctx.needs_input_grad[2:4])
+        grad_x = None
         if ctx.needs_input_grad[1]:
             grad_x = _drop(g_u @ A.to(g_u.dtype), dropped, in_place=True).view(x.shape).to(x.dtype)  # (N, in)
         grad_base = grad if ctx.needs_input_grad[0] else None
@@ -138,17 +131,28 @@ class LinearBranch(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, W, A, B, u, dropped = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        grad_x = grad_A = grad_B = None
-        g_u = (g @ B) * ctx.s  # (N, r)
-        if ctx.needs_input_grad[4]:
-            grad_B = g.T @ u  # (out, r)
-        if dropped is not None:
-            dropped = dropped.long()  # converted once for both uses below
-        if ctx.needs_input_grad[3]:
-            grad_A = g_u.T @ _drop(x.reshape(-1, x.shape[-1]), dropped)  # (r, in)
+        g_u, dropped, grad_A, grad_B = _low_rank_backward(g, x, A, B, u, dropped, ctx.s, *ctx.needs_input_grad[3:5])
+        grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _drop(g_u @ A, dropped, in_place=True).addmm_(g, W).view(x.shape)  # (N, in)
         return grad_x, None, None, grad_A, grad_B, None, None, None
+
+
+def _low_rank_backward(g: Tensor, x: Tensor, A: Tensor, B: Tensor, u: Tensor, dropped: Tensor | None, s: float,
+                       need_A: bool, need_B: bool) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The backward terms LoraBranch and LinearBranch share, for the upstream gradient g (N, out):
+    (g_u = s * g @ B, the positions as int64 for the callers' dx, dA = g_u.T @ drop(x), dB = g.T @ u), dA / dB None
+    unless needed. Under autocast the saved tensors may differ in dtype: products run in g's and return in A's / B's."""
+    g_u = (g @ B.to(g.dtype)) * s  # (N, r): d loss / d (drop(x) @ A.T)
+    grad_A = grad_B = None
+    if need_B:
+        grad_B = (g.T @ u.to(g.dtype)).to(B.dtype)  # (out, r)
+    if dropped is not None:
+        dropped = dropped.long()  # index_fill_ takes int64 positions; converted once for dA and the caller's dx
+    if need_A:
+        h = _drop(x.reshape(-1, x.shape[-1]), dropped)  # (N, in), recomputed: cheaper than saving a copy
+        grad_A = (g_u.T @ h.to(g_u.dtype)).to(A.dtype)  # (r, in)
+    return g_u, dropped, grad_A, grad_B
 
 
 def linear_lora_add(linear: nn.Linear, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: nn.Module) -> Tensor:
@@ -159,9 +163,7 @@ def linear_lora_add(linear: nn.Linear, x: Tensor, A: Tensor, B: Tensor, scaling:
     if linear.weight.requires_grad or (linear.bias is not None and linear.bias.requires_grad):
         raise ValueError("linear_lora_add takes a frozen base layer: its weight and bias get no gradient here; "
                          "call the layer and lora_add instead")
-    p = dropout.p if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
-    dropped = dropped_positions(x.numel(), p, x.device) if p > 0.0 else None
-    keep_scale = 1.0 / (1.0 - p)
+    dropped, keep_scale = _draw(x, _dropout_p(dropout))
     W, bias = linear.weight, linear.bias
     if not torch.is_autocast_enabled(x.device.type):
         return LinearBranch.apply(x, W, bias, A, B, scaling, dropped, keep_scale)
@@ -184,7 +186,7 @@ def _drop(t: Tensor, dropped: Tensor | None, in_place: bool = False) -> Tensor:
 
 def lora_add(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: nn.Module) -> Tensor:
     """``base + s * B(A(dropout(x)))`` for one adapter; ``dropout`` is the adapter's nn.Dropout or nn.Identity."""
-    p = dropout.p if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
+    p = _dropout_p(dropout)
     same_dtype = x.dtype == A.dtype == B.dtype == base.dtype
     if not same_dtype and not torch.is_autocast_enabled("cpu"):
         return reference(base, x, A, B, scaling, dropout)  # mixed storage dtypes: let the casts be explicit
@@ -194,9 +196,17 @@ def lora_add(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, drop
         u = x.reshape(-1, x.shape[-1]) @ A.T  # (N, r)
         u, B = u.to(base.dtype), B.to(base.dtype)  # autocast: the matmul ran in its dtype; meet the base output's
         return torch.addmm(base.reshape(-1, base.shape[-1]), u, B.T, alpha=scaling).view(base.shape)
-    if p == 0.0:
-        return LoraBranch.apply(base, x, A, B, scaling, None, 1.0)
-    return LoraBranch.apply(base, x, A, B, scaling, dropped_positions(x.numel(), p, x.device), 1.0 / (1.0 - p))
+    return LoraBranch.apply(base, x, A, B, scaling, *_draw(x, p))
+
+
+def _dropout_p(dropout: nn.Module) -> float:
+    """The drop probability of an adapter's dropout module in its current mode: 0 for nn.Identity or in eval."""
+    return dropout.p if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
+
+
+def _draw(x: Tensor, p: float) -> tuple[Tensor | None, float]:
+    """(dropped positions of x, or None for p = 0; the kept values' scale 1 / (1 - p)) for one dropout of x."""
+    return (dropped_positions(x.numel(), p, x.device) if p > 0.0 else None), 1.0 / (1.0 - p)
 
 
 _FEW = 1 << 15  # output elements (a few rows: decoding) up to which three ops beat the views around one addmm
