@@ -156,6 +156,28 @@ def test_down_projection_input_is_recomputed_not_kept():
     assert torch.equal(kept, h)  # ... bit for bit
 
 
+def test_recompute_hands_its_silu_to_the_activation_backward_once():
+    """Unpacking down's saved input recomputes h and leaves silu(g) on SwiGLU's node; that node's backward takes it
+    (the attribute is gone afterwards) and the MLP's gradients equal those of the unpatched forward."""
+    grads = []
+    for patch in (True, False):
+        mlp, x = _mlp_with_lora()
+        if not patch:
+            del mlp.forward  # the class's own forward: silu(g) * u by autograd, no recompute
+        h, out = _down_input_and_output(mlp, x)
+        if patch:
+            node = h.grad_fn
+            kept = out.grad_fn.saved_tensors[0]  # down's backward unpacks this way: the recompute runs
+            g, u = node.saved_tensors
+            assert torch.equal(node.silu_g, nn.functional.silu(g)) and torch.equal(kept, h)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(6)))
+        if patch:
+            assert "silu_g" not in node.__dict__
+        grads.append([x.grad] + [p.grad for p in mlp.parameters() if p.requires_grad])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_other_saved_tensor_hooks_take_precedence():
     """Under checkpointing / offloading hooks the recompute stands aside: the outer hooks see h itself."""
     mlp, x = _mlp_with_lora()

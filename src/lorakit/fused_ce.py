@@ -61,13 +61,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _chunk_loss(
-    h: Tensor, t: Tensor, w: Tensor, b: Tensor | None, acc: torch.dtype, grad: bool
+    h: Tensor, t: Tensor, w: Tensor, b: Tensor | None, block: Tensor, grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """(sum over the C rows of lse - z[t], and dloss/dz = softmax(z) - onehot(t) (C, V) in ``acc`` if ``grad``).
-
-    The logits are made once and overwritten in place (shifted, exponentiated, normalized), so one (C, V) block in
-    ``acc`` is the only large allocation (plus the matmul output when ``h`` is in a narrower dtype)."""
-    z = (h @ w.T if b is None else torch.addmm(b, h, w.T)).to(acc)  # (C, V) logits; ours, safe to overwrite
+    """(sum over the C rows of lse - z[t], and dloss/dz = softmax(z) - onehot(t) (C, V) if ``grad``), both in the
+    dtype of ``block`` (>= C rows, V columns), which is overwritten: the logits are written into it, then shifted,
+    exponentiated and normalized in place. So the only large allocation is the caller's block, made once for all
+    chunks (plus the matmul output when ``h`` is in a narrower dtype); the returned dz is a view of it."""
+    z = block[: len(h)]  # (C, V)
+    if h.dtype == z.dtype:
+        torch.mm(h, w.T, out=z) if b is None else torch.addmm(b, h, w.T, out=z)
+    else:  # bf16 matmul, fp32 softmax: upcast into the block
+        z.copy_(h @ w.T if b is None else torch.addmm(b, h, w.T))
     rows = torch.arange(len(t), device=t.device)
     z_target = z[rows, t]  # (C,)
     z_max = z.amax(dim=-1)  # (C,) for a stable exp
@@ -100,9 +104,10 @@ def linear_cross_entropy_chunks(
     grad_h = torch.empty_like(hidden) if need_h else None  # (N, H)
     grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None  # (V, H) accumulator
     grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None  # (V,)
+    block = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=acc)  # (C, V), reused per chunk
     for start in range(0, hidden.shape[0], chunk):
         h = hidden[start : start + chunk].to(compute_dtype)  # (C, H)
-        chunk_loss, dz = _chunk_loss(h, target[start : start + chunk], w, b, acc, need_h or need_w or need_b)
+        chunk_loss, dz = _chunk_loss(h, target[start : start + chunk], w, b, block, need_h or need_w or need_b)
         loss += chunk_loss
         if dz is None:
             continue
@@ -113,7 +118,7 @@ def linear_cross_entropy_chunks(
             grad_h[start : start + chunk] = dz @ w  # (C, V) @ (V, H) -> (C, H)
         if need_w:
             grad_w += dz.T @ h  # (V, C) @ (C, H) -> (V, H), rounded per chunk, summed in acc
-        del dz  # before the next chunk makes its logits: one (C, V) block alive at a time
+        del dz  # a view of the block, which the next chunk overwrites
     grads = (
         grad_h,
         None if grad_w is None else grad_w.to(weight.dtype),

@@ -15,8 +15,9 @@ autograd's, in fp32 and in bf16 autocast alike.
 The product h itself is kept by whatever reads it for backward: down's LoRA branch, for A's gradient. While down
 runs, a saved-tensor hook stores g and u (already kept by SwiGLU) in place of h, and h is recomputed from them when
 backward asks for it, bit-identical (same kernels, same inputs): one more (tokens, intermediate) tensor less per
-layer, for one silu and one multiply in backward. The hook stands aside when other saved-tensor hooks are active
-(activation checkpointing, ``save_on_cpu``): theirs apply unchanged.
+layer, for one silu and one multiply in backward. The recompute hands its silu(g) to SwiGLU's node, whose backward
+runs next and would compute the same silu(g) again; it takes the tensor (once) instead. The hook stands aside when
+other saved-tensor hooks are active (activation checkpointing, ``save_on_cpu``): theirs apply unchanged.
 
 ``patch_mlps(model)`` makes each gated MLP of a known class use it, on the module instances (their class is not
 touched); ``unpatch_mlps(model)`` restores them. lorakit's LoraModel patches when adapters are added and unpatches
@@ -54,7 +55,11 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         g, u = ctx.saved_tensors
-        grad_u = nn.functional.silu(g).mul_(grad) if ctx.needs_input_grad[1] else None
+        silu_g = ctx.__dict__.pop("silu_g", None)  # handed over by the recompute of h (_Recompute), else None
+        if ctx.needs_input_grad[1]:
+            grad_u = (nn.functional.silu(g) if silu_g is None else silu_g).mul_(grad)
+        else:
+            grad_u = None
         grad_g = torch.ops.aten.silu_backward(grad * u, g) if ctx.needs_input_grad[0] else None
         return grad_g, grad_u
 
@@ -76,23 +81,29 @@ def _gated_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 
 class _Recompute:
-    """What is saved in place of ``h = silu(g) * u``: g and u (kept by SwiGLU's node anyway)."""
+    """What is saved in place of ``h = silu(g) * u``: g and u (kept by SwiGLU's node anyway), and that node, which
+    takes the recomputed silu(g) for its own backward."""
 
-    __slots__ = ("g", "u")
+    __slots__ = ("g", "u", "node")
 
-    def __init__(self, g: Tensor, u: Tensor) -> None:
-        self.g, self.u = g.detach(), u.detach()
+    def __init__(self, g: Tensor, u: Tensor, node: object) -> None:
+        self.g, self.u, self.node = g.detach(), u.detach(), node
 
     def value(self) -> Tensor:
-        return nn.functional.silu(self.g).mul_(self.u)  # the forward's ops on the same inputs: h bit for bit
+        silu_g = nn.functional.silu(self.g)
+        h = silu_g * self.u  # the forward's ops on the same inputs: h bit for bit
+        if self.node is not None:
+            self.node.silu_g = silu_g  # SwiGLU.backward (next in the backward pass) uses it instead of a new silu(g)
+        return h
 
 
 def _recompute_hooks(h: Tensor, g: Tensor, u: Tensor) -> tuple:
     """Saved-tensor hooks that store h as a ``_Recompute`` and pass every other tensor through."""
     key = (h.data_ptr(), h.shape, h.stride(), h.dtype)
+    node = h.grad_fn if isinstance(h.grad_fn, SwiGLU._backward_cls) else None  # the ctx SwiGLU.backward receives
 
     def pack(t: Tensor) -> Tensor | _Recompute:
-        return _Recompute(g, u) if (t.data_ptr(), t.shape, t.stride(), t.dtype) == key else t
+        return _Recompute(g, u, node) if (t.data_ptr(), t.shape, t.stride(), t.dtype) == key else t
 
     def unpack(saved: Tensor | _Recompute) -> Tensor:
         return saved.value() if isinstance(saved, _Recompute) else saved
