@@ -7,13 +7,13 @@ interleaved, repeated, and the fastest of each kept (the machine's other load on
 checks that merged and unmerged lorakit produce the same tokens as PEFT.
 
     .venv/bin/python benchmarks/generation.py [--new-tokens 48] [--repeats 3] [--batch 1]
-    .venv/bin/python benchmarks/generation.py --steps 150   # per-step interleaved timing: base vs unmerged
+    .venv/bin/python benchmarks/generation.py --steps 150   # per-step interleaved timing against the base
     .venv/bin/python benchmarks/generation.py --layers   # one decoding step of each layer shape: microseconds
 
 ``--steps N`` times N single decoding steps (one new token on the prompt's KV cache, cropped back after each step) of
-the base model, lorakit unmerged and PEFT unmerged, taking the models in turn at every step: each step's ratio is
-measured under the same machine load, so the median of the per-step ratios drifts far less between runs than the
-end-to-end ratio (on the project's noisy 2-core machine: about +-1 point instead of +-3).
+the base model, lorakit unmerged, lorakit merged and PEFT unmerged, taking the models in turn at every step: each
+step's ratio is measured under the same machine load, so the median of the per-step ratios drifts far less between
+runs than the end-to-end ratio (on the project's noisy 2-core machine: about +-1 point instead of +-3).
 
 ``--layers`` times one decoding step (input (1, 1, in)) through a plain nn.Linear of each of the model's shapes and the
 same Linear wrapped with an unmerged r=16 adapter, interleaved, fastest of several rounds: the per-layer overhead.
@@ -108,7 +108,7 @@ def steps(count: int = 150) -> dict[str, float]:
     from lorakit.models import load_tokenizer
 
     ids = load_tokenizer()(PROMPTS[:1], return_tensors="pt").input_ids  # (1, T)
-    models = _models(merged=False)
+    models = _models()
     token = torch.tensor([[42]])  # (1, 1): the step's new token; its value does not change the work
     seconds: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
@@ -120,7 +120,7 @@ def steps(count: int = 150) -> dict[str, float]:
                 seconds[name].append(time.perf_counter() - start)
                 caches[name].crop(-1)  # back to the prompt: every step attends over the same length
     result = {f"{name} median ms": statistics.median(s) * 1e3 for name, s in seconds.items()}
-    for name in ("lorakit unmerged", "PEFT unmerged"):
+    for name in ("lorakit unmerged", "lorakit merged", "PEFT unmerged"):
         ratios = [b / t for b, t in zip(seconds["base"], seconds[name])]
         result[f"{name} / base, median per-step ratio"] = statistics.median(ratios)
     return result
