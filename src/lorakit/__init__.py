@@ -1,10 +1,15 @@
 """lorakit: LoRA fine-tuning for Hugging Face transformers models, a drop-in for HF PEFT's LoRA API."""
 
-from lorakit.config import ConfigError, LoftQConfig, LoraConfig, TaskType
+from lorakit.config import ConfigError, LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType, get_peft_config
 from lorakit.inject import TargetError
 from lorakit.io import AdapterFileError
 from lorakit.layers import LoraEmbedding, LoraLayer, LoraLinear
 from lorakit.model import AdapterError, LoraModel
+from lorakit.peft_functions import (
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
 from lorakit.peft_model import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -51,17 +56,23 @@ __all__ = [
     "LoraLayer",
     "LoraLinear",
     "LoraModel",
+    "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
     "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
+    "PeftType",
     "TargetError",
     "TaskType",
     "TrainArgs",
     "TrainingError",
+    "get_peft_config",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "prepare_model_for_kbit_training",
     "quantize",
+    "set_peft_model_state_dict",
     "train",
 ]

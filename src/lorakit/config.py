@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -27,6 +29,12 @@ class TaskType(str, enum.Enum):
     SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
     QUESTION_ANS = "QUESTION_ANS"
+
+
+class PeftType(str, enum.Enum):
+    """The method an adapter_config.json names in ``peft_type``; lorakit implements LoRA (and DoRA, a LoRA option)."""
+
+    LORA = "LORA"
 
 
 class ConfigError(ValueError):
@@ -136,8 +144,8 @@ class LoraConfig:
             raise ConfigError("target_modules=[] wraps nothing; list module names, use 'all-linear', or None")
 
     @property
-    def peft_type(self) -> str:
-        return "LORA"
+    def peft_type(self) -> PeftType:
+        return PeftType.LORA
 
     def rank_for(self, module_name: str) -> int:
         """The rank of the module called ``module_name`` (rank_pattern first, then r)."""
@@ -151,11 +159,28 @@ class LoraConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict with PEFT's keys (``peft_type`` included)."""
-        out: dict[str, Any] = {"peft_type": self.peft_type}
+        out: dict[str, Any] = {"peft_type": self.peft_type.value}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = value.value if isinstance(value, TaskType) else value
         return out
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        **kwargs: Any) -> LoraConfig:
+        """The config saved in an adapter folder (``subfolder`` of it, if given), as PEFT's
+        ``PeftConfig.from_pretrained``; a local folder (lorakit reads no hub ids for adapters, so PEFT's hub
+        arguments such as ``revision`` or ``token`` are accepted and unused)."""
+        from lorakit import io  # io knows the file name and format; it imports this module
+
+        folder = Path(pretrained_model_name_or_path)
+        return io.read_config(folder / subfolder if subfolder else folder)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write this config as ``adapter_config.json`` in ``save_directory`` (created if missing), atomically."""
+        from lorakit import io
+
+        io.write_config(save_directory, self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
@@ -175,6 +200,14 @@ class LoraConfig:
         if unknown:
             warnings.warn(f"adapter config keys unknown to lorakit were ignored: {', '.join(unknown)}", stacklevel=2)
         return cls(**{k: v for k, v in data.items() if k in own})
+
+
+PeftConfig = LoraConfig  # PEFT's base class of configs; every lorakit adapter is a LoRA one
+
+
+def get_peft_config(config_dict: dict[str, Any]) -> LoraConfig:
+    """A config from a PEFT-style dict (``peft_type`` "LORA" or absent), as PEFT's ``get_peft_config``."""
+    return LoraConfig.from_dict(config_dict)
 
 
 # Keys PEFT writes that only describe the file (ignored silently, whatever their value).

@@ -56,7 +56,7 @@ def adapter_info(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return {
         "path": str(adapter_dir),
         "base_model": config.base_model_name_or_path,
-        "peft_type": config.peft_type,
+        "peft_type": config.peft_type.value,
         "task_type": getattr(task, "value", task),
         "target_modules": config.target_modules,
         "r": config.r,

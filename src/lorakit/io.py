@@ -156,10 +156,13 @@ def _prefix_of(model: nn.Module) -> str:
     return "base_model.model." if _inner(model) is not model else ""
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str, save_embedding_layers: bool = False) -> dict[str, Tensor]:
-    """The tensors of one adapter, keyed as in the file."""
+def adapter_state_dict(
+    model: nn.Module, adapter_name: str, save_embedding_layers: bool = False, state: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """The tensors of one adapter, keyed as in the file; their values from ``state`` (keyed as the model's state dict)
+    if given, else from the model."""
     config: LoraConfig = model.peft_config[adapter_name]
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     out = {file_key(k, adapter_name): state[k] for k in _owned_keys(model, adapter_name, config.bias)}
     if save_embedding_layers:
         out.update({k: v for k, v in state.items() if re.search(r"\.(embed_tokens|lm_head)\.base_layer\.weight$", k)})
@@ -189,22 +192,24 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor], adapte
             f"{source} holds {len(unexpected)} tensors that fit no module of this model, e.g. "
             f"{unexpected[0]!r}: the adapter was saved for another model or other targets"
         )
+    position = {k: i for i, k in enumerate(state)}
+    order = sorted(tensors, key=lambda k: position[to_model.get(k, k)])  # model order: first layer first
+    for fkey in order:  # every shape checked before anything is copied: a misfit leaves the model as it was
+        tensor, mkey = tensors[fkey], to_model.get(fkey, fkey)
+        target = state[mkey]
+        if target.shape != tensor.shape:
+            local = mkey.removeprefix(_prefix_of(model))
+            module = re.sub(r"\.(lora_\w+|base_layer|modules_to_save|original_module)(\..*)?$", "", local)
+            raise AdapterFileError(
+                f"{source}: module {module!r} expects {fkey.removeprefix(_prefix_of(model) + module + '.')!r} "
+                f"of shape {tuple(target.shape)} in this model, but the adapter holds {tuple(tensor.shape)}: "
+                "it was made for a base model with other shapes; load it onto the base named in its "
+                "adapter_config.json"
+            )
     with torch.no_grad():
-        position = {k: i for i, k in enumerate(state)}
-        for fkey in sorted(tensors, key=lambda k: position[to_model.get(k, k)]):  # model order: first layer first
-            tensor = tensors[fkey]
-            mkey = to_model.get(fkey, fkey)
-            target = state[mkey]
-            if target.shape != tensor.shape:
-                local = mkey.removeprefix(_prefix_of(model))
-                module = re.sub(r"\.(lora_\w+|base_layer|modules_to_save|original_module)(\..*)?$", "", local)
-                raise AdapterFileError(
-                    f"{source}: module {module!r} expects {fkey.removeprefix(_prefix_of(model) + module + '.')!r} "
-                    f"of shape {tuple(target.shape)} in this model, but the adapter holds {tuple(tensor.shape)}: "
-                    "it was made for a base model with other shapes; load it onto the base named in its "
-                    "adapter_config.json"
-                )
-            target.copy_(tensor.to(target.dtype))
+        for fkey in order:
+            target = state[to_model.get(fkey, fkey)]
+            target.copy_(tensors[fkey].to(target.dtype))
 
 
 # -- folders -----------------------------------------------------------------------------------------------------
@@ -228,6 +233,13 @@ def write_adapter(folder: str | os.PathLike, config: LoraConfig, tensors: dict[s
     atomic_write_bytes(folder / WEIGHTS_NAME, data)
     atomic_write_json(folder / CONFIG_NAME, config.to_dict())
     (folder / JOURNAL_NAME).unlink(missing_ok=True)
+
+
+def write_config(folder: str | os.PathLike, config: LoraConfig) -> None:
+    """Write ``config`` alone as the folder's adapter_config.json (atomically), as a config's save_pretrained does."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / CONFIG_NAME, config.to_dict())
 
 
 def _journal_config(folder: Path) -> dict[str, Any] | None:
