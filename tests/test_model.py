@@ -151,6 +151,47 @@ def test_disable_adapter_equals_base_model():
     assert not torch.allclose(_logits(model), ref)
 
 
+def test_disable_and_enable_adapter_layers_as_peft():
+    """disable_adapter_layers: base outputs, a merged adapter unmerged, adapter parameters frozen; enable: the active
+    adapter computes and trains again (merged adapters stay unmerged). The trainable sets equal PEFT's."""
+    import peft
+
+    ref = _logits(tiny_llama())
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    model = _adapted_llama(modules_to_save=["lm_head"])
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg, modules_to_save=["lm_head"]))
+    adapted, trained = _logits(model), _trainable(model)
+    model.merge_adapter()
+    model.disable_adapter_layers()
+    theirs.base_model.disable_adapter_layers()
+    torch.testing.assert_close(_logits(model), ref)
+    assert not model.base_model.model.model.layers[0].self_attn.q_proj.merged
+    assert _trainable(model) == _trainable(theirs) == set()
+    model.enable_adapter_layers()
+    theirs.base_model.enable_adapter_layers()
+    torch.testing.assert_close(_logits(model), adapted)
+    assert _trainable(model) == _trainable(theirs) == trained
+
+
+def test_set_requires_grad_on_an_inactive_adapter_until_set_adapter():
+    model = _adapted_llama()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+    active = _trainable(model)
+    model.set_requires_grad("other")
+    assert _trainable(model) == active | {n for n in _all(model) if ".other." in n}
+    model.set_requires_grad(["default", "other"], requires_grad=False)
+    assert _trainable(model) == set()
+    model.set_adapter("default")
+    assert _trainable(model) == active
+    with pytest.raises(AdapterError, match="'missing' does not exist"):
+        model.set_requires_grad("missing")
+    assert model.peft_type == "LORA"
+
+
+def _all(model: nn.Module) -> set[str]:
+    return {n for n, _ in model.named_parameters()}
+
+
 def test_merge_unmerge_and_merge_and_unload_equal_outputs():
     model = _adapted_llama(target_modules="all-linear")
     unmerged = _logits(model)

@@ -128,6 +128,41 @@ class LoraModel(nn.Module):
             if "all" in modes or ("lora_only" in modes and name.endswith("base_layer.bias")):
                 param.requires_grad_(True)
 
+    def disable_adapter_layers(self) -> None:
+        """Adapters off until ``enable_adapter_layers()``: the model computes as the base model, merged adapters are
+        unmerged first (they stay unmerged), and adapter parameters stop training (as in PEFT)."""
+        for _, module in wrappers(self.model):
+            if isinstance(module, LoraLayer):
+                module.unmerge()
+            module.disable_adapters = True
+        for param in self._adapter_parameters(list(self.peft_config)):
+            param.requires_grad_(False)
+
+    def enable_adapter_layers(self) -> None:
+        """Undo ``disable_adapter_layers()``: the active adapters compute and train again."""
+        for _, module in wrappers(self.model):
+            module.disable_adapters = False
+        self._set_trainable()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Make the parameters of ``adapter_names`` (active or not) trainable or frozen, as PEFT's method of the name;
+        the next set_adapter / add_adapter resets trainability to the active adapters."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._check_exists(name)
+        for param in self._adapter_parameters(names):
+            param.requires_grad_(requires_grad)
+
+    def _adapter_parameters(self, names: list[str]) -> Iterator[nn.Parameter]:
+        """The parameters of adapters ``names`` in every wrapper: A, B, DoRA magnitudes, modules_to_save copies."""
+        for _, module in wrappers(self.model):
+            for name in names:
+                if isinstance(module, ModulesToSaveWrapper):
+                    if name in module.modules_to_save:
+                        yield from module.modules_to_save[name].parameters()
+                elif name in module.r:
+                    yield from module.adapter_parameters(name)
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model is the base model: adapters off (merged ones unmerged, then merged back)."""

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lorakit import convert, io, mixed_batch
-from lorakit.config import LoraConfig, TaskType
+from lorakit.config import LoraConfig, PeftType, TaskType
 from lorakit.inject import SEQ_CLS_HEADS, TargetError, wrappers
 from lorakit.model import AdapterError, LoraModel, check_adapter_name
 
@@ -110,6 +110,10 @@ class PeftModel(nn.Module):
     @property
     def active_adapter(self) -> str | list[str]:
         return self.base_model.active_adapter
+
+    @property
+    def peft_type(self) -> PeftType:
+        return self.active_peft_config.peft_type
 
     @property
     def active_peft_config(self) -> LoraConfig:
