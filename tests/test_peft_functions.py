@@ -4,6 +4,7 @@ PeftConfig / LoraConfig.from_pretrained / save_pretrained, PeftType and get_peft
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -58,6 +59,9 @@ def test_state_dict_values_come_from_a_given_state_dict() -> None:
     own = get_peft_model_state_dict(model)
     for key in own:
         torch.testing.assert_close(state[key], own[key] + 1.0)
+    del full["base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight"]
+    with pytest.raises(ValueError, match="state_dict lacks .*layers.1.self_attn.v_proj.lora_B.*model.state_dict"):
+        get_peft_model_state_dict(model, state_dict=full)
 
 
 def test_set_round_trip_restores_outputs() -> None:
@@ -173,6 +177,12 @@ def test_config_from_and_save_pretrained(tmp_path: Path) -> None:
     theirs = peft.LoraConfig.from_pretrained(tmp_path / "new")
     assert (theirs.r, theirs.lora_alpha, theirs.target_modules, theirs.lora_dropout) == (6, 12, {"k_proj"}, 0.1)
     assert LoraConfig.from_pretrained(tmp_path / "new") == config
+    journal = {"config": {**config.to_dict(), "r": 9}, "weights_sha256": hashlib.sha256(b"w").hexdigest()}
+    (tmp_path / "new" / ".adapter_config.next.json").write_text(json.dumps(journal))  # left by a crashed save
+    (tmp_path / "new" / "adapter_model.safetensors").write_bytes(b"w")
+    assert LoraConfig.from_pretrained(tmp_path / "new").r == 9  # the journal fits the weights: it wins ...
+    config.save_pretrained(tmp_path / "new")
+    assert LoraConfig.from_pretrained(tmp_path / "new").r == 6  # ... until a config is saved explicitly
     with pytest.raises(AdapterFileError, match="does not exist"):
         LoraConfig.from_pretrained(tmp_path / "missing")
 

@@ -236,10 +236,12 @@ def write_adapter(folder: str | os.PathLike, config: LoraConfig, tensors: dict[s
 
 
 def write_config(folder: str | os.PathLike, config: LoraConfig) -> None:
-    """Write ``config`` alone as the folder's adapter_config.json (atomically), as a config's save_pretrained does."""
+    """Write ``config`` alone as the folder's adapter_config.json (atomically), as a config's save_pretrained does.
+    A journal left by an interrupted write_adapter is dropped after: the config written here is the one to read."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / CONFIG_NAME, config.to_dict())
+    (folder / JOURNAL_NAME).unlink(missing_ok=True)
 
 
 def _journal_config(folder: Path) -> dict[str, Any] | None:

@@ -40,7 +40,11 @@ def get_peft_model_state_dict(
     instead of from the model. The base embeddings are included only if ``save_embedding_layers`` is True."""
     model = getattr(model, "_orig_mod", model) if unwrap_compiled else model  # torch.compile's wrapper
     _check_adapter(model, adapter_name, "get_peft_model_state_dict")
-    return io.adapter_state_dict(model, adapter_name, save_embedding_layers is True, state_dict)
+    try:
+        return io.adapter_state_dict(model, adapter_name, save_embedding_layers is True, state_dict)
+    except KeyError as e:  # only a given state_dict can lack a key of the model's own
+        raise ValueError(f"get_peft_model_state_dict: state_dict lacks {e.args[0]!r}; pass the model's whole state "
+                         "dict (model.state_dict()), or none to read the model") from None
 
 
 def set_peft_model_state_dict(
