@@ -123,6 +123,30 @@ def test_state_dicts_move_between_lorakit_and_peft(direction: str) -> None:
     assert get_peft_model_state_dict(ours).keys() == peft.get_peft_model_state_dict(theirs).keys()
 
 
+def test_inject_adapter_in_model_as_peft() -> None:
+    """The model itself gets the wrappers and a peft_config; state-dict keys (no base_model.model. prefix), the
+    trainable set and, with the same tensors, the logits equal PEFT's inject_adapter_in_model."""
+    ours = lorakit.inject_adapter_in_model(LoraConfig(**_config()), tiny_llama(seed=0))
+    theirs = peft.inject_adapter_in_model(peft.LoraConfig(**_config()), tiny_llama(seed=0))
+    assert type(ours).__name__ == "LlamaForCausalLM" and list(ours.peft_config) == ["default"]
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        n for n, p in theirs.named_parameters() if p.requires_grad
+    }
+    perturb_([p for n, p in theirs.named_parameters() if "lora_" in n], seed=3)
+    state = peft.get_peft_model_state_dict(theirs)
+    assert get_peft_model_state_dict(ours).keys() == state.keys()
+    assert next(iter(state)).startswith("model.layers.0.")
+    set_peft_model_state_dict(ours, state)
+    ids = input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    again = lorakit.inject_adapter_in_model(LoraConfig(**_config()), tiny_llama(seed=0), state_dict=state)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="already has adapters"):
+        lorakit.inject_adapter_in_model(LoraConfig(**_config()), ours)
+
+
 def test_prepare_for_kbit_training_plain_bf16_model() -> None:
     model = tiny_llama().to(torch.bfloat16)
     model.model.norm.weight.requires_grad_(True)

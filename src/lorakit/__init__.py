@@ -7,6 +7,7 @@ from lorakit.layers import LoraEmbedding, LoraLayer, LoraLinear
 from lorakit.model import AdapterError, LoraModel
 from lorakit.peft_functions import (
     get_peft_model_state_dict,
+    inject_adapter_in_model,
     prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "inject_adapter_in_model",
     "prepare_model_for_kbit_training",
     "quantize",
     "set_peft_model_state_dict",

@@ -147,9 +147,12 @@ def _belongs(key: str, adapter_name: str) -> bool:
 
 
 def _inner(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel (base_model.model), or the model itself."""
+    """The transformers model inside a PeftModel (base_model.model), or the model itself (a model with adapters
+    injected in place: transformers' own ``base_model`` is then no LoraModel)."""
+    from lorakit.model import LoraModel  # late import: lorakit.model imports this module's neighbours
+
     base = getattr(model, "base_model", None)
-    return base.model if base is not None and hasattr(base, "peft_config") else model
+    return base.model if isinstance(base, LoraModel) else model
 
 
 def _prefix_of(model: nn.Module) -> str:

@@ -6,6 +6,9 @@ after changing the import.
 - ``set_peft_model_state_dict(model, tensors, adapter_name=...)``: the inverse, into an existing adapter.
 - ``prepare_model_for_kbit_training(model)``: freeze every parameter, keep trainable-side dtypes in fp32, and for a
   quantized base turn on activation checkpointing (with inputs that require grad, for reentrant checkpointing).
+- ``inject_adapter_in_model(config, model)``: the LoRA wrappers put into ``model`` itself, no PeftModel around it
+  (for libraries that manage adapters themselves); ``model.peft_config`` records the adapter, as in PEFT, so that the
+  two state-dict functions work on it (keys without the ``base_model.model.`` prefix).
 
 Unlike PEFT, ``set_peft_model_state_dict`` loads the whole adapter or raises ``AdapterFileError`` naming what is
 missing, surplus or of the wrong shape, instead of leaving part of it unloaded; the keys it returns as missing or
@@ -21,6 +24,8 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from lorakit import io
+from lorakit.config import LoraConfig
+from lorakit.model import LoraModel
 from lorakit.quant import QuantLinear
 from lorakit.quant_embeddings import HalfEmbedding, HalfLinear
 
@@ -63,6 +68,25 @@ def set_peft_model_state_dict(
     _check_adapter(model, adapter_name, "set_peft_model_state_dict")
     io.load_adapter_state_dict(model, dict(peft_model_state_dict), adapter_name, "the state dict given")
     return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+
+
+def inject_adapter_in_model(
+    peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default", low_cpu_mem_usage: bool = False,
+    state_dict: dict[str, Tensor] | None = None,
+) -> nn.Module:
+    """Wrap the target modules of ``model`` in place with adapter ``adapter_name`` and return ``model`` (no PeftModel):
+    only the adapter's parameters train, and ``model.peft_config`` is ``{adapter_name: config}``. The adapter
+    verbs (set_adapter, merge, unload) need a PeftModel: use get_peft_model for those."""
+    if not isinstance(peft_config, LoraConfig):
+        raise TypeError(f"peft_config must be a lorakit.LoraConfig, not {type(peft_config).__name__}")
+    if getattr(model, "peft_config", None) is not None:
+        raise ValueError("model already has adapters (model.peft_config is set); inject into a plain model, or use "
+                         "get_peft_model and add_adapter to hold several")
+    lora = LoraModel(model, peft_config, adapter_name)
+    model.peft_config = lora.peft_config
+    if state_dict is not None:
+        set_peft_model_state_dict(model, state_dict, adapter_name)
+    return model
 
 
 def _check_adapter(model: nn.Module, adapter_name: str, caller: str) -> None:
