@@ -234,8 +234,7 @@ def write_adapter(folder: str | os.PathLike, config: LoraConfig, tensors: dict[s
     journal = {"config": config.to_dict(), "weights_sha256": hashlib.sha256(data).hexdigest()}
     atomic_write_json(folder / JOURNAL_NAME, journal)
     atomic_write_bytes(folder / WEIGHTS_NAME, data)
-    atomic_write_json(folder / CONFIG_NAME, config.to_dict())
-    (folder / JOURNAL_NAME).unlink(missing_ok=True)
+    write_config(folder, config)  # the config, then the journal dropped
 
 
 def write_config(folder: str | os.PathLike, config: LoraConfig) -> None:

@@ -25,9 +25,9 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from lorakit import io
 from lorakit.config import LoraConfig
+from lorakit.inject import REDUCED_PRECISION
 from lorakit.model import LoraModel
 from lorakit.quant import QuantLinear
-from lorakit.quant_embeddings import HalfEmbedding, HalfLinear
 
 # transformers' quantization methods whose weights PEFT leaves in their dtype (and lorakit too)
 _KEEP_DTYPE_METHODS = frozenset({"gptq", "aqlm", "eetq", "torchao", "hqq"})
@@ -121,7 +121,7 @@ def prepare_model_for_kbit_training(
         param.requires_grad_(False)
     if not keep_dtype:
         for module in model.modules():
-            if isinstance(module, (QuantLinear, HalfEmbedding, HalfLinear)):
+            if isinstance(module, REDUCED_PRECISION):  # their storage dtype is the point of them
                 continue
             for param in module.parameters(recurse=False):
                 if param.dtype in (torch.float16, torch.bfloat16):
