@@ -27,7 +27,7 @@ Timed, the same way on both sides: **total** = the training process from launch 
 tokenizer load, tokenization, training, adapter save); **load+** = the same without importing the libraries' top
 modules; **loop** = the training loop alone (lorakit's ``wall_time_s``, the Trainer's ``train_runtime``). Eval loss:
 every saved adapter is loaded onto the base by one function in a last subprocess and scored with
-``lorakit.loss.loss_over_examples`` in fp32 on the held-out set. Jobs run one at a time with 1 OpenMP thread by
+``lorakit.training.loss.loss_over_examples`` in fp32 on the held-out set. Jobs run one at a time with 1 OpenMP thread by
 default (``--threads``); about 7 minutes per seed on 2 shared cores (``--levers``: about 20).
 
     HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/end_to_end.py [--steps 10] [--batch 8] [--levers]
@@ -88,7 +88,7 @@ def _turn(user: str, assistant: str) -> list[dict[str, str]]:
 
 
 def _date_task(rng: random.Random) -> list[dict[str, str]]:
-    from lorakit.demo import spell_date
+    from lorakit.commands.demo import spell_date
 
     day = dt.date(1950, 1, 1) + dt.timedelta(days=rng.randrange(36500))
     prompt = f"Rewrite this date as YYYY-MM-DD: {spell_date(day, rng.randrange(6))}"
@@ -166,7 +166,7 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
 # -- the three jobs, each run in a fresh subprocess -------------------------------------------------------------------
 def _lorakit_job(job: dict[str, Any]) -> dict[str, Any]:
     import lorakit
-    import lorakit.models  # noqa: F401 - imported by lorakit.train; imported here like the Trainer side's modules
+    import lorakit.io.models  # noqa: F401 - imported by lorakit.train; imported here like the Trainer side's modules
 
     start = time.perf_counter()
     summary = lorakit.train(
@@ -194,7 +194,7 @@ def _trainer_job(job: dict[str, Any]) -> dict[str, Any]:
         set_seed,
     )
 
-    from lorakit.models import resolve_model
+    from lorakit.io.models import resolve_model
 
     datasets.disable_progress_bars()
     folder = resolve_model(None)  # the local copy of the default model that lorakit loads
@@ -225,10 +225,10 @@ def _trainer_job(job: dict[str, Any]) -> dict[str, Any]:
 def _eval_job(job: dict[str, Any]) -> dict[str, Any]:
     """Eval loss of each adapter (and of the base model alone) on the held-out set: one function for all, fp32."""
     from lorakit import PeftModel
-    from lorakit.data import load_records
-    from lorakit.data_tokenize import tokenize_records
-    from lorakit.loss import loss_over_examples
-    from lorakit.models import load_model, load_tokenizer
+    from lorakit.data.records import load_records
+    from lorakit.data.tokenize import tokenize_records
+    from lorakit.io.models import load_model, load_tokenizer
+    from lorakit.training.loss import loss_over_examples
 
     tokenizer = load_tokenizer()
     examples, _ = tokenize_records(load_records(job["eval"]), tokenizer, job["max_length"])
@@ -262,8 +262,8 @@ def _subprocess(kind: str, job: dict[str, Any], folder: Path, threads: int) -> d
 
 def check_same_tokens(records: list[dict[str, Any]], max_length: int) -> dict[str, Any]:
     """Both sides train on the same token ids and labels: the Trainer side's ``chat_tokens`` equals lorakit's."""
-    from lorakit.data_tokenize import tokenize_records
-    from lorakit.models import load_tokenizer
+    from lorakit.data.tokenize import tokenize_records
+    from lorakit.io.models import load_tokenizer
 
     tokenizer = load_tokenizer()
     examples, _ = tokenize_records(records, tokenizer, max_length)
@@ -357,7 +357,7 @@ def table(report: dict[str, Any]) -> str:
         f"= {s['n_train']} chat examples once ({d['min']}-{d['max']} tokens, median {d['median']}, {d['tokens']} "
         f"tokens, {d['labelled']} labelled; data seed {s['data_seed']}); AdamW lr {s['lr']:g}, cosine, no warmup, "
         f"clip 1.0, max_length {s['max_length']}; threads: {s['threads']}",
-        f"eval loss: {s['n_eval']} held-out examples, fp32, lorakit.loss.loss_over_examples for every adapter; "
+        f"eval loss: {s['n_eval']} held-out examples, fp32, training.loss.loss_over_examples for every adapter; "
         f"{BASE}: {report['base_eval_loss']:.4f}",
         "total: the whole training process, launch to exit (Python imports, model load, tokenization, training, "
         "adapter save); load+: total minus importing the libraries' top modules; loop: the training loop alone",

@@ -40,7 +40,7 @@ def _models(merged: bool = True) -> dict:
     import torch
 
     import lorakit
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     torch.manual_seed(0)
     base = load_model().eval()
@@ -65,7 +65,7 @@ def _models(merged: bool = True) -> dict:
 def run(new_tokens: int = 48, repeats: int = 3, batch: int = 1) -> dict[str, float]:
     import torch
 
-    from lorakit.models import load_tokenizer
+    from lorakit.io.models import load_tokenizer
 
     tokenizer = load_tokenizer()
     tokenizer.padding_side = "left"
@@ -105,7 +105,7 @@ def steps(count: int = 150) -> dict[str, float]:
 
     import torch
 
-    from lorakit.models import load_tokenizer
+    from lorakit.io.models import load_tokenizer
 
     ids = load_tokenizer()(PROMPTS[:1], return_tensors="pt").input_ids  # (1, T)
     models = _models()
@@ -130,7 +130,7 @@ def layers(rounds: int = 15, calls: int = 1000) -> dict[str, float]:
     import torch
     from torch import nn
 
-    from lorakit.layers import LoraLinear
+    from lorakit.adapters.layers import LoraLinear
 
     result: dict[str, float] = {}
     with torch.inference_mode():

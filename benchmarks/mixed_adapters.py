@@ -46,7 +46,7 @@ def _prompts() -> list[str]:
 def _lorakit_model(folder: Path) -> object:
     """The default model with adapters task0..task7 (random B), saved to ``folder`` for PEFT."""
     import lorakit
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     model = None
     for i in range(N_ADAPTERS):
@@ -67,7 +67,7 @@ def _lorakit_model(folder: Path) -> object:
 def _peft_model(folder: Path) -> object:
     import peft
 
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     model = peft.PeftModel.from_pretrained(load_model(), folder / "task0", adapter_name="task0")
     for i in range(1, N_ADAPTERS):
@@ -95,7 +95,7 @@ def _generate(
 def run(repeats: int = 2, threads: int = 1) -> dict:
     """Time both libraries; returns seconds per generate (best of ``repeats``), the ratio PEFT / lorakit and the
     shape of the generated tokens. AssertionError if the two libraries generate different tokens."""
-    from lorakit.models import load_tokenizer
+    from lorakit.io.models import load_tokenizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -1,15 +1,15 @@
-"""A quantized base on the CPU (lorakit.quant, lorakit.loftq): weight memory, QLoRA step time, quality after tuning.
+"""A quantized base on the CPU (lorakit.quant, LoftQ): weight memory, QLoRA step time, quality after tuning.
 
-On the default model (SmolLM2-135M-Instruct, ``lorakit.models.load_model()``), in one process:
+On the default model (SmolLM2-135M-Instruct, ``lorakit.io.models.load_model()``), in one process:
 
-1. memory: bytes of parameters + buffers (shared storages once, ``lorakit.quant.resident_bytes``) of the fp32 model
+1. memory: bytes of parameters + buffers (shared storages once, ``quant.formats.resident_bytes``) of the fp32 model
    and of the model with every Linear except the tied lm_head quantized to int8 / NF4 / NF4 with double-quantized
    scales, the tied embedding / lm_head in bf16 (quantize's default) or left in fp32 (``embeddings="keep"``);
 2. one layer (up_proj, 1536 x 576): forward time of nn.Linear vs QuantLinear (whole weight dequantized per call, and
    in row chunks), median of --repeat;
 3. train step (forward + backward + AdamW) of LoRA r=16 on all linear layers, fp32 base vs NF4 / int8 base, on the
    same batch of 8 examples; the models take turns, median of --timing-steps after one warm-up round;
-4. eval loss on 50 held-out examples of the demo's date task (``lorakit.demo.make_examples``) before and after
+4. eval loss on 50 held-out examples of the demo's date task (``lorakit.commands.demo.make_examples``) before and after
    --steps optimizer steps (batch 8, lr 1e-3, warmup + cosine, same data order) for fp32 LoRA, QLoRA (NF4),
    QLoRA + LoftQ (NF4, 1 iteration) and QLoRA (int8).
 
@@ -31,14 +31,15 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, TaskType, get_peft_model, quantize
-from lorakit.data_pack import collate
-from lorakit.data_tokenize import tokenize_records
-from lorakit.demo import make_examples
-from lorakit.loss import lm_loss_sum, loss_over_examples
-from lorakit.models import load_model, load_tokenizer
-from lorakit.quant import QuantLinear, resident_bytes
-from lorakit.train_args import TrainArgs
-from lorakit.trainer import lr_lambda, make_plan
+from lorakit.commands.demo import make_examples
+from lorakit.data.pack import collate
+from lorakit.data.tokenize import tokenize_records
+from lorakit.io.models import load_model, load_tokenizer
+from lorakit.quant.formats import resident_bytes
+from lorakit.quant.linear import QuantLinear
+from lorakit.training.args import TrainArgs
+from lorakit.training.loss import lm_loss_sum, loss_over_examples
+from lorakit.training.trainer import lr_lambda, make_plan
 
 R, ALPHA, LR, BATCH, MAX_LENGTH = 16, 32, 1e-3, 8, 128
 

@@ -62,7 +62,7 @@ def _step_fn(library: str, model, ids, bf16: bool):
             return wrapped(input_ids=ids, labels=ids).loss
     else:
         import lorakit
-        from lorakit.loss import lm_loss_sum
+        from lorakit.training.loss import lm_loss_sum
 
         config = lorakit.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
         wrapped = lorakit.get_peft_model(model, config)
@@ -89,7 +89,7 @@ def _step_fn(library: str, model, ids, bf16: bool):
 def _setup(batch: int, seq: int):
     import torch
 
-    from lorakit.models import load_model
+    from lorakit.io.models import load_model
 
     torch.manual_seed(0)
     model = load_model()

@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM
 
 from lorakit import PeftModel
 from lorakit.cli import build_parser, main
-from lorakit.evaluate import evaluate
-from lorakit.generate import generate
-from lorakit.models import load_model
-from lorakit.train_args import TrainArgs
+from lorakit.commands.evaluate import evaluate
+from lorakit.commands.generate import generate
+from lorakit.io.models import load_model
+from lorakit.training.args import TrainArgs
 
 RECORDS = [
     {"messages": [{"role": "user", "content": "what is two plus four"}, {"role": "assistant", "content": "six"}]},
@@ -61,18 +61,18 @@ def assert_one_line_error(capsys: pytest.CaptureFixture[str], argv: list[Any], m
 # -- train: flags -> TrainArgs (training itself is tested with the trainer) ----------------------------------------
 @pytest.fixture
 def fake_train(monkeypatch: pytest.MonkeyPatch) -> list[TrainArgs]:
-    """Replace lorakit.trainer.train by a function that records its TrainArgs (and fails on data 'fail.jsonl')."""
-    import lorakit.trainer
+    """Replace training.trainer.train by a function that records its TrainArgs (and fails on data 'fail.jsonl')."""
+    import lorakit.training.trainer
 
     calls: list[TrainArgs] = []
 
     def train(args: TrainArgs) -> dict[str, Any]:
         if args.data == "fail.jsonl":
-            raise lorakit.trainer.TrainingError("step 3: loss is not finite;\nlower --lr")
+            raise lorakit.training.trainer.TrainingError("step 3: loss is not finite;\nlower --lr")
         calls.append(args)
         return {"train_loss": 1.5, "adapter": args.output, "model": object()}
 
-    monkeypatch.setattr(lorakit.trainer, "train", train)
+    monkeypatch.setattr(lorakit.training.trainer, "train", train)
     return calls
 
 
@@ -249,7 +249,7 @@ def test_info_prints_ranks(work: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_demo_forwards_its_options(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import lorakit.demo
+    import lorakit.commands.demo
 
     seen: list[tuple] = []
 
@@ -257,7 +257,7 @@ def test_demo_forwards_its_options(monkeypatch: pytest.MonkeyPatch, capsys: pyte
         seen.append(args)
         return {"accuracy_before": 0.1, "accuracy_after": 0.9, "total_wall_time_s": 1.0, "adapter": "a", "plot": "p"}
 
-    monkeypatch.setattr(lorakit.demo, "run", fake_run)
+    monkeypatch.setattr(lorakit.commands.demo, "run", fake_run)
     code, out, _ = run(capsys, "demo", "--output", "o", "--steps", 5, "--quick")
     assert code == 0 and "10% -> 90% (+80 points)" in out
     assert run(capsys, "demo")[0] == 0

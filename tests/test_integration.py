@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lorakit import AutoPeftModelForCausalLM, PeftModel
-from lorakit.demo import make_examples
-from lorakit.models import DEFAULT_MODEL, load_model, load_tokenizer
-from lorakit.trainer import train
+from lorakit.commands.demo import make_examples
+from lorakit.io.models import DEFAULT_MODEL, load_model, load_tokenizer
+from lorakit.training.trainer import train
 
 pytestmark = pytest.mark.integration
 

@@ -1,17 +1,16 @@
 """lorakit: LoRA fine-tuning for Hugging Face transformers models, a drop-in for HF PEFT's LoRA API."""
 
-from lorakit.config import ConfigError, LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType, get_peft_config
-from lorakit.inject import TargetError
-from lorakit.io import AdapterFileError
-from lorakit.layers import LoraEmbedding, LoraLayer, LoraLinear
-from lorakit.model import AdapterError, LoraModel
-from lorakit.peft_functions import (
+from lorakit.adapters.inject import TargetError
+from lorakit.adapters.layers import LoraEmbedding, LoraLayer, LoraLinear
+from lorakit.adapters.model import LoraModel
+from lorakit.adapters.quantize import quantize
+from lorakit.api.functions import (
     get_peft_model_state_dict,
     inject_adapter_in_model,
     prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
-from lorakit.peft_model import (
+from lorakit.api.peft_model import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
     AutoPeftModelForSequenceClassification,
@@ -24,7 +23,8 @@ from lorakit.peft_model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
-from lorakit.quant import quantize
+from lorakit.config import ConfigError, LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType, get_peft_config
+from lorakit.io.files import AdapterError, AdapterFileError
 
 __version__ = "0.1.0"
 
@@ -33,11 +33,11 @@ def __getattr__(name: str) -> object:
     """``lorakit.train``, ``lorakit.TrainArgs`` and ``lorakit.TrainingError``, imported on first use (the training
     stack pulls in data loading and model resolution, which ``import lorakit`` alone does not need)."""
     if name in ("train", "TrainingError"):
-        from lorakit import trainer
+        from lorakit.training import trainer
 
         return getattr(trainer, name)
     if name == "TrainArgs":
-        from lorakit.train_args import TrainArgs
+        from lorakit.training.args import TrainArgs
 
         return TrainArgs
     raise AttributeError(f"module 'lorakit' has no attribute {name!r}")

@@ -1,15 +1,15 @@
 """The ``lorakit`` command: argument parsing and printing only; the work is done by the library modules.
 
     lorakit train --data train.jsonl [--config run.yaml] [--r 8 --lr 1e-4 --packing ...]   # lorakit.train
-    lorakit generate [--adapter DIR] [--model M] [--prompts-file F] [prompt ...]             # lorakit.generate
-    lorakit eval [--adapter DIR] [--model M] --data eval.jsonl [--json]                     # lorakit.evaluate
-    lorakit merge --adapter DIR --output DIR2 [--model M] [--overwrite]                     # lorakit.merge
-    lorakit info DIR [--json]                                                               # lorakit.info
-    lorakit demo [--output DIR] [--steps N] [--quick]                                       # lorakit.demo
+    lorakit generate [--adapter DIR] [--model M] [--prompts-file F] [prompt ...]             # lorakit.commands.generate
+    lorakit eval [--adapter DIR] [--model M] --data eval.jsonl [--json]                     # lorakit.commands.evaluate
+    lorakit merge --adapter DIR --output DIR2 [--model M] [--overwrite]                     # lorakit.commands.merge
+    lorakit info DIR [--json]                                                               # lorakit.commands.info
+    lorakit demo [--output DIR] [--steps N] [--quick]                                       # lorakit.commands.demo
 
 Every expected failure (bad data, bad options, missing or corrupt files, unknown models) ends with one line
 ``lorakit: error: <what is wrong and what to do>`` on stderr and exit code 2. Set ``LORAKIT_DEBUG=1`` to get the
-traceback instead. With ``HF_HUB_OFFLINE=1`` the network is never used (see ``lorakit.models``).
+traceback instead. With ``HF_HUB_OFFLINE=1`` the network is never used (see ``lorakit.io.models``).
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from typing import Any
 
 import yaml
 
-from lorakit import __version__, demo
-from lorakit.data import detect_dataset_format, load_records
-from lorakit.evaluate import evaluate
-from lorakit.generate import generate, load_pretrained, read_prompts
-from lorakit.info import adapter_info, format_info
-from lorakit.merge import merge_adapter_to_folder
-from lorakit.train_args import TrainArgs, read_train_config, train_fields
+from lorakit import __version__
+from lorakit.commands import demo
+from lorakit.commands.evaluate import evaluate
+from lorakit.commands.generate import generate, load_pretrained, read_prompts
+from lorakit.commands.info import adapter_info, format_info
+from lorakit.commands.merge import merge_adapter_to_folder
+from lorakit.data.records import detect_dataset_format, load_records
+from lorakit.training.args import TrainArgs, read_train_config, train_fields
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 
@@ -71,7 +72,7 @@ def train_args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
-    from lorakit.trainer import TrainingError, train  # late: heavy imports
+    from lorakit.training.trainer import TrainingError, train  # late: heavy imports
 
     args = train_args_from_namespace(ns)
     try:
@@ -145,7 +146,7 @@ def _cmd_info(ns: argparse.Namespace) -> int:
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
-    from lorakit.demo import run_from_args
+    from lorakit.commands.demo import run_from_args
 
     return run_from_args(ns)
 

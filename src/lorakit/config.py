@@ -1,7 +1,7 @@
 """LoraConfig and TaskType: what an adapter is, with HF PEFT's field names and defaults.
 
-Each field's ``help`` metadata is the single description used by the docs and the CLI. The dataclass knows nothing
-about files: ``io.py`` reads and writes ``adapter_config.json``.
+Each field's ``help`` metadata is the single description used by the docs and the CLI. The file itself is
+lorakit.io.files' business; ``read_config`` / ``write_config`` here turn its JSON object into a LoraConfig and back.
 """
 
 from __future__ import annotations
@@ -11,10 +11,16 @@ import enum
 import math
 import os
 import re
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lorakit.io import files
+from lorakit.io.files import AdapterFileError
+from lorakit.ops.init import INITIALIZERS, PISSA_NITER_HELP, is_known
 
 BIAS_MODES = ("none", "all", "lora_only")
 ALL_LINEAR = "all-linear"
@@ -78,7 +84,7 @@ class LoraConfig:
     modules_to_save: list[str] | None = _help("Modules trained in full and saved with the adapter (e.g. a head).")
     init_lora_weights: bool | str = _help(
         "True: Kaiming-uniform A, zero B (identity at start); 'gaussian': normal A (std 1/r), zero B; "
-        "False: random A and B (not an identity, for tests); see lorakit.init for the full list.",
+        "False: random A and B (not an identity, for tests); see lorakit.ops.init for the full list.",
         True,
     )
     layers_to_transform: list[int] | int | None = _help("Only wrap modules in these layer indices.")
@@ -127,8 +133,6 @@ class LoraConfig:
             raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be a number in [0, 1), e.g. 0.05")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias={self.bias!r} is unknown; use one of: {', '.join(BIAS_MODES)}")
-        from lorakit.init import INITIALIZERS, PISSA_NITER_HELP, is_known  # late import: init imports nothing from here
-
         if not is_known(self.init_lora_weights):
             allowed = ", ".join(["True", "False", *map(repr, INITIALIZERS), PISSA_NITER_HELP])
             raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} is unknown; use one of: {allowed}")
@@ -171,16 +175,12 @@ class LoraConfig:
         """The config saved in an adapter folder (``subfolder`` of it, if given), as PEFT's
         ``PeftConfig.from_pretrained``; a local folder (lorakit reads no hub ids for adapters, so PEFT's hub
         arguments such as ``revision`` or ``token`` are accepted and unused)."""
-        from lorakit import io  # io knows the file name and format; it imports this module
-
         folder = Path(pretrained_model_name_or_path)
-        return io.read_config(folder / subfolder if subfolder else folder)
+        return read_config(folder / subfolder if subfolder else folder)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Write this config as ``adapter_config.json`` in ``save_directory`` (created if missing), atomically."""
-        from lorakit import io
-
-        io.write_config(save_directory, self)
+        write_config(save_directory, self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
@@ -256,3 +256,55 @@ def _check_rank(name: str, r: Any) -> None:
 def _check_alpha(name: str, alpha: Any) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or math.isinf(alpha):
         raise ConfigError(f"{name}={alpha!r} must be a positive number, e.g. 16")
+
+
+def read_config(folder: str | os.PathLike) -> LoraConfig:
+    """The LoraConfig saved in adapter folder ``folder``; AdapterFileError naming the file if it is missing or
+    invalid (lorakit.io.files reads the file, this checks its fields)."""
+    data, path = files.read_config_json(folder)
+    _check_json_types(path, data)
+    try:
+        return LoraConfig.from_dict(data)
+    except (ConfigError, TypeError) as e:
+        raise AdapterFileError(f"{path}: {e}") from None
+
+
+def write_config(folder: str | os.PathLike, config: LoraConfig) -> None:
+    """Write ``config`` as the adapter_config.json of ``folder`` (created if missing), atomically."""
+    files.write_config_json(folder, config.to_dict())
+
+
+def _check_json_types(path: Path, data: dict[str, Any]) -> None:
+    """AdapterFileError naming the first LoraConfig field whose JSON value has a type its annotation does not allow
+    (e.g. target_modules: list[str] | str | None), or a regex (target_modules / exclude_modules as str, the keys
+    of rank_pattern / alpha_pattern) that does not compile: such a file would fail later, far from its name."""
+    hints = typing.get_type_hints(LoraConfig)
+    for f in dataclasses.fields(LoraConfig):
+        if f.name in data and not _fits(data[f.name], hints[f.name]):
+            raise AdapterFileError(
+                f"{path}: {f.name}={data[f.name]!r} must be of type {f.type}; fix it or re-save the adapter"
+            )
+    regexes = [data[k] for k in ("target_modules", "exclude_modules") if isinstance(data.get(k), str)]
+    for pattern in [*regexes, *data.get("rank_pattern", {}), *data.get("alpha_pattern", {})]:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise AdapterFileError(f"{path}: {pattern!r} is not a valid regular expression ({e}); fix it") from None
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a type annotation (a JSON int fits float; a bool fits neither int nor float)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if typing.get_origin(hint) is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(_fits(k, key) and _fits(v, item) for k, v in value.items())
+    if hint is type(None):
+        return value is None
+    return isinstance(value, hint) if isinstance(hint, type) else True  # Any, Literal, ...: left to LoraConfig

@@ -1,0 +1,280 @@
+"""Which modules an adapter wraps, and the wrapping / unwrapping itself. The model class is never subclassed."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from lorakit.adapters.layers import LoraLayer, LoraLinear, wrap
+from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
+from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
+from lorakit.ops import dora
+from lorakit.quant.half import REDUCED_PRECISION
+from lorakit.quant.linear import QuantLinear, is_conv1d
+
+# target_modules=None picks these, by transformers' model_type (the attention projections, as PEFT does).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "gptj": ["q_proj", "v_proj"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "t5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+}
+SEQ_CLS_HEADS = ("classifier", "score")
+
+
+class TargetError(ValueError):
+    """target_modules / modules_to_save name modules that do not exist or cannot be wrapped."""
+
+
+def is_wrappable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding, QuantLinear)) or is_conv1d(module)
+
+
+def plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of the model, not descending into LoRA wrappers or modules_to_save copies."""
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop(0)
+        if name:
+            yield name, module
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            continue
+        stack[:0] = [(f"{name}.{c}" if name else c, child) for c, child in module.named_children()]
+
+
+def name_matches(name: str, entry: str) -> bool:
+    """A list entry matches a module name exactly or as a dotted suffix ('q_proj' matches 'layers.0.q_proj')."""
+    return name == entry or name.endswith(f".{entry}")
+
+
+def matches(name: str, spec: list[str] | str | None) -> bool:
+    """str: full regex match; list: exact or dotted-suffix match of any entry."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name_matches(name, e) for e in spec)
+
+
+def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The index of the layer list a module sits in ('model.layers.3.mlp' -> 3), using layers_pattern if given."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [])
+    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    for rx in regexes:
+        m = re.match(rx, name)
+        if m:
+            return int(m.group("idx"))
+    return None
+
+
+def all_linear_targets(model: nn.Module, task_type: TaskType | str | None) -> list[str]:
+    """Every Linear / Conv1D except the output layer (lm_head) or, for classification, the head."""
+    excluded: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    heads = [out] if out is not None else []
+    if out is None and task_type == TaskType.SEQ_CLS:
+        heads = [getattr(model, h) for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)][:1]
+    for name, module in plain_modules(model):
+        if any(module is h for h in heads):
+            excluded.add(name)
+    return [
+        n for n, m in plain_modules(model) if is_wrappable(m) and not isinstance(m, nn.Embedding) and n not in excluded
+    ]
+
+
+def resolve_target_spec(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    """The config's target_modules made concrete: None -> the architecture default, 'all-linear' -> names."""
+    spec = config.target_modules
+    if spec is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise TargetError(
+                f"no default target_modules for model_type {model_type!r}; pass target_modules explicitly "
+                f"(e.g. ['q_proj', 'v_proj'] or 'all-linear')"
+            )
+        return DEFAULT_TARGETS[model_type]
+    if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
+        return all_linear_targets(model, config.task_type)
+    return spec
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules ``config`` wraps, in model order. Raises TargetError if any target entry matches
+    nothing (with the closest module names) or a match is a module type that cannot be wrapped."""
+    spec = resolve_target_spec(model, config)
+    modules = dict(plain_modules(model))
+    saved = config.modules_to_save or []
+    found: list[str] = []
+    for name, module in modules.items():
+        if not matches(name, spec) or matches(name, config.exclude_modules):
+            continue
+        if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved):
+            continue
+        if config.layers_to_transform is not None:
+            wanted = config.layers_to_transform
+            wanted = [wanted] if isinstance(wanted, int) else wanted
+            if layer_index(name, config.layers_pattern) not in wanted:
+                continue
+        if not is_wrappable(module) and not isinstance(module, LoraLayer):
+            raise TargetError(
+                f"target module {name!r} is a {type(module).__name__}; lorakit wraps nn.Linear, GPT-2 Conv1D and "
+                f"nn.Embedding. Name its linear sub-layers instead"
+            )
+        found.append(name)
+    _check_every_entry_matched(spec, list(modules))
+    if not found:
+        raise TargetError(
+            f"target_modules={config.target_modules!r} (with layers_to_transform={config.layers_to_transform!r}, "
+            f"exclude_modules={config.exclude_modules!r}) selects no module to wrap"
+        )
+    return found
+
+
+def _check_every_entry_matched(spec: list[str] | str, names: list[str]) -> None:
+    """Every entry of a target list (or the regex) must match some module: unlike PEFT (its issue #1959), a typo
+    in one entry is an error even when other entries match."""
+    entries = [spec] if isinstance(spec, str) else spec
+    for entry in entries:
+        if isinstance(spec, str):
+            hit = any(re.fullmatch(entry, n) for n in names)
+        else:
+            hit = any(name_matches(n, entry) for n in names)
+        if not hit:
+            short = sorted({n.rsplit(".", 1)[-1] for n in names})
+            close = difflib.get_close_matches(entry, short, n=3, cutoff=0.5) or short[:12]
+            raise TargetError(f"target module {entry!r} matched nothing; did you mean {' or '.join(map(repr, close))}?")
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+    """Wrap every target of ``config`` (or add the adapter to existing wrappers) and set up modules_to_save copies.
+    Returns the names of the wrapped modules."""
+    targets = find_targets(model, config)
+    layouts: list[bool] = []  # fan_in_fan_out of each wrapped Linear / Conv1D
+    for name in targets:
+        parent, child = _parent(model, name)
+        module = getattr(parent, child)
+        if not isinstance(module, LoraLayer):
+            module = wrap(module)
+            setattr(parent, child, module)
+        if isinstance(module, LoraLinear):  # a quantized Conv1D is (out, in) now; the model file keeps (in, out)
+            layouts.append(module.fan_in_fan_out or getattr(module.base_layer, "from_conv1d", False))
+        module.update_layer(
+            adapter_name,
+            config.rank_for(name),
+            config.alpha_for(name),
+            config.lora_dropout,
+            config.init_lora_weights,
+            config.use_rslora,
+            init_options=config.loftq_config,
+            use_dora=config.use_dora,
+        )
+    if layouts:  # record the detected layout (True for Conv1D), as PEFT does, so the saved config matches the model
+        config.fan_in_fan_out = any(layouts)
+    for entry in config.modules_to_save or []:
+        wrapped = [n for n, m in plain_modules(model) if name_matches(n, entry)]
+        if not wrapped and entry in SEQ_CLS_HEADS:
+            continue  # PEFT lists both head names for SEQ_CLS; a model has one of them
+        if not wrapped:
+            raise TargetError(f"modules_to_save entry {entry!r} matched no module; check the name")
+        for name in wrapped:
+            parent, child = _parent(model, name)
+            module = getattr(parent, child)
+            if not isinstance(module, ModulesToSaveWrapper):
+                module = ModulesToSaveWrapper(module)
+                setattr(parent, child, module)
+            module.update(adapter_name)
+    return targets
+
+
+def unwrap(
+    model: nn.Module, merge: bool, adapter_names: list[str] | None = None, safe_merge: bool = False
+) -> nn.Module:
+    """Replace every wrapper by its base module (after merging ``adapter_names`` or the active adapters if
+    ``merge``); modules_to_save wrappers give back their active trained copy if ``merge``, else the original.
+
+    A LoRA layer on a quantized base (QuantLinear, or a 16-bit embedding / output layer of ``lorakit.quantize``) is not
+    merged in place; with ``merge`` it is replaced by a full-precision module (nn.Linear, Conv1D or nn.Embedding)
+    holding dequantize(W) + s * B @ A (``merged_linear``), with a warning: the result is not quantized again, because
+    quantizing the merged weight adds a rounding error as large as the one the adapter was trained to compensate,
+    which undoes much of the fine-tuning."""
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+    merged: dict[str, nn.Module] = {}
+    if merge:  # merge everything first, so that a failing safe_merge leaves the wrappers in place
+        merged = {n: merged_linear(m, adapter_names, safe_merge) for n, m in modules if _quantized_lora(m)}
+        for _, module in modules:
+            if isinstance(module, LoraLayer) and not _quantized_lora(module):
+                module.merge(adapter_names, safe_merge=safe_merge)
+    for name, module in modules:
+        parent, child = _parent(model, name)
+        if isinstance(module, LoraLayer):
+            setattr(parent, child, merged.get(name, module.base_layer))
+        else:
+            setattr(parent, child, module.current if merge else module.original_module)
+    if merged:
+        warnings.warn(
+            f"merge_and_unload: {len(merged)} LoRA layers had a quantized base; they are now full-precision layers "
+            "(dequantized W + s * B @ A, fp32) and were not quantized again: quantizing the merged weight would add "
+            "a rounding error as large as the one the adapter learned to compensate. Call lorakit.quantize(model) "
+            "on the result only if memory matters more than quality",
+            stacklevel=3,
+        )
+    return model
+
+
+def merged_linear(layer: LoraLayer, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
+    """The merge of a LoRA layer whose base has reduced precision (``REDUCED_PRECISION``): a full-precision module of
+    the kind the base stands for (``base_layer.full_precision``: nn.Linear, GPT-2 Conv1D or nn.Embedding) with weight
+    dequantize(W) + sum of s * B @ A over ``adapter_names`` (default: the active adapters), computed in fp32, and the
+    base layer's bias. A DoRA adapter rescales the rows instead (lorakit.ops.dora.merge_weight)."""
+    names = [n for n in (adapter_names or layer.active_adapters) if n in layer.r]
+    with torch.no_grad():
+        base_weight = weight = layer.weight_out_in().float()  # (out, in)
+        for name in names:
+            A, B = layer.lora_weights(name)
+            delta = (B.float() @ A.float()) * layer.scaling[name]  # (out, r) @ (r, in) -> (out, in)
+            if name in layer.lora_magnitude_vector:  # DoRA: (m / ||W + dW||_row) * (weight + dW), see lorakit.ops.dora
+                m, norm = layer.dora_scale_args(name, base_weight)
+                weight = dora.merge_weight(weight, delta, m.detach().float(), norm)
+            else:
+                weight = weight + delta
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"merging adapters {names} gives NaN/inf weights; the adapter is broken")
+    return layer.base_layer.full_precision((weight.T if layer.fan_in_fan_out else weight).contiguous())  # base layout
+
+
+def _quantized_lora(module: nn.Module) -> bool:
+    return isinstance(module, LoraLayer) and isinstance(module.base_layer, REDUCED_PRECISION)
+
+
+def wrappers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSaveWrapper]]:
+    for name, module in model.named_modules():
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            yield name, module
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child

@@ -1,0 +1,252 @@
+"""LoraModel: a transformers model with LoRA wrappers injected, and the verbs that manage its adapters.
+
+It holds the wrapped model as ``self.model`` (so parameter names read ``base_model.model.<path>`` under a PeftModel,
+exactly as in HF PEFT) and one LoraConfig per adapter in ``peft_config``. Every state change is an explicit call:
+add / set / delete / disable / merge / unmerge / unload. While wrapped, the model's gated MLPs compute their
+activation with lorakit.fast.swiglu (same values, less memory kept for backward); unloading restores them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+from torch import nn
+
+from lorakit.adapters import combine
+from lorakit.adapters.inject import inject, unwrap, wrappers
+from lorakit.adapters.layers import LoraLayer
+from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
+from lorakit.config import LoraConfig
+from lorakit.fast import swiglu
+from lorakit.io.files import AdapterError, check_adapter_name
+
+
+class LoraModel(nn.Module):
+    """The base model with LoRA wrappers; one entry in ``peft_config`` per adapter."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapters: list[str] = []
+        self.add_adapter(adapter_name, config)
+        swiglu.patch_mlps(model)
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else self.active_adapters  # type: ignore
+
+    # -- adapters ------------------------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Inject adapter ``adapter_name`` (inactive unless it is the first; activate with set_adapter)."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise AdapterError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter it")
+        config = dataclasses.replace(config)
+        self.peft_config[adapter_name] = config
+        try:
+            inject(self.model, config, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate ``adapter_name`` (or several, whose updates add up); only active adapters train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._check_exists(name)
+        self.active_adapters = names
+        for _, module in wrappers(self.model):
+            if isinstance(module, LoraLayer):
+                module.active_adapters = [n for n in names if n in module.r]
+            else:
+                module.set_adapter(names)
+        self._set_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove adapter ``adapter_name`` everywhere; if it was active, the first remaining adapter becomes active."""
+        self._check_exists(adapter_name)
+        for _, module in wrappers(self.model):
+            if isinstance(module, LoraLayer) and adapter_name not in module.r:
+                continue
+            module.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [a for a in self.active_adapters if a != adapter_name] or list(self.peft_config)[:1]
+        if remaining:
+            self.set_adapter(remaining)
+        else:
+            self.active_adapters = []
+
+    def _check_exists(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise AdapterError(f"adapter {name!r} does not exist; existing adapters: {list(self.peft_config)}")
+
+    def _set_trainable(self) -> None:
+        """Exactly the active adapters' parameters train (plus biases per the config's ``bias`` mode)."""
+        configs = [self.peft_config[a] for a in self.active_adapters]
+        trainable = [a for a, c in zip(self.active_adapters, configs) if not c.inference_mode]
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        for _, module in wrappers(self.model):
+            if isinstance(module, ModulesToSaveWrapper):
+                for name, copy in module.modules_to_save.items():
+                    copy.requires_grad_(name in trainable and name == module.active_adapter)
+                continue
+            for name in trainable:
+                if name in module.r:
+                    for p in module.adapter_parameters(name):
+                        p.requires_grad_(True)
+        modes = {c.bias for a, c in zip(self.active_adapters, configs) if a in trainable}
+        for name, param in self.model.named_parameters():
+            if not name.endswith("bias"):
+                continue
+            if "all" in modes or ("lora_only" in modes and name.endswith("base_layer.bias")):
+                param.requires_grad_(True)
+
+    def disable_adapter_layers(self) -> None:
+        """Adapters off until ``enable_adapter_layers()``: the model computes as the base model, merged adapters are
+        unmerged first (they stay unmerged), and adapter parameters stop training (as in PEFT)."""
+        for _, module in wrappers(self.model):
+            if isinstance(module, LoraLayer):
+                module.unmerge()
+            module.disable_adapters = True
+        for param in self._adapter_parameters(list(self.peft_config)):
+            param.requires_grad_(False)
+
+    def enable_adapter_layers(self) -> None:
+        """Undo ``disable_adapter_layers()``: the active adapters compute and train again."""
+        for _, module in wrappers(self.model):
+            module.disable_adapters = False
+        self._set_trainable()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Make the parameters of ``adapter_names`` (active or not) trainable or frozen, as PEFT's method of the name;
+        the next set_adapter / add_adapter resets trainability to the active adapters."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._check_exists(name)
+        for param in self._adapter_parameters(names):
+            param.requires_grad_(requires_grad)
+
+    def _adapter_parameters(self, names: list[str]) -> Iterator[nn.Parameter]:
+        """The parameters of adapters ``names`` in every wrapper: A, B, DoRA magnitudes, modules_to_save copies."""
+        for _, module in wrappers(self.model):
+            for name in names:
+                if isinstance(module, ModulesToSaveWrapper):
+                    if name in module.modules_to_save:
+                        yield from module.modules_to_save[name].parameters()
+                elif name in module.r:
+                    yield from module.adapter_parameters(name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model is the base model: adapters off (merged ones unmerged, then merged back)."""
+        merged = {name: list(m.merged_adapters) for name, m in wrappers(self.model) if isinstance(m, LoraLayer)}
+        modules = dict(wrappers(self.model))
+        for module in modules.values():
+            if isinstance(module, LoraLayer):
+                module.unmerge()
+            module.disable_adapters = True
+        try:
+            yield
+        finally:
+            for name, module in modules.items():
+                module.disable_adapters = False
+                if merged.get(name):
+                    module.merge(merged[name])
+
+    # -- merging -------------------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the active (or named) adapters into the base weights; the forward then costs what the base costs."""
+        for _, module in self._lora_layers():
+            module.merge(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Undo merge_adapter: subtract every merged update from the base weights."""
+        for _, module in self._lora_layers():
+            module.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge the active (or named) adapters and return the plain transformers model, wrappers removed. Layers on
+        a quantized base come back as full-precision nn.Linear / Conv1D / nn.Embedding (see inject.unwrap)."""
+        model = unwrap(self.model, merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
+        swiglu.unpatch_mlps(model)
+        return model
+
+    def unload(self) -> nn.Module:
+        """Return the plain base model with every wrapper removed and nothing merged (merged adapters are undone)."""
+        self.unmerge_adapter()
+        model = unwrap(self.model, merge=False)
+        swiglu.unpatch_mlps(model)
+        return model
+
+    def _lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        for name, module in wrappers(self.model):
+            if isinstance(module, LoraLayer):
+                yield name, module
+
+    # -- combining -----------------------------------------------------------------------------------------------
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        generator: combine.Generator | None = None,
+    ) -> None:
+        """Add ``adapter_name`` = a weighted combination of existing adapters (see lorakit.adapters.combine). Like PEFT,
+        the new adapter is added inactive; call set_adapter to use it. The ``dare_*`` types are random: pass a
+        seeded torch.Generator (an addition to PEFT's signature) or seed the global RNG to reproduce them."""
+        if adapter_name in self.peft_config:
+            raise AdapterError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter it")
+        for name in adapters:
+            self._check_exists(name)
+        if len(adapters) != len(weights):
+            raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights; give one weight per adapter")
+        configs = [self.peft_config[a] for a in adapters]
+        combination_type, new_rank = combine.plan(combination_type, configs, svd_rank, density, majority_sign_method)
+        layer_names = [n for n, m in self._lora_layers() if any(a in m.r for a in adapters)]
+        self.add_adapter(adapter_name, combine.combined_config(configs, new_rank, layer_names))
+        for _, module in self._lora_layers():
+            if adapter_name not in module.r:
+                continue
+            present = [(a, w) for a, w in zip(adapters, weights) if a in module.r]
+            if not present:
+                continue
+            A, B = combine.combine_layer(
+                module,
+                present,
+                combination_type,
+                new_rank,
+                svd_clamp=svd_clamp,
+                full_matrices=svd_full_matrices,
+                driver=svd_driver,
+                density=density,
+                majority_sign_method=majority_sign_method,
+                generator=generator,
+            )
+            new_A, new_B = module.lora_weights(adapter_name)
+            new_A.data.zero_()
+            new_B.data.zero_()
+            new_A.data[: A.shape[0], :] = A.to(new_A.dtype)
+            new_B.data[:, : B.shape[1]] = B.to(new_B.dtype)
+        self._set_trainable()

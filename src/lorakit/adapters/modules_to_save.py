@@ -1,0 +1,53 @@
+"""Fully trained copies of whole modules (``modules_to_save``, e.g. a classification head), one per adapter."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from lorakit.adapters import mixed_batch
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps ``original_module`` untouched and routes the forward through the active adapter's trainable copy."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+        self.routing: mixed_batch.Routing | None = None  # set while a batch runs one adapter per row (adapter_names)
+        self.train(original_module.training)
+
+    def update(self, name: str) -> None:
+        """Add a trainable copy for adapter ``name`` (a copy of the original, so it starts equal)."""
+        module = copy.deepcopy(self.original_module)
+        module.requires_grad_(True)
+        self.modules_to_save[name] = module
+
+    def set_adapter(self, names: list[str]) -> None:
+        """Make the first of ``names`` that has a copy the active one (None: the original)."""
+        self.active_adapter = next((n for n in names if n in self.modules_to_save), None)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = next(iter(self.modules_to_save), None)
+
+    @property
+    def current(self) -> nn.Module:
+        if self.disable_adapters or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    @property
+    def weight(self):  # noqa: ANN201 - mirrors the wrapped module (e.g. tied or inspected heads)
+        return self.current.weight
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        if self.routing is not None:  # a mixed-adapter batch: one adapter per row
+            return mixed_batch.modules_to_save_forward(self, *args, **kwargs)
+        return self.current(*args, **kwargs)

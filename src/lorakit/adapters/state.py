@@ -1,0 +1,138 @@
+"""An adapter's tensors in a model, keyed as in its file: which parameters belong to an adapter, and copying a file's
+tensors into them.
+
+File keys are the model's state-dict keys with the adapter name removed (``lorakit.io.files.file_key``)::
+
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight    # in the model (a PeftModel)
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight            # in adapter_model.safetensors
+
+A model with adapters injected in place (``inject_adapter_in_model``) has the same keys without ``base_model.model.``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.adapters.inject import wrappers
+from lorakit.adapters.layers import LoraLayer
+from lorakit.adapters.model import LoraModel
+from lorakit.config import LoraConfig
+from lorakit.io.files import AdapterFileError, file_key, lora_pairs
+
+
+def _owned_keys(model: nn.Module, adapter_name: str, bias: str) -> list[str]:
+    """The model state-dict keys that belong to adapter ``adapter_name`` (plus the biases its ``bias`` mode trains)."""
+    prefix = _prefix_of(model)
+    keys: list[str] = []
+    for name, module in wrappers(_inner(model)):
+        if isinstance(module, LoraLayer):
+            if adapter_name not in module.r:
+                continue
+            for pname, _ in module.named_parameters():
+                if not pname.startswith("base_layer.") and _belongs(pname, adapter_name):
+                    keys.append(f"{prefix}{name}.{pname}")
+            if bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
+                keys.append(f"{prefix}{name}.base_layer.bias")
+        elif adapter_name in module.modules_to_save:
+            keys += [
+                f"{prefix}{name}.modules_to_save.{adapter_name}.{k}"
+                for k in module.modules_to_save[adapter_name].state_dict()
+            ]
+    if bias == "all":
+        others = [a for a in getattr(model, "peft_config", {}) if a != adapter_name]
+        keys += [
+            k
+            for k in model.state_dict()
+            if k.endswith(".bias") and k not in keys and not any(_belongs(k, o) for o in others)
+        ]
+    return keys
+
+
+def _belongs(key: str, adapter_name: str) -> bool:
+    return f".{adapter_name}." in f".{key}" or key.endswith(f".{adapter_name}")
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (base_model.model), or the model itself (a model with adapters
+    injected in place: transformers' own ``base_model`` is then no LoraModel)."""
+
+    base = getattr(model, "base_model", None)
+    return base.model if isinstance(base, LoraModel) else model
+
+
+def _prefix_of(model: nn.Module) -> str:
+    return "base_model.model." if _inner(model) is not model else ""
+
+
+def adapter_state_dict(
+    model: nn.Module, adapter_name: str, save_embedding_layers: bool = False, state: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """The tensors of one adapter, keyed as in the file; their values from ``state`` (keyed as the model's state dict)
+    if given, else from the model."""
+    config: LoraConfig = model.peft_config[adapter_name]
+    state = model.state_dict() if state is None else state
+    out = {file_key(k, adapter_name): state[k] for k in _owned_keys(model, adapter_name, config.bias)}
+    if save_embedding_layers:
+        out.update({k: v for k, v in state.items() if re.search(r"\.(embed_tokens|lm_head)\.base_layer\.weight$", k)})
+    return out
+
+
+def load_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor], adapter_name: str, source: str) -> None:
+    """Copy file ``tensors`` into adapter ``adapter_name`` of ``model``. Raises AdapterFileError naming the module and
+    both shapes when the adapter was made for a base of other shapes, or listing the tensors the file lacks."""
+    config: LoraConfig = model.peft_config[adapter_name]
+    state = model.state_dict()
+    owned = _owned_keys(model, adapter_name, config.bias)
+    to_model = {file_key(k, adapter_name): k for k in owned}
+    # PEFT with bias="all" also writes each modules_to_save copy's bias as '<module>.modules_to_save.bias' (a
+    # duplicate of '<module>.bias'); accept it as an alias of the copy.
+    mts = f".modules_to_save.{adapter_name}."
+    to_model.update({k.replace(mts, ".modules_to_save."): k for k in owned if mts in k and k.endswith(".bias")})
+    missing = [k for k in to_model if k not in tensors and (".lora_" in k or k.endswith("lora_embedding_A"))]
+    if missing:
+        raise AdapterFileError(
+            f"{source} lacks {len(missing)} adapter tensors, e.g. {missing[0]!r}: the file is "
+            "incomplete or was saved for other target modules"
+        )
+    unexpected = [k for k in tensors if k not in to_model and k not in state]
+    if unexpected:
+        raise AdapterFileError(
+            f"{source} holds {len(unexpected)} tensors that fit no module of this model, e.g. "
+            f"{unexpected[0]!r}: the adapter was saved for another model or other targets"
+        )
+    position = {k: i for i, k in enumerate(state)}
+    order = sorted(tensors, key=lambda k: position[to_model.get(k, k)])  # model order: first layer first
+    for fkey in order:  # every shape checked before anything is copied: a misfit leaves the model as it was
+        tensor, mkey = tensors[fkey], to_model.get(fkey, fkey)
+        target = state[mkey]
+        if target.shape != tensor.shape:
+            local = mkey.removeprefix(_prefix_of(model))
+            module = re.sub(r"\.(lora_\w+|base_layer|modules_to_save|original_module)(\..*)?$", "", local)
+            raise AdapterFileError(
+                f"{source}: module {module!r} expects {fkey.removeprefix(_prefix_of(model) + module + '.')!r} "
+                f"of shape {tuple(target.shape)} in this model, but the adapter holds {tuple(tensor.shape)}: "
+                "it was made for a base model with other shapes; load it onto the base named in its "
+                "adapter_config.json"
+            )
+    with torch.no_grad():
+        for fkey in order:
+            target = state[to_model.get(fkey, fkey)]
+            target.copy_(tensors[fkey].to(target.dtype))
+
+
+# -- folders -----------------------------------------------------------------------------------------------------
+
+def check_ranks(config: LoraConfig, tensors: dict[str, Tensor], source: str) -> None:
+    """Every ``lora_A`` in the file must have the rank the config gives its module (checked before any adapter is
+    built, so that a config with a wrong or absurd ``r`` fails here, naming the file, not in an allocation)."""
+    for module, (A, _) in lora_pairs(tensors).items():
+        expected = config.rank_for(module)
+        rank = A.shape[0]
+        if rank != expected:
+            raise AdapterFileError(
+                f"{source} holds rank {rank} for module {module!r}, but its adapter_config.json gives r={expected}: "
+                "the two files do not belong together; re-save the adapter"
+            )

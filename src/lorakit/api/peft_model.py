@@ -1,0 +1,378 @@
+"""PeftModel: the user-facing adapter model, a drop-in for HF PEFT's class of the same name.
+
+``get_peft_model(model, config)`` returns one; it forwards everything a transformers model offers (forward, generate,
+config, gradient checkpointing) and adds adapter management, trainable-parameter counts and PEFT-format files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.adapters import convert, mixed_batch, state
+from lorakit.adapters.inject import SEQ_CLS_HEADS, TargetError, wrappers
+from lorakit.adapters.model import LoraModel
+from lorakit.config import LoraConfig, PeftType, TaskType, read_config
+from lorakit.io import files
+from lorakit.io.files import AdapterError, check_adapter_name
+from lorakit.ops.init import mutates_base
+
+
+class PeftModel(nn.Module):
+    """A transformers model with LoRA adapters. Parameter names read ``base_model.model.<path>``, as in PEFT."""
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        peft_config = self._prepare_config(model, peft_config)
+        self.base_model = LoraModel(model, peft_config, adapter_name)
+        self._enable_input_grads_if_checkpointing()
+        self.forward = _ForwardWithBaseSignature(self)  # type: ignore[method-assign]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @staticmethod
+    def _prepare_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        return config
+
+    # -- forwarding ----------------------------------------------------------------------------------------------
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward. ``adapter_names`` (one per batch row, ``"__base__"`` for none) runs each row
+        with its own adapter, in eval mode (see lorakit.adapters.mixed_batch)."""
+        with self._adapter_per_row(adapter_names, args, kwargs):
+            return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's generate; ``adapter_names`` as in ``forward``, one per prompt, held for every step."""
+        with self._adapter_per_row(adapter_names, args, kwargs, generating=True):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    def _adapter_per_row(
+        self, adapter_names: list[str] | None, args: tuple, kwargs: dict[str, Any], generating: bool = False
+    ) -> contextlib.AbstractContextManager:
+        """The routing context of a forward / generate call with ``adapter_names`` (nothing to do without them)."""
+        if adapter_names is None:
+            return contextlib.nullcontext()
+        base = self.get_base_model()
+        repeat = mixed_batch.rows_per_prompt(kwargs, getattr(base, "generation_config", None)) if generating else 1
+        layers = [module for _, module in wrappers(base)]
+        return mixed_batch.routed(
+            layers, adapter_names, list(self.peft_config), base.training, _batch_rows(args, kwargs), repeat
+        )
+
+    def get_base_model(self) -> nn.Module:
+        """The transformers model (with the LoRA wrappers inside it)."""
+        return self.base_model.model
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kw: Any) -> None:
+        """Enable activation (gradient) checkpointing in the base model; inputs are made to require grad so that
+        the frozen embeddings do not cut the graph under reentrant checkpointing."""
+        base = self.get_base_model()
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs, **kw)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+        self._enable_input_grads_if_checkpointing()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kw: Any) -> None:
+        """The older name of activation_checkpointing_enable (what transformers.Trainer calls)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kw)
+
+    def _enable_input_grads_if_checkpointing(self) -> None:
+        base = self.get_base_model()
+        on = getattr(base, "is_activation_checkpointing", None)
+        if on is None:
+            on = getattr(base, "is_gradient_checkpointing", False)
+        if on and hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+
+    # -- adapters (delegated to LoraModel, listed here for discoverability) --------------------------------------
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.base_model.active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def peft_type(self) -> PeftType:
+        return self.active_peft_config.peft_type
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Add a new, inactive adapter (activate it with set_adapter)."""
+        self.base_model.add_adapter(adapter_name, self._prepare_config(self.get_base_model(), peft_config))
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """``with model.disable_adapter():`` runs the plain base model."""
+        with self.base_model.disable_adapter():
+            yield
+
+    # -- parameter counts ----------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, counting shared (tied) tensors once, as PEFT does."""
+        trainable = total = 0
+        for param in self.parameters():
+            n = param.numel()
+            if n == 0 and hasattr(param, "ds_numel"):
+                n = param.ds_numel
+            if param.__class__.__name__ == "Params4bit":  # packed 4-bit storage holds two values per byte
+                n *= 2
+            total += n
+            if param.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+    # -- files ---------------------------------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write each selected adapter (default: all) in PEFT's format; 'default' in ``save_directory`` itself,
+        others in a sub-folder named after them. Only ``is_main_process`` writes (for torch.distributed).
+        ``path_initial_model_for_weight_conversion``: the folder where the adapter was saved right after
+        get_peft_model; a PiSSA / OLoRA adapter is then written as a plain rank-2r LoRA for the original base
+        (see lorakit.adapters.convert)."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a folder")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            if name not in self.peft_config:
+                raise AdapterError(f"cannot save adapter {name!r}: it does not exist (have {list(self.peft_config)})")
+        if not is_main_process:
+            return
+        for name in names:
+            # Unlike PEFT's "auto", the full base embedding is saved only on request: adapters stay small.
+            tensors = state.adapter_state_dict(self, name, save_embedding_layers=save_embedding_layers is True)
+            saved = LoraConfig.from_dict({**self.peft_config[name].to_dict(), "inference_mode": True})
+            if path_initial_model_for_weight_conversion is not None:
+                tensors, saved = convert.to_original_base(
+                    tensors, saved, path_initial_model_for_weight_conversion, name
+                )
+            files.write_adapter(files.adapter_folder(save_directory, name), saved.to_dict(), tensors)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: LoraConfig | None = None,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Wrap ``model`` with the adapter saved in folder ``model_id`` (frozen unless ``is_trainable``)."""
+        check_adapter_name(adapter_name)
+        config = config or read_config(model_id)
+        config.inference_mode = not is_trainable
+        model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
+        config_copy = LoraConfig.from_dict({**config.to_dict(), "init_lora_weights": _init_for_loading(config)})
+        tensors, source = files.read_weights(model_id)
+        state.check_ranks(config_copy, tensors, source)
+        try:
+            peft_model = model_cls(model, config_copy, adapter_name)
+        except TargetError as e:
+            raise files.AdapterFileError(f"{Path(model_id) / files.CONFIG_NAME}: {e}") from None
+        state.load_adapter_state_dict(peft_model, tensors, adapter_name, source)
+        return peft_model
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
+    ) -> None:
+        """Add the adapter saved in ``model_id`` under ``adapter_name`` (inactive; use set_adapter)."""
+        config = read_config(model_id)
+        config.inference_mode = not is_trainable
+        config.init_lora_weights = _init_for_loading(config)
+        tensors, source = files.read_weights(model_id)
+        state.check_ranks(config, tensors, source)
+        try:
+            self.add_adapter(adapter_name, config)
+        except TargetError as e:
+            raise files.AdapterFileError(f"{Path(model_id) / files.CONFIG_NAME}: {e}") from None
+        try:
+            state.load_adapter_state_dict(self, tensors, adapter_name, source)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    # -- merging (delegated) -------------------------------------------------------------------------------------
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+
+def _batch_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """The batch size of a forward / generate call, from its input_ids or inputs_embeds (None if neither is given)."""
+    named = (kwargs[k] for k in ("input_ids", "inputs", "inputs_embeds") if kwargs.get(k) is not None)
+    inputs = args[0] if args else next(named, None)
+    return inputs.shape[0] if isinstance(inputs, torch.Tensor) else None
+
+
+def _init_for_loading(config: LoraConfig) -> bool | str:
+    """How to initialize an adapter whose weights are about to be loaded: skip the work (True: cheap kaiming), except
+    for initializers that change the base weight (PiSSA, OLoRA), whose adapters fit the residual base only: re-run
+    those to rebuild it, as PEFT does."""
+    return config.init_lora_weights if mutates_base(config.init_lora_weights) else True
+
+
+class _ForwardWithBaseSignature:
+    """``peft_model.forward`` with the base model's signature, so that ``transformers.Trainer`` (which keeps only
+    dataset columns named in ``inspect.signature(model.forward)``) sees ``input_ids``, ``labels``, ``token_type_ids``
+    ... as it would for the base model. Calls the class's forward."""
+
+    def __init__(self, model: PeftModel) -> None:
+        self.model = model
+        self.__signature__ = inspect.signature(model.get_base_model().forward)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.model).forward(self.model, *args, **kwargs)
+
+
+class PeftModelForCausalLM(PeftModel):
+    """PeftModel for decoder-only language models (task_type CAUSAL_LM)."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """PeftModel for classifiers: the head ('classifier' or 'score') is trained in full and saved with the adapter."""
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+        heads = [h for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)]
+        saved = list(peft_config.modules_to_save or [])
+        peft_config.modules_to_save = saved + [h for h in heads if h not in saved]
+        super().__init__(model, peft_config, adapter_name)
+
+
+class PeftModelForTokenClassification(PeftModelForSequenceClassification):
+    """PeftModel for token classifiers (head trained in full, like sequence classification)."""
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """PeftModel for encoders used as feature extractors."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """PeftModel for encoder-decoder language models."""
+
+
+MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType | None, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(
+    model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs: Any
+) -> PeftModel:
+    """Wrap ``model`` with a new LoRA adapter ``adapter_name`` described by ``peft_config`` (the model is changed in
+    place: its target modules become LoRA wrappers)."""
+    if not isinstance(peft_config, LoraConfig):
+        raise TypeError(f"peft_config must be a lorakit.LoraConfig, not {type(peft_config).__name__}")
+    if isinstance(model, PeftModel):
+        raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter")
+    unknown = set(kwargs) - {"mixed", "autocast_adapter_dtype", "revision", "low_cpu_mem_usage"}
+    if unknown:
+        warnings.warn(f"get_peft_model ignored arguments: {sorted(unknown)}", stacklevel=2)
+    model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)  # type: ignore[arg-type]
+    return model_cls(model, peft_config, adapter_name)
+
+
+def _auto_base_model(model_id: str | os.PathLike, auto_class_name: str, **kwargs: Any) -> tuple[nn.Module, LoraConfig]:
+    config = read_config(model_id)
+    base_id = config.base_model_name_or_path
+    if not base_id:
+        raise files.AdapterFileError(
+            f"{Path(model_id) / files.CONFIG_NAME} names no base_model_name_or_path; load the base "
+            "model yourself and use PeftModel.from_pretrained(model, folder)"
+        )
+    import transformers
+
+    from lorakit.io.models import resolve_model  # heavy (transformers' model classes): only when a base is loaded
+
+    auto_cls = getattr(transformers, auto_class_name)
+    trust = kwargs.pop("trust_remote_code", False)
+    base = auto_cls.from_pretrained(
+        resolve_model(base_id),
+        trust_remote_code=trust,
+        **{k: v for k, v in kwargs.items() if k in ("dtype", "torch_dtype", "num_labels")},
+    )
+    base.name_or_path = base.config._name_or_path = base_id  # the id, not the cache folder it resolved to
+    return base, config
+
+
+class _AutoPeftModel:
+    auto_class_name = "AutoModel"
+    peft_class: type[PeftModel] = PeftModel
+
+    @classmethod
+    def from_pretrained(
+        cls, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any
+    ) -> PeftModel:
+        """Load the base model named in the adapter's config (resolved offline where possible), then the adapter."""
+        base, config = _auto_base_model(model_id, cls.auto_class_name, **kwargs)
+        return cls.peft_class.from_pretrained(
+            base, model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config
+        )
+
+
+class AutoPeftModel(_AutoPeftModel):
+    pass
+
+
+class AutoPeftModelForCausalLM(_AutoPeftModel):
+    auto_class_name = "AutoModelForCausalLM"
+    peft_class = PeftModelForCausalLM
+
+
+class AutoPeftModelForSequenceClassification(_AutoPeftModel):
+    auto_class_name = "AutoModelForSequenceClassification"
+    peft_class = PeftModelForSequenceClassification
+
+
+class AutoPeftModelForTokenClassification(_AutoPeftModel):
+    auto_class_name = "AutoModelForTokenClassification"
+    peft_class = PeftModelForTokenClassification

@@ -1,0 +1,117 @@
+"""Merge an adapter folder into its base model and write a plain transformers folder (no lorakit needed to load it).
+
+The merged weights are ``W + s * B @ A`` for every wrapped module (``LoraModel.merge_and_unload``). The folder is
+built in a temporary sibling and moved into place with ``os.replace``: a crash never leaves a half-written folder.
+
+Example::
+
+    merge_adapter_to_folder("runs/lorakit/adapter", "runs/merged")
+    AutoModelForCausalLM.from_pretrained("runs/merged")   # same logits as base + adapter
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from lorakit.api.peft_model import PeftModel
+from lorakit.commands.generate import base_model_id
+from lorakit.config import TaskType, read_config
+from lorakit.io import files
+from lorakit.io.models import load_model, resolve_model
+
+TASK_OF = {None: "causal_lm", TaskType.CAUSAL_LM: "causal_lm", TaskType.SEQ_CLS: "seq_cls"}
+
+
+def merge_adapter_to_folder(
+    adapter_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    model: str | None = None,
+    overwrite: bool = False,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Load the base model (``model``, else the adapter's base_model_name_or_path) + the adapter in ``adapter_dir``,
+    merge, and save model (safetensors) + tokenizer to ``output_dir``. Returns ``output_dir``.
+
+    The tokenizer is the one saved with the adapter if there is one, else the base model's.
+
+    Raises:
+        FileExistsError: ``output_dir`` is a file, or a non-empty folder and ``overwrite`` is False.
+        AdapterFileError: the adapter folder is missing, corrupt, names no base, or does not fit the base.
+        ModelNotFoundError: the base model cannot be found.
+    """
+    adapter_dir, output = Path(adapter_dir), Path(output_dir)
+    _check_output(adapter_dir, output, overwrite)
+    config = read_config(adapter_dir)
+    if config.task_type not in TASK_OF:
+        raise files.AdapterFileError(
+            f"{adapter_dir}: merging supports task_type CAUSAL_LM or SEQ_CLS adapters, not {config.task_type}; "
+            "load it with PeftModel.from_pretrained and call merge_and_unload() yourself"
+        )
+    base_id = base_model_id(adapter_dir, model)
+    files.read_weights(adapter_dir)  # a corrupt file fails before the (slow) base model load
+    base = load_model(base_id, task=TASK_OF[config.task_type], dtype=dtype, trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload(safe_merge=True)
+    tokenizer = _tokenizer(adapter_dir, base_id)
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(folder, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    _publish(output, write)
+    return output
+
+
+def _check_output(adapter_dir: Path, output: Path, overwrite: bool) -> None:
+    if output.is_file():
+        raise FileExistsError(f"output '{output}' is a file; pass a folder path for the merged model")
+    if output.resolve() == adapter_dir.resolve():
+        raise FileExistsError(f"output '{output}' is the adapter folder itself; pass another folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"output folder '{output}' already exists and is not empty; pass another folder, or overwrite=True "
+            "(CLI: --overwrite) to replace it"
+        )
+
+
+def _tokenizer(adapter_dir: Path, base_id: str) -> PreTrainedTokenizerBase | None:
+    """The adapter's own tokenizer if saved with it, else the base model's; None (with a warning) if neither has one."""
+    source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else resolve_model(base_id)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as e:
+        warnings.warn(f"no tokenizer found in {source} ({e}); the merged folder has none: copy one in", stacklevel=3)
+        return None
+
+
+def _publish(final: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` in a temp sibling of ``final``, then move it to ``final`` (replacing what was there)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    old: Path | None = None
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private (0o700); a model folder is normally readable
+        write(tmp)
+        if final.is_dir() and any(final.iterdir()):  # overwrite: rename the old folder away first
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)  # atomic; replaces an empty folder
+        except OSError:
+            if old is not None:
+                os.replace(old, final)  # put the previous folder back
+                old = None
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,218 @@
+"""Adapter folders in HF PEFT's format: the only module that knows the file names, the journal and the key naming.
+It imports nothing else of lorakit: configs come and go as JSON objects (``lorakit.config`` makes them LoraConfigs),
+tensors as dicts keyed as in the file (``lorakit.adapters.state`` maps them to a model's parameters).
+
+A saved adapter is a folder with ``adapter_config.json`` (LoraConfig.to_dict) and ``adapter_model.safetensors``
+whose keys are the model's parameter names with the adapter name removed::
+
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight      # (r, in)
+    base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight      # (out, r)
+    base_model.model.model.embed_tokens.lora_embedding_A                # (r, vocab)
+    base_model.model.score.weight                                       # a modules_to_save copy, full
+
+Adapters other than "default" go in a sub-folder named after them. Every write is atomic (temp file in the same
+folder, fsync, ``os.replace``): a crash leaves the previous file or the new one, never half of one. The two files of
+an adapter are replaced one after the other, so ``write_adapter`` first writes a journal (the new config and the new
+weights' SHA-256): a crash between the two files leaves new weights beside the old config, and ``read_config_json`` then
+takes the config from the journal, so the folder always loads as one whole version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+JOURNAL_NAME = ".adapter_config.next.json"  # the config being written, until both files are in place
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
+
+class AdapterFileError(ValueError):
+    """An adapter folder or file that is missing, corrupt, or does not fit the model; the message names it."""
+
+
+class AdapterError(ValueError):
+    """An adapter name that is invalid, unknown, or already taken."""
+
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+
+
+# -- atomic writes -----------------------------------------------------------------------------------------------
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers only ever see the old or the complete new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Atomically write ``tensors`` as a safetensors file (copies are made contiguous and unshared)."""
+    atomic_write_bytes(path, _safetensors_bytes(tensors, metadata))
+
+
+def _safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return st_save(plain, metadata=metadata or {"format": "pt"})
+
+
+# -- key naming --------------------------------------------------------------------------------------------------
+def file_key(model_key: str, adapter_name: str) -> str:
+    """Model parameter name -> name in the file: drop the adapter name ('lora_A.default.weight' -> 'lora_A.weight',
+    'lora_embedding_A.default' -> 'lora_embedding_A', 'score.modules_to_save.default.weight' -> 'score.weight')."""
+    key = model_key.replace(f".modules_to_save.{adapter_name}.", ".")
+    if key.endswith(f".{adapter_name}"):
+        return key[: -len(adapter_name) - 1]
+    head, _, leaf = key.rpartition(".")
+    return f"{re.sub(re.escape('.' + adapter_name) + '$', '', head)}.{leaf}"
+
+
+# '<module>.lora_A.weight' / '<module>.lora_embedding_A', same for B.
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:embedding_)?(?P<which>[AB])(?:\.weight)?$")
+
+
+def lora_pairs(tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{module name: (A (r, in), B (out, r))}`` of the LoRA tensors in an adapter file, in natural order
+    (layers.2 before layers.10), names without the ``base_model.model.`` prefix. For embeddings A is (r, vocab) and
+    B (dim, r)."""
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match:
+            parts.setdefault(match["module"], {})[match["which"]] = tensor
+    pairs = {name: (p["A"], p["B"]) for name, p in parts.items() if "A" in p and "B" in p}
+    return {name: pairs[name] for name in sorted(pairs, key=_natural)}
+
+
+def _natural(name: str) -> list[Any]:
+    """Sort key putting 'layers.2' before 'layers.10'."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+def check_adapter_name(name: str) -> str:
+    """Adapter names become module keys and folder names: letters, digits, '_' and '-' only (no '.', '/', '..')."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+        raise AdapterError(
+            f"adapter name {name!r} is invalid: use letters, digits, '_' and '-' only (e.g. 'default', 'task_a')"
+        )
+    return name
+
+
+def adapter_folder(save_directory: str | os.PathLike, adapter_name: str) -> Path:
+    """'default' lives in the folder itself, any other adapter in a sub-folder named after it (as PEFT). The name is
+    checked here too (AdapterError), so that no name ('../x', '/abs', 'a/b') can point outside ``save_directory``."""
+    check_adapter_name(adapter_name)
+    return Path(save_directory) if adapter_name == "default" else Path(save_directory) / adapter_name
+
+
+def write_adapter(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """Write one adapter (``config``: the JSON object of adapter_config.json): the journal, the weights, the config
+    (each atomically), then drop the journal. A crash at any point leaves a folder that read_config_json + read_weights
+    load as the old or the new version, whole."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = _safetensors_bytes(tensors)
+    journal = {"config": config, "weights_sha256": hashlib.sha256(data).hexdigest()}
+    atomic_write_json(folder / JOURNAL_NAME, journal)
+    atomic_write_bytes(folder / WEIGHTS_NAME, data)
+    write_config_json(folder, config)  # the config, then the journal dropped
+
+
+def write_config_json(folder: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Write ``config`` alone as the folder's adapter_config.json (atomically), as a config's save_pretrained does.
+    A journal left by an interrupted write_adapter is dropped after: the config written here is the one to read."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / CONFIG_NAME, config)
+    (folder / JOURNAL_NAME).unlink(missing_ok=True)
+
+
+def _journal_config(folder: Path) -> dict[str, Any] | None:
+    """The config of an interrupted write_adapter whose weights are already in place (None if there is none)."""
+    try:
+        journal = json.loads((folder / JOURNAL_NAME).read_text())
+        data = (folder / WEIGHTS_NAME).read_bytes()
+    except (OSError, ValueError, RecursionError):  # no journal (the normal case), no weights, or a broken journal
+        return None
+    if isinstance(journal, dict) and journal.get("weights_sha256") == hashlib.sha256(data).hexdigest():
+        return journal.get("config")
+    return None  # the crash came before the new weights were in place: the old config fits them
+
+def read_config_json(folder: str | os.PathLike) -> tuple[dict[str, Any], Path]:
+    """(the JSON object of the folder's adapter config, the file it came from): the journal's config if an
+    interrupted write_adapter left new weights in place, else adapter_config.json. AdapterFileError naming the file
+    if it is missing or not a JSON object. ``lorakit.config.read_config`` turns it into a LoraConfig."""
+    path = _existing_folder(folder) / CONFIG_NAME
+    data = _journal_config(path.parent)
+    if data is not None:
+        path = path.parent / JOURNAL_NAME
+    elif not path.is_file():
+        raise AdapterFileError(
+            f"{path} does not exist: {folder} is not an adapter folder (save one with "
+            "save_pretrained, or pass the folder that holds adapter_config.json)"
+        )
+    else:
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too many digits or brackets
+            raise AdapterFileError(f"{path} is not valid JSON ({e}); re-save the adapter") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data, path
+
+
+def read_weights(folder: str | os.PathLike) -> tuple[dict[str, Tensor], str]:
+    """(tensors, file name) of the adapter in ``folder``: safetensors, else a legacy .bin read with
+    ``torch.load(weights_only=True)``, which never runs code from the file."""
+    folder = _existing_folder(folder)
+    path = folder / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            return st_load(path.read_bytes()), str(path)
+        except (SafetensorError, ValueError, OSError) as e:
+            raise AdapterFileError(f"{path} is corrupt or truncated ({e}); re-save or re-download it") from None
+    legacy = folder / LEGACY_WEIGHTS_NAME
+    if legacy.is_file():
+        try:
+            tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means: not a plain tensor file
+            raise AdapterFileError(
+                f"{legacy} is not a plain tensor file ({type(e).__name__}: {e}); lorakit only loads weights, never code"
+            ) from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+            raise AdapterFileError(f"{legacy} does not hold a dict of tensors")
+        return tensors, str(legacy)
+    raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME} (nor {LEGACY_WEIGHTS_NAME}); is the save complete?")
+
+
+def _existing_folder(folder: str | os.PathLike) -> Path:
+    path = Path(folder)
+    if not path.is_dir():
+        raise AdapterFileError(f"adapter folder {str(folder)!r} does not exist; pass the folder save_pretrained wrote")
+    return path
+

@@ -1,0 +1,124 @@
+"""Causal-LM loss as a token sum, computing logits only where a label is.
+
+HF models compute logits for every position (B, T, vocab) in fp32 before the loss; with loss on completions only
+most of them are thrown away, and for a 49k vocabulary they dominate memory. ``lm_loss_sum`` runs the model body,
+keeps the hidden states whose next token has a label, and applies the output layer to those alone. When the output
+layer is a plain ``nn.Linear`` (also the active copy of a ``modules_to_save`` head), the output layer and the
+cross-entropy are fused and chunked (``fast.fused_ce``), so not even the (N, V) labelled-position logits are held.
+The reference, ``lm_loss_sum_reference``, is the plain full-logits computation; ``lm_loss_sum_unfused`` is the
+labelled-positions path with ordinary logits; tests check all three agree (value and gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
+from lorakit.data.pack import collate
+from lorakit.fast.fused_ce import DEFAULT_CHUNK, linear_cross_entropy
+
+IGNORE_INDEX = -100
+
+
+def lm_loss_sum_reference(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    """(sum of next-token cross-entropies over labelled positions, their count) from full logits."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits  # (B, T, V); a cache would turn off packed-row isolation
+    target = batch["labels"][:, 1:]  # position t predicts token t + 1
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((target != IGNORE_INDEX).sum())
+
+
+def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder body, output layer) of a transformers *ForCausalLM (possibly inside a PeftModel), or None when the
+    model post-processes its logits (soft-capping, scaling) and the fast path would differ."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(body, nn.Module) or head is None or not type(base).__name__.endswith("ForCausalLM"):
+        return None
+    return body, head
+
+
+def _plain_linear(head: nn.Module) -> nn.Linear | None:
+    """The ``nn.Linear`` that computes ``head(x)``, or None when the head does more (a LoRA wrapper, quantized
+    weights, hooks, per-row adapter routing) and only its own forward is exact."""
+    if isinstance(head, ModulesToSaveWrapper):
+        if _has_hooks(head) or getattr(head, "routing", None) is not None:  # routing: one adapter per row
+            return None
+        head = head.current
+    if type(head) is nn.Linear and not _has_hooks(head):
+        return head
+    return None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _labelled(body: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(hidden states (N, H) of the positions whose next token has a label, those labels (N,))."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    target = batch["labels"][:, 1:]  # (B, T-1)
+    keep = target != IGNORE_INDEX
+    return hidden[:, :-1][keep], target[keep]
+
+
+def lm_loss_sum_unfused(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    """Same value as ``lm_loss_sum_reference``; the output layer runs on labelled positions only, as one matmul."""
+    parts = _body_and_head(model)
+    if parts is None:
+        return lm_loss_sum_reference(model, batch)
+    return _head_loss(*parts, batch)
+
+
+def _head_loss(body: nn.Module, head: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    hidden, target = _labelled(body, batch)
+    logits = head(hidden)  # (N, H) -> (N, V), N labelled positions
+    return F.cross_entropy(logits.float(), target, reduction="sum"), len(target)
+
+
+def lm_loss_sum(model: nn.Module, batch: dict[str, Tensor], chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, int]:
+    """Same value as ``lm_loss_sum_reference``; the output layer runs on labelled positions only, fused with the
+    cross-entropy in chunks of ``chunk`` rows when it is a plain Linear (else as ``lm_loss_sum_unfused``)."""
+    parts = _body_and_head(model)
+    if parts is None:
+        return lm_loss_sum_reference(model, batch)
+    body, head = parts
+    linear = _plain_linear(head)
+    if linear is None:
+        return _head_loss(body, head, batch)
+    hidden, target = _labelled(body, batch)
+    return linear_cross_entropy(hidden, linear.weight, target, linear.bias, chunk), len(target)
+
+
+def loss_over_examples(
+    model: nn.Module, examples: Sequence[Any], batch_size: int, pad_id: int, bf16: bool = False
+) -> tuple[float, int]:
+    """(sum of token losses, labelled-token count) over ``examples`` in eval mode, without gradients; batches are
+    formed longest first to pad little. The model's train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    rows = sorted(examples, key=len, reverse=True)
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for i in range(0, len(rows), batch_size):
+                batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
+                loss, n = lm_loss_sum(model, batch)
+                total, count = total + loss.item(), count + n
+    finally:
+        model.train(was_training)
+    return total, count

@@ -1,0 +1,301 @@
+"""fast.branch: the lean LoRA branch equals the textbook composition (outputs and gradients), dropout included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit.fast import branch
+
+
+def _inputs(dtype=torch.float32, shape=(3, 5), n_in=6, n_out=7, r=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, n_in, generator=g, dtype=dtype, requires_grad=True)
+    W = torch.randn(n_out, n_in, generator=g, dtype=dtype, requires_grad=True)  # stands for the base layer
+    A = torch.randn(r, n_in, generator=g, dtype=dtype, requires_grad=True)
+    B = torch.randn(n_out, r, generator=g, dtype=dtype, requires_grad=True)
+    return x, W, A, B
+
+
+def _grads(out, tensors, seed=1):
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, tensors, upstream)
+
+
+def _keep_mask(shape, dropped):
+    """The 0 / 1 float mask with 0 at the flat positions ``dropped``: what reference_with_mask takes."""
+    mask = torch.ones(shape)
+    mask.view(-1)[dropped.long()] = 0.0
+    return mask
+
+
+@pytest.mark.parametrize("with_dropout", [False, True])
+def test_branch_equals_autograd_composition_values_and_gradients(with_dropout):
+    x, W, A, B = _inputs()
+    torch.manual_seed(2)
+    dropped = branch.dropped_positions(x.numel(), 0.3, x.device) if with_dropout else None
+    mask, keep = (_keep_mask(x.shape, dropped), 1 / 0.7) if with_dropout else (None, 1.0)
+    fast = branch.LoraBranch.apply(x @ W.T, x, A, B, 0.5, dropped, keep)
+    ref = branch.reference_with_mask(x @ W.T, x, A, B, 0.5, mask, keep)
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(_grads(fast, (x, W, A, B)), _grads(ref, (x, W, A, B)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (15,)])
+def test_branch_drops_by_position_on_a_non_contiguous_input(shape):
+    """Positions index x's row-major order when x is a transposed view: a 3-d one (reshaped to rows by a copy) and
+    a 2-d one (its rows are x itself)."""
+    x, W, A, B = _inputs(shape=shape)
+    xt = x.transpose(0, 1) if len(shape) == 2 else x.detach().T.contiguous().T.requires_grad_()
+    assert not xt.is_contiguous()
+    dropped = torch.tensor([0, 7, 8, 40, 89], dtype=torch.int32)
+    fast = branch.LoraBranch.apply(xt @ W.T, xt, A, B, 0.5, dropped, 2.0)
+    ref = branch.reference_with_mask(xt @ W.T, xt, A, B, 0.5, _keep_mask(xt.shape, dropped), 2.0)
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(_grads(fast, (xt, A, B)), _grads(ref, (xt, A, B)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_leaves_saved_tensors_untouched():
+    """A second backward through the same graph gives the same gradients, and x and the positions are unchanged."""
+    x, W, A, B = _inputs()
+    torch.manual_seed(2)
+    dropped = branch.dropped_positions(x.numel(), 0.3, x.device)
+    x_before, dropped_before = x.detach().clone(), dropped.clone()
+    out = branch.LoraBranch.apply(x @ W.T, x, A, B, 0.5, dropped, 1 / 0.7)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    first = torch.autograd.grad(out, (x, A, B), upstream, retain_graph=True)
+    second = torch.autograd.grad(out, (x, A, B), upstream)
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(x.detach(), x_before) and torch.equal(dropped, dropped_before)
+
+
+@pytest.mark.parametrize("with_dropout", [False, True])
+def test_branch_gradcheck_float64(with_dropout):
+    x, W, A, B = _inputs(torch.float64, shape=(2, 3), n_in=4, n_out=3, r=2)
+    base = (x @ W.T).detach().requires_grad_()
+    dropped = torch.tensor([1, 5, 9, 13, 17, 21], dtype=torch.int32) if with_dropout else None  # column 1 of each row
+    assert torch.autograd.gradcheck(
+        lambda b, x_, a, b_: branch.LoraBranch.apply(b, x_, a, b_, 0.75, dropped, 2.0), (base, x, A, B)
+    )
+
+
+def test_lora_add_without_dropout_equals_reference_in_every_mode():
+    x, W, A, B = _inputs()
+    ident = nn.Identity()
+    want = branch.reference(x @ W.T, x, A, B, 2.0, ident)
+    torch.testing.assert_close(branch.lora_add(x @ W.T, x, A, B, 2.0, ident), want, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(branch.lora_add(x @ W.T, x, A, B, 2.0, ident), want, rtol=1e-6, atol=1e-6)
+    dropout_eval = nn.Dropout(0.3).eval()  # dropout in eval mode is the identity
+    torch.testing.assert_close(branch.lora_add(x @ W.T, x, A, B, 2.0, dropout_eval), want, rtol=1e-6, atol=1e-6)
+
+
+def test_lora_add_with_dropout_uses_the_drawn_positions():
+    """Same RNG state: lora_add equals the masked reference with the positions dropped_positions draws."""
+    x, W, A, B = _inputs(shape=(4, 9))
+    torch.manual_seed(5)
+    fast = branch.lora_add(x @ W.T, x, A, B, 0.5, nn.Dropout(0.25).train())
+    torch.manual_seed(5)
+    dropped = branch.dropped_positions(x.numel(), 0.25, x.device)
+    ref = branch.reference_with_mask(x @ W.T, x, A, B, 0.5, _keep_mask(x.shape, dropped), 1 / 0.75)
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(_grads(fast, (x, W, A, B)), _grads(ref, (x, W, A, B)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert 0 < len(dropped) < x.numel()
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_dropped_positions_drop_each_element_with_probability_p_independently(p):
+    torch.manual_seed(0)
+    n = 10**6
+    dropped = branch.dropped_positions(n, p, torch.device("cpu"))
+    assert dropped.dtype == torch.int32 and dropped.dim() == 1
+    assert bool((dropped[1:] > dropped[:-1]).all()) and 0 <= int(dropped[0]) and int(dropped[-1]) < n
+    sd = (n * p * (1 - p)) ** 0.5
+    assert abs(len(dropped) - n * p) < 5 * sd  # the drop count: Binomial(n, p), 5 sigma
+    mask = _keep_mask((1000, 1000), dropped)
+    m = mask - mask.mean()  # no visible correlation between neighbours in a row or a column
+    assert abs((m[:, 1:] * m[:, :-1]).mean().item()) < 5 * p * (1 - p) / 1e3
+    assert abs((m[1:] * m[:-1]).mean().item()) < 5 * p * (1 - p) / 1e3
+    gaps = torch.diff(dropped.long()).double()  # Geometric(p): mean 1 / p, variance (1 - p) / p**2
+    assert abs(gaps.mean().item() - 1 / p) < 5 * ((1 - p) / p**2 / len(gaps)) ** 0.5
+    assert abs(gaps.var().item() / ((1 - p) / p**2) - 1) < 0.05
+
+
+def test_dropped_positions_every_position_equally_likely_including_the_ends():
+    """Many draws over 12 elements: each position is dropped with frequency p (first and last included) and the
+    count's variance is the binomial n p (1 - p)."""
+    torch.manual_seed(1)
+    n, p, trials = 12, 0.3, 20000
+    hits, counts = torch.zeros(n), []
+    for _ in range(trials):
+        dropped = branch.dropped_positions(n, p, torch.device("cpu")).long()
+        hits[dropped] += 1
+        counts.append(len(dropped))
+    sd = (p * (1 - p) / trials) ** 0.5
+    assert ((hits / trials - p).abs() < 5 * sd).all(), hits / trials
+    counts = torch.tensor(counts, dtype=torch.float64)
+    assert abs(counts.var().item() / (n * p * (1 - p)) - 1) < 0.05
+
+
+def test_dropped_positions_with_several_rounds_of_draws(monkeypatch):
+    """Rounds that fall short of n (forced here; ~1e-9 of real calls) continue where the last drop left off."""
+    monkeypatch.setattr(branch, "_MARGIN_SD", -50.0)  # each round draws far fewer gaps than needed
+    torch.manual_seed(0)
+    n, p = 10**5, 0.2
+    dropped = branch.dropped_positions(n, p, torch.device("cpu"))
+    assert bool((dropped[1:] > dropped[:-1]).all()) and int(dropped[-1]) < n
+    assert abs(len(dropped) - n * p) < 5 * (n * p * (1 - p)) ** 0.5
+    assert int(dropped[-1]) > n - 100  # the draws reached the end
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, -0.1])
+def test_dropped_positions_rejects_p_outside_0_1(p):
+    with pytest.raises(ValueError, match="not in \\(0, 1\\)"):
+        branch.dropped_positions(3, p, torch.device("cpu"))
+
+
+def test_branch_under_bf16_autocast_is_close_to_fp32_and_grads_are_fp32():
+    x, W, A, B = _inputs(shape=(8, 16), n_in=32, n_out=24, r=8)
+    dropout = nn.Identity()
+    ref = branch.reference(x @ W.T, x, A, B, 0.5, dropout)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base = x @ W.T
+        fast = branch.lora_add(base, x, A, B, 0.5, dropout)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), ref, rtol=3e-2, atol=3e-1)
+    grads = _grads(fast.float(), (x, A, B))
+    want = _grads(ref, (x, A, B))
+    for got, exp in zip(grads, want, strict=True):
+        assert got.dtype == torch.float32
+        assert (got - exp).norm() / exp.norm() < 2e-2
+
+
+def test_lora_layer_training_step_matches_reference_layer():
+    """A LoraLinear in train mode with dropout 0 gives the same output and gradients as the composition."""
+    from lorakit.adapters.layers import LoraLinear
+
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(6, 5))
+    layer.update_layer("a", 3, 6.0, 0.0, "gaussian")
+    layer.active_adapters = ["a"]
+    nn.init.normal_(layer.lora_B["a"].weight)
+    layer.train()
+    x = torch.randn(2, 4, 6, requires_grad=True)
+    out = layer(x)
+    A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    ref = branch.reference(layer.base_layer(x), x, A, B, layer.scaling["a"], nn.Identity())
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(_grads(out, (x, A, B)), _grads(ref, (x, A, B)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("with_dropout", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_linear_branch_equals_linear_plus_composition(bias, with_dropout, layout):
+    """The frozen Linear and its branch as one node: values and gradients of x, A, B equal F.linear + the masked
+    composition."""
+    x, W, A, B = _inputs()
+    W = W.detach()
+    b = torch.randn(W.shape[0], generator=torch.Generator().manual_seed(3)) if bias else None
+    if layout == "transposed":  # (5, 3, in) view of x: not contiguous
+        x = x.detach().transpose(0, 1).requires_grad_()
+        assert not x.is_contiguous()
+    torch.manual_seed(2)
+    dropped = branch.dropped_positions(x.numel(), 0.3, x.device) if with_dropout else None
+    mask, keep = (_keep_mask(x.shape, dropped), 1 / 0.7) if with_dropout else (None, 1.0)
+    fast = branch.LinearBranch.apply(x, W, b, A, B, 0.5, dropped, keep)
+    ref = branch.reference_with_mask(nn.functional.linear(x, W, b), x, A, B, 0.5, mask, keep)
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(_grads(fast, (x, A, B)), _grads(ref, (x, A, B)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_branch_gradcheck_float64():
+    x, W, A, B = _inputs(torch.float64, shape=(2, 3), n_in=4, n_out=3, r=2)
+    W, bias = W.detach(), torch.randn(3, dtype=torch.float64)
+    dropped = torch.tensor([1, 5, 9, 13, 17, 21], dtype=torch.int32)
+    assert torch.autograd.gradcheck(
+        lambda x_, a, b_: branch.LinearBranch.apply(x_, W, bias, a, b_, 0.75, dropped, 2.0), (x, A, B)
+    )
+
+
+def test_linear_lora_add_draws_as_lora_add_does():
+    """Same RNG state: the fused node equals the layer's output + lora_add, dropout included."""
+    x, _, A, B = _inputs(shape=(4, 9))
+    linear = nn.Linear(6, 7).requires_grad_(False)
+    dropout = nn.Dropout(0.25).train()
+    torch.manual_seed(5)
+    fast = branch.linear_lora_add(linear, x, A, B, 0.5, dropout)
+    torch.manual_seed(5)
+    ref = branch.lora_add(linear(x), x, A, B, 0.5, dropout)
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(_grads(fast, (x, A, B)), _grads(ref, (x, A, B)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_lora_add_refuses_a_trainable_base():
+    x, _, A, B = _inputs()
+    with pytest.raises(ValueError, match="frozen base layer"):
+        branch.linear_lora_add(nn.Linear(6, 7), x, A, B, 0.5, nn.Identity())
+
+
+def _wrapped_linear(bias=True):
+    from lorakit.adapters.layers import LoraLinear
+
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(6, 5, bias=bias).requires_grad_(False))
+    layer.update_layer("a", 3, 6.0, 0.1, "gaussian")
+    layer.active_adapters = ["a"]
+    nn.init.normal_(layer.lora_B["a"].weight)
+    return layer.train()
+
+
+def test_lora_linear_fuses_a_frozen_linear_and_falls_back_when_it_must():
+    """Training a LoraLinear on a frozen nn.Linear runs one LinearBranch node; a hook on the base layer or a trainable
+    bias take the two-node path (the hook is called) with the same output."""
+    layer, x = _wrapped_linear(), torch.randn(2, 4, 6, requires_grad=True)
+    torch.manual_seed(1)
+    fused = layer(x)
+    assert type(fused.grad_fn).__name__ == "LinearBranchBackward"
+    calls = []
+    handle = layer.base_layer.register_forward_hook(lambda *a: calls.append(1))
+    torch.manual_seed(1)
+    hooked = layer(x)
+    handle.remove()
+    assert calls == [1] and type(hooked.grad_fn).__name__ != "LinearBranchBackward"
+    torch.testing.assert_close(hooked, fused, rtol=1e-6, atol=1e-6)
+    layer.base_layer.bias.requires_grad_(True)
+    assert type(layer(x).grad_fn).__name__ != "LinearBranchBackward"
+    layer.base_layer.bias.requires_grad_(False)
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+
+
+def test_lora_linear_fused_under_bf16_autocast_equals_the_two_node_path(monkeypatch):
+    """Under CPU autocast the fused node computes in bf16 as F.linear + lora_add do: same output to the bit (same
+    casts, same products), gradients of A and B in fp32 and equal within bf16 rounding of the summation order."""
+    from lorakit.adapters import layers
+
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(layers, "_fusable", lambda *a: False)
+        layer = _wrapped_linear()
+        x = torch.randn(2, 8, 6, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        assert (type(out.grad_fn).__name__ == "LinearBranchBackward") == fused and out.dtype == torch.bfloat16
+        A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+        runs.append((out, *_grads(out.float(), (x, A, B))))
+    (out, *grads), (out_ref, *grads_ref) = runs
+    torch.testing.assert_close(out, out_ref, atol=0, rtol=0)
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-2 * want.abs().max().item(), rtol=1e-2)
