@@ -130,7 +130,7 @@ def layers(rounds: int = 15, calls: int = 1000) -> dict[str, float]:
     import torch
     from torch import nn
 
-    from lorakit.adapters.layers import LoraLinear
+    from lorakit.adapters.linear import LoraLinear
 
     result: dict[str, float] = {}
     with torch.inference_mode():

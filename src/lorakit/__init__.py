@@ -1,7 +1,9 @@
 """lorakit: LoRA fine-tuning for Hugging Face transformers models, a drop-in for HF PEFT's LoRA API."""
 
+from lorakit.adapters.embedding import LoraEmbedding
 from lorakit.adapters.inject import TargetError
-from lorakit.adapters.layers import LoraEmbedding, LoraLayer, LoraLinear
+from lorakit.adapters.layer import LoraLayer
+from lorakit.adapters.linear import LoraLinear
 from lorakit.adapters.model import LoraModel
 from lorakit.adapters.quantize import quantize
 from lorakit.api.functions import (

@@ -17,7 +17,8 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit.adapters.inject import merged_linear
-from lorakit.adapters.layers import LoraLayer, wrap
+from lorakit.adapters.kinds import wrap
+from lorakit.adapters.layer import LoraLayer
 from lorakit.ops import dora
 from lorakit.quant.linear import QuantLinear
 

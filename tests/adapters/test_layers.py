@@ -7,7 +7,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.adapters.layers import LoraEmbedding, LoraLinear, wrap
+from lorakit.adapters.embedding import LoraEmbedding
+from lorakit.adapters.kinds import wrap
+from lorakit.adapters.linear import LoraLinear
 
 
 def _linear(seed: int = 0, bias: bool = True) -> nn.Linear:

@@ -1,6 +1,6 @@
-"""LoraLinear's planned forward (lookups done once per state, ``lora_add_no_grad`` for inference) against the textbook
-forward, which reads every piece of state on each call: outputs equal after each state change, made after a forward
-has built the plan (a stale plan would show as a difference)."""
+"""LoraLinear's fast path (its one plain adapter looked up once per state, ``fast.branch.linear_with_lora``) against
+the textbook forward, which reads every piece of state on each call: outputs equal after each state change, made
+after a forward has built the plan (a stale plan would show as a difference)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from helpers import input_ids, perturb_, tiny_gpt2, tiny_llama
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.adapters.layers import LoraLinear
+from lorakit.adapters.linear import LoraLinear
 from lorakit.fast import branch
 
 TOL = dict(atol=1e-6, rtol=1e-6)
@@ -93,7 +93,7 @@ def test_planned_forward_equals_textbook_and_takes_the_lean_path(family, monkeyp
     logits = _check(model)
     assert len(calls) == 2 * len(_layers(model))  # every layer, in both the no_grad and the inference_mode pass
     assert not torch.allclose(logits, _base_logits(family), atol=1e-3)  # the adapter changes the output
-    assert all(layer._plan and layer._plan[1] == "a" for layer in _layers(model))
+    assert all(layer._fast is not None and layer._fast[0] == "a" for layer in _layers(model))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -105,7 +105,7 @@ def test_every_state_change_is_picked_up(family):
     b = _check(model)
     assert not torch.allclose(a, b, atol=1e-3)
     model.set_adapter(["a", "b"])  # several adapters: the general loop
-    assert _check(model) is not None and all(layer._plan == () for layer in layers)
+    assert _check(model) is not None and all(layer._fast is None for layer in layers)
     model.set_adapter("a")
     torch.testing.assert_close(_check(model), a, atol=0, rtol=0)
 
@@ -133,7 +133,7 @@ def test_every_state_change_is_picked_up(family):
     _check(model)
     model.delete_adapter("b")  # the active one: "a" becomes active
     torch.testing.assert_close(_check(model), a, atol=1e-5, rtol=1e-5)
-    assert all(layer._plan[1] == "a" for layer in layers)
+    assert all(layer._fast[0] == "a" for layer in layers)
 
     torch.manual_seed(4)
     model.add_adapter("c", _config(family, r=3, target_modules=TARGETS[family][:1]))
@@ -141,7 +141,7 @@ def test_every_state_change_is_picked_up(family):
     model.set_adapter("c")  # only some layers hold "c": the others give their base output
     c = _check(model)
     assert not torch.allclose(c, a, atol=1e-3)
-    assert any(layer._plan[1] is None for layer in layers)
+    assert any(layer._fast is None and "c" not in layer.r for layer in layers)
 
 
 def test_weights_changed_in_place_replaced_or_loaded_are_picked_up():
@@ -226,7 +226,7 @@ def test_training_through_the_plan_equals_the_general_loop(bf16):
         model = _model().train()
         if general:
             for layer in _layers(model):
-                layer._make_plan = lambda: ()
+                layer._fast = None  # the general loop (the next state change would plan again)
         torch.manual_seed(7)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=input_ids()).logits.float().square().mean()
@@ -249,9 +249,9 @@ def test_eval_under_autocast_equals_the_general_loop():
     outs = []
     for general in (False, True):
         for layer in _layers(model):
-            layer._replan()
+            layer._refresh()
             if general:
-                layer._make_plan = lambda: ()
+                layer._fast = None
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             outs.append(model(input_ids=input_ids()).logits)
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)

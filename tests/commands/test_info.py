@@ -10,7 +10,7 @@ import torch
 from helpers import tiny_llama
 
 from lorakit import AdapterFileError, LoraConfig, get_peft_model
-from lorakit.adapters.layers import LoraLayer
+from lorakit.adapters.layer import LoraLayer
 from lorakit.commands.info import adapter_info, delta_norm, format_info
 from lorakit.io.files import lora_pairs
 

@@ -177,7 +177,7 @@ def test_branch_under_bf16_autocast_is_close_to_fp32_and_grads_are_fp32():
 
 def test_lora_layer_training_step_matches_reference_layer():
     """A LoraLinear in train mode with dropout 0 gives the same output and gradients as the composition."""
-    from lorakit.adapters.layers import LoraLinear
+    from lorakit.adapters.linear import LoraLinear
 
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(6, 5))
@@ -246,7 +246,7 @@ def test_linear_lora_add_refuses_a_trainable_base():
 
 
 def _wrapped_linear(bias=True):
-    from lorakit.adapters.layers import LoraLinear
+    from lorakit.adapters.linear import LoraLinear
 
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(6, 5, bias=bias).requires_grad_(False))
@@ -280,12 +280,10 @@ def test_lora_linear_fuses_a_frozen_linear_and_falls_back_when_it_must():
 def test_lora_linear_fused_under_bf16_autocast_equals_the_two_node_path(monkeypatch):
     """Under CPU autocast the fused node computes in bf16 as F.linear + lora_add do: same output to the bit (same
     casts, same products), gradients of A and B in fp32 and equal within bf16 rounding of the summation order."""
-    from lorakit.adapters import layers
-
     runs = []
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(layers, "_fusable", lambda *a: False)
+            monkeypatch.setattr(branch, "_fusable", lambda *a: False)
         layer = _wrapped_linear()
         x = torch.randn(2, 8, 6, generator=torch.Generator().manual_seed(4), requires_grad=True)
         torch.manual_seed(1)

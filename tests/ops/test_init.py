@@ -15,7 +15,7 @@ from torch import Tensor
 
 import lorakit
 from lorakit.adapters import convert, state
-from lorakit.adapters.layers import wrap
+from lorakit.adapters.kinds import wrap
 from lorakit.config import ConfigError
 from lorakit.io.files import AdapterFileError
 from lorakit.ops import init

@@ -7,7 +7,8 @@ from helpers import input_ids, tiny_llama
 from torch import nn
 
 from lorakit import LoraConfig, PeftModel, get_peft_model, quantize
-from lorakit.adapters.layers import LoraLinear, _accepted
+from lorakit.adapters.layer import _accepted
+from lorakit.adapters.linear import LoraLinear
 from lorakit.ops.init import INITIALIZERS, gaussian, loftq, loftq_error, low_rank_fit
 from lorakit.quant.formats import dequantize, quantize_weight
 from lorakit.quant.linear import QuantLinear

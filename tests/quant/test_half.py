@@ -11,7 +11,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from lorakit import LoraConfig, PeftModel, get_peft_model, quantize
-from lorakit.adapters.layers import LoraEmbedding
+from lorakit.adapters.embedding import LoraEmbedding
 from lorakit.adapters.quantize import store_embeddings
 from lorakit.quant.formats import dequantize, nbytes, quantize_weight, resident_bytes
 from lorakit.quant.half import HalfEmbedding, HalfLinear

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from lorakit import LoraConfig, PeftModel, get_peft_model, quantize
-from lorakit.adapters.layers import LoraLinear
+from lorakit.adapters.linear import LoraLinear
 from lorakit.quant.formats import (
     DQ_BLOCK,
     NF4_BLOCK,

@@ -7,15 +7,14 @@ import re
 import warnings
 from collections.abc import Iterator
 
-import torch
 from torch import nn
 
-from lorakit.adapters.layers import LoraLayer, LoraLinear, wrap
+from lorakit.adapters.kinds import is_linear, is_wrappable, kind_names, wrap
+from lorakit.adapters.layer import LoraLayer
+from lorakit.adapters.linear import LoraLinear
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
-from lorakit.ops import dora
 from lorakit.quant.half import REDUCED_PRECISION
-from lorakit.quant.linear import QuantLinear, is_conv1d
 
 # target_modules=None picks these, by transformers' model_type (the attention projections, as PEFT does).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -46,10 +45,6 @@ SEQ_CLS_HEADS = ("classifier", "score")
 
 class TargetError(ValueError):
     """target_modules / modules_to_save name modules that do not exist or cannot be wrapped."""
-
-
-def is_wrappable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding, QuantLinear)) or is_conv1d(module)
 
 
 def plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -101,7 +96,7 @@ def all_linear_targets(model: nn.Module, task_type: TaskType | str | None) -> li
         if any(module is h for h in heads):
             excluded.add(name)
     return [
-        n for n, m in plain_modules(model) if is_wrappable(m) and not isinstance(m, nn.Embedding) and n not in excluded
+        n for n, m in plain_modules(model) if is_linear(m) and n not in excluded
     ]
 
 
@@ -140,8 +135,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 continue
         if not is_wrappable(module) and not isinstance(module, LoraLayer):
             raise TargetError(
-                f"target module {name!r} is a {type(module).__name__}; lorakit wraps nn.Linear, GPT-2 Conv1D and "
-                f"nn.Embedding. Name its linear sub-layers instead"
+                f"target module {name!r} is a {type(module).__name__}; lorakit wraps {kind_names()}. Name its "
+                "linear sub-layers instead"
             )
         found.append(name)
     _check_every_entry_matched(spec, list(modules))
@@ -247,22 +242,10 @@ def unwrap(
 def merged_linear(layer: LoraLayer, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
     """The merge of a LoRA layer whose base has reduced precision (``REDUCED_PRECISION``): a full-precision module of
     the kind the base stands for (``base_layer.full_precision``: nn.Linear, GPT-2 Conv1D or nn.Embedding) with weight
-    dequantize(W) + sum of s * B @ A over ``adapter_names`` (default: the active adapters), computed in fp32, and the
-    base layer's bias. A DoRA adapter rescales the rows instead (lorakit.ops.dora.merge_weight)."""
-    names = [n for n in (adapter_names or layer.active_adapters) if n in layer.r]
-    with torch.no_grad():
-        base_weight = weight = layer.weight_out_in().float()  # (out, in)
-        for name in names:
-            A, B = layer.lora_weights(name)
-            delta = (B.float() @ A.float()) * layer.scaling[name]  # (out, r) @ (r, in) -> (out, in)
-            if name in layer.lora_magnitude_vector:  # DoRA: (m / ||W + dW||_row) * (weight + dW), see lorakit.ops.dora
-                m, norm = layer.dora_scale_args(name, base_weight)
-                weight = dora.merge_weight(weight, delta, m.detach().float(), norm)
-            else:
-                weight = weight + delta
-        if safe_merge and not torch.isfinite(weight).all():
-            raise ValueError(f"merging adapters {names} gives NaN/inf weights; the adapter is broken")
-    return layer.base_layer.full_precision((weight.T if layer.fan_in_fan_out else weight).contiguous())  # base layout
+    dequantize(W) + the updates of ``adapter_names`` (default: the active adapters; ``LoraLayer.merged_weight_out_in``,
+    in fp32), and the base layer's bias."""
+    weight = layer.merged_weight_out_in(adapter_names, safe_merge)  # (out, in)
+    return layer.base_layer.full_precision(layer.transpose(weight).contiguous())  # base layout
 
 
 def _quantized_lora(module: nn.Module) -> bool:

@@ -34,16 +34,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lorakit.ops import dora
 
-if TYPE_CHECKING:
-    from lorakit.adapters.layers import LoraEmbedding, LoraLayer, LoraLinear
-    from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
+# In annotations (the wrappers import this module, so it names their classes only here): a LoRA layer
+# (lorakit.adapters.layer.LoraLayer; LoraLinear, LoraEmbedding) and a modules_to_save wrapper.
+LoraLayer = LoraLinear = LoraEmbedding = ModulesToSaveWrapper = nn.Module
 
 BASE = "__base__"  # the adapter name of rows that run the plain base model, as in PEFT
 
@@ -248,13 +248,13 @@ def _stack(layer: LoraLayer, adapters: Sequence[str]) -> _Stacks | None:
                 A_stack[k, : A.shape[0]] = A
                 sB_stack[k, :, : B.shape[1]] = B * layer.scaling[name]
     magnitude = norm = None
-    if any(name in layer.lora_magnitude_vector for name in present):
+    if not all(layer.variants[name].plain for name in present):  # a variant that rescales rows (DoRA)
         magnitude = A0.new_ones(len(adapters), 1, layer.out_features)
         norm = torch.ones_like(magnitude)
         weight = layer.weight_out_in().to(A0.dtype)  # (out, in)
-        scale_args = {n: layer.dora_scale_args(n, weight) for n in set(present) if n in layer.lora_magnitude_vector}
+        scale_args = {n: layer.variants[n].scale_args(layer, n, weight) for n in set(present)}
         for k, name in enumerate(adapters):
-            if name in scale_args:
+            if scale_args.get(name) is not None:
                 magnitude[k, 0], norm[k, 0] = scale_args[name]
     return _Stacks(As, A_stack, sB_stack, magnitude, norm)
 
@@ -278,16 +278,13 @@ def linear_forward(layer: LoraLinear, x: Tensor, *args: object, **kwargs: object
 def embedding_forward(layer: LoraEmbedding, x: Tensor, *args: object, **kwargs: object) -> Tensor:
     """LoraEmbedding's forward for a routed batch of token ids ``x`` (B, T)."""
     result = layer.base_layer(x, *args, **kwargs)  # (B, T, dim)
-    base = layer.base_layer
 
     def project_A(ids: Tensor, stacks: _Stacks) -> Tensor:  # (n_seg * L, T) -> (n_seg, L * T, r): lookups in A.T
         ids = ids.reshape(len(stacks.A), -1)
         h = stacks.A_stack.new_zeros(*ids.shape, stacks.A_stack.shape[1])
         for k, A in enumerate(stacks.A):
             if A is not None:
-                h[k, :, : A.shape[0]] = nn.functional.embedding(
-                    ids[k], A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
-                )
+                h[k, :, : A.shape[0]] = layer.lookup(ids[k], A)
         return h
 
     return _add_updates(layer, x, result, project_A, lambda embedded: embedded)

@@ -2,37 +2,49 @@
 
 It holds the wrapped model as ``self.model`` (so parameter names read ``base_model.model.<path>`` under a PeftModel,
 exactly as in HF PEFT) and one LoraConfig per adapter in ``peft_config``. Every state change is an explicit call:
-add / set / delete / disable / merge / unmerge / unload. While wrapped, the model's gated MLPs compute their
-activation with lorakit.fast.swiglu (same values, less memory kept for backward); unloading restores them.
+add / set / delete / disable / merge / unmerge / unload.
+
+One change to the base model itself, said here and logged when it happens: with ``fast_mlp=True`` (the default of
+get_peft_model) the model's gated MLPs (Llama-family ``down(silu(gate(x)) * up(x))``) compute their activation with
+lorakit.fast.swiglu, the same values with less memory kept for backward; ``fast_mlps`` counts them, and
+``merge_and_unload()`` / ``unload()`` give the model back with its own MLP forwards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Iterator
 
 from torch import nn
 
 from lorakit.adapters import combine
 from lorakit.adapters.inject import inject, unwrap, wrappers
-from lorakit.adapters.layers import LoraLayer
+from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.config import LoraConfig
 from lorakit.fast import swiglu
 from lorakit.io.files import AdapterError, check_adapter_name
 
+logger = logging.getLogger(__name__)
+
 
 class LoraModel(nn.Module):
     """The base model with LoRA wrappers; one entry in ``peft_config`` per adapter."""
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                 fast_mlp: bool = True) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self.add_adapter(adapter_name, config)
-        swiglu.patch_mlps(model)
+        self.fast_mlps = swiglu.patch_mlps(model) if fast_mlp else 0
+        if self.fast_mlps:
+            logger.info("lorakit: %d gated MLPs of %s compute silu(g) * u with lorakit.fast.swiglu (same values, "
+                        "less memory for backward) until merge_and_unload() / unload()", self.fast_mlps,
+                        type(model).__name__)
 
     def __getattr__(self, name: str) -> object:
         try:

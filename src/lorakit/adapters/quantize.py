@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from lorakit.adapters.layers import LoraLayer
+from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.quant.formats import check_bits
 from lorakit.quant.half import HalfEmbedding, HalfLinear, check_embeddings

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.adapters.inject import wrappers
-from lorakit.adapters.layers import LoraLayer
+from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.model import LoraModel
 from lorakit.config import LoraConfig
 from lorakit.io.files import AdapterFileError, file_key, lora_pairs

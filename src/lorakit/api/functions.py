@@ -82,7 +82,7 @@ def inject_adapter_in_model(
     if getattr(model, "peft_config", None) is not None:
         raise ValueError("model already has adapters (model.peft_config is set); inject into a plain model, or use "
                          "get_peft_model and add_adapter to hold several")
-    lora = LoraModel(model, peft_config, adapter_name)
+    lora = LoraModel(model, peft_config, adapter_name, fast_mlp=False)  # no unload() here to undo a patch
     model.peft_config = lora.peft_config
     if state_dict is not None:
         set_peft_model_state_dict(model, state_dict, adapter_name)

@@ -20,6 +20,9 @@ maths:
   where drop(t) is t with the dropped positions set to 0. ``drop(x)`` is recomputed in backward (a copy and a
   scatter of zeros) instead of being kept.
 
+``linear_with_lora`` is what ``LoraLinear.forward`` calls for its one plain adapter: the base layer and the branch by
+the leanest of these paths that applies (``_fusable`` says when the base layer may run inside the branch's node).
+
 ``linear_lora_add`` (``LinearBranch``) is the same with-gradients maths with the base layer inside: for a frozen
 ``nn.Linear`` LoraLinear calls it instead of the layer plus ``lora_add``, so that the branch is added into the base
 output by the matmul and x's two gradient terms, ``g @ W`` and ``drop(g_u @ A)``, are summed by the matmul too.
@@ -39,6 +42,9 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
+
+from lorakit.fast.shared_cast import shared_cast
 
 _INT32_POSITIONS = 2**31 - 1  # tensors with more elements keep int64 positions
 _MARGIN_SD = 6.0  # a round of draws covers this many standard deviations of the drop count past its mean
@@ -221,3 +227,45 @@ def lora_add_no_grad(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: flo
         return torch.add(base, nn.functional.linear(u, B), alpha=scaling)  # (..., out)
     out = torch.addmm(base.reshape(-1, base.shape[-1]), u.reshape(-1, u.shape[-1]), B.T, alpha=scaling)  # (N, out)
     return out.view(base.shape)
+
+
+def linear_with_lora(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor, scaling: float,
+                     dropout: nn.Module) -> Tensor:
+    """``base_layer(x) + s * B(A(dropout(x)))`` for one plain adapter, by the leanest path that applies: with
+    gradients and a plain frozen ``nn.Linear``, one ``LinearBranch`` node (``linear_lora_add``); with gradients,
+    dropout or mixed dtypes, the base layer then ``lora_add``; else ``lora_add_no_grad``. Under CPU autocast an
+    ``nn.Linear``'s input is cast once for it, its branch and the layers beside it reading the same input (q, k, v:
+    lorakit.fast.shared_cast), instead of once per layer and branch."""
+    if isinstance(base_layer, nn.Linear) and torch.is_autocast_enabled("cpu"):
+        x = shared_cast(x)
+    if torch.is_grad_enabled() and _fusable(base_layer, x, A, B):
+        return linear_lora_add(base_layer, x, A, B, scaling, dropout)
+    result = base_layer(x)  # (..., out)
+    if torch.is_grad_enabled() or dropout.training or not x.dtype == A.dtype == B.dtype == result.dtype:
+        return lora_add(result, x, A, B, scaling, dropout)
+    return lora_add_no_grad(result, x, A, B, scaling)
+
+
+def _fusable(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
+    """Whether the base layer and the LoRA branch may run as one autograd node (``linear_lora_add``): a plain frozen
+    ``nn.Linear`` (not a subclass with its own forward), no hooks that expect it to be called, and x, W, A and B of
+    one dtype, or under CPU autocast fp32 parameters and x fp32 or already cast (lorakit.fast.shared_cast). The node
+    never calls the layer, so a hook on it would not run: torch has no public query for hooks, hence the look at its
+    hook tables (module and global); any hook at all sends the call down the layer's own path."""
+    if type(base_layer) is not nn.Linear:
+        return False
+    weight, bias = base_layer.weight, base_layer.bias
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        if x.device.type != "cpu" or not weight.dtype == A.dtype == B.dtype == torch.float32:
+            return False
+        if x.dtype not in (torch.float32, torch.get_autocast_dtype("cpu")):
+            return False
+    elif not x.dtype == weight.dtype == A.dtype == B.dtype:
+        return False
+    hooks = (base_layer._forward_hooks, base_layer._forward_pre_hooks, base_layer._backward_hooks,
+             base_layer._backward_pre_hooks, _module_hooks._global_forward_hooks,
+             _module_hooks._global_forward_pre_hooks, _module_hooks._global_backward_hooks,
+             _module_hooks._global_backward_pre_hooks)
+    return not any(hooks)

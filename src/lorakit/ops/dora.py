@@ -7,7 +7,7 @@ DoRA splits the adapted weight into a direction and a learned magnitude m (out,)
 At the start m = ||W + s * B @ A||_row, so W' = W + s * B @ A (an identity with the default zero B). The norm is
 treated as a constant in the backward pass (paper sec. 4.3), so the forward detaches it. Everything here works in
 (out, in) orientation; for an embedding, "out" is the embedding dimension and "in" the vocabulary, as in
-lorakit.adapters.layers.LoraEmbedding.
+lorakit.adapters.embedding.LoraEmbedding.
 """
 
 from __future__ import annotations

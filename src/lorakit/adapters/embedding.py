@@ -1,0 +1,56 @@
+"""LoRA around ``nn.Embedding`` (weight (num_embeddings, dim)): A (r, num_embeddings) is looked up by token id, then
+projected by B (dim, r); no dropout on token ids, as in PEFT.
+
+    y = E[x] + sum over the active adapters of s * A.T[x] @ B.T                      # (B, T) -> (B, T, dim)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.adapters import mixed_batch
+from lorakit.adapters.layer import LoraLayer
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around ``nn.Embedding``; ``lora_embedding_A`` / ``lora_embedding_B`` are PEFT's names."""
+
+    fan_in_fan_out = True  # weight is (in=num_embeddings, out=dim)
+    embedding = True
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _create(self, name: str, r: int) -> None:
+        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, self.in_features))
+        self.lora_embedding_B[name] = nn.Parameter(torch.zeros(self.out_features, r))
+
+    def lora_weights(self, name: str) -> tuple[Tensor, Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def _drop(self, name: str) -> None:
+        del self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def lookup(self, ids: Tensor, A: Tensor) -> Tensor:
+        """A.T[ids] with the base embedding's options (padding_idx, max_norm, ...): (...,) -> (..., r)."""
+        base = self.base_layer
+        return nn.functional.embedding(
+            ids, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        if self.routing is not None:  # a mixed-adapter batch: one adapter per row
+            return mixed_batch.embedding_forward(self, x, *args, **kwargs)
+        result = embedded = self.base_layer(x, *args, **kwargs)  # (B, T, dim)
+        if self._disabled or self.merged_adapters:
+            return result
+        for name in self._active:
+            if name not in self.r:
+                continue
+            A, B = self.lora_weights(name)
+            lora = (self.lookup(x, A) @ B.T) * self.scaling[name]  # (B, T, r) -> (B, T, dim)
+            result = result + self.variants[name].embedding_output(self, name, embedded, lora).to(result.dtype)
+        return result

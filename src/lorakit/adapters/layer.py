@@ -1,0 +1,246 @@
+"""LoraLayer: what every LoRA wrapper around one base module shares, whatever the module kind.
+
+A wrapper holds the untouched ``base_layer`` and, per named adapter, a low-rank update ``delta W = s * B @ A`` with
+A (r, in), B (out, r) and scaling s = alpha / r (alpha / sqrt(r) with rsLoRA). The module kinds own the parameter
+layout and the forward (lorakit.adapters.linear, .embedding; the table is lorakit.adapters.kinds); each adapter's
+variant (lorakit.adapters.variants: plain LoRA, DoRA) decides how its update enters the output and the merged weight.
+
+State changes are method calls: ``update_layer`` / ``delete_adapter``, ``set_adapter`` (also behind the
+``active_adapters`` setter), ``enable_adapters`` (behind ``disable_adapters``), ``merge`` / ``unmerge``. Each of them
+ends with ``_refresh()``, which recomputes what the forward looks up; nothing else changes it. Merging happens only
+when ``merge()`` is called, never as a side effect of ``train()`` / ``eval()``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.adapters import mixed_batch
+from lorakit.adapters.variants import VARIANTS, Lora
+from lorakit.config import scaling_for
+from lorakit.ops.init import get_initializer
+from lorakit.quant.linear import QuantizedBaseError, QuantLinear
+
+
+class LoraLayer(nn.Module):
+    """Base of the wrappers: adapter bookkeeping, merge / unmerge. Subclasses own the parameter layout."""
+
+    fan_in_fan_out: bool = False  # True if base weight is stored (in, out) instead of (out, in)
+    embedding = False  # True for kinds whose input is token ids (their own default initializer, no dropout)
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: m (out,) per adapter (PEFT's name)
+        self.variants: dict[str, Lora] = {}  # one variant object per adapter (lorakit.adapters.variants)
+        self.merged_adapters: list[str] = []
+        self.routing: mixed_batch.Routing | None = None  # set while a batch runs one adapter per row (adapter_names)
+        self._active: list[str] = []
+        self._disabled = False
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapters (a copy: change them with set_adapter, or by assigning this attribute)."""
+        return list(self._active)
+
+    @active_adapters.setter
+    def active_adapters(self, names: list[str]) -> None:
+        self.set_adapter(names)
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make ``adapter_names`` the active adapters (their updates add up); names this layer lacks are kept, and
+        ignored by the forward."""
+        self._active = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._refresh()
+
+    @property
+    def disable_adapters(self) -> bool:
+        """True while the adapters are off (the layer computes as its base layer)."""
+        return self._disabled
+
+    @disable_adapters.setter
+    def disable_adapters(self, disabled: bool) -> None:
+        self.enable_adapters(not disabled)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turn the adapters on or off (PEFT's method of the name)."""
+        self._disabled = not enabled
+        self._refresh()
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def _refresh(self) -> None:
+        """Recompute what the forward looks up in the current state. Every method that changes the state calls it."""
+
+    # -- parameter layout (module kinds) -------------------------------------------------------------------------
+    def _create(self, name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def lora_weights(self, name: str) -> tuple[Tensor, Tensor]:
+        """The (A (r, in), B (out, r)) parameters of adapter ``name``."""
+        raise NotImplementedError
+
+    def _drop(self, name: str) -> None:
+        raise NotImplementedError
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """Every trainable parameter of adapter ``name``: A, B, and its variant's (DoRA's magnitude)."""
+        return [*self.lora_weights(name), *self.variants[name].parameters(self, name)]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    # -- adapters ------------------------------------------------------------------------------------------------
+    def update_layer(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init_lora_weights: bool | str,
+        use_rslora: bool = False,
+        init_options: dict[str, Any] | None = None,
+        use_dora: bool = False,
+    ) -> None:
+        """Add adapter ``name`` with rank ``r``, initialized by ``init_lora_weights`` (see lorakit.ops.init).
+        ``init_options`` (a config's loftq_config) go to initializers that name them as keyword parameters.
+        ``use_dora`` makes it a DoRA adapter (its magnitude is taken after the initializer ran)."""
+        self.r[name], self.lora_alpha[name] = r, lora_alpha
+        self.scaling[name] = scaling_for(lora_alpha, r, use_rslora)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self._create(name, r)
+        self.train(self.base_layer.training)  # new modules start in train mode; follow the model's mode instead
+        init = get_initializer(init_lora_weights, embedding=self.embedding)
+        weight = self.weight_out_in()  # (out, in)
+        A0, B0, residual = init(weight, r, self.scaling[name], **_accepted(init, init_options or {}))
+        A, B = self.lora_weights(name)
+        with torch.no_grad():
+            A.copy_(A0)
+            B.copy_(B0)
+            if residual is not None:
+                self._set_base_weight(residual)
+        self.variants[name] = VARIANTS["dora" if use_dora else "lora"]()
+        self.variants[name].create(self, name)
+        if A.device != weight.device:
+            self.to(weight.device)
+        self._refresh()
+
+    def set_scale(self, name: str, scaling: float) -> None:
+        self.scaling[name] = scaling
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge it first")
+        self._drop(name)
+        self.variants.pop(name).delete(self, name)
+        for d in (self.r, self.lora_alpha, self.scaling):
+            d.pop(name, None)
+        del self.lora_dropout[name]
+        self._active = [a for a in self._active if a != name]
+        self._refresh()
+
+    # -- weights -------------------------------------------------------------------------------------------------
+    def base_weight(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    def transpose(self, weight: Tensor) -> Tensor:
+        """A weight in the base's storage layout as (out, in), or back (a transpose for (in, out) storage)."""
+        return weight.T if self.fan_in_fan_out else weight
+
+    def weight_out_in(self) -> Tensor:
+        """The base weight as (out, in), whatever its storage layout (fp32 dequantized for a quantized base)."""
+        if self.quantized:
+            return self.base_layer.dequantize()
+        return self.transpose(self.base_weight().detach())
+
+    def delta_out_in(self, name: str) -> Tensor:
+        """s * B @ A as (out, in), in the adapter's dtype."""
+        A, B = self.lora_weights(name)
+        return (B @ A) * self.scaling[name]  # (out, r) @ (r, in) -> (out, in)
+
+    def delta_weight(self, name: str) -> Tensor:
+        """s * B @ A, in the base weight's storage layout and dtype."""
+        dtype = torch.float32 if self.quantized else self.base_weight().dtype
+        return self.transpose(self.delta_out_in(name)).to(dtype)
+
+    # -- a quantized base (QLoRA, lorakit.quant): read-only codes, adapters in full precision ---------------------
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.base_layer, QuantLinear)
+
+    def _set_base_weight(self, weight: Tensor) -> None:
+        """Make ``weight`` (out, in) the base weight. A quantized base stores it quantized: lossless for LoftQ's
+        residual (already a dequantized weight), lossy for other residuals (PiSSA, OLoRA)."""
+        if self.quantized:
+            self.base_layer.requantize_(weight)
+        else:
+            self.base_weight().copy_(self.transpose(weight))
+
+    # -- merging -------------------------------------------------------------------------------------------------
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the updates of ``adapter_names`` (default: the active ones) into the base weight."""
+        names = [n for n in (adapter_names or self._active) if n in self.r and n not in self.merged_adapters]
+        if not names:
+            return
+        if self.quantized:
+            raise QuantizedBaseError(
+                f"cannot merge adapter(s) {names} in place into a quantized base ({self.base_layer.extra_repr()}): "
+                "adding s * B @ A would mean quantizing the sum again, which rounds the update away. Use "
+                "merge_and_unload(), which returns full-precision nn.Linear layers (dequantized W + s * B @ A), or "
+                "keep the adapter unmerged"
+            )
+        weight = self.base_weight()
+        for name in names:
+            with torch.no_grad():
+                new = self.variants[name].merged(self, name, weight.data)
+                if safe_merge and not torch.isfinite(new).all():
+                    raise ValueError(f"merging adapter {name!r} gives NaN/inf weights; the adapter is broken")
+                weight.data = new
+            self.merged_adapters.append(name)
+            self._refresh()
+
+    def unmerge(self) -> None:
+        """Subtract every merged update from the base weight, newest first."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self._refresh()
+            with torch.no_grad():
+                weight = self.base_weight()
+                weight.data = self.variants[name].unmerged(self, name, weight.data)
+
+    def merged_weight_out_in(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> Tensor:
+        """dequantize(W) + the updates of ``adapter_names`` (default: the active ones), fp32 (out, in): the weight of
+        the full-precision module a reduced-precision base is merged into (lorakit.adapters.inject.merged_linear)."""
+        names = [n for n in (adapter_names or self._active) if n in self.r]
+        with torch.no_grad():
+            base = weight = self.weight_out_in().float()  # (out, in)
+            for name in names:
+                A, B = self.lora_weights(name)
+                delta = (B.float() @ A.float()) * self.scaling[name]  # (out, r) @ (r, in) -> (out, in)
+                weight = self.variants[name].merged_out_in(self, name, weight, base, delta)
+            if safe_merge and not torch.isfinite(weight).all():
+                raise ValueError(f"merging adapters {names} gives NaN/inf weights; the adapter is broken")
+        return weight
+
+
+def _accepted(init: Callable[..., object], options: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` that ``init`` names as optional parameters: an initializer declares the options it
+    reads (LoftQ: loftq_bits, loftq_iter), the others are called with (weight, r, scaling) only."""
+    if not options:
+        return {}
+    params = inspect.signature(init).parameters
+    return {k: v for k, v in options.items() if k in params and params[k].default is not inspect.Parameter.empty}

@@ -1,0 +1,68 @@
+"""LoRA around a linear layer: ``nn.Linear`` (weight (out, in)), GPT-2's ``Conv1D`` (weight stored (in, out),
+``fan_in_fan_out``) and lorakit's ``QuantLinear`` (an NF4 / int8 base, (out, in)).
+
+    y = base_layer(x) + sum over the active adapters of B(A(dropout(x))) * s        # (..., in) -> (..., out)
+
+with ``lora_A[name]`` an ``nn.Linear(in, r)`` and ``lora_B[name]`` an ``nn.Linear(r, out)``, no biases (PEFT's
+layout, so that state-dict keys match).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lorakit.adapters import mixed_batch
+from lorakit.adapters.layer import LoraLayer
+from lorakit.fast import branch
+from lorakit.quant.linear import QuantLinear
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around ``nn.Linear``, GPT-2's ``Conv1D`` or a ``QuantLinear``."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        if isinstance(base_layer, QuantLinear):  # QLoRA: a quantized base, (out, in) like nn.Linear
+            fan_in_fan_out, in_f, out_f = False, base_layer.in_features, base_layer.out_features
+        else:
+            weight = base_layer.weight
+            fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # transformers' Conv1D stores (in, out)
+            in_f, out_f = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
+        super().__init__(base_layer, in_f, out_f)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self._fast: tuple[str, dict, dict, nn.Module] | None = None  # the one plain adapter to run by fast.branch
+
+    def _create(self, name: str, r: int) -> None:
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+
+    def lora_weights(self, name: str) -> tuple[Tensor, Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _drop(self, name: str) -> None:
+        del self.lora_A[name], self.lora_B[name]
+
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        if self.routing is not None:  # a mixed-adapter batch: one adapter per row
+            return mixed_batch.linear_forward(self, x, *args, **kwargs)
+        if self._fast is not None and not args and not kwargs:  # one plain adapter: the loop below, by fast.branch
+            name, A, B, dropout = self._fast
+            return branch.linear_with_lora(self.base_layer, x, A["weight"], B["weight"], self.scaling[name], dropout)
+        result = base = self.base_layer(x, *args, **kwargs)  # (..., out)
+        if self._disabled or self.merged_adapters:
+            return result
+        for name in self._active:
+            if name in self.r:  # + B(A(dropout(x))) * s, or the adapter's variant of it (DoRA)
+                result = self.variants[name].linear_forward(self, name, x, base, result)
+        return result
+
+    def _refresh(self) -> None:
+        """The fast path runs when exactly one adapter of this layer is active, plain, unmerged and enabled. It keeps
+        the A and B modules' parameter dicts, not the Parameters: a Parameter replaced by assignment, ``.to()`` or
+        ``load_state_dict(assign=True)`` is read at the next call."""
+        active = [n for n in self._active if n in self.r]
+        self._fast = None
+        if len(active) == 1 and not self._disabled and not self.merged_adapters and self.variants[active[0]].plain:
+            name = active[0]
+            self._fast = (name, self.lora_A[name]._parameters, self.lora_B[name]._parameters, self.lora_dropout[name])

@@ -1,0 +1,143 @@
+"""Variants: how one adapter of a layer turns its A and B into an output and a merged weight. One object per adapter,
+chosen by name from ``VARIANTS`` (``LoraLayer.update_layer``: "dora" with ``use_dora``, else "lora").
+
+- ``lora``: plain LoRA (Hu et al. 2021, eq. 3): the layer's output plus ``B(A(dropout(x))) * s``; merging adds
+  ``s * B @ A`` to the base weight.
+- ``dora``: weight-decomposed LoRA (Liu et al. 2024): a learned magnitude m (out,) per output row rescales the
+  adapted weight, ``W' = m * (W + s * B @ A) / ||W + s * B @ A||_row`` (the maths: lorakit.ops.dora).
+
+A variant is called by the module kinds (lorakit.adapters.linear, .embedding) and by LoraLayer's merge / unmerge, and
+asked by the mixed-batch path for its row scale (``scale_args``). Weights are passed in the base weight's storage
+layout where the method says so; ``layer.transpose`` turns them into (out, in).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.fast import branch
+from lorakit.ops import dora
+
+LoraLayer = nn.Module  # in annotations: a lorakit.adapters.layer.LoraLayer (which imports this module)
+
+
+class Lora:
+    """Plain LoRA: no parameters beyond A and B."""
+
+    name = "lora"
+    plain = True  # its forward is base + s * B(A(dropout(x))): the layers' single-adapter fast path applies
+
+    def create(self, layer: LoraLayer, adapter: str) -> None:
+        """Called once A and B are initialized: nothing more to make."""
+
+    def parameters(self, layer: LoraLayer, adapter: str) -> list[nn.Parameter]:
+        return []
+
+    def delete(self, layer: LoraLayer, adapter: str) -> None:
+        pass
+
+    def linear_forward(self, layer: LoraLayer, adapter: str, x: Tensor, base: Tensor, result: Tensor) -> Tensor:
+        """``result + B(A(dropout(x))) * s``, computed by fast.branch.lora_add (equal to that composition, tested)."""
+        A, B = layer.lora_weights(adapter)
+        return branch.lora_add(result, x, A, B, layer.scaling[adapter], layer.lora_dropout[adapter])
+
+    def embedding_output(self, layer: LoraLayer, adapter: str, embedded: Tensor, lora: Tensor) -> Tensor:
+        """What an embedding adds to its base output E[x]: the LoRA term ``s * A.T[x] @ B.T`` itself."""
+        return lora
+
+    def scale_args(self, layer: LoraLayer, adapter: str, weight: Tensor) -> tuple[Tensor, Tensor] | None:
+        """No row scale: the mixed-batch path adds the LoRA term as it is."""
+        return None
+
+    def merged(self, layer: LoraLayer, adapter: str, weight: Tensor) -> Tensor:
+        """``weight`` (storage layout) + s * B @ A."""
+        return weight + layer.delta_weight(adapter)
+
+    def unmerged(self, layer: LoraLayer, adapter: str, weight: Tensor) -> Tensor:
+        """``weight`` (storage layout) - s * B @ A."""
+        return weight - layer.delta_weight(adapter)
+
+    def merged_out_in(self, layer: LoraLayer, adapter: str, weight: Tensor, base: Tensor, delta: Tensor) -> Tensor:
+        """``weight`` (out, in) + ``delta`` (s * B @ A): the merge into a new full-precision weight."""
+        return weight + delta
+
+
+class Dora(Lora):
+    """DoRA: one magnitude m (out,) in ``layer.lora_magnitude_vector[adapter]``; the row norm is a constant for the
+    backward pass (Liu et al. 2024, sec. 4.3). While merged, the norm the merge used is kept for the unmerge."""
+
+    name = "dora"
+    plain = False
+
+    def __init__(self) -> None:
+        self.merged_norm: Tensor | None = None  # ||W + s * B @ A||_row taken at merge time
+
+    def create(self, layer: LoraLayer, adapter: str) -> None:
+        """m = ||W + s * B @ A||_row after the initializer ran, so that the adapter starts as plain LoRA would."""
+        weight = layer.weight_out_in()
+        A, _ = layer.lora_weights(adapter)
+        with torch.no_grad():
+            delta = layer.delta_out_in(adapter).to(weight.device, torch.float32)
+            norm = dora.weight_norm(weight.float(), delta)  # (out,)
+        layer.lora_magnitude_vector[adapter] = nn.Parameter(norm.to(A.dtype))
+
+    def parameters(self, layer: LoraLayer, adapter: str) -> list[nn.Parameter]:
+        return [layer.lora_magnitude_vector[adapter]]
+
+    def delete(self, layer: LoraLayer, adapter: str) -> None:
+        del layer.lora_magnitude_vector[adapter]
+
+    def scale_args(self, layer: LoraLayer, adapter: str, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """(m, ||weight + s * B @ A||_row), ``weight`` (out, in) the unmerged base; the norm detached."""
+        delta = layer.delta_out_in(adapter).detach().to(weight.dtype)
+        return layer.lora_magnitude_vector[adapter], dora.weight_norm(weight, delta).detach()
+
+    def linear_forward(self, layer: LoraLayer, adapter: str, x: Tensor, base: Tensor, result: Tensor) -> Tensor:
+        """``result + (m / n - 1) * x @ W.T + (m / n) * B(A(dropout(x))) * s`` (lorakit.ops.dora.linear_output). Its
+        x @ W.T reuses the base output (bias removed) unless dropout is active: then it is computed on the dropped
+        input, as PEFT does."""
+        A, B = layer.lora_A[adapter], layer.lora_B[adapter]
+        dropout = layer.lora_dropout[adapter]
+        h = dropout(x.to(A.weight.dtype))  # (..., in)
+        lora = B(A(h)) * layer.scaling[adapter]  # (..., r) -> (..., out)
+        weight = layer.weight_out_in().to(h.dtype)  # (out, in)
+        if isinstance(dropout, nn.Identity) or not layer.training:
+            bias = getattr(layer.base_layer, "bias", None)
+            x_w = (base if bias is None else base - bias).to(h.dtype)  # (..., out)
+        else:
+            x_w = nn.functional.linear(h, weight)  # (..., out)
+        return result + dora.linear_output(x_w, lora, *self.scale_args(layer, adapter, weight)).to(result.dtype)
+
+    def embedding_output(self, layer: LoraLayer, adapter: str, embedded: Tensor, lora: Tensor) -> Tensor:
+        """DoRA rescales the base embedding too: (m / n) * (E[x] + lora) - E[x] (lorakit.ops.dora.embedding_output)."""
+        m, norm = self.scale_args(layer, adapter, layer.weight_out_in().to(lora.dtype))
+        e = embedded.to(lora.dtype)
+        return dora.embedding_output(e, lora, m, norm) - e
+
+    def merged(self, layer: LoraLayer, adapter: str, weight: Tensor) -> Tensor:
+        """W' = (m / n) * (W + s * B @ A) in storage layout, n taken from the base without the adapters merged before
+        (as the unmerged forward sees it), as PEFT does."""
+        unmerged = weight
+        for earlier in reversed(layer.merged_adapters):
+            unmerged = layer.variants[earlier].unmerged(layer, earlier, unmerged)
+        m, norm = self.scale_args(layer, adapter, layer.transpose(unmerged))
+        self.merged_norm = norm
+        delta = layer.delta_out_in(adapter).to(weight.dtype)
+        merged = dora.merge_weight(layer.transpose(weight), delta, m.detach(), norm)
+        return layer.transpose(merged).to(weight.dtype)
+
+    def unmerged(self, layer: LoraLayer, adapter: str, weight: Tensor) -> Tensor:
+        """The inverse of ``merged`` with the norm the merge used."""
+        m, delta = layer.lora_magnitude_vector[adapter].detach(), layer.delta_out_in(adapter).to(weight.dtype)
+        unmerged = dora.unmerge_weight(layer.transpose(weight), delta, m, self.merged_norm)  # (out, in)
+        return layer.transpose(unmerged).to(weight.dtype)
+
+    def merged_out_in(self, layer: LoraLayer, adapter: str, weight: Tensor, base: Tensor, delta: Tensor) -> Tensor:
+        """(m / ||base + delta||_row) * (weight + delta), all (out, in), ``base`` the unmerged base weight."""
+        m, norm = self.scale_args(layer, adapter, base)
+        return dora.merge_weight(weight, delta, m.detach().float(), norm)
+
+
+VARIANTS: dict[str, type[Lora]] = {"lora": Lora, "dora": Dora}
+
