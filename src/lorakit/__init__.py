@@ -6,6 +6,12 @@ from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.linear import LoraLinear
 from lorakit.adapters.model import LoraModel
 from lorakit.adapters.quantize import quantize
+from lorakit.api.auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from lorakit.api.functions import (
     get_peft_model_state_dict,
     inject_adapter_in_model,
@@ -13,10 +19,6 @@ from lorakit.api.functions import (
     set_peft_model_state_dict,
 )
 from lorakit.api.peft_model import (
-    AutoPeftModel,
-    AutoPeftModelForCausalLM,
-    AutoPeftModelForSequenceClassification,
-    AutoPeftModelForTokenClassification,
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
