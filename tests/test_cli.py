@@ -119,7 +119,7 @@ def test_config_file_with_flag_overrides(
         ("r: abc\n", r"option 'r' must be int, got 'abc'"),
         ("r: [1, 2\n", r"not valid YAML"),
         ("- r\n- 4\n", r"must hold a mapping"),
-        ("r: 0\n", r"--r must be positive, got 0"),
+        ("r: 0\n", r"--r: r=0 must be a positive integer rank"),
     ],
 )
 def test_bad_config_file(
@@ -133,7 +133,7 @@ def test_bad_config_file(
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
-        (["train", "--r", "0"], r"--r must be positive, got 0"),
+        (["train", "--r", "0"], r"--r: r=0 must be a positive integer rank"),
         (["train", "--r", "abc"], r"invalid int value: 'abc'.*lorakit train --help"),
         (["train", "--lr-scheduler", "step"], r"--lr-scheduler 'step' is unknown"),
         (["train", "--config", "missing.yaml"], r"config file 'missing.yaml' does not exist"),

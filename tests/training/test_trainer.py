@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import VOCAB, WORDS, save_tiny_folder, tiny_llama
+from helpers import VOCAB, WORDS, input_ids, save_tiny_folder, silence_eos_, tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import lorakit.training.precision as precision
 import lorakit.training.trainer as trainer
-from lorakit import LoraConfig, get_peft_model
+from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.data.tokenize import IGNORE_INDEX, Example
 from lorakit.training.args import TrainArgs
 from lorakit.training.loss import lm_loss_sum
@@ -104,6 +105,31 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(setup, tmp_path, monkeypat
     with pytest.raises(TrainingError, match=r"step 5: loss nan.*Last good checkpoint: .*step-00000004.*--resume"):
         train(_args(setup, tmp_path / "run", save_steps=2))
     assert (tmp_path / "run" / "checkpoints" / "step-00000004" / "adapter_model.safetensors").is_file()
+
+
+def test_dora_and_trained_biases_are_saved_as_trained(setup, tmp_path):
+    """--use-dora --bias all: magnitudes and every bias train, and the saved adapter loaded onto a fresh copy of the
+    base computes what the trained model computes."""
+    config = tiny_llama().config
+    config.attention_bias = config.mlp_bias = True
+    torch.manual_seed(0)
+    silence_eos_(LlamaForCausalLM(config)).save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    summary = train(_args((tmp_path / "base", *setup[1:]), tmp_path / "run", use_dora=True, bias="all", max_steps=4))
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert (saved["use_dora"], saved["bias"]) == (True, "all")
+    assert any("lora_magnitude_vector" in k for k in _adapter(tmp_path / "run"))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    trained = summary["model"].eval()
+    before = {n: p for n, p in base.named_parameters() if n.endswith("bias")}
+    after = {n.replace(".base_layer", ""): p for n, p in trained.get_base_model().named_parameters()}
+    assert len(before) == 2 * 7 and all(not torch.equal(after[n], p) for n, p in before.items())  # 7 per layer
+    ids = input_ids()
+    with torch.no_grad():
+        expected = trained(ids).logits
+        assert not torch.allclose(base(ids).logits, expected, atol=1e-3)
+        reloaded = PeftModel.from_pretrained(base, tmp_path / "run").eval()
+        torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=0)
 
 
 def test_output_of_another_run_and_resume_without_checkpoint_are_refused(setup, tmp_path):

@@ -1,4 +1,8 @@
-"""TrainArgs: every option of a training run. The help texts are the single source for the CLI and the YAML file."""
+"""TrainArgs: every option of a training run. The help texts are the single source for the CLI and the YAML file.
+
+The adapter options (``r``, ``alpha``, ...) are LoraConfig's fields: their help text and check come from
+``lorakit.config.LoraConfig``; only their run defaults are said here, in ``RUN_DEFAULTS``.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,31 @@ from typing import Any
 
 import yaml
 
+from lorakit.config import ALL_LINEAR, ConfigError, LoraConfig, TaskType
+
+# Where a training run wants another default than PEFT's. LoraConfig keeps PEFT's (r=8, lora_alpha=8, no dropout,
+# the architecture's q / v projections) so that it stays a drop-in; a run starts from a usual fine-tuning recipe:
+RUN_DEFAULTS: dict[str, Any] = {
+    "r": 16,  # the rank of Unsloth's fine-tuning notebooks (PEFT's r=8 comes with adapters on q / v alone)
+    "lora_alpha": 32.0,  # alpha = 2 r (scaling 2), the ratio of litgpt's defaults (finetune/lora.py: r 8, alpha 16)
+    "lora_dropout": 0.05,  # litgpt's default, and QLoRA's for its larger models (Dettmers et al. 2023, appendix B)
+    # QLoRA (Dettmers et al. 2023, sec. 4): LoRA on all linear layers of the blocks is what matches full fine-tuning
+    "target_modules": ALL_LINEAR,
+}
+
+_LORA_FIELDS = {f.name: f for f in dataclasses.fields(LoraConfig)}
+
 
 def _opt(default: Any, text: str) -> Any:
     return field(default=default, metadata={"help": text})
+
+
+def _lora_opt(name: str, note: str = "") -> Any:
+    """The TrainArgs field that sets LoraConfig's field ``name``: its help text (and ``note``), its default unless
+    RUN_DEFAULTS says otherwise. The metadata ``lora_field`` names it for ``TrainArgs.lora_config``."""
+    source = _LORA_FIELDS[name]
+    text = f"{source.metadata['help']} {note}".strip()
+    return field(default=RUN_DEFAULTS.get(name, source.default), metadata={"help": text, "lora_field": name})
 
 
 @dataclass
@@ -32,11 +58,14 @@ class TrainArgs:
     )
     eval_data: str | None = _opt(None, "Evaluation data file (same formats as --data).")
     eval_fraction: float = _opt(0.0, "Without --eval-data: fraction of --data held out for evaluation.")
-    r: int = _opt(16, "LoRA rank.")
-    alpha: float = _opt(32.0, "LoRA alpha (the update is scaled by alpha / r).")
-    dropout: float = _opt(0.05, "LoRA dropout on the adapter input.")
-    targets: str = _opt("all-linear", "Modules to adapt: 'all-linear' or a comma list such as q_proj,v_proj.")
-    use_rslora: bool = _opt(False, "Scale by alpha / sqrt(r) (rsLoRA).")
+    # the adapter: LoraConfig's fields (types as there; targets is target_modules as one string)
+    r: int = _lora_opt("r")
+    alpha: float = _lora_opt("lora_alpha")
+    dropout: float = _lora_opt("lora_dropout")
+    targets: str = _lora_opt("target_modules", "As a train option: 'all-linear' or a comma list such as q_proj,v_proj.")
+    use_rslora: bool = _lora_opt("use_rslora")
+    use_dora: bool = _lora_opt("use_dora")
+    bias: str = _lora_opt("bias")
     lr: float = _opt(2e-4, "Peak learning rate (AdamW).")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     batch_size: int = _opt(4, "Rows per micro-batch (per process).")
@@ -79,7 +108,10 @@ class TrainArgs:
     progress: bool = _opt(True, "Show a progress bar.")
 
     def __post_init__(self) -> None:
-        positive = ("r", "batch_size", "grad_accum", "max_length", "logging_steps", "save_total_limit")
+        if isinstance(self.targets, (list, tuple)):  # lorakit.train(targets=["q_proj", "v_proj"]), as in YAML
+            self.targets = ",".join(self.targets)
+        self._check_adapter()
+        positive = ("batch_size", "grad_accum", "max_length", "logging_steps", "save_total_limit")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -95,8 +127,24 @@ class TrainArgs:
         if self.quantize not in (0, 4, 8):
             raise ValueError(f"--quantize must be 0 (off), 4 (NF4) or 8 (int8), got {self.quantize}")
 
+    def _check_adapter(self) -> None:
+        """LoraConfig checks the adapter options (before anything loads); its message gets the flag in front."""
+        try:
+            self.lora_config()
+        except ConfigError as e:
+            flags = [f"--{n.replace('_', '-')}" for n, lora in lora_options().items() if str(e).startswith(f"{lora}=")]
+            raise ConfigError(f"{flags[0]}: {e}" if flags else str(e)) from None
+
     def target_modules(self) -> list[str] | str:
-        return "all-linear" if self.targets == "all-linear" else [t.strip() for t in self.targets.split(",") if t]
+        if self.targets == ALL_LINEAR:
+            return ALL_LINEAR
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    def lora_config(self) -> LoraConfig:
+        """The adapter this run trains: its LoRA options as a LoraConfig for a causal LM."""
+        values = {lora: getattr(self, name) for name, lora in lora_options().items()}
+        values["target_modules"] = self.target_modules()
+        return LoraConfig(**values, task_type=TaskType.CAUSAL_LM)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,6 +156,11 @@ def _field_type(annotation: Any) -> type:
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return next(a for a in typing.get_args(annotation) if a is not type(None))
     return annotation
+
+
+def lora_options() -> dict[str, str]:
+    """{TrainArgs field: the LoraConfig field it sets}: ``{"r": "r", "alpha": "lora_alpha", ...}``."""
+    return {f.name: f.metadata["lora_field"] for f in dataclasses.fields(TrainArgs) if "lora_field" in f.metadata}
 
 
 def train_fields() -> dict[str, tuple[dataclasses.Field, type]]:
@@ -134,12 +187,12 @@ def _coerce(name: str, value: Any, typ: type, source: str) -> Any:
     raise ValueError(f"{source}: option '{name}' must be {typ.__name__}, got {value!r}; fix its value")
 
 
-# Names from HF TrainingArguments / PEFT's LoraConfig that people write in configs -> the TrainArgs field.
+# Names from HF TrainingArguments that people write in configs -> the TrainArgs field (named in the error). The
+# LoraConfig names of the adapter options (lora_alpha, lora_dropout, target_modules) are accepted as they are.
 _HF_NAMES = {
-    "learning_rate": "lr", "lora_alpha": "alpha", "lora_r": "r", "rank": "r", "lora_dropout": "dropout",
-    "target_modules": "targets", "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad_accum",
-    "per_device_train_batch_size": "batch_size", "output_dir": "output", "model_name_or_path": "model",
-    "lr_scheduler_type": "lr_scheduler",
+    "learning_rate": "lr", "lora_r": "r", "rank": "r", "num_train_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+    "output_dir": "output", "model_name_or_path": "model", "lr_scheduler_type": "lr_scheduler",
 }  # fmt: skip
 
 
@@ -157,9 +210,15 @@ def read_train_config(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file '{path}' must hold a mapping such as 'r: 8', not a {type(data).__name__}")
     fields = train_fields()
-    out = {}
+    aliases = {lora: name for name, lora in lora_options().items()}  # lora_alpha: 16 sets alpha
+    out: dict[str, Any] = {}
+    keys: dict[str, Any] = {}
     for key, value in data.items():
-        name = str(key).replace("-", "_")
+        spelled = str(key).replace("-", "_")
+        name = aliases.get(spelled, spelled)
+        if name in keys:
+            raise ValueError(f"config file '{path}': '{keys[name]}' and '{key}' both set option '{name}'; keep one")
+        keys[name] = key
         if name not in fields:
             close = [_HF_NAMES[name]] if name in _HF_NAMES else difflib.get_close_matches(name, list(fields), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""

@@ -8,24 +8,27 @@ run's result does not depend on how the batch is split (processes, micro-batches
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lorakit.adapters.quantize import quantize
 from lorakit.api.peft_model import PeftModel, get_peft_model
-from lorakit.config import LoraConfig, TaskType
 from lorakit.data.pack import PackedRow, collate, isolates_packed_rows, pack_examples
 from lorakit.data.records import load_records, split_eval
 from lorakit.data.tokenize import IGNORE_INDEX, Example, tokenize_records
+from lorakit.io.files import atomic_write_json
+from lorakit.io.models import load_model, load_tokenizer
 from lorakit.training import checkpoint, distributed
 from lorakit.training.args import TrainArgs
 from lorakit.training.loss import lm_loss_sum, loss_over_examples
@@ -36,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 ADAPTER = "default"
 RUN_NAME = "run.json"
+# Options a --resume must share with the run.json of the run it continues (the checkpoint's rows and tensors)
+RESUME_KEYS = ("data", "model", "r", "alpha", "targets", "use_dora", "bias", "batch_size", "grad_accum", "seed",
+               "packing", "quantize")  # fmt: skip
 
 
 class TrainingError(RuntimeError):
@@ -127,22 +133,13 @@ def prepare_data(args: TrainArgs, tokenizer: Any) -> tuple[list[Row], list[Examp
 
 
 def build_model(args: TrainArgs) -> tuple[PeftModel, Any]:
-    from lorakit.io.models import load_model, load_tokenizer
-
+    """The base model with the run's adapter (``args.lora_config()``), and its tokenizer."""
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     model = load_model(args.model, trust_remote_code=args.trust_remote_code)
     model.config.use_cache = False
     if args.quantize:  # QLoRA: a frozen NF4 / int8 base, quantized before the adapter wraps it
         quantize(model, bits=args.quantize)
-    config = LoraConfig(
-        r=args.r,
-        lora_alpha=args.alpha,
-        lora_dropout=args.dropout,
-        target_modules=args.target_modules(),
-        use_rslora=args.use_rslora,
-        task_type=TaskType.CAUSAL_LM,
-    )
-    peft = get_peft_model(model, config)
+    peft = get_peft_model(model, args.lora_config())
     if args.gradient_checkpointing:
         peft.gradient_checkpointing_enable({"use_reentrant": False})
     return peft, tokenizer
@@ -167,8 +164,6 @@ def check_isolation(args: TrainArgs, model: nn.Module) -> bool:
 
 def check_output(output: Path, args: TrainArgs) -> None:
     """Refuse to mix two runs in one folder; --overwrite clears the old run's records."""
-    import json
-
     run_file = output / RUN_NAME
     old = json.loads(run_file.read_text()) if run_file.is_file() else None
     if args.resume:
@@ -177,8 +172,7 @@ def check_output(output: Path, args: TrainArgs) -> None:
                 f"--resume: no checkpoint in {output / checkpoint.CHECKPOINTS}; run without --resume "
                 "(and with --save-steps N to write checkpoints)"
             )
-        keys = ("data", "model", "r", "alpha", "targets", "batch_size", "grad_accum", "seed", "packing", "quantize")
-        changed = [k for k in keys if old is not None and old.get(k, getattr(TrainArgs, k)) != getattr(args, k)]
+        changed = [k for k in RESUME_KEYS if old is not None and old.get(k, getattr(TrainArgs, k)) != getattr(args, k)]
         if changed:
             raise TrainingError(
                 f"--resume: {output} holds a run with different {', '.join(changed)}; resume with "
@@ -196,13 +190,35 @@ def check_output(output: Path, args: TrainArgs) -> None:
         (output / METRICS_NAME).unlink(missing_ok=True)
 
 
-def evaluate_loss(
-    model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, rank: int, world: int, bf16: bool
-) -> float:
-    """Token-weighted mean eval loss over ``examples`` (sharded over processes)."""
-    total, count = loss_over_examples(model, examples[rank::world], batch_size, pad_id, bf16)
-    total, count = distributed.sum_over_processes([total, count])
-    return total / max(count, 1)
+@dataclass
+class Run:
+    """One training run, handed from stage to stage: what ``setup`` built, and what ``fit`` has done so far."""
+
+    args: TrainArgs
+    output: Path
+    rank: int  # this process, of ``world`` (torchrun); rank 0 writes all files
+    world: int
+    model: PeftModel
+    tokenizer: Any
+    rows: list[Row]  # training rows: examples, or packed rows with --packing
+    eval_examples: list[Example]
+    data_report: dict[str, Any]  # what was read and dropped, for the summary
+    bf16: bool
+    padding_free: bool
+    plan: Plan
+    params: list[nn.Parameter]  # the trainable ones
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    log: MetricsLog
+    start_step: int = 0  # the checkpoint's step with --resume
+    eval_start: float | None = None  # eval loss before the first step (not measured on a resume)
+    tokens_seen: int = 0  # tokens computed by all processes since ``fit`` started
+    last: dict[str, Any] = field(default_factory=dict)  # metrics row of the latest step
+    wall_time_s: float = 0.0  # of ``fit``'s steps
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
 
 
 def train(args: TrainArgs | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -210,7 +226,14 @@ def train(args: TrainArgs | None = None, **kwargs: Any) -> dict[str, Any]:
 
     ``lorakit.train(data="train.jsonl", output="runs/x", r=16)`` takes TrainArgs fields as keywords.
     """
-    args = args or TrainArgs(**kwargs)
+    run = setup(args or TrainArgs(**kwargs))
+    fit(run)
+    return finish(run)
+
+
+def setup(args: TrainArgs) -> Run:
+    """All a run needs before its first step: the output folder checked, seeds, model with adapter, data, plan,
+    optimizer and schedule; with --resume their state from the newest checkpoint, else run.json written."""
     if not args.data:
         raise ValueError("no training data: pass --data FILE (.jsonl, .json, .csv, .parquet or .txt)")
     rank, world = distributed.setup()
@@ -222,128 +245,150 @@ def train(args: TrainArgs | None = None, **kwargs: Any) -> dict[str, Any]:
     distributed.barrier()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    peft, tokenizer = build_model(args)
+    model, tokenizer = build_model(args)
     rows, eval_examples, data_report = prepare_data(args, tokenizer)
-    pad_id = tokenizer.pad_token_id
     bf16 = resolve_bf16(args.bf16)
-    padding_free = check_isolation(args, peft)
+    padding_free = check_isolation(args, model)
     plan = make_plan(len(rows), args, world)
-    params = [p for p in peft.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, plan.total_steps))
-
     start_step = 0
     if args.resume:
-        state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(output), peft, ADAPTER, optimizer, scheduler)
+        state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(output), model, ADAPTER, optimizer, scheduler)
         start_step = state["step"]
     elif rank == 0:
-        import json
-
-        from lorakit.io.files import atomic_write_json
-
         atomic_write_json(output / RUN_NAME, json.loads(json.dumps(args.to_dict())))
     log = MetricsLog(output, resume_step=start_step if args.resume else None)
-    trainable, total_params = peft.get_nb_trainable_parameters()
+    return Run(
+        args=args, output=output, rank=rank, world=world, model=model, tokenizer=tokenizer, rows=rows,
+        eval_examples=eval_examples, data_report=data_report, bf16=bf16, padding_free=padding_free, plan=plan,
+        params=params, optimizer=optimizer, scheduler=scheduler, log=log, start_step=start_step,
+    )  # fmt: skip
 
-    eval_start = None
-    if eval_examples and start_step == 0:
-        eval_start = evaluate_loss(peft, eval_examples, args.batch_size, pad_id, rank, world, bf16)
-        if rank == 0:
-            log.append({"step": 0, "eval_loss": eval_start})
 
-    peft.train()
-    progress = _progress(args, rank, start_step, plan.total_steps)
-    started, tokens_seen, last = time.perf_counter(), 0, {}
-    for step in range(start_step, plan.total_steps):
-        indices = plan.rows_for_step(step)
-        n_global = sum(n_labels(rows[i]) for i in indices)
-        loss_sum, n_tokens = 0.0, 0
-        for micro in micro_batches(rows, indices[rank::world], args.batch_size):
-            batch = micro_batch_tensors(micro, pad_id, padding_free)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss, _ = lm_loss_sum(peft, batch)
-            (loss / max(n_global, 1)).backward()
-            loss_sum += loss.item()
-            n_tokens += sum(len(r) for r in micro)
-        distributed.all_reduce_grads(params)
-        loss_sum, n_tokens = distributed.sum_over_processes([loss_sum, n_tokens])
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")).item()
-        step_loss = loss_sum / max(n_global, 1)
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-            last_good = checkpoint.latest_checkpoint(output)
-            raise TrainingError(
-                f"step {step + 1}: loss {step_loss} / gradient norm {grad_norm} is not finite; the run stopped. "
-                + (f"Last good checkpoint: {last_good} (resume with --resume). " if last_good else "")
-                + "Lower --lr, or check the data for empty or extreme examples"
-            )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += int(n_tokens)
+def fit(run: Run) -> None:
+    """The steps of the run: the eval loss before the first; then after each step its metrics row, an evaluation
+    every --eval-steps and after the last, a checkpoint every --save-steps, and the progress bar."""
+    args, total = run.args, run.plan.total_steps
+    if run.eval_examples and run.start_step == 0:
+        run.eval_start = evaluate_loss(run)
+        if run.rank == 0:
+            run.log.append({"step": 0, "eval_loss": run.eval_start})
+    run.model.train()
+    progress = _progress(args, run.rank, run.start_step, total)
+    started = time.perf_counter()
+    for step in range(run.start_step, total):
+        result = train_step(run, step)
+        run.tokens_seen += int(result["tokens"])
         done = step + 1
-        elapsed = time.perf_counter() - started
-        last = {
+        run.last = {
             "step": done,
-            "epoch": round(step / plan.steps_per_epoch, 4),
-            "loss": step_loss,
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
-            "tokens_per_s": tokens_seen / elapsed,
+            "epoch": round(step / run.plan.steps_per_epoch, 4),
+            "loss": result["loss"],
+            "lr": run.scheduler.get_last_lr()[0],
+            "grad_norm": result["grad_norm"],
+            "tokens_per_s": run.tokens_seen / (time.perf_counter() - started),
         }
-        if args.eval_steps and eval_examples and done % args.eval_steps == 0 and done < plan.total_steps:
-            last["eval_loss"] = evaluate_loss(peft, eval_examples, args.batch_size, pad_id, rank, world, bf16)
-        if done == plan.total_steps and eval_examples:
-            last["eval_loss"] = evaluate_loss(peft, eval_examples, args.batch_size, pad_id, rank, world, bf16)
-        if rank == 0 and (done % args.logging_steps == 0 or "eval_loss" in last or done == plan.total_steps):
-            log.append(last)
+        if run.eval_examples and (done == total or _due(args.eval_steps, done, total)):
+            run.last["eval_loss"] = evaluate_loss(run)
+        if run.rank == 0 and (done % args.logging_steps == 0 or "eval_loss" in run.last or done == total):
+            run.log.append(run.last)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-        if args.save_steps and done % args.save_steps == 0 and done < plan.total_steps:
-            if rank == 0:
+            progress.set_postfix(loss=f"{result['loss']:.4f}", tok_s=f"{run.last['tokens_per_s']:.0f}")
+        if _due(args.save_steps, done, total):
+            if run.rank == 0:
+                extra = {"tokens_seen": run.tokens_seen}
                 checkpoint.save_checkpoint(
-                    output,
-                    done,
-                    peft,
-                    ADAPTER,
-                    optimizer,
-                    scheduler,
-                    {"tokens_seen": tokens_seen},
-                    args.save_total_limit,
+                    run.output, done, run.model, ADAPTER, run.optimizer, run.scheduler, extra, args.save_total_limit
                 )
             distributed.barrier()
     if progress is not None:
         progress.close()
-    wall = time.perf_counter() - started
+    run.wall_time_s = time.perf_counter() - started
+
+
+def train_step(run: Run, step: int) -> dict[str, float]:
+    """Optimizer step ``step`` (0-based): this process's micro-batches forward and backward, gradients summed over
+    the processes and clipped, a stop on a non-finite loss or gradient, then the optimizer and schedule step.
+
+    Returns the step's ``loss`` (per labelled token of the global batch), ``grad_norm`` (before clipping) and
+    ``tokens`` (computed by all processes)."""
+    args, rows = run.args, run.rows
+    indices = run.plan.rows_for_step(step)
+    n_global = sum(n_labels(rows[i]) for i in indices)
+    loss_sum, n_tokens = 0.0, 0
+    for micro in micro_batches(rows, indices[run.rank :: run.world], args.batch_size):
+        batch = micro_batch_tensors(micro, run.pad_id, run.padding_free)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16):
+            loss, _ = lm_loss_sum(run.model, batch)
+        (loss / max(n_global, 1)).backward()
+        loss_sum += loss.item()
+        n_tokens += sum(len(r) for r in micro)
+    distributed.all_reduce_grads(run.params)
+    loss_sum, n_tokens = distributed.sum_over_processes([loss_sum, n_tokens])
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.max_grad_norm or float("inf")).item()
+    step_loss = loss_sum / max(n_global, 1)
+    if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+        last_good = checkpoint.latest_checkpoint(run.output)
+        raise TrainingError(
+            f"step {step + 1}: loss {step_loss} / gradient norm {grad_norm} is not finite; the run stopped. "
+            + (f"Last good checkpoint: {last_good} (resume with --resume). " if last_good else "")
+            + "Lower --lr, or check the data for empty or extreme examples"
+        )
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"loss": step_loss, "grad_norm": grad_norm, "tokens": n_tokens}
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """The run's summary; rank 0 writes the adapter, summary.json and loss.png into --output. The returned summary
+    also holds the trained model, under "model"."""
+    trainable, total_params = run.model.get_nb_trainable_parameters()
+    wall = run.wall_time_s
     summary = {
-        "train_loss": last.get("loss"),
-        "eval_loss": last.get("eval_loss"),
-        "eval_loss_start": eval_start,
-        "steps": plan.total_steps,
-        "resumed_from": start_step or None,
+        "train_loss": run.last.get("loss"),
+        "eval_loss": run.last.get("eval_loss"),
+        "eval_loss_start": run.eval_start,
+        "steps": run.plan.total_steps,
+        "resumed_from": run.start_step or None,
         "wall_time_s": round(wall, 2),
-        "tokens_per_s": round(tokens_seen / wall, 1) if wall > 0 else None,
+        "tokens_per_s": round(run.tokens_seen / wall, 1) if wall > 0 else None,
         "trainable_params": trainable,
         "all_params": total_params,
-        "world_size": world,
-        "bf16": bf16,
-        "padding_free": padding_free,
-        **data_report,
-        "adapter": str(output),
-        "plot": str(output / "loss.png"),
+        "world_size": run.world,
+        "bf16": run.bf16,
+        "padding_free": run.padding_free,
+        **run.data_report,
+        "adapter": str(run.output),
+        "plot": str(run.output / "loss.png"),
     }
-    if rank == 0:
-        peft.save_pretrained(output)
-        write_summary(output, summary)
-        plot_loss(output, log.rows)
+    if run.rank == 0:
+        run.model.save_pretrained(run.output)
+        write_summary(run.output, summary)
+        plot_loss(run.output, run.log.rows)
     distributed.barrier()
-    summary["model"] = peft
+    summary["model"] = run.model
     return summary
 
 
-def _progress(args: TrainArgs, rank: int, start: int, total: int):  # noqa: ANN202 - a tqdm bar or None
+def evaluate_loss(run: Run) -> float:
+    """Token-weighted mean eval loss over the run's eval examples (sharded over the processes)."""
+    examples = run.eval_examples[run.rank :: run.world]
+    total, count = loss_over_examples(run.model, examples, run.args.batch_size, run.pad_id, run.bf16)
+    total, count = distributed.sum_over_processes([total, count])
+    return total / max(count, 1)
+
+
+def _due(every: int, done: int, total: int) -> bool:
+    """Whether an every-N-steps action (--eval-steps, --save-steps; 0: never) falls after step ``done``; never after
+    the last step (it is evaluated anyway, and ``finish`` saves the adapter)."""
+    return bool(every) and done % every == 0 and done < total
+
+
+def _progress(args: TrainArgs, rank: int, start: int, total: int) -> tqdm | None:
     if rank != 0 or not args.progress:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
