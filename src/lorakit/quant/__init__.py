@@ -1,0 +1,2 @@
+"""Storage formats of a frozen base: NF4 / int8 weights (formats), the layer computing with them (linear), 16-bit
+embeddings (half). No model rewiring here: that is lorakit.adapters.quantize."""
