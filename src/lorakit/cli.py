@@ -72,7 +72,7 @@ def train_args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
-    from lorakit.training.trainer import TrainingError, train  # late: heavy imports
+    from lorakit.training.trainer import TrainingError, train  # looked up per call: tests replace train
 
     args = train_args_from_namespace(ns)
     try:
@@ -146,9 +146,7 @@ def _cmd_info(ns: argparse.Namespace) -> int:
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
-    from lorakit.commands.demo import run_from_args
-
-    return run_from_args(ns)
+    return demo.run_from_args(ns)
 
 
 # -- parser and entry point ---------------------------------------------------------------------------------------
