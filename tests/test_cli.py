@@ -60,9 +60,14 @@ def assert_one_line_error(capsys: pytest.CaptureFixture[str], argv: list[Any], m
 
 # -- train: flags -> TrainArgs (training itself is tested with the trainer) ----------------------------------------
 @pytest.fixture
-def fake_train(monkeypatch: pytest.MonkeyPatch) -> list[TrainArgs]:
-    """Replace training.trainer.train by a function that records its TrainArgs (and fails on data 'fail.jsonl')."""
+def fake_train(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[TrainArgs]:
+    """Replace training.trainer.train by a function that records its TrainArgs (and fails on data 'fail.jsonl'),
+    in a temp folder holding d.jsonl and fail.jsonl (the CLI checks the data before it calls train)."""
     import lorakit.training.trainer
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("d.jsonl", "fail.jsonl"):
+        Path(name).write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
 
     calls: list[TrainArgs] = []
 
@@ -133,6 +138,9 @@ def test_bad_config_file(
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
+        (["train", "--data", "missing.jsonl"], r"data file 'missing.jsonl' does not exist"),
+        (["train"], r"no training data: pass --data FILE"),
+        (["train", "--data", "d.jsonl", "--eval-data", "d.jsonl", "--eval-fraction", "0.5"], r"pass one of them"),
         (["train", "--r", "0"], r"--r: r=0 must be a positive integer rank"),
         (["train", "--r", "abc"], r"invalid int value: 'abc'.*lorakit train --help"),
         (["train", "--lr-scheduler", "step"], r"--lr-scheduler 'step' is unknown"),

@@ -1,50 +1,87 @@
-"""lorakit: LoRA fine-tuning for Hugging Face transformers models, a drop-in for HF PEFT's LoRA API."""
+"""lorakit: LoRA fine-tuning for Hugging Face transformers models, a drop-in for HF PEFT's LoRA API.
 
-from lorakit.adapters.embedding import LoraEmbedding
-from lorakit.adapters.inject import TargetError
-from lorakit.adapters.layer import LoraLayer
-from lorakit.adapters.linear import LoraLinear
-from lorakit.adapters.model import LoraModel
-from lorakit.adapters.quantize import quantize
-from lorakit.api.auto import (
-    AutoPeftModel,
-    AutoPeftModelForCausalLM,
-    AutoPeftModelForSequenceClassification,
-    AutoPeftModelForTokenClassification,
-)
-from lorakit.api.functions import (
-    get_peft_model_state_dict,
-    inject_adapter_in_model,
-    prepare_model_for_kbit_training,
-    set_peft_model_state_dict,
-)
-from lorakit.api.peft_model import (
-    PeftModel,
-    PeftModelForCausalLM,
-    PeftModelForFeatureExtraction,
-    PeftModelForSeq2SeqLM,
-    PeftModelForSequenceClassification,
-    PeftModelForTokenClassification,
-    get_peft_model,
-)
-from lorakit.config import ConfigError, LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType, get_peft_config
-from lorakit.io.files import AdapterError, AdapterFileError
+The public names are imported on first use (PEP 562 ``__getattr__``): ``import lorakit`` and the ``lorakit``
+command's parser need neither torch nor transformers, so ``lorakit --help`` answers at once. ``from lorakit import
+LoraConfig`` works as usual; the table ``_PUBLIC`` says which module each name comes from.
+"""
+
+from __future__ import annotations
+
+import importlib
+import typing
+
+if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_layout.py's import graph
+    from lorakit.adapters.embedding import LoraEmbedding
+    from lorakit.adapters.inject import TargetError
+    from lorakit.adapters.layer import LoraLayer
+    from lorakit.adapters.linear import LoraLinear
+    from lorakit.adapters.model import LoraModel
+    from lorakit.adapters.quantize import quantize
+    from lorakit.api.auto import (
+        AutoPeftModel,
+        AutoPeftModelForCausalLM,
+        AutoPeftModelForSequenceClassification,
+        AutoPeftModelForTokenClassification,
+    )
+    from lorakit.api.functions import (
+        get_peft_model_state_dict,
+        inject_adapter_in_model,
+        prepare_model_for_kbit_training,
+        set_peft_model_state_dict,
+    )
+    from lorakit.api.peft_model import (
+        PeftModel,
+        PeftModelForCausalLM,
+        PeftModelForFeatureExtraction,
+        PeftModelForSeq2SeqLM,
+        PeftModelForSequenceClassification,
+        PeftModelForTokenClassification,
+        get_peft_model,
+    )
+    from lorakit.config import ConfigError, LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType, get_peft_config
+    from lorakit.io.files import AdapterError, AdapterFileError
+    from lorakit.io.models import load_default_model
+    from lorakit.training.args import TrainArgs
+    from lorakit.training.trainer import TrainingError, train
 
 __version__ = "0.1.0"
 
+# the module that defines each public name
+_MODULES: dict[str, tuple[str, ...]] = {
+    "lorakit.adapters.embedding": ("LoraEmbedding",),
+    "lorakit.adapters.inject": ("TargetError",),
+    "lorakit.adapters.layer": ("LoraLayer",),
+    "lorakit.adapters.linear": ("LoraLinear",),
+    "lorakit.adapters.model": ("LoraModel",),
+    "lorakit.adapters.quantize": ("quantize",),
+    "lorakit.api.auto": ("AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSequenceClassification",
+                         "AutoPeftModelForTokenClassification"),
+    "lorakit.api.functions": ("get_peft_model_state_dict", "inject_adapter_in_model",
+                              "prepare_model_for_kbit_training", "set_peft_model_state_dict"),
+    "lorakit.api.peft_model": ("PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
+                               "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
+                               "PeftModelForTokenClassification", "get_peft_model"),
+    "lorakit.config": ("ConfigError", "LoftQConfig", "LoraConfig", "PeftConfig", "PeftType", "TaskType",
+                       "get_peft_config"),
+    "lorakit.io.files": ("AdapterError", "AdapterFileError"),
+    "lorakit.io.models": ("load_default_model",),
+    "lorakit.training.args": ("TrainArgs",),
+    "lorakit.training.trainer": ("TrainingError", "train"),
+}  # fmt: skip
+_PUBLIC = {name: module for module, names in _MODULES.items() for name in names}
+
 
 def __getattr__(name: str) -> object:
-    """``lorakit.train``, ``lorakit.TrainArgs`` and ``lorakit.TrainingError``, imported on first use (the training
-    stack pulls in data loading and model resolution, which ``import lorakit`` alone does not need)."""
-    if name in ("train", "TrainingError"):
-        from lorakit.training import trainer
+    """A public name, imported from its module on first use (then kept in this module's namespace)."""
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
 
-        return getattr(trainer, name)
-    if name == "TrainArgs":
-        from lorakit.training.args import TrainArgs
 
-        return TrainArgs
-    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
 
 
 __all__ = [
@@ -77,6 +114,7 @@ __all__ = [
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "load_default_model",
     "prepare_model_for_kbit_training",
     "quantize",
     "set_peft_model_state_dict",

@@ -7,6 +7,11 @@
     lorakit info DIR [--json]                                                               # lorakit.commands.info
     lorakit demo [--output DIR] [--steps N] [--quick]                                       # lorakit.commands.demo
 
+Parsing, argument errors and the input checks done before a model loads (data files, --config) need neither torch
+nor transformers: each command's module is imported inside its ``_cmd_*`` function, after the parser, so that
+``lorakit --help`` and a missing data file answer at once (``benchmarks/startup.py``). Those imports are the
+function-local ones tests/test_layout.py allows for the CLI.
+
 Every expected failure (bad data, bad options, missing or corrupt files, unknown models) ends with one line
 ``lorakit: error: <what is wrong and what to do>`` on stderr and exit code 2. Set ``LORAKIT_DEBUG=1`` to get the
 traceback instead. With ``HF_HUB_OFFLINE=1`` the network is never used (see ``lorakit.io.models``).
@@ -27,13 +32,9 @@ from typing import Any
 import yaml
 
 from lorakit import __version__
-from lorakit.commands import demo
-from lorakit.commands.evaluate import evaluate
-from lorakit.commands.generate import generate, load_pretrained, read_prompts
-from lorakit.commands.info import adapter_info, format_info
-from lorakit.commands.merge import merge_adapter_to_folder
 from lorakit.data.records import detect_dataset_format, load_records
 from lorakit.training.args import TrainArgs, read_train_config, train_fields
+from lorakit.training.preflight import check_inputs
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 
@@ -72,9 +73,10 @@ def train_args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
-    from lorakit.training.trainer import TrainingError, train  # looked up per call: tests replace train
-
     args = train_args_from_namespace(ns)
+    check_inputs(args)  # data and option combinations, before torch and the model load
+    from lorakit.training.trainer import TrainingError, train  # torch (see the module doc); tests replace train
+
     try:
         summary = train(args) or {}
     except TrainingError as e:
@@ -94,9 +96,11 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
 # -- generate / eval / merge / info / demo -----------------------------------------------------------------------
 def _cmd_generate(ns: argparse.Namespace) -> int:
-    prompts = list(ns.prompt) + (read_prompts(ns.prompts_file) if ns.prompts_file else [])
-    if not prompts:
+    if not ns.prompt and not ns.prompts_file:
         raise CliError("no prompt given; pass prompt text (lorakit generate 'Hello') or --prompts-file FILE")
+    from lorakit.commands.generate import generate, load_pretrained, read_prompts  # torch (see the module doc)
+
+    prompts = list(ns.prompt) + (read_prompts(ns.prompts_file) if ns.prompts_file else [])
     model, tokenizer = load_pretrained(ns.model, ns.adapter)
     options = dict(max_new_tokens=ns.max_new_tokens, do_sample=ns.sample, temperature=ns.temperature,
                    top_p=ns.top_p, top_k=ns.top_k, batch_size=ns.batch_size, chat=ns.chat)  # fmt: skip
@@ -117,6 +121,9 @@ def _finite(value: Any) -> Any:
 def _cmd_eval(ns: argparse.Namespace) -> int:
     records = load_records(ns.data)
     detect_dataset_format(records)  # bad records fail before a model is loaded
+    from lorakit.commands.evaluate import evaluate  # torch, after the data checks (see the module doc)
+    from lorakit.commands.generate import load_pretrained
+
     model, tokenizer = load_pretrained(ns.model, ns.adapter)
     result = evaluate(model, tokenizer, records, max_length=ns.max_length, batch_size=ns.batch_size,
                       exact_match=ns.exact_match, max_new_tokens=ns.max_new_tokens)  # fmt: skip
@@ -134,18 +141,24 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def _cmd_merge(ns: argparse.Namespace) -> int:
+    from lorakit.commands.merge import merge_adapter_to_folder  # torch (see the module doc)
+
     output = merge_adapter_to_folder(ns.adapter, ns.output, model=ns.model, overwrite=ns.overwrite)
     print(f"merged model written to {output} (load it with transformers' AutoModelForCausalLM.from_pretrained)")
     return EXIT_OK
 
 
 def _cmd_info(ns: argparse.Namespace) -> int:
+    from lorakit.commands.info import adapter_info, format_info  # torch (see the module doc)
+
     info = adapter_info(ns.adapter_dir)
     print(json.dumps(info, indent=2) if ns.json else format_info(info))
     return EXIT_OK
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
+    from lorakit.commands import demo  # torch (see the module doc); looked up per call: tests replace demo.run
+
     return demo.run_from_args(ns)
 
 
@@ -204,7 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("demo", help="Fine-tune the bundled model on a small task and show before / after.")
-    demo.add_arguments(p)
+    p.add_argument("--output", default="runs/demo", metavar="DIR", help="Output folder (default: runs/demo).")
+    p.add_argument("--steps", type=int, default=None, help="Training steps (default: 40; 15 with --quick).")
+    p.add_argument("--train-examples", type=int, default=400, help="Generated training examples.")
+    p.add_argument("--test-examples", type=int, default=None, help="Held-out examples (default: 50).")
+    p.add_argument("--model", default=None, help="Base model (default: the bundled SmolLM2-135M-Instruct).")
+    p.add_argument("--seed", type=int, default=0, help="Random seed (data and adapter init).")
+    p.add_argument("--quick", action="store_true", help="A short run (15 steps, 20 test dates), for a smoke test.")
     p.set_defaults(func=_cmd_demo)
     return parser
 

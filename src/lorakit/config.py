@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit.io import files
-from lorakit.io.files import AdapterFileError
-from lorakit.ops.init import INITIALIZERS, PISSA_NITER_HELP, is_known
+# lorakit.io.files and lorakit.ops.init import torch; a LoraConfig is made and checked without it (``lorakit train``
+# checks its options before torch loads), so ``_files()`` / ``_init()`` import them where a file is read or an
+# initializer name looked up.
 
 BIAS_MODES = ("none", "all", "lora_only")
 ALL_LINEAR = "all-linear"
@@ -133,8 +133,9 @@ class LoraConfig:
             raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be a number in [0, 1), e.g. 0.05")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias={self.bias!r} is unknown; use one of: {', '.join(BIAS_MODES)}")
-        if not is_known(self.init_lora_weights):
-            allowed = ", ".join(["True", "False", *map(repr, INITIALIZERS), PISSA_NITER_HELP])
+        init = None if isinstance(self.init_lora_weights, bool) else _init()  # True / False need no table
+        if init is not None and not init.is_known(self.init_lora_weights):
+            allowed = ", ".join(["True", "False", *map(repr, init.INITIALIZERS), init.PISSA_NITER_HELP])
             raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} is unknown; use one of: {allowed}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is set but layers_to_transform is not; set both, or neither")
@@ -258,20 +259,33 @@ def _check_alpha(name: str, alpha: Any) -> None:
         raise ConfigError(f"{name}={alpha!r} must be a positive number, e.g. 16")
 
 
+def _files() -> types.ModuleType:
+    from lorakit.io import files  # imports torch (safetensors): see the note at the imports
+
+    return files
+
+
+def _init() -> types.ModuleType:
+    from lorakit.ops import init  # imports torch: see the note at the imports
+
+    return init
+
+
 def read_config(folder: str | os.PathLike) -> LoraConfig:
     """The LoraConfig saved in adapter folder ``folder``; AdapterFileError naming the file if it is missing or
     invalid (lorakit.io.files reads the file, this checks its fields)."""
+    files = _files()
     data, path = files.read_config_json(folder)
     _check_json_types(path, data)
     try:
         return LoraConfig.from_dict(data)
     except (ConfigError, TypeError) as e:
-        raise AdapterFileError(f"{path}: {e}") from None
+        raise files.AdapterFileError(f"{path}: {e}") from None
 
 
 def write_config(folder: str | os.PathLike, config: LoraConfig) -> None:
     """Write ``config`` as the adapter_config.json of ``folder`` (created if missing), atomically."""
-    files.write_config_json(folder, config.to_dict())
+    _files().write_config_json(folder, config.to_dict())
 
 
 def _check_json_types(path: Path, data: dict[str, Any]) -> None:
@@ -281,7 +295,7 @@ def _check_json_types(path: Path, data: dict[str, Any]) -> None:
     hints = typing.get_type_hints(LoraConfig)
     for f in dataclasses.fields(LoraConfig):
         if f.name in data and not _fits(data[f.name], hints[f.name]):
-            raise AdapterFileError(
+            raise _files().AdapterFileError(
                 f"{path}: {f.name}={data[f.name]!r} must be of type {f.type}; fix it or re-save the adapter"
             )
     regexes = [data[k] for k in ("target_modules", "exclude_modules") if isinstance(data.get(k), str)]
@@ -289,7 +303,8 @@ def _check_json_types(path: Path, data: dict[str, Any]) -> None:
         try:
             re.compile(pattern)
         except re.error as e:
-            raise AdapterFileError(f"{path}: {pattern!r} is not a valid regular expression ({e}); fix it") from None
+            message = f"{path}: {pattern!r} is not a valid regular expression ({e}); fix it"
+            raise _files().AdapterFileError(message) from None
 
 
 def _fits(value: Any, hint: Any) -> bool:

@@ -147,17 +147,9 @@ def run(
     return result
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", default="runs/demo", metavar="DIR", help="Output folder (default: runs/demo).")
-    parser.add_argument("--steps", type=int, default=None, help="Training steps (default: 40; 15 with --quick).")
-    parser.add_argument("--train-examples", type=int, default=400, help="Generated training examples.")
-    parser.add_argument("--test-examples", type=int, default=None, help="Held-out examples (default: 50).")
-    parser.add_argument("--model", default=None, help="Base model (default: the bundled SmolLM2-135M-Instruct).")
-    parser.add_argument("--seed", type=int, default=0, help="Random seed (data and adapter init).")
-    parser.add_argument("--quick", action="store_true", help="A short run (15 steps, 20 test dates), for a smoke test.")
-
-
 def run_from_args(ns: argparse.Namespace) -> int:
+    """``lorakit demo`` with the options parsed by ``lorakit.cli`` (which declares them, so that its parser needs
+    no torch)."""
     steps = ns.steps or (15 if ns.quick else 40)
     n_test = ns.test_examples or (20 if ns.quick else 50)
     r = run(ns.output, ns.train_examples, n_test, steps, ns.seed, ns.model)
@@ -172,8 +164,3 @@ def run_from_args(ns: argparse.Namespace) -> int:
     )
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lorakit demo", description=__doc__)
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
