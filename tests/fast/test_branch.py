@@ -297,3 +297,24 @@ def test_lora_linear_fused_under_bf16_autocast_equals_the_two_node_path(monkeypa
     for got, want in zip(grads, grads_ref, strict=True):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, atol=1e-2 * want.abs().max().item(), rtol=1e-2)
+
+
+@pytest.mark.parametrize("node", ["LoraBranch", "LinearBranch"])
+@pytest.mark.parametrize("shape", [(3, 5), (15,), (2, 3, 5)])
+def test_output_may_be_modified_in_place(node, shape):
+    """Models modify a layer's output in place (Falcon: ``mlp_output += attention_output``): the node's output is no
+    view made inside it (autograd refuses in-place changes of those), and the gradients are those of the
+    composition with the same in-place add."""
+    x, W, A, B = _inputs(shape=shape)
+    W = W.detach()
+    other = torch.randn(*shape, W.shape[0], generator=torch.Generator().manual_seed(4), requires_grad=True)
+    dropped = torch.tensor([0, 7, 8, 40], dtype=torch.int32)
+    fast = (branch.LoraBranch.apply(x @ W.T, x, A, B, 0.5, dropped, 2.0) if node == "LoraBranch"
+            else branch.LinearBranch.apply(x, W, None, A, B, 0.5, dropped, 2.0))
+    assert fast.is_contiguous() and fast.shape == (*shape, W.shape[0])
+    fast += other
+    ref = branch.reference_with_mask(x @ W.T, x, A, B, 0.5, _keep_mask(x.shape, dropped), 2.0)
+    ref += other
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(_grads(fast, (x, A, B, other)), _grads(ref, (x, A, B, other)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -96,10 +96,11 @@ class LoraBranch(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         s = scaling * keep_scale  # dropout's 1 / q applied on the r-wide side: (drop(x) / q) @ A.T = drop(x) @ A.T / q
         u = (_drop(x2, dropped) @ A.T) * s  # (N, r)
-        out = torch.addmm(base.reshape(-1, base.shape[-1]), u.to(base.dtype), B.T.to(base.dtype))  # (N, out)
+        out = base.new_empty(base.shape)  # (..., out), returned as it is: see _rows
+        torch.addmm(base.reshape(-1, base.shape[-1]), u.to(base.dtype), B.T.to(base.dtype), out=_rows(out))
         ctx.save_for_backward(x, A, B, u, dropped)
         ctx.s = s
-        return out.view(base.shape)
+        return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
@@ -125,13 +126,18 @@ class LinearBranch(torch.autograd.Function):
     def forward(ctx, x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
                 dropped: Tensor | None, keep_scale: float) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        out = x2 @ W.T if bias is None else torch.addmm(bias, x2, W.T)  # (N, out): the base layer
+        out = x.new_empty(*x.shape[:-1], W.shape[0])  # (..., out), returned as it is: see _rows
+        rows = _rows(out)  # (N, out)
+        if bias is None:  # the base layer
+            torch.mm(x2, W.T, out=rows)
+        else:
+            torch.addmm(bias, x2, W.T, out=rows)
         s = scaling * keep_scale
         u = (_drop(x2, dropped) @ A.T) * s  # (N, r)
-        out.addmm_(u, B.T)
+        rows.addmm_(u, B.T)
         ctx.save_for_backward(x, W, A, B, u, dropped)
         ctx.s = s
-        return out.view(*x.shape[:-1], W.shape[0])
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -142,6 +148,13 @@ class LinearBranch(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _drop(g_u @ A, dropped, in_place=True).addmm_(g, W).view(x.shape)  # (N, in)
         return grad_x, None, None, grad_A, grad_B, None, None, None
+
+
+def _rows(out: Tensor) -> Tensor:
+    """The contiguous ``out`` (..., n) as the (N, n) rows the matmuls write into. The node returns ``out`` itself,
+    not this view: the output of an autograd Function that is a view of a tensor made inside it may not be modified
+    in place, and models do modify a layer's output in place (Falcon: ``mlp_output += attention_output``)."""
+    return out.view(-1, out.shape[-1])
 
 
 def _low_rank_backward(g: Tensor, x: Tensor, A: Tensor, B: Tensor, u: Tensor, dropped: Tensor | None, s: float,
