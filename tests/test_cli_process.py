@@ -48,6 +48,7 @@ def here(tmp_path: Path) -> Path:
     """A user's folder holding one good data file."""
     record = {"prompt": "2 + 4 =", "completion": " 6"}
     (tmp_path / "data.jsonl").write_text(json.dumps(record) + "\n")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     return tmp_path
 
 
@@ -89,6 +90,13 @@ def test_train_help_lists_every_train_option(here: Path) -> None:
         (["train", "--data", "data.jsonl", "--config", "run.yaml"], "config file 'run.yaml' does not exist"),
         (["eval", "--data", "missing.jsonl"], "data file 'missing.jsonl' does not exist"),
         (["generate"], "no prompt given"),
+        (["generate", "--adapter", "runs/none", "hi"], "adapter folder 'runs/none' does not exist"),
+        (["eval", "--data", "data.jsonl", "--adapter", "runs/none"], "adapter folder 'runs/none' does not exist"),
+        (["merge", "--adapter", "runs/none", "--output", "merged"], "adapter folder 'runs/none' does not exist"),
+        (["info", "runs/none"], "adapter folder 'runs/none' does not exist"),
+        (["train", "--data", "bad.jsonl", "--output", "out"], "row 1 is in no known format"),
+        (["train", "--data", "data.jsonl", "--eval-data", "missing.jsonl", "--output", "out"], "does not exist"),
+        (["train", "--data", "data.jsonl", "--eval-data", "data.jsonl", "--eval-fraction", "0.1"], "pass one of them"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
@@ -100,4 +108,15 @@ def test_argument_errors_and_input_checks_answer_without_torch(here: Path, argv:
     assert message in r.err
     assert r.out == ""
     assert r.heavy() == set(), sorted(r.heavy())[:5]
+    assert tree(here) == before
+
+
+def test_a_train_whose_model_is_missing_leaves_no_output_folder(here: Path) -> None:
+    """Past the torch-free checks: the model is looked for before --output is made."""
+    before = tree(here)
+    r = lorakit(here, "train", "--data", "data.jsonl", "--model", "./no/model", "--output", "out")
+    assert r.code == 2
+    assert r.err.splitlines()[-1] == (
+        "lorakit: error: model folder './no/model' does not exist; pass an existing folder or a hub id"
+    )
     assert tree(here) == before

@@ -95,9 +95,17 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
 
 # -- generate / eval / merge / info / demo -----------------------------------------------------------------------
+def _check_adapter_folder(path: str | None) -> None:
+    """An --adapter folder that is not there, said before torch loads (its files are lorakit.io.files' to check,
+    which happens before the base model loads)."""
+    if path is not None and not Path(path).is_dir():
+        raise CliError(f"adapter folder '{path}' does not exist; pass the folder that lorakit train wrote")
+
+
 def _cmd_generate(ns: argparse.Namespace) -> int:
     if not ns.prompt and not ns.prompts_file:
         raise CliError("no prompt given; pass prompt text (lorakit generate 'Hello') or --prompts-file FILE")
+    _check_adapter_folder(ns.adapter)
     from lorakit.commands.generate import generate, load_pretrained, read_prompts  # torch (see the module doc)
 
     prompts = list(ns.prompt) + (read_prompts(ns.prompts_file) if ns.prompts_file else [])
@@ -121,6 +129,7 @@ def _finite(value: Any) -> Any:
 def _cmd_eval(ns: argparse.Namespace) -> int:
     records = load_records(ns.data)
     detect_dataset_format(records)  # bad records fail before a model is loaded
+    _check_adapter_folder(ns.adapter)
     from lorakit.commands.evaluate import evaluate  # torch, after the data checks (see the module doc)
     from lorakit.commands.generate import load_pretrained
 
@@ -141,6 +150,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def _cmd_merge(ns: argparse.Namespace) -> int:
+    _check_adapter_folder(ns.adapter)
     from lorakit.commands.merge import merge_adapter_to_folder  # torch (see the module doc)
 
     output = merge_adapter_to_folder(ns.adapter, ns.output, model=ns.model, overwrite=ns.overwrite)
@@ -149,6 +159,7 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
 
 
 def _cmd_info(ns: argparse.Namespace) -> int:
+    _check_adapter_folder(ns.adapter_dir)
     from lorakit.commands.info import adapter_info, format_info  # torch (see the module doc)
 
     info = adapter_info(ns.adapter_dir)

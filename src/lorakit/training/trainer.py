@@ -25,11 +25,10 @@ from tqdm.auto import tqdm
 from lorakit.adapters.quantize import quantize
 from lorakit.api.peft_model import PeftModel, get_peft_model
 from lorakit.data.pack import PackedRow, collate, isolates_packed_rows, pack_examples
-from lorakit.data.records import load_records, split_eval
 from lorakit.data.tokenize import IGNORE_INDEX, Example, tokenize_records
 from lorakit.io.files import atomic_write_json
 from lorakit.io.models import load_model, load_tokenizer
-from lorakit.training import checkpoint, distributed
+from lorakit.training import checkpoint, distributed, preflight
 from lorakit.training.args import TrainArgs
 from lorakit.training.loss import lm_loss_sum, loss_over_examples
 from lorakit.training.metrics import METRICS_NAME, MetricsLog, plot_loss, write_summary
@@ -118,12 +117,13 @@ def lr_lambda(args: TrainArgs, total_steps: int):  # noqa: ANN201 - returns a La
     return factor
 
 
-def prepare_data(args: TrainArgs, tokenizer: Any) -> tuple[list[Row], list[Example], dict[str, Any]]:
-    """Tokenized (and optionally packed) training rows, eval examples, and a report of what was dropped."""
-    records = load_records(args.data)
-    eval_records = load_records(args.eval_data) if args.eval_data else []
-    if not eval_records and args.eval_fraction > 0:
-        records, eval_records = split_eval(records, args.eval_fraction, args.seed)
+def prepare_data(
+    args: TrainArgs, tokenizer: Any, inputs: preflight.Inputs | None = None
+) -> tuple[list[Row], list[Example], dict[str, Any]]:
+    """Tokenized (and optionally packed) training rows, eval examples, and a report of what was dropped; from the
+    records ``preflight.check_inputs`` read (read here if not given)."""
+    inputs = inputs or preflight.check_inputs(args)
+    records, eval_records = inputs.records, inputs.eval_records
     examples, stats = tokenize_records(records, tokenizer, args.max_length, args.completion_only_loss)
     eval_examples: list[Example] = []
     if eval_records:
@@ -132,9 +132,10 @@ def prepare_data(args: TrainArgs, tokenizer: Any) -> tuple[list[Row], list[Examp
     return rows, eval_examples, {"data": stats.summary(), "n_rows": len(rows), "n_eval": len(eval_examples)}
 
 
-def build_model(args: TrainArgs) -> tuple[PeftModel, Any]:
-    """The base model with the run's adapter (``args.lora_config()``), and its tokenizer."""
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+def build_model(args: TrainArgs, tokenizer: Any = None) -> tuple[PeftModel, Any]:
+    """The base model with the run's adapter (``args.lora_config()``), and its tokenizer (loaded if not given)."""
+    if tokenizer is None:
+        tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     model = load_model(args.model, trust_remote_code=args.trust_remote_code)
     model.config.use_cache = False
     if args.quantize:  # QLoRA: a frozen NF4 / int8 base, quantized before the adapter wraps it
@@ -232,21 +233,23 @@ def train(args: TrainArgs | None = None, **kwargs: Any) -> dict[str, Any]:
 
 
 def setup(args: TrainArgs) -> Run:
-    """All a run needs before its first step: the output folder checked, seeds, model with adapter, data, plan,
-    optimizer and schedule; with --resume their state from the newest checkpoint, else run.json written."""
-    if not args.data:
-        raise ValueError("no training data: pass --data FILE (.jsonl, .json, .csv, .parquet or .txt)")
+    """All a run needs before its first step: the inputs and the output folder checked, seeds, tokenizer and data,
+    model with adapter, plan, optimizer and schedule; with --resume their state from the newest checkpoint, else
+    run.json written. The output folder is made only once all that has passed."""
+    inputs = preflight.check_inputs(args)  # data files and option combinations, before anything loads
     rank, world = distributed.setup()
     output = Path(args.output)
     if rank == 0:
         check_output(output, args)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    rows, eval_examples, data_report = prepare_data(args, tokenizer, inputs)  # tokenized before the model loads
+    model, tokenizer = build_model(args, tokenizer)
+    if rank == 0:  # only now: a run that fails its checks or its model load leaves no --output folder behind
         output.mkdir(parents=True, exist_ok=True)
         checkpoint.clean_partial(output)
     distributed.barrier()
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    model, tokenizer = build_model(args)
-    rows, eval_examples, data_report = prepare_data(args, tokenizer)
     bf16 = resolve_bf16(args.bf16)
     padding_free = check_isolation(args, model)
     plan = make_plan(len(rows), args, world)
