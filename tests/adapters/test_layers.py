@@ -162,3 +162,36 @@ def test_bf16_base_keeps_fp32_adapter_and_bf16_output():
 
 def test_isinstance_of_wrappers():
     assert isinstance(wrap(nn.Linear(2, 2)), LoraLinear) and isinstance(wrap(nn.Embedding(3, 2)), LoraEmbedding)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear_no_bias", "conv1d", "embedding"])
+def test_wrappers_answer_the_base_layers_attributes_without_registering_them(kind):
+    """Modeling code reads a wrapped layer's weight and bias (T5: ``self.wo.weight.dtype``): the wrapper answers with
+    the base layer's own tensors, and its state dict keeps only ``base_layer.*`` for them (PEFT's keys)."""
+    base = {
+        "linear": lambda: _linear(),
+        "linear_no_bias": lambda: _linear(bias=False),
+        "conv1d": lambda: Conv1D(nf=10, nx=12),
+        "embedding": lambda: nn.Embedding(20, 6, padding_idx=3),
+    }[kind]()
+    layer = _adapted(base)
+    assert layer.weight is base.weight
+    if kind == "embedding":  # nn.Embedding has no bias: neither has its wrapper
+        assert not hasattr(layer, "bias")
+    else:
+        assert layer.bias is base.bias
+    keys = set(layer.state_dict())
+    assert {k for k in keys if not k.startswith(("lora_", "base_layer."))} == set()
+    assert keys >= {f"base_layer.{k}" for k in base.state_dict()}
+    assert not hasattr(layer, "nx")  # only the attributes named in the wrapper: the rest is not forwarded
+    if kind == "embedding":
+        assert (layer.num_embeddings, layer.embedding_dim, layer.padding_idx) == (20, 6, 3)
+
+
+def test_quantized_base_has_no_weight_to_answer():
+    from lorakit.quant.linear import QuantLinear
+
+    layer = _adapted(QuantLinear.from_linear(_linear(), 8))
+    with pytest.raises(AttributeError, match="weight"):
+        _ = layer.weight
+    assert layer.bias is layer.base_layer.bias

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import peft
 import pytest
 import torch
 from helpers import VOCAB, input_ids
 from torch import nn
-from transformers import FalconConfig, FalconForCausalLM
+from transformers import FalconConfig, FalconForCausalLM, T5Config, T5ForConditionalGeneration
 
 import lorakit
 
@@ -38,6 +39,16 @@ def tiny_falcon(seed: int = 0) -> FalconForCausalLM:
         new_decoder_architecture=True, attention_dropout=0.0, hidden_dropout=0.0,
     )
     return _build(FalconForCausalLM, config, seed)
+
+
+def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    """T5ForConditionalGeneration, gated feed-forward: its forward reads ``self.wo.weight.dtype`` of the (wrapped)
+    output projection."""
+    config = T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        dropout_rate=0.0, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+    return _build(T5ForConditionalGeneration, config, seed)
 
 
 def _lm_batch() -> dict[str, torch.Tensor]:
@@ -93,3 +104,43 @@ def test_falcon_trains_like_peft(targets):
         kwargs["target_modules"] = targets
     ours, theirs = _twins(tiny_falcon, kwargs)
     _assert_same_step(ours, theirs, _lm_batch())
+
+
+# -- wrappers that answer like the wrapped layer ---------------------------------------------------------------------
+T5_CASES = [
+    pytest.param(dict(task_type="SEQ_2_SEQ_LM"), id="default_targets"),
+    pytest.param(dict(target_modules="all-linear", task_type="SEQ_2_SEQ_LM"), id="all_linear"),
+]
+
+
+def _seq2seq_batch() -> dict[str, torch.Tensor]:
+    return dict(input_ids=input_ids(seed=0), labels=input_ids(seq=5, seed=1))
+
+
+def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("kwargs", T5_CASES)
+def test_t5_forward_and_training_step_like_peft(kwargs):
+    ours, theirs = _twins(tiny_t5, dict(r=4, lora_alpha=8, lora_dropout=0.0, **kwargs))
+    batch = _seq2seq_batch()
+    torch.testing.assert_close(_logits(ours, batch), _logits(theirs, batch), atol=ATOL, rtol=1e-5)
+    _assert_same_step(ours, theirs, batch)
+
+
+@pytest.mark.parametrize("kwargs", T5_CASES)
+def test_t5_files_load_both_ways(kwargs, tmp_path: Path):
+    ours, theirs = _twins(tiny_t5, dict(r=4, lora_alpha=8, **kwargs))
+    batch = _seq2seq_batch()
+    ours.save_pretrained(tmp_path / "lorakit")
+    theirs.save_pretrained(tmp_path / "peft")
+    in_peft = peft.PeftModel.from_pretrained(tiny_t5(0), tmp_path / "lorakit")
+    in_lorakit = lorakit.PeftModel.from_pretrained(tiny_t5(0), tmp_path / "peft")
+    expected = _logits(ours, batch)
+    with ours.disable_adapter():
+        assert (_logits(ours, batch) - expected).abs().max() > 1e-3, "the adapter must matter, or the test is void"
+    torch.testing.assert_close(_logits(in_peft, batch), expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(_logits(in_lorakit, batch), expected, atol=1e-4, rtol=1e-5)

@@ -24,6 +24,20 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
+    # what code reads from an nn.Embedding besides weight (lorakit.adapters.layer): e.g. transformers' resizing,
+    # lorakit.data.pack (the vocabulary size)
+    @property
+    def num_embeddings(self) -> int:
+        return self.base_layer.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base_layer.embedding_dim
+
+    @property
+    def padding_idx(self) -> int | None:
+        return self.base_layer.padding_idx
+
     def _create(self, name: str, r: int) -> None:
         self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, self.in_features))
         self.lora_embedding_B[name] = nn.Parameter(torch.zeros(self.out_features, r))

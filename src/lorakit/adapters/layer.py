@@ -153,6 +153,19 @@ class LoraLayer(nn.Module):
         self._active = [a for a in self._active if a != name]
         self._refresh()
 
+    # -- the wrapped layer's attributes, read as modeling code reads them -----------------------------------------
+    # Modeling code reads a layer's weight and bias (T5's feed-forward: ``self.wo.weight.dtype``). The wrapper answers
+    # with the base layer's, without registering them a second time: the state dict keeps PEFT's keys
+    # (``<name>.base_layer.weight``). A base without one (a QuantLinear has no ``weight``) raises AttributeError as the
+    # base layer itself would.
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
     # -- weights -------------------------------------------------------------------------------------------------
     def base_weight(self) -> nn.Parameter:
         return self.base_layer.weight
