@@ -33,15 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from helpers import _build, _llama_config, save_tiny_adapter, save_tiny_folder, tiny_llama, tiny_tokenizer
 from transformers import LlamaForCausalLM
 
 import lorakit.io.models as models
 from lorakit import LoraConfig, PeftModel, get_peft_model
-from lorakit.adapters import state
 from lorakit.cli import main
-from lorakit.io import files as lio
 from lorakit.io.files import AdapterError
 from lorakit.training.args import TrainArgs
 from lorakit.training.trainer import RUN_NAME, TrainingError, train
@@ -130,45 +127,7 @@ def test_resume_with_other_options_names_them(work: Path) -> None:
     assert train(TrainArgs(**args))["resumed_from"] == 1  # the same options resume
 
 
-# -- a save interrupted between its two files ---------------------------------------------------------------------
-@pytest.mark.parametrize("crash_at", ["journal", "weights", "config", "journal removal"])
-def test_a_save_interrupted_at_any_step_loads_as_one_whole_version(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: str
-) -> None:
-    """The deterministic twin of test_soak.py: write_adapter stopped before each of its steps leaves the old version
-    (config and weights) or the new one, even when the two differ in rank and targets."""
-    old = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    new = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj", "o_proj"],
-                                                  init_lora_weights=False))  # fmt: skip
-    old.save_pretrained(tmp_path)
-    writes = {"journal": 0, "weights": 1, "config": 2}.get(crash_at, 3)
-    real_write, real_unlink = lio.atomic_write_bytes, Path.unlink
-
-    def write(path: Any, data: bytes) -> None:
-        nonlocal writes
-        if writes == 0:
-            raise KeyboardInterrupt(f"killed before writing {path}")
-        writes -= 1
-        real_write(path, data)
-
-    def unlink(path: Path, missing_ok: bool = False) -> None:
-        if path.name == lio.JOURNAL_NAME:
-            raise KeyboardInterrupt("killed before removing the journal")
-        real_unlink(path, missing_ok)
-
-    monkeypatch.setattr(lio, "atomic_write_bytes", write)
-    monkeypatch.setattr(Path, "unlink", unlink)
-    with pytest.raises(KeyboardInterrupt):
-        new.save_pretrained(tmp_path)
-    monkeypatch.undo()
-    expected = old if crash_at in ("journal", "weights") else new
-    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
-    assert loaded.peft_config["default"].to_dict() == {**expected.peft_config["default"].to_dict(),
-                                                        "inference_mode": True, "init_lora_weights": True}  # fmt: skip
-    for key, tensor in state.adapter_state_dict(expected, "default").items():
-        assert torch.equal(lio.read_weights(tmp_path)[0][key], tensor), key
-    new.save_pretrained(tmp_path)  # the next save completes and removes the journal
-    assert sorted(p.name for p in tmp_path.iterdir()) == [lio.CONFIG_NAME, lio.WEIGHTS_NAME]
+# -- a save interrupted at any step, and kills in a row: test_save_protocol.py --------------------------------
 
 
 # -- adapter names never leave the folder -------------------------------------------------------------------------

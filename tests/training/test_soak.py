@@ -1,9 +1,9 @@
 """kill -9 soak: nothing a SIGKILL interrupts is lost or half-written.
 
 1. A process re-saves an adapter in a loop, alternating two versions, and is killed at a random moment: the folder
-   always loads, as exactly one of the two versions (config and weights of the same one). Run twice: versions that
-   differ in weights only, and versions that differ in config (rank, alpha, targets) and weights; the two files are
-   replaced one after the other, and the journal of ``io.write_adapter`` makes a kill between them load the new one.
+   always loads, as exactly one of the two versions (config and weights of the same one), for versions that differ in
+   weights only. Versions that differ in config too (rank, alpha, targets), every kill point and kills in a row, are
+   enumerated deterministically by tests/io/test_save_protocol.py.
 2. ``lorakit train --save-steps 1`` is killed at random moments (also while resuming): the newest checkpoint always
    loads, ``--resume`` always works (``--overwrite`` if the kill came before the first checkpoint), and every run ends
    with the adapter of an uninterrupted run with the same seed, within 1e-5 (dropout 0.1: the RNG is checkpointed).
@@ -150,7 +150,9 @@ def _which(found: tuple[dict[str, Any], dict[str, torch.Tensor]], versions: list
     return None
 
 
-@pytest.mark.parametrize("change", ["weights", "config+weights"])
+# Versions differing in config too ("config+weights") are covered deterministically, every kill point and every pair
+# of kills in a row, by tests/io/test_save_protocol.py (a random kill found the issue 17 bug only sometimes).
+@pytest.mark.parametrize("change", ["weights"])
 def test_kill_during_save_leaves_one_whole_version(server: ForkServer, tmp_path: Path, change: str) -> None:
     started = time.perf_counter()
     one = dict(r=64, lora_alpha=64, target_modules="all-linear")

@@ -11,19 +11,45 @@ whose keys are the model's parameter names with the adapter name removed::
     base_model.model.score.weight                                       # a modules_to_save copy, full
 
 Adapters other than "default" go in a sub-folder named after them. Every write is atomic (temp file in the same
-folder, fsync, ``os.replace``): a crash leaves the previous file or the new one, never half of one. The two files of
-an adapter are replaced one after the other, so ``write_adapter`` first writes a journal (the new config and the new
-weights' SHA-256): a crash between the two files leaves new weights beside the old config, and ``read_config_json`` then
-takes the config from the journal, so the folder always loads as one whole version.
+folder, fsync, ``os.replace``, fsync of the folder): a crash leaves the previous file or the new one, never half of
+one. The two files of an adapter are replaced one after the other, so ``write_adapter`` keeps a journal
+(``.adapter_config.next.json``: the new config and the new weights' SHA-256) while it does, and a folder *reads as*:
+
+    the journal's config  if a journal exists and its SHA-256 is that of adapter_model.safetensors,
+    adapter_config.json   otherwise,
+
+with the weights on disk. ``write_adapter`` keeps that reading one whole version after each of its steps:
+
+    0. settle: a journal whose hash is that of the weights on disk is the only record of what they are (a save
+       killed between the weights and the config); its config is written as adapter_config.json, then it is dropped.
+       Never overwriting such a journal is what makes kills in a row safe.
+    1. write the three temp files (journal, weights, config), each fsynced: all disk space is taken before any
+       visible change, so a full disk leaves the folder as it was;
+    2. journal in place   (reads as old: the hash is not that of the weights on disk, unless they are the same)
+    3. weights in place   (reads as new, through the journal)
+    4. config in place    (reads as new)
+    5. journal dropped    (reads as new)
+
+A kill at any point, and any sequence of kills, leaves the folder reading as the old or the new version, whole
+(tests/io/test_save_protocol.py enumerates them). Folders written by older lorakit versions use the same journal and
+read the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
+import shutil
+import socket
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +59,18 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): folders are not locked
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 JOURNAL_NAME = ".adapter_config.next.json"  # the config being written, until both files are in place
+LOCK_NAME = ".lorakit.lock"  # the pid of the process writing into the folder, while it does
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 
 
@@ -48,28 +82,108 @@ class AdapterError(ValueError):
     """An adapter name that is invalid, unknown, or already taken."""
 
 
+class OutputWriteError(OSError):
+    """A write refused by the disk (full, read-only, no permission); the message names the path and the bytes it
+    needed, and says that what was there before is unchanged. ``errno`` is the original one (ENOSPC, EROFS, ...)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class FolderLockedError(RuntimeError):
+    """Another running process writes into the folder; the message names it (pid, command, since when)."""
+
+
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 
 
 # -- atomic writes -----------------------------------------------------------------------------------------------
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers only ever see the old or the complete new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+_REFUSED = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "not permitted",
+}
+
+
+def write_error(path: str | os.PathLike, needed: int, error: OSError) -> OSError:
+    """``error`` (from writing ``needed`` bytes for ``path``) as an OutputWriteError naming both, with the space free
+    where it could be measured; errors other than a full, read-only or forbidden disk are returned unchanged."""
+    if isinstance(error, OutputWriteError) or error.errno not in _REFUSED:
+        return error
+    path, free = Path(path), ""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    with contextlib.suppress(OSError):
+        free = f", {shutil.disk_usage(existing).free:,} free" if existing is not None else ""
+    fix = "free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+    return OutputWriteError(
+        error.errno,
+        f"cannot write {path}: {_REFUSED[error.errno]} ({needed:,} bytes needed{free}); {fix} or write elsewhere. "
+        "What was there before is unchanged and the temp files are removed",
+    )
+
+
+def _write_temp(path: Path, data: bytes, needed: int | None = None) -> Path:
+    """A new temp file beside ``path`` holding ``data``, fsynced (its disk space taken); removed again if the write
+    fails, which raises OutputWriteError naming ``path`` and ``needed`` bytes (default: ``len(data)``)."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, len(data) if needed is None else needed, e) from None
+        raise
+    return Path(tmp)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` onto ``path`` and make the rename durable (fsync of the folder), so that the steps of a
+    protocol reach the disk in their order."""
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder (EINVAL); the rename itself is atomic anyway
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers only ever see the old or the complete new file. A full or
+    read-only disk raises OutputWriteError naming the path and the bytes; the old file is then unchanged."""
+    path = Path(path)
+    tmp = _write_temp(path, data)
+    try:
+        _replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, len(data), e) from None
         raise
 
 
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, _json_bytes(obj))
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -114,6 +228,7 @@ def _natural(name: str) -> list[Any]:
     """Sort key putting 'layers.2' before 'layers.10'."""
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
+
 def check_adapter_name(name: str) -> str:
     """Adapter names become module keys and folder names: letters, digits, '_' and '-' only (no '.', '/', '..')."""
     if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
@@ -131,25 +246,146 @@ def adapter_folder(save_directory: str | os.PathLike, adapter_name: str) -> Path
 
 
 def write_adapter(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-    """Write one adapter (``config``: the JSON object of adapter_config.json): the journal, the weights, the config
-    (each atomically), then drop the journal. A crash at any point leaves a folder that read_config_json + read_weights
-    load as the old or the new version, whole."""
+    """Write one adapter (``config``: the JSON object of adapter_config.json) by the journal protocol of the module
+    doc: after any step, and any sequence of interrupted writes, the folder reads (read_config_json + read_weights)
+    as the old or the new version, whole. All disk space is taken first: a full or read-only disk raises
+    OutputWriteError naming the folder and the bytes needed, with the folder unchanged. Holds the folder's lock
+    (FolderLockedError if another process writes into it)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     data = _safetensors_bytes(tensors)
-    journal = {"config": config, "weights_sha256": hashlib.sha256(data).hexdigest()}
-    atomic_write_json(folder / JOURNAL_NAME, journal)
-    atomic_write_bytes(folder / WEIGHTS_NAME, data)
-    write_config_json(folder, config)  # the config, then the journal dropped
+    contents = {
+        JOURNAL_NAME: _json_bytes({"config": config, "weights_sha256": hashlib.sha256(data).hexdigest()}),
+        WEIGHTS_NAME: data,
+        CONFIG_NAME: _json_bytes(config),
+    }
+    needed = sum(map(len, contents.values()))
+    with folder_lock(folder):
+        _settle(folder)
+        temps: dict[str, Path] = {}
+        try:
+            for name, content in contents.items():  # 1. the temp files, fsynced
+                temps[name] = _write_temp(folder / name, content, needed)
+            for name in contents:  # 2-4. journal, weights, config in place, in that order
+                _replace(temps[name], folder / name)
+                del temps[name]
+        finally:
+            for tmp in temps.values():
+                tmp.unlink(missing_ok=True)
+        (folder / JOURNAL_NAME).unlink(missing_ok=True)  # 5.
+
+
+def _settle(folder: Path) -> None:
+    """Step 0 of write_adapter: finish a save that was interrupted after its weights were in place (write the
+    journal's config as adapter_config.json), so that the journal, the only record of what the weights are, can be
+    dropped; a journal whose weights never came is dropped as it is. Temp files of killed writes are removed (the
+    lock is held: no other writer is using them)."""
+    config = _journal_config(folder)
+    if config is not None:
+        _replace(_write_temp(folder / CONFIG_NAME, _json_bytes(config)), folder / CONFIG_NAME)
+    (folder / JOURNAL_NAME).unlink(missing_ok=True)
+    for name in (JOURNAL_NAME, WEIGHTS_NAME, CONFIG_NAME):
+        for tmp in folder.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def write_config_json(folder: str | os.PathLike, config: dict[str, Any]) -> None:
     """Write ``config`` alone as the folder's adapter_config.json (atomically), as a config's save_pretrained does.
     A journal left by an interrupted write_adapter is dropped after: the config written here is the one to read."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / CONFIG_NAME, config)
-    (folder / JOURNAL_NAME).unlink(missing_ok=True)
+    with folder_lock(folder):
+        atomic_write_json(folder / CONFIG_NAME, config)
+        (folder / JOURNAL_NAME).unlink(missing_ok=True)
+
+
+# -- one writer per folder ---------------------------------------------------------------------------------------
+_held: dict[Path, list[Any]] = {}  # lock file -> [fd, depth, folder created by the lock]: re-entrant per process
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str | None = None) -> Iterator[None]:
+    """Hold ``folder``'s lock (the file ``.lorakit.lock``, flock'ed, holding this process's pid and command) while
+    the block runs; re-entrant within a process. If another live process holds it, FolderLockedError names that
+    process at once. A lock file left by a process that died (kill -9) is no longer flock'ed and is taken over.
+    The lock file is removed on release, and the folder too if the lock created it and it is still empty."""
+    folder = Path(folder)
+    try:
+        created = not folder.is_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder.resolve() / LOCK_NAME
+    except OSError as e:
+        raise write_error(folder, 0, e) from None
+    if path in _held or fcntl is None:
+        if path in _held:
+            _held[path][1] += 1
+        try:
+            yield
+        finally:
+            if path in _held:
+                _held[path][1] -= 1
+        return
+    fd = _acquire(path, folder, what)
+    _held[path] = [fd, 1, created]
+    try:
+        yield
+    finally:
+        _held.pop(path)
+        try:
+            with contextlib.suppress(OSError):
+                path.unlink()  # while still holding it: a process opening this file re-checks it (see _acquire)
+        finally:
+            os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+
+
+def _acquire(path: Path, folder: Path, what: str | None) -> int:
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise write_error(path, 0, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FolderLockedError(
+                f"{folder} is in use by {_holder(path)}; wait for it to end, stop it, or write to another folder "
+                f"(the lock: {path})"
+            ) from None
+        try:  # the file locked must still be the one at ``path``: a releasing holder unlinks it before closing
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    old = os.pread(fd, 4096, 0)
+    if old.strip():
+        logger.warning("%s: took over the lock left by %s, which is no longer running", folder, _describe(old))
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": what or " ".join(sys.argv)[:300],
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, _json_bytes(me), 0)
+    return fd
+
+
+def _holder(path: Path) -> str:
+    for _ in range(20):  # the holder writes its pid right after taking the lock
+        with contextlib.suppress(OSError):
+            data = path.read_bytes()
+            if data.strip():
+                return _describe(data)
+        time.sleep(0.01)
+    return "another process (its pid is not written yet)"
+
+
+def _describe(data: bytes) -> str:
+    try:
+        info = json.loads(data)
+        return f"process {info['pid']} on {info['host']} ({info['command']}, since {info['since']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process"
 
 
 def _journal_config(folder: Path) -> dict[str, Any] | None:
@@ -162,6 +398,7 @@ def _journal_config(folder: Path) -> dict[str, Any] | None:
     if isinstance(journal, dict) and journal.get("weights_sha256") == hashlib.sha256(data).hexdigest():
         return journal.get("config")
     return None  # the crash came before the new weights were in place: the old config fits them
+
 
 def read_config_json(folder: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     """(the JSON object of the folder's adapter config, the file it came from): the journal's config if an
@@ -215,4 +452,3 @@ def _existing_folder(folder: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise AdapterFileError(f"adapter folder {str(folder)!r} does not exist; pass the folder save_pretrained wrote")
     return path
-
