@@ -103,6 +103,14 @@ def test_train_flags_build_train_args(fake_train: list[TrainArgs], capsys: pytes
     assert "runs/lorakit" in out and "train_loss: 1.5" in out and "object" not in out
 
 
+def test_lora_config_names_are_flag_aliases(fake_train: list[TrainArgs], capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--data", "d.jsonl", "--lora-alpha", "7", "--lora-dropout", "0.2", "--target-modules", "q_proj"]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    (args,) = fake_train
+    assert (args.alpha, args.dropout, args.targets) == (7.0, 0.2, "q_proj")
+
+
 def test_config_file_with_flag_overrides(
     fake_train: list[TrainArgs], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -98,6 +98,11 @@ def test_train_help_lists_every_train_option(here: Path) -> None:
         (["train", "--data", "data.jsonl", "--eval-data", "missing.jsonl", "--output", "out"], "does not exist"),
         (["train", "--data", "data.jsonl", "--eval-data", "data.jsonl", "--eval-fraction", "0.1"], "pass one of them"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["train", "--data", "data.jsonl", "--outptu", "runs/x"], "unrecognized arguments: --outptu runs/x; "
+         "did you mean --output? (see `lorakit train --help`)"),
+        (["train", "--data", "data.jsonl", "--learning-rate", "1e-3"], "--learning-rate 1e-3; did you mean --lr?"),
+        (["train", "--data", "data.jsonl", "--lora-r", "8"], "did you mean --r?"),
+        (["eval", "--data", "data.jsonl", "--max-new-tokns", "8"], "did you mean --max-new-tokens?"),
     ],
 )
 def test_argument_errors_and_input_checks_answer_without_torch(here: Path, argv: list[str], message: str) -> None:

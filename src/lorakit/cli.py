@@ -20,6 +20,7 @@ traceback instead. With ``HF_HUB_OFFLINE=1`` the network is never used (see ``lo
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import yaml
 
 from lorakit import __version__
 from lorakit.data.records import detect_dataset_format, load_records
-from lorakit.training.args import TrainArgs, read_train_config, train_fields
+from lorakit.training.args import HF_NAMES, TrainArgs, read_train_config, train_fields
 from lorakit.training.preflight import check_inputs
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
@@ -44,10 +45,35 @@ class CliError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one ``lorakit: error:`` line like every other expected failure."""
+    """argparse, but a usage error is one ``lorakit: error:`` line like every other expected failure, and an
+    unknown flag gets the closest known one ("did you mean --output?")."""
+
+    commands: dict[str, _Parser]  # the subcommands' parsers (set by build_parser)
 
     def error(self, message: str) -> typing.NoReturn:
         raise CliError(f"{message} (see `{self.prog} --help`)")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(self, "commands", {}).get(getattr(ns, "command", None), self)
+            hint = did_you_mean(extras, [o for a in command._actions for o in a.option_strings])
+            command.error(f"unrecognized arguments: {' '.join(extras)}" + (f"; did you mean {hint}?" if hint else ""))
+        return ns
+
+
+def did_you_mean(extras: Sequence[str], options: Sequence[str]) -> str | None:
+    """The known flag closest to the first unknown one in ``extras``: a Hugging Face name of a train option
+    (``--learning-rate`` -> ``--lr``, as a --config file accepts in its message), else the nearest spelling
+    (``--outptu`` -> ``--output``); None if nothing is close."""
+    flag = next((e.split("=", 1)[0] for e in extras if e.startswith("--")), None)
+    if flag is None:
+        return None
+    hf = HF_NAMES.get(flag[2:].replace("-", "_"))
+    if hf is not None and "--" + hf.replace("_", "-") in options:
+        return "--" + hf.replace("_", "-")
+    close = difflib.get_close_matches(flag, [o for o in options if o.startswith("--")], n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 # -- train: flags built from the TrainArgs dataclass --------------------------------------------------------------
@@ -57,12 +83,15 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML file of these options (names with '-' or '_'); "
                         "flags given on the command line override it.")  # fmt: skip
     for name, (field, typ) in train_fields().items():
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-")]
+        lora = field.metadata.get("lora_field", name)
+        if lora != name:  # LoraConfig's name as an alias (--lora-alpha), as a --config file accepts it
+            flags.append("--" + lora.replace("_", "-"))
         text = f"{field.metadata.get('help', '')} (default: {field.default})"
         if typ is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
-            parser.add_argument(flag, type=typ, default=argparse.SUPPRESS, metavar=name.upper(), help=text)
+            parser.add_argument(*flags, type=typ, default=argparse.SUPPRESS, metavar=name.upper(), help=text)
 
 
 def train_args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
@@ -236,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="Random seed (data and adapter init).")
     p.add_argument("--quick", action="store_true", help="A short run (15 steps, 20 test dates), for a smoke test.")
     p.set_defaults(func=_cmd_demo)
+    parser.commands = sub.choices  # name -> that command's parser, for did_you_mean
     return parser
 
 

@@ -14,11 +14,13 @@ from helpers import (
     save_tiny_adapter,
     save_tiny_folder,
     silence_eos_,
+    tiny_bert_cls,
     tiny_llama,
     tiny_tokenizer,
 )
 from torch import nn
 
+from lorakit import AdapterFileError, LoraConfig, PeftModel, get_peft_model
 from lorakit.commands.generate import format_prompt, generate, load_pretrained, read_prompts
 
 
@@ -155,6 +157,33 @@ def test_load_pretrained_puts_the_adapter_on_its_recorded_base(tmp_path: Path) -
     assert not torch.allclose(base_logits, tuned_logits, atol=1e-3)
     with tuned.disable_adapter():
         torch.testing.assert_close(tuned(ids).logits, base_logits)
+
+
+def save_bert_adapter(folder: Path) -> Path:
+    """A LoRA adapter on the query / value projections of a tiny BERT recorded as all-MiniLM-L6-v2."""
+    bert = tiny_bert_cls()
+    bert.name_or_path = bert.config._name_or_path = "sentence-transformers/all-MiniLM-L6-v2"
+    config = LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS")
+    get_peft_model(bert, config).save_pretrained(folder)
+    return folder
+
+
+def test_an_adapter_for_another_base_is_named_as_such(tmp_path: Path) -> None:
+    """Not "target module 'query' matched nothing; did you mean '0' or '1' ...": the recorded base and the first
+    module of the file the model lacks, with its shape."""
+    bert_adapter = save_bert_adapter(tmp_path / "bert-adapter")
+    base_dir = save_tiny_folder(tmp_path / "base")
+    expected = (
+        rf"{bert_adapter} was made for another base model: it records base_model_name_or_path "
+        r"'sentence-transformers/all-MiniLM-L6-v2', and its module 'bert.encoder.layer.0.attention.self.query' "
+        rf"\(32 x 32\) is not in this LlamaForCausalLM \('{base_dir}'\); load it onto its own base"
+    )
+    with pytest.raises(AdapterFileError, match=expected):
+        load_pretrained(str(base_dir), bert_adapter)
+    peft = PeftModel.from_pretrained(tiny_llama(), save_tiny_adapter(base_dir, tmp_path / "llama-adapter"))
+    with pytest.raises(AdapterFileError, match="was made for another base model.*'bert.encoder.layer.0"):
+        peft.load_adapter(bert_adapter, adapter_name="bert")
+    assert list(peft.peft_config) == ["default"]
 
 
 def test_read_prompts_txt_and_jsonl(tmp_path: Path) -> None:

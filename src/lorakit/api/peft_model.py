@@ -213,7 +213,7 @@ class PeftModel(nn.Module):
         try:
             peft_model = model_cls(model, config_copy, adapter_name)
         except TargetError as e:
-            raise files.AdapterFileError(f"{Path(model_id) / files.CONFIG_NAME}: {e}") from None
+            raise _target_error(model, model_id, config, tensors, e) from None
         state.load_adapter_state_dict(peft_model, tensors, adapter_name, source)
         return peft_model
 
@@ -229,7 +229,7 @@ class PeftModel(nn.Module):
         try:
             self.add_adapter(adapter_name, config)
         except TargetError as e:
-            raise files.AdapterFileError(f"{Path(model_id) / files.CONFIG_NAME}: {e}") from None
+            raise _target_error(self.get_base_model(), model_id, config, tensors, e) from None
         try:
             state.load_adapter_state_dict(self, tensors, adapter_name, source)
         except Exception:
@@ -248,6 +248,28 @@ def _batch_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
     named = (kwargs[k] for k in ("input_ids", "inputs", "inputs_embeds") if kwargs.get(k) is not None)
     inputs = args[0] if args else next(named, None)
     return inputs.shape[0] if isinstance(inputs, torch.Tensor) else None
+
+
+def _target_error(
+    model: nn.Module, model_id: str | os.PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor], e: TargetError
+) -> files.AdapterFileError:
+    """A saved adapter whose targets match nothing in ``model``: when a module of its file is not in the model, say
+    that it was made for another base (the base it records, that module and its shape) instead of listing this
+    model's module names."""
+    names = {name for name, _ in model.named_modules()}
+    pairs = files.lora_pairs(tensors)  # {module: (A (r, in), B (out, r))}
+    module = next((name for name in pairs if name not in names), None)
+    if module is None:
+        return files.AdapterFileError(f"{Path(model_id) / files.CONFIG_NAME}: {e}")
+    A, B = pairs[module]
+    recorded = config.base_model_name_or_path
+    base = f"base_model_name_or_path {recorded!r}" if recorded else "no base_model_name_or_path"
+    name = getattr(model, "name_or_path", "")
+    return files.AdapterFileError(
+        f"{model_id} was made for another base model: it records {base}, and its module {module!r} "
+        f"({B.shape[0]} x {A.shape[1]}) is not in this {type(model).__name__}{f' ({name!r})' if name else ''}; "
+        "load it onto its own base (lorakit: leave out --model) or train an adapter for this model"
+    )
 
 
 def _init_for_loading(config: LoraConfig) -> bool | str:

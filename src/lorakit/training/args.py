@@ -189,7 +189,7 @@ def _coerce(name: str, value: Any, typ: type, source: str) -> Any:
 
 # Names from HF TrainingArguments that people write in configs -> the TrainArgs field (named in the error). The
 # LoraConfig names of the adapter options (lora_alpha, lora_dropout, target_modules) are accepted as they are.
-_HF_NAMES = {
+HF_NAMES = {
     "learning_rate": "lr", "lora_r": "r", "rank": "r", "num_train_epochs": "epochs",
     "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
     "output_dir": "output", "model_name_or_path": "model", "lr_scheduler_type": "lr_scheduler",
@@ -220,7 +220,7 @@ def read_train_config(path: str) -> dict[str, Any]:
             raise ValueError(f"config file '{path}': '{keys[name]}' and '{key}' both set option '{name}'; keep one")
         keys[name] = key
         if name not in fields:
-            close = [_HF_NAMES[name]] if name in _HF_NAMES else difflib.get_close_matches(name, list(fields), n=1)
+            close = [HF_NAMES[name]] if name in HF_NAMES else difflib.get_close_matches(name, list(fields), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise ValueError(f"config file '{path}': unknown option '{key}'; {hint}valid options: {', '.join(fields)}")
         out[name] = _coerce(name, value, fields[name][1], f"config file '{path}'")
