@@ -17,7 +17,16 @@ import pytest
 import torch
 from helpers import VOCAB, input_ids
 from torch import nn
-from transformers import FalconConfig, FalconForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers import (
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    FalconConfig,
+    FalconForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 import lorakit
 
@@ -49,6 +58,24 @@ def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
         dropout_rate=0.0, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
     )
     return _build(T5ForConditionalGeneration, config, seed)
+
+
+def tiny_phi(seed: int = 0) -> PhiForCausalLM:
+    """PhiForCausalLM (model_type 'phi'): q/k/v/dense attention, fc1 / fc2 MLP."""
+    config = PhiConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, max_position_embeddings=64,
+    )
+    return _build(PhiForCausalLM, config, seed)
+
+
+def tiny_distilbert_cls(seed: int = 0) -> DistilBertForSequenceClassification:
+    """DistilBertForSequenceClassification: its head is pre_classifier then classifier (both Linear)."""
+    config = DistilBertConfig(
+        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64, num_labels=3,
+        dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0,
+    )
+    return _build(DistilBertForSequenceClassification, config, seed)
 
 
 def _lm_batch() -> dict[str, torch.Tensor]:
@@ -144,3 +171,39 @@ def test_t5_files_load_both_ways(kwargs, tmp_path: Path):
         assert (_logits(ours, batch) - expected).abs().max() > 1e-3, "the adapter must matter, or the test is void"
     torch.testing.assert_close(_logits(in_peft, batch), expected, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(_logits(in_lorakit, batch), expected, atol=1e-4, rtol=1e-5)
+
+
+# -- default targets and modules_to_save like PEFT's -----------------------------------------------------------------
+def test_phi_default_targets_like_peft():
+    """PEFT's default for phi is q_proj, v_proj, fc1, fc2 (lorakit had none: TargetError)."""
+    ours, theirs = _twins(tiny_phi, dict(r=4, lora_alpha=8, lora_dropout=0.0))
+    assert {n.split(".")[-4] for n in _trainable(ours)} == {"q_proj", "v_proj", "fc1", "fc2"}
+    _assert_same_step(ours, theirs, _lm_batch())
+
+
+def _saved_copies(model: nn.Module) -> set[str]:
+    return {n.split(".modules_to_save.")[0] for n in _trainable(model) if ".modules_to_save." in n}
+
+
+def test_distilbert_seq_cls_saves_the_modules_peft_saves(tmp_path: Path):
+    """For SEQ_CLS both libraries add 'classifier' to modules_to_save, and PEFT matches its entries as a string
+    suffix of the module name: DistilBERT's pre_classifier is trained in full and saved as well."""
+    ours, theirs = _twins(tiny_distilbert_cls, dict(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                    target_modules=["q_lin", "v_lin"], task_type="SEQ_CLS"))
+    assert _saved_copies(ours) == {"base_model.model.pre_classifier", "base_model.model.classifier"}
+    batch = dict(input_ids=input_ids(), labels=torch.tensor([0, 2]))
+    _assert_same_step(ours, theirs, batch)
+    ours.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(tiny_distilbert_cls(0), tmp_path)
+    torch.testing.assert_close(_logits(loaded, batch), _logits(ours, batch), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_lin", "pre_classifier"]])
+def test_distilbert_a_module_to_save_is_no_lora_target(targets):
+    """A module that modules_to_save names stays a full copy even when the targets name it too (all-linear takes
+    pre_classifier). PEFT wraps it with LoRA first and then fails ("modules_to_save cannot be applied to modules of
+    type lora.Linear"): a deliberate difference, lorakit trains it as PEFT would with explicit targets."""
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="SEQ_CLS")
+    model = lorakit.get_peft_model(tiny_distilbert_cls(0), config)
+    assert _saved_copies(model) == {"base_model.model.pre_classifier", "base_model.model.classifier"}
+    assert not any("pre_classifier" in n and "lora_" in n for n in _trainable(model))

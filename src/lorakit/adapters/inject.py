@@ -16,29 +16,38 @@ from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
 from lorakit.quant.half import REDUCED_PRECISION
 
-# target_modules=None picks these, by transformers' model_type (the attention projections, as PEFT does).
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
+# target_modules=None picks these, by transformers' model_type: the attention's query and value projections (or the
+# fused qkv layer), for the same model types and with the same targets as PEFT 0.21.2, and two PEFT lacks (phi3,
+# distilbert: PEFT asks for target_modules there). A string is a regex over the full module name, as in a config.
+_QV = ["q_proj", "v_proj"]
+_FUSED = ["query_key_value"]
+DEFAULT_TARGETS: dict[str, list[str] | str] = {
+    # decoders with q_proj / v_proj
+    **dict.fromkeys(["llama", "llama4", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                     "opt", "gptj", "gpt_neo", "stablelm", "bart"], _QV),
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",  # multimodal: the language model's layers only
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "phi3": ["qkv_proj"],
-    "opt": ["q_proj", "v_proj"],
+    "codegen": ["qkv_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    # fused query / key / value
+    **dict.fromkeys(["bloom", "gpt_neox", "chatglm", "falcon", "RefinedWeb", "RefinedWebModel"], _FUSED),
     "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "gptj": ["q_proj", "v_proj"],
-    "bloom": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
+    "gpt_bigcode": ["c_attn"],
+    "btlm": ["c_proj", "c_attn"],
+    "mpt": ["Wqkv"],
+    # encoders
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "layoutlm"], ["query", "value"]),
     "distilbert": ["q_lin", "v_lin"],
+    "deberta": ["in_proj"],
     "deberta-v2": ["query_proj", "value_proj"],
+    # encoder-decoders and vision-language
     "t5": ["q", "v"],
-    "bart": ["q_proj", "v_proj"],
+    "mt5": ["q", "v"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    # recurrent
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 SEQ_CLS_HEADS = ("classifier", "score")
 
@@ -62,6 +71,12 @@ def plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def name_matches(name: str, entry: str) -> bool:
     """A list entry matches a module name exactly or as a dotted suffix ('q_proj' matches 'layers.0.q_proj')."""
     return name == entry or name.endswith(f".{entry}")
+
+
+def saved_by(name: str, modules_to_save: list[str]) -> bool:
+    """Whether a modules_to_save entry names the module: its name ends with the entry as a string, PEFT's rule, so
+    that both libraries train and save the same copies ('classifier' also names DistilBERT's 'pre_classifier')."""
+    return any(name.endswith(entry) for entry in modules_to_save)
 
 
 def matches(name: str, spec: list[str] | str | None) -> bool:
@@ -110,7 +125,8 @@ def resolve_target_spec(model: nn.Module, config: LoraConfig) -> list[str] | str
                 f"no default target_modules for model_type {model_type!r}; pass target_modules explicitly "
                 f"(e.g. ['q_proj', 'v_proj'] or 'all-linear')"
             )
-        return DEFAULT_TARGETS[model_type]
+        default = DEFAULT_TARGETS[model_type]
+        return default if isinstance(default, str) else list(default)
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
         return all_linear_targets(model, config.task_type)
     return spec
@@ -126,8 +142,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     for name, module in modules.items():
         if not matches(name, spec) or matches(name, config.exclude_modules):
             continue
-        if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved):
-            continue
+        if saved_by(name, saved) or any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved):
+            continue  # trained in full (modules_to_save), or inside a module that is
         if config.layers_to_transform is not None:
             wanted = config.layers_to_transform
             wanted = [wanted] if isinstance(wanted, int) else wanted
@@ -189,7 +205,10 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
     if layouts:  # record the detected layout (True for Conv1D), as PEFT does, so the saved config matches the model
         config.fan_in_fan_out = any(layouts)
     for entry in config.modules_to_save or []:
-        wrapped = [n for n, m in plain_modules(model) if name_matches(n, entry)]
+        wrapped: list[str] = []
+        for n, _ in plain_modules(model):  # parents before their children: a match inside a match is left to it
+            if saved_by(n, [entry]) and not any(n.startswith(f"{w}.") for w in wrapped):
+                wrapped.append(n)
         if not wrapped and entry in SEQ_CLS_HEADS:
             continue  # PEFT lists both head names for SEQ_CLS; a model has one of them
         if not wrapped:
