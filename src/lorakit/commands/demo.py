@@ -10,7 +10,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import random
+import shlex
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -158,9 +162,23 @@ def run_from_args(ns: argparse.Namespace) -> int:
         f"\naccuracy {r['accuracy_before']:.0%} -> {r['accuracy_after']:.0%} ({gain:+.0f} points) on {n_test} "
         f"held-out dates, {steps} training steps, {r['total_wall_time_s']:.0f} s in all"
     )
-    print(
-        f"adapter:   {r['adapter']}\nloss plot: {r['plot']}\ntry it:    lorakit generate --adapter {r['adapter']} "
-        f'"{INSTRUCTION}\\nDate: July 4, 1976"'
-    )
+    cli, adapter = cli_command(), shlex.quote(r["adapter"])
+    prompt = "$'" + f"{INSTRUCTION}\\nDate: July 4, 1976".replace("'", "\\'") + "'"  # bash: \n is a newline
+    print(f"adapter:   {r['adapter']}\nloss plot: {r['plot']}")
+    print(f"try it:    {cli} generate --adapter {adapter} {prompt}")
+    print(f"           {cli} eval --adapter {adapter} --data {shlex.quote(str(Path(ns.output) / 'test.jsonl'))}")
+    print(f"           {cli} info {adapter}")
     return 0
+
+
+def cli_command() -> str:
+    """How to run ``lorakit`` again from where the user stands: ``./run lorakit`` under the repository's ``run``
+    script (it exports LORAKIT_RUN, the script as invoked), the script's own path if it is not on PATH
+    (``.venv/bin/lorakit``), else ``lorakit``."""
+    if os.environ.get("LORAKIT_RUN"):
+        return f"{shlex.quote(os.environ['LORAKIT_RUN'])} lorakit"
+    script = sys.argv[0] if sys.argv else ""
+    if Path(script).name == "lorakit" and shutil.which("lorakit") != os.path.abspath(script):
+        return shlex.quote(script)
+    return "lorakit"
 
