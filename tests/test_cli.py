@@ -254,13 +254,17 @@ def test_merge_writes_a_loadable_folder(work: Path, capsys: pytest.CaptureFixtur
     assert_one_line_error(capsys, ["merge", "--adapter", work / "adapter"], r"required: --output")
 
 
-def test_info_prints_ranks(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_prints_a_summary_and_modules_on_request(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "info", work / "adapter")
     assert code == 0
     assert "r=4, lora_alpha=8" in out and str(work / "base") in out
+    assert "targets         4 modules: q_proj 2, v_proj 2" in out and len(out.splitlines()) == 7
+    assert not re.findall(r"self_attn\.[qv]_proj\s+r=4 ", out)
+    code, out, _ = run(capsys, "info", work / "adapter", "--modules")
+    assert code == 0
     assert len(re.findall(r"self_attn\.[qv]_proj\s+r=4 ", out)) == 4
     code, out, _ = run(capsys, "info", work / "adapter", "--json")
-    assert code == 0 and json.loads(out)["n_tensors"] == 8
+    assert code == 0 and json.loads(out)["n_tensors"] == 8 and len(json.loads(out)["modules"]) == 4
     assert_one_line_error(capsys, ["info", work / "nope"], r"adapter folder '.*nope' does not exist")
 
 

@@ -192,7 +192,7 @@ def _cmd_info(ns: argparse.Namespace) -> int:
     from lorakit.commands.info import adapter_info, format_info  # torch (see the module doc)
 
     info = adapter_info(ns.adapter_dir)
-    print(json.dumps(info, indent=2) if ns.json else format_info(info))
+    print(json.dumps(info, indent=2) if ns.json else format_info(info, modules=ns.modules))
     return EXIT_OK
 
 
@@ -251,9 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output folder.")
     p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser("info", help="Show an adapter's config, size and per-module update norms.")
+    p = sub.add_parser("info", help="Summarize an adapter: base, kind, ranks, targets, size (--modules: each module).")
     p.add_argument("adapter_dir", metavar="DIR", help="Adapter folder.")
-    p.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+    p.add_argument("--modules", action="store_true", help="Also each module's rank, shape, update norm.")
+    p.add_argument("--json", action="store_true", help="Print JSON instead of text (modules included).")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("demo", help="Fine-tune the bundled model on a small task and show before / after.")
@@ -280,9 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ns.func(ns)
     except SystemExit as e:  # --help / --version (code 0), or a parser inside a subcommand (demo)
         return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_USAGE)
-    except KeyboardInterrupt:
-        print("lorakit: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # training's RunInterrupted names the checkpoint and the --resume command
+        print(f"lorakit: {_one_line(e) if str(e) else 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_code", EXIT_INTERRUPTED)
     except (CliError, ValueError, OSError, yaml.YAMLError) as e:
         # ValueError covers DataError, ConfigError, TargetError, AdapterFileError, AdapterError and TrainArgs
         # checks; OSError covers ModelNotFoundError and missing / unwritable files.

@@ -72,9 +72,26 @@ def test_lora_pairs_ignores_full_tensors() -> None:
     assert list(lora_pairs(dict.fromkeys(names, A))) == ["layers.2.q", "layers.10.q"]
 
 
+def test_format_info_starts_with_a_summary(tmp_path: Path) -> None:
+    saved_adapter(tmp_path, rank_pattern={"v_proj": 2}, use_dora=True)
+    info = adapter_info(tmp_path)
+    assert info["targets"] == {"q_proj": 2, "v_proj": 2} and info["ranks"] == {4: 2, 2: 2}
+    size = f"{info['file_size'] / 1024:.1f} KB"
+    assert format_info(info).splitlines() == [
+        f"adapter         {tmp_path}",
+        "base model      (not recorded)",
+        "kind            DoRA, task (none)",
+        "rank            r=4, lora_alpha=8; r=4 on 2, r=2 on 2 modules",
+        "targets         4 modules: q_proj 2, v_proj 2 (target_modules: q_proj, v_proj)",
+        "rank_pattern    {'v_proj': 2}",
+        f"size            {size} in adapter_model.safetensors ({info['n_parameters']:,} parameters in 12 tensors)",
+        f"(per-module ranks, shapes and update norms: lorakit info {tmp_path} --modules)",
+    ]
+
+
 def test_format_info_lists_each_module_with_its_rank(tmp_path: Path) -> None:
     saved_adapter(tmp_path, rank_pattern={"v_proj": 2})
-    text = format_info(adapter_info(tmp_path))
+    text = format_info(adapter_info(tmp_path), modules=True)
     assert "r=4, lora_alpha=8" in text and "rank_pattern    {'v_proj': 2}" in text
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
     assert "r=2" in lines["model.layers.0.self_attn.v_proj"] and "r=4" in lines["model.layers.1.self_attn.q_proj"]

@@ -6,12 +6,14 @@ Frobenius norm of the weight change the adapter makes. It is computed from two (
 
 Example::
 
-    print(format_info(adapter_info("runs/lorakit/adapter")))
+    print(format_info(adapter_info("runs/lorakit/adapter")))                # the summary
+    print(format_info(adapter_info("runs/lorakit/adapter"), modules=True))  # and one line per module
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +33,11 @@ def delta_norm(A: Tensor, B: Tensor, scaling: float) -> float:
 def adapter_info(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON-ready summary of the adapter saved in ``adapter_dir``.
 
-    Keys: ``path``, ``base_model``, ``peft_type``, ``task_type``, ``target_modules``, ``r``, ``lora_alpha``,
-    ``use_rslora``, ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``, ``n_tensors``, ``n_parameters``,
-    ``file``, ``file_size`` (bytes), and ``modules``: ``{name: {"r", "alpha", "scaling", "shape" (out, in),
-    "delta_norm"}}`` with the rank read from the tensors themselves.
+    Keys: ``path``, ``base_model``, ``peft_type``, ``task_type``, ``use_dora``, ``target_modules`` (as configured),
+    ``targets`` ({module leaf name: how many modules of that name carry LoRA}), ``ranks`` ({r: how many modules}),
+    ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``, ``n_tensors``,
+    ``n_parameters``, ``file``, ``file_size`` (bytes), and ``modules``: ``{name: {"r", "alpha", "scaling",
+    "shape" (out, in), "delta_norm"}}`` with the rank read from the tensors themselves.
 
     Raises:
         AdapterFileError: the folder, its config or its weights are missing or corrupt.
@@ -58,7 +61,10 @@ def adapter_info(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "base_model": config.base_model_name_or_path,
         "peft_type": config.peft_type.value,
         "task_type": getattr(task, "value", task),
+        "use_dora": config.use_dora,
         "target_modules": config.target_modules,
+        "targets": dict(Counter(name.rsplit(".", 1)[-1] for name in modules)),
+        "ranks": dict(Counter(m["r"] for m in modules.values())),
         "r": config.r,
         "lora_alpha": config.lora_alpha,
         "use_rslora": config.use_rslora,
@@ -83,16 +89,25 @@ def _size(n_bytes: int) -> str:
     return f"{n_bytes} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
-def format_info(info: dict[str, Any]) -> str:
-    """``adapter_info(...)`` as an aligned, human-readable report (one module per line)."""
+def format_info(info: dict[str, Any], modules: bool = False) -> str:
+    """``adapter_info(...)`` as an aligned, human-readable report: a summary (base, kind, ranks, targets by count,
+    size); with ``modules`` also one line per module (rank, alpha, shape, ||delta W||_F)."""
+    kind = "DoRA" if info["use_dora"] else "LoRA"
+    ranks = info["ranks"]
+    rank = f"r={info['r']}, lora_alpha={info['lora_alpha']:g}"
+    if info["use_rslora"]:
+        rank += " (rsLoRA: alpha / sqrt(r))"
+    if len(ranks) > 1 or (ranks and info["r"] not in ranks):  # rank_pattern: say how many modules have which rank
+        rank += "; " + ", ".join(f"r={r} on {n}" for r, n in sorted(ranks.items(), reverse=True)) + " modules"
     targets = info["target_modules"]
+    configured = ", ".join(targets) if isinstance(targets, list) else str(targets)
+    counts = ", ".join(f"{name} {n}" for name, n in info["targets"].items())
     lines = [
         f"adapter         {info['path']}",
         f"base model      {info['base_model'] or '(not recorded)'}",
-        f"type            {info['peft_type']}, task {info['task_type'] or '(none)'}",
-        f"targets         {', '.join(targets) if isinstance(targets, list) else targets}",
-        f"rank            r={info['r']}, lora_alpha={info['lora_alpha']:g}"
-        + (" (rsLoRA: alpha / sqrt(r))" if info["use_rslora"] else ""),
+        f"kind            {kind}, task {info['task_type'] or '(none)'}",
+        f"rank            {rank}",
+        f"targets         {len(info['modules'])} modules: {counts or 'none'} (target_modules: {configured})",
     ]
     if info["rank_pattern"]:
         lines.append(f"rank_pattern    {info['rank_pattern']}")
@@ -101,13 +116,16 @@ def format_info(info: dict[str, Any]) -> str:
     if info["modules_to_save"]:
         lines.append(f"modules_to_save {', '.join(info['modules_to_save'])}")
     lines.append(
-        f"tensors         {info['n_tensors']} ({info['n_parameters']:,} parameters), "
-        f"{_size(info['file_size'])} ({info['file_size']:,} bytes) in {Path(info['file']).name}"
+        f"size            {_size(info['file_size'])} in {Path(info['file']).name} ({info['n_parameters']:,} "
+        f"parameters in {info['n_tensors']} tensors)"
     )
-    modules = info["modules"]
-    lines.append(f"modules         {len(modules)} with LoRA, ||delta W||_F = ||scaling * B @ A||_F:")
-    width = max((len(name) for name in modules), default=0)
-    for name, m in modules.items():
+    if not modules:
+        lines.append(f"(per-module ranks, shapes and update norms: lorakit info {info['path']} --modules)")
+        return "\n".join(lines)
+    table = info["modules"]
+    lines.append(f"modules         {len(table)} with LoRA, ||delta W||_F = ||scaling * B @ A||_F:")
+    width = max((len(name) for name in table), default=0)
+    for name, m in table.items():
         shape = "x".join(map(str, m["shape"]))
         lines.append(
             f"  {name:<{width}}  r={m['r']:<3} alpha={m['alpha']:<6g} {shape:>11}  ||dW||={m['delta_norm']:.4g}"
