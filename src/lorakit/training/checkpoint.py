@@ -27,6 +27,11 @@ def checkpoint_root(output: str | os.PathLike) -> Path:
     return Path(output) / CHECKPOINTS
 
 
+def checkpoint_path(output: str | os.PathLike, step: int) -> Path:
+    """The folder of checkpoint ``step``: ``<output>/checkpoints/step-00000050``."""
+    return checkpoint_root(output) / f"step-{step:08d}"
+
+
 def list_checkpoints(output: str | os.PathLike) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = checkpoint_root(output)
@@ -64,7 +69,7 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically (temp folder + rename) and keep only the newest ``keep``."""
     root = checkpoint_root(output)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
+    final = checkpoint_path(output, step)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tensors = adapter_state.adapter_state_dict(model, adapter_name)

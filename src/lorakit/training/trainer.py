@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from lorakit.data.pack import PackedRow, collate, isolates_packed_rows, pack_exa
 from lorakit.data.tokenize import IGNORE_INDEX, Example, tokenize_records
 from lorakit.io.files import atomic_write_json
 from lorakit.io.models import load_model, load_tokenizer
-from lorakit.training import checkpoint, distributed, preflight
+from lorakit.training import checkpoint, distributed, interrupt, preflight
 from lorakit.training.args import TrainArgs
 from lorakit.training.loss import lm_loss_sum, loss_over_examples
 from lorakit.training.metrics import METRICS_NAME, MetricsLog, plot_loss, write_summary
@@ -272,44 +273,78 @@ def setup(args: TrainArgs) -> Run:
 
 def fit(run: Run) -> None:
     """The steps of the run: the eval loss before the first; then after each step its metrics row, an evaluation
-    every --eval-steps and after the last, a checkpoint every --save-steps, and the progress bar."""
+    every --eval-steps and after the last, a checkpoint every --save-steps, and the progress bar. A SIGTERM / SIGINT
+    stops the run after the step it is in, with a checkpoint; a second one at once (``training/interrupt.py``):
+    both raise RunInterrupted, naming the checkpoint and the --resume command."""
     args, total = run.args, run.plan.total_steps
-    if run.eval_examples and run.start_step == 0:
-        run.eval_start = evaluate_loss(run)
-        if run.rank == 0:
-            run.log.append({"step": 0, "eval_loss": run.eval_start})
-    run.model.train()
-    progress = _progress(args, run.rank, run.start_step, total)
-    started = time.perf_counter()
-    for step in range(run.start_step, total):
-        result = train_step(run, step)
-        run.tokens_seen += int(result["tokens"])
-        done = step + 1
-        run.last = {
-            "step": done,
-            "epoch": round(step / run.plan.steps_per_epoch, 4),
-            "loss": result["loss"],
-            "lr": run.scheduler.get_last_lr()[0],
-            "grad_norm": result["grad_norm"],
-            "tokens_per_s": run.tokens_seen / (time.perf_counter() - started),
-        }
-        if run.eval_examples and (done == total or _due(args.eval_steps, done, total)):
-            run.last["eval_loss"] = evaluate_loss(run)
-        if run.rank == 0 and (done % args.logging_steps == 0 or "eval_loss" in run.last or done == total):
-            run.log.append(run.last)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{result['loss']:.4f}", tok_s=f"{run.last['tokens_per_s']:.0f}")
-        if _due(args.save_steps, done, total):
-            if run.rank == 0:
-                extra = {"tokens_seen": run.tokens_seen}
-                checkpoint.save_checkpoint(
-                    run.output, done, run.model, ADAPTER, run.optimizer, run.scheduler, extra, args.save_total_limit
-                )
-            distributed.barrier()
-    if progress is not None:
-        progress.close()
+    progress = None
+    with interrupt.StopOnSignal() as stop:
+        step = run.start_step
+        stop.on_second = lambda signum: _stop_now(run, signum, step)
+        try:
+            if run.eval_examples and run.start_step == 0:
+                run.eval_start = evaluate_loss(run)
+                if run.rank == 0:
+                    run.log.append({"step": 0, "eval_loss": run.eval_start})
+            if stop.requested(run.world):
+                raise _stop_after(run, stop.signum, run.start_step)
+            run.model.train()
+            progress = _progress(args, run.rank, run.start_step, total)
+            started = time.perf_counter()
+            for step in range(run.start_step, total):
+                result = train_step(run, step)
+                run.tokens_seen += int(result["tokens"])
+                done = step + 1
+                run.last = {
+                    "step": done,
+                    "epoch": round(step / run.plan.steps_per_epoch, 4),
+                    "loss": result["loss"],
+                    "lr": run.scheduler.get_last_lr()[0],
+                    "grad_norm": result["grad_norm"],
+                    "tokens_per_s": run.tokens_seen / (time.perf_counter() - started),
+                }
+                if run.eval_examples and (done == total or _due(args.eval_steps, done, total)):
+                    run.last["eval_loss"] = evaluate_loss(run)
+                if run.rank == 0 and (done % args.logging_steps == 0 or "eval_loss" in run.last or done == total):
+                    run.log.append(run.last)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{result['loss']:.4f}", tok_s=f"{run.last['tokens_per_s']:.0f}")
+                if _due(args.save_steps, done, total):
+                    _save_checkpoint(run, done)
+                if done < total and stop.requested(run.world):  # after the last step the run just ends
+                    raise _stop_after(run, stop.signum, done)
+        finally:
+            if progress is not None:
+                progress.close()
     run.wall_time_s = time.perf_counter() - started
+
+
+def _save_checkpoint(run: Run, done: int) -> Path:
+    """Checkpoint ``done`` (written by rank 0; all processes wait for it); its folder."""
+    if run.rank == 0:
+        extra = {"tokens_seen": run.tokens_seen}
+        checkpoint.save_checkpoint(
+            run.output, done, run.model, ADAPTER, run.optimizer, run.scheduler, extra, run.args.save_total_limit
+        )
+    distributed.barrier()
+    return checkpoint.checkpoint_path(run.output, done)
+
+
+def _stop_after(run: Run, signum: int | None, done: int) -> interrupt.RunInterrupted:
+    """A first signal, seen after step ``done``: its checkpoint (unless --save-steps just wrote it), and the
+    RunInterrupted that says so."""
+    saved = checkpoint.checkpoint_path(run.output, done)
+    if checkpoint.latest_checkpoint(run.output) != saved:
+        saved = _save_checkpoint(run, done)
+    when = f"after step {done} of {run.plan.total_steps}"
+    return interrupt.interrupted(run.args, signum or signal.SIGTERM, when, saved)
+
+
+def _stop_now(run: Run, signum: int, step: int) -> None:
+    """A second signal: stop where the run is; the newest whole checkpoint is the one to resume from."""
+    when = f"twice: stopped at once, in step {step + 1} of {run.plan.total_steps}"
+    raise interrupt.interrupted(run.args, signum, when, checkpoint.latest_checkpoint(run.output))
 
 
 def train_step(run: Run, step: int) -> dict[str, float]:
