@@ -217,6 +217,7 @@ class Run:
     tokens_seen: int = 0  # tokens computed by all processes since ``fit`` started
     last: dict[str, Any] = field(default_factory=dict)  # metrics row of the latest step
     wall_time_s: float = 0.0  # of ``fit``'s steps
+    wall_time_before: float = 0.0  # fit time of the segments before this one (--resume: from the checkpoint)
 
     @property
     def pad_id(self) -> int:
@@ -257,10 +258,10 @@ def setup(args: TrainArgs) -> Run:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, plan.total_steps))
-    start_step = 0
+    start_step, wall_before = 0, 0.0
     if args.resume:
         state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(output), model, ADAPTER, optimizer, scheduler)
-        start_step = state["step"]
+        start_step, wall_before = state["step"], float(state.get("wall_time_s", 0.0))
     elif rank == 0:
         atomic_write_json(output / RUN_NAME, json.loads(json.dumps(args.to_dict())))
     log = MetricsLog(output, resume_step=start_step if args.resume else None)
@@ -268,6 +269,7 @@ def setup(args: TrainArgs) -> Run:
         args=args, output=output, rank=rank, world=world, model=model, tokenizer=tokenizer, rows=rows,
         eval_examples=eval_examples, data_report=data_report, bf16=bf16, padding_free=padding_free, plan=plan,
         params=params, optimizer=optimizer, scheduler=scheduler, log=log, start_step=start_step,
+        wall_time_before=wall_before,
     )  # fmt: skip
 
 
@@ -302,6 +304,7 @@ def fit(run: Run) -> None:
                     "lr": run.scheduler.get_last_lr()[0],
                     "grad_norm": result["grad_norm"],
                     "tokens_per_s": run.tokens_seen / (time.perf_counter() - started),
+                    "wall_time_s": round(run.wall_time_before + time.perf_counter() - started, 3),  # all segments
                 }
                 if run.eval_examples and (done == total or _due(args.eval_steps, done, total)):
                     run.last["eval_loss"] = evaluate_loss(run)
@@ -323,7 +326,7 @@ def fit(run: Run) -> None:
 def _save_checkpoint(run: Run, done: int) -> Path:
     """Checkpoint ``done`` (written by rank 0; all processes wait for it); its folder."""
     if run.rank == 0:
-        extra = {"tokens_seen": run.tokens_seen}
+        extra = {"tokens_seen": run.tokens_seen, "wall_time_s": run.last.get("wall_time_s", run.wall_time_before)}
         checkpoint.save_checkpoint(
             run.output, done, run.model, ADAPTER, run.optimizer, run.scheduler, extra, run.args.save_total_limit
         )
@@ -385,14 +388,16 @@ def finish(run: Run) -> dict[str, Any]:
     """The run's summary; rank 0 writes the adapter, summary.json and loss.png into --output. The returned summary
     also holds the trained model, under "model"."""
     trainable, total_params = run.model.get_nb_trainable_parameters()
-    wall = run.wall_time_s
+    wall = run.wall_time_s  # this segment's; the summary's wall_time_s adds the segments before a --resume
+    # a resumed run's eval loss before its first step is the first segment's, kept in metrics.jsonl as step 0
+    eval_start = next((r["eval_loss"] for r in run.log.rows if r.get("step") == 0 and "eval_loss" in r), None)
     summary = {
         "train_loss": run.last.get("loss"),
         "eval_loss": run.last.get("eval_loss"),
-        "eval_loss_start": run.eval_start,
+        "eval_loss_start": run.eval_start if run.eval_start is not None else eval_start,
         "steps": run.plan.total_steps,
         "resumed_from": run.start_step or None,
-        "wall_time_s": round(wall, 2),
+        "wall_time_s": round(run.wall_time_before + wall, 2),
         "tokens_per_s": round(run.tokens_seen / wall, 1) if wall > 0 else None,
         "trainable_params": trainable,
         "all_params": total_params,
