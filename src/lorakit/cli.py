@@ -172,9 +172,10 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     print(f"loss         {result['loss']:.4f}  ({result['n_tokens']} tokens in {result['n_examples']} examples)")
     print(f"perplexity   {result['perplexity']:.3f}")
     if result["exact_match"] is None:
-        print("exact match  n/a (no prompt/completion or messages records, or --no-exact-match)")
+        print(f"exact match  n/a ({result['exact_match_note']})")
     else:
-        print(f"exact match  {result['exact_match']:.3f}  ({result['n_exact_match']} examples, greedy)")
+        print(f"exact match  {result['exact_match']:.3f}  ({result['n_exact_match']} examples, greedy, "
+              f"{result['exact_match_note']})")  # fmt: skip
     return EXIT_OK
 
 
@@ -239,9 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
     p.add_argument("--max-length", type=int, default=512, help="Truncate examples to this many tokens (default: 512).")
     p.add_argument("--batch-size", type=int, default=8, help="Examples per forward pass (default: 8).")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="Answer length for exact match (default: 64).")
-    p.add_argument("--exact-match", action=argparse.BooleanOptionalAction, default=True,
-                   help="Score greedy answers against the references (default: on).")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="Answer length for exact match (default: the longest reference + 8 tokens).")  # fmt: skip
+    p.add_argument("--exact-match", action=argparse.BooleanOptionalAction, default=None,
+                   help="Score greedy answers against the references (default: when every reference is at most "
+                   "32 tokens long).")  # fmt: skip
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("merge", help="Merge an adapter into its base model and save a plain transformers folder.")

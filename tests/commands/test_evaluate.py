@@ -140,3 +140,36 @@ def test_exact_match_end_to_end_with_real_generation(model: nn.Module) -> None:
     assert evaluate(model, tokenizer, right, max_new_tokens=3)["exact_match"] == 1.0
     wrong = [{"prompt": p, "completion": a + " x"} for p, a in zip(prompts, answers)]
     assert evaluate(model, tokenizer, [right[0], wrong[1]], max_new_tokens=3)["exact_match"] == 0.5
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Replaces generate; records each call's prompts and options and answers the references' first word."""
+    calls: list[dict[str, Any]] = []
+
+    def fake_generate(model: nn.Module, tokenizer: Any, prompts: list[Any], **kwargs: Any) -> list[str]:
+        calls.append({"prompts": prompts, **kwargs})
+        return ["hello" for _ in prompts]
+
+    monkeypatch.setattr(evaluate_module, "generate", fake_generate)
+    return calls
+
+
+def test_answer_length_follows_the_references(model: nn.Module, spy: list[dict[str, Any]]) -> None:
+    result = evaluate(model, tiny_tokenizer(), MESSAGES)  # references: 'hello world', 'on a mat', 'two'
+    assert spy[0]["max_new_tokens"] == 3 + evaluate_module.ANSWER_MARGIN  # 'on a mat' is 3 tokens
+    assert result["n_exact_match"] == 3 and "up to 11 tokens" in result["exact_match_note"]
+
+
+def test_long_references_get_no_exact_match_unless_asked(model: nn.Module, spy: list[dict[str, Any]]) -> None:
+    tokenizer = tiny_tokenizer()
+    long_answer = " ".join(["the cat sat on a mat"] * 6)  # 36 tokens
+    records = [{"prompt": "what is a cat", "completion": long_answer}, {"prompt": "what is two", "completion": "two"}]
+    result = evaluate(model, tokenizer, records)
+    assert spy == [] and result["exact_match"] is None and result["n_exact_match"] == 0
+    assert result["exact_match_note"].startswith("references up to 36 tokens, longer than 32")
+    assert math.isfinite(result["loss"])
+    result = evaluate(model, tokenizer, records, exact_match=True)
+    assert spy[0]["max_new_tokens"] == 36 + evaluate_module.ANSWER_MARGIN and result["n_exact_match"] == 2
+    evaluate(model, tokenizer, MESSAGES, exact_match=False)
+    assert len(spy) == 1

@@ -6,6 +6,11 @@
 - **exact match**: for prompt/completion and messages records, the greedy answer (``generate.generate``) to the
   prompt (for messages: the conversation before the last assistant turn) equals the reference (the completion, or
   the last assistant turn's content) after ``.strip()``. ``text`` records have no reference and are skipped.
+  By default (``exact_match=None``) it is computed only when every reference is short (at most
+  ``SHORT_ANSWER_TOKENS`` tokens: a date, a label, a number), where an exact answer can be expected; long answers
+  (definitions, explanations) almost never match exactly, and generating them is most of an evaluation's time.
+  ``exact_match=True`` forces it. Answers are generated up to the longest reference plus ``ANSWER_MARGIN`` tokens
+  (``max_new_tokens=None``): enough to see an answer that goes on past the reference, no more.
 
 Example::
 
@@ -70,6 +75,31 @@ def prompts_and_references(records: Sequence[dict[str, Any]]) -> tuple[list[Prom
     return prompts, references
 
 
+SHORT_ANSWER_TOKENS = 32  # references up to this long are scored by exact match unless told otherwise
+ANSWER_MARGIN = 8  # tokens generated past the longest reference: an answer that goes on is seen to differ
+
+
+def exact_match_plan(
+    tokenizer: PreTrainedTokenizerBase, references: Sequence[str], exact_match: bool | None, max_new_tokens: int | None
+) -> tuple[int | None, str]:
+    """(tokens to generate per answer, or None for no exact match; why) for these references: off without
+    references or when asked (``exact_match=False``); under None, off when a reference is longer than
+    SHORT_ANSWER_TOKENS; the answer length ``max_new_tokens``, else the longest reference + ANSWER_MARGIN."""
+    if not references:
+        return None, "no prompt/completion or messages records"
+    if exact_match is False:
+        return None, "--no-exact-match"
+    longest = max(len(tokenizer(r.strip(), add_special_tokens=False)["input_ids"]) for r in references)
+    if exact_match is None and longest > SHORT_ANSWER_TOKENS:
+        return None, (
+            f"references up to {longest} tokens, longer than {SHORT_ANSWER_TOKENS}: long answers rarely match "
+            "exactly; --exact-match scores them anyway"
+        )
+    if max_new_tokens is not None:
+        return max_new_tokens, f"answers of up to {max_new_tokens} tokens"
+    return longest + ANSWER_MARGIN, f"answers of up to {longest + ANSWER_MARGIN} tokens (longest reference + margin)"
+
+
 def _safe_exp(x: float) -> float:
     return math.exp(x) if x < 700 else math.inf  # exp overflows a float above ~709.8
 
@@ -102,24 +132,25 @@ def evaluate(
     records: Sequence[dict[str, Any]],
     max_length: int = 512,
     batch_size: int = 8,
-    exact_match: bool = True,
-    max_new_tokens: int = 64,
+    exact_match: bool | None = None,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Loss and perplexity on ``records``, plus greedy exact-match accuracy if ``exact_match`` (see module doc).
+    """Loss and perplexity on ``records``, plus greedy exact-match accuracy: with ``exact_match`` True, None (the
+    default) when the references are short, not with False; answers up to ``max_new_tokens`` tokens, by default
+    the longest reference + ANSWER_MARGIN (see module doc and ``exact_match_plan``).
 
     Returns ``{"loss", "perplexity", "n_examples", "n_tokens", "n_records", "n_dropped", "exact_match",
-    "n_exact_match"}``; ``exact_match`` is None (and ``n_exact_match`` 0) when it was not computed.
+    "n_exact_match", "exact_match_note"}``; ``exact_match`` is None (and ``n_exact_match`` 0) when it was not
+    computed, and the note says why (else how long the answers could be).
 
     Raises:
         DataError: records in no known format, or none with a labelled token after truncation to ``max_length``.
     """
     result: dict[str, Any] = dict(eval_loss(model, tokenizer, records, max_length, batch_size))
-    result.update(exact_match=None, n_exact_match=0)
-    if exact_match:
-        prompts, references = prompts_and_references(records)
-        if references:
-            predictions = generate(
-                model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=False, batch_size=batch_size
-            )
-            result.update(exact_match=exact_match_score(predictions, references), n_exact_match=len(references))
+    prompts, references = prompts_and_references(records)
+    n_new, note = exact_match_plan(tokenizer, references, exact_match, max_new_tokens)
+    result.update(exact_match=None, n_exact_match=0, exact_match_note=note)
+    if n_new is not None:
+        predictions = generate(model, tokenizer, prompts, max_new_tokens=n_new, do_sample=False, batch_size=batch_size)
+        result.update(exact_match=exact_match_score(predictions, references), n_exact_match=len(references))
     return result
