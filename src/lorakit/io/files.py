@@ -90,7 +90,7 @@ class OutputWriteError(OSError):
         return str(self.strerror)
 
 
-class FolderLockedError(RuntimeError):
+class FolderLockedError(OSError):
     """Another running process writes into the folder; the message names it (pid, command, since when)."""
 
 
@@ -298,7 +298,7 @@ def write_config_json(folder: str | os.PathLike, config: dict[str, Any]) -> None
 
 
 # -- one writer per folder ---------------------------------------------------------------------------------------
-_held: dict[Path, list[Any]] = {}  # lock file -> [fd, depth, folder created by the lock]: re-entrant per process
+_held: dict[Path, list[Any]] = {}  # lock file -> [fd, depth, folders the lock created]: re-entrant per process
 
 
 @contextlib.contextmanager
@@ -306,10 +306,10 @@ def folder_lock(folder: str | os.PathLike, what: str | None = None) -> Iterator[
     """Hold ``folder``'s lock (the file ``.lorakit.lock``, flock'ed, holding this process's pid and command) while
     the block runs; re-entrant within a process. If another live process holds it, FolderLockedError names that
     process at once. A lock file left by a process that died (kill -9) is no longer flock'ed and is taken over.
-    The lock file is removed on release, and the folder too if the lock created it and it is still empty."""
+    The lock file is removed on release, and the folders the lock created if they are still empty."""
     folder = Path(folder)
     try:
-        created = not folder.is_dir()
+        created = [d for d in (folder, *folder.parents) if not d.is_dir()]  # deepest first
         folder.mkdir(parents=True, exist_ok=True)
         path = folder.resolve() / LOCK_NAME
     except OSError as e:
@@ -334,9 +334,9 @@ def folder_lock(folder: str | os.PathLike, what: str | None = None) -> Iterator[
                 path.unlink()  # while still holding it: a process opening this file re-checks it (see _acquire)
         finally:
             os.close(fd)
-        if created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if empty
+        with contextlib.suppress(OSError):
+            for d in created:
+                d.rmdir()  # only if empty: a run refused by its checks leaves nothing behind
 
 
 def _acquire(path: Path, folder: Path, what: str | None) -> int:

@@ -8,9 +8,11 @@ run's result does not depend on how the batch is split (processes, micro-batches
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -27,7 +29,7 @@ from lorakit.adapters.quantize import quantize
 from lorakit.api.peft_model import PeftModel, get_peft_model
 from lorakit.data.pack import PackedRow, collate, isolates_packed_rows, pack_examples
 from lorakit.data.tokenize import IGNORE_INDEX, Example, tokenize_records
-from lorakit.io.files import atomic_write_json
+from lorakit.io.files import atomic_write_json, folder_lock
 from lorakit.io.models import load_model, load_tokenizer
 from lorakit.training import checkpoint, distributed, interrupt, preflight
 from lorakit.training.args import TrainArgs
@@ -227,11 +229,16 @@ class Run:
 def train(args: TrainArgs | None = None, **kwargs: Any) -> dict[str, Any]:
     """Fine-tune a LoRA adapter; returns the summary also written to ``<output>/summary.json``.
 
-    ``lorakit.train(data="train.jsonl", output="runs/x", r=16)`` takes TrainArgs fields as keywords.
+    ``lorakit.train(data="train.jsonl", output="runs/x", r=16)`` takes TrainArgs fields as keywords. The run holds
+    the lock of its --output throughout (``io.files.folder_lock``): a second run on the same folder stops at once
+    with FolderLockedError naming this one.
     """
-    run = setup(args or TrainArgs(**kwargs))
-    fit(run)
-    return finish(run)
+    args = args or TrainArgs(**kwargs)
+    first_process = os.environ.get("RANK", "0") in ("", "0")  # torchrun: rank 0 writes the files, and holds the lock
+    with folder_lock(args.output, "lorakit train") if first_process else contextlib.nullcontext():
+        run = setup(args)
+        fit(run)
+        return finish(run)
 
 
 def setup(args: TrainArgs) -> Run:
