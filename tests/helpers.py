@@ -14,6 +14,8 @@ fixture of ``conftest.py`` (``tiny.llama(seed=1)``, ``tiny.input_ids()``).
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +185,29 @@ def check_against_dense(layer: nn.Module, weight: torch.Tensor, bias: torch.Tens
     ref.square().sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-5)
     return x
+
+
+# -- adapter_config.json against PEFT's ------------------------------------------------------------------------------
+# The keys whose values may differ between lorakit's and PEFT's adapter_config.json, each with the check that replaces
+# equality, and why.
+CONFIG_KEYS_THAT_DIFFER: dict[str, Any] = {
+    # PEFT stores these as sets: the order of the JSON list is arbitrary (it changes with the string hash seed)
+    "target_modules": lambda a, b: sorted(a) == sorted(b) if isinstance(b, list) else a == b,
+    "exclude_modules": lambda a, b: sorted(a) == sorted(b) if isinstance(b, list) else a == b,
+    # the writer: PEFT's version, or PEFT's format version and lorakit ("<version>@<build>", PEFT's dev-build form)
+    "peft_version": lambda a, b: a.partition("@") == (b, "@", f"lorakit-{importlib.metadata.version('lorakit')}"),
+}
+
+
+def assert_same_adapter_config(ours: Path, theirs: Path) -> None:
+    """The adapter_config.json of folder ``ours`` (lorakit's) has exactly the keys of ``theirs`` (PEFT's), with
+    equal values but for CONFIG_KEYS_THAT_DIFFER."""
+    ours_c = json.loads((ours / "adapter_config.json").read_text())
+    theirs_c = json.loads((theirs / "adapter_config.json").read_text())
+    assert sorted(ours_c) == sorted(theirs_c), "both write every key"
+    for key in sorted(theirs_c):
+        a, b = ours_c[key], theirs_c[key]
+        if key in CONFIG_KEYS_THAT_DIFFER:
+            assert CONFIG_KEYS_THAT_DIFFER[key](a, b), f"{key}: lorakit {a!r} vs PEFT {b!r}"
+        else:
+            assert a == b, f"{key}: lorakit {a!r} != PEFT {b!r}"

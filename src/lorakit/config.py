@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.metadata
 import math
 import os
 import re
@@ -100,6 +101,10 @@ class LoraConfig:
         "Weight-decomposed LoRA (DoRA, Liu et al. 2024): a learned magnitude per output row rescales W + s * B @ A.",
         False,
     )
+    auto_mapping: dict[str, str] | None = _help(
+        "Without a task_type: the base model's class and module (set on save, as PEFT does; PEFT's AutoPeftModel "
+        "reads them to choose the class to load)."
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -163,8 +168,9 @@ class LoraConfig:
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict with PEFT's keys (``peft_type`` included)."""
-        out: dict[str, Any] = {"peft_type": self.peft_type.value}
+        """Plain JSON-ready dict with every key PEFT writes: ``peft_type``, the fields, and PEFT's own keys (its
+        features lorakit lacks, at their "off" value, and the keys that describe the file)."""
+        out: dict[str, Any] = {"peft_type": self.peft_type.value, **_peft_file_keys()}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = value.value if isinstance(value, TaskType) else value
@@ -212,7 +218,29 @@ def get_peft_config(config_dict: dict[str, Any]) -> LoraConfig:
 
 
 # Keys PEFT writes that only describe the file (ignored silently, whatever their value).
-_INFORMATIONAL_PEFT_KEYS = {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size"}
+_INFORMATIONAL_PEFT_KEYS = {"peft_version", "megatron_core", "qalora_group_size"}
+
+# The PEFT version whose adapter_config.json lorakit writes, key for key (tests/api/test_interop.py compares them).
+PEFT_FORMAT_VERSION = "0.21.2"
+
+
+def _peft_file_keys() -> dict[str, Any]:
+    """The keys of PEFT's adapter_config.json that are no LoraConfig field, with the values PEFT writes for a LoRA
+    adapter. ``peft_version`` names the PEFT version of the format and lorakit as the writer, in PEFT's own
+    "<version>@<build>" form (PEFT's dev builds write "<version>@<commit>"; PEFT reads the part before the "@")."""
+    return {
+        **_NEUTRAL_PEFT_KEYS,
+        "megatron_core": "megatron.core",
+        "qalora_group_size": 16,
+        "peft_version": f"{PEFT_FORMAT_VERSION}@lorakit-{_lorakit_version()}",
+    }
+
+
+def _lorakit_version() -> str:
+    try:
+        return importlib.metadata.version("lorakit")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
 
 # Keys PEFT writes for features lorakit does not implement, with the value that means "feature off".
 _NEUTRAL_PEFT_KEYS: dict[str, Any] = {

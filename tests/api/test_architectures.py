@@ -15,13 +15,15 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from helpers import VOCAB, input_ids
+from helpers import VOCAB, assert_same_adapter_config, input_ids
 from torch import nn
 from transformers import (
     DistilBertConfig,
     DistilBertForSequenceClassification,
     FalconConfig,
     FalconForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PhiConfig,
     PhiForCausalLM,
     T5Config,
@@ -67,6 +69,16 @@ def tiny_phi(seed: int = 0) -> PhiForCausalLM:
         resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, max_position_embeddings=64,
     )
     return _build(PhiForCausalLM, config, seed)
+
+
+def tiny_phi3(seed: int = 0) -> Phi3ForCausalLM:
+    """Phi3ForCausalLM: fused qkv_proj (a default target of lorakit's, not of PEFT's)."""
+    config = Phi3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    return _build(Phi3ForCausalLM, config, seed)
 
 
 def tiny_distilbert_cls(seed: int = 0) -> DistilBertForSequenceClassification:
@@ -207,3 +219,37 @@ def test_distilbert_a_module_to_save_is_no_lora_target(targets):
     model = lorakit.get_peft_model(tiny_distilbert_cls(0), config)
     assert _saved_copies(model) == {"base_model.model.pre_classifier", "base_model.model.classifier"}
     assert not any("pre_classifier" in n and "lora_" in n for n in _trainable(model))
+
+
+# -- adapter_config.json like PEFT's ---------------------------------------------------------------------------------
+CONFIG_CASES = [
+    pytest.param(tiny_falcon, dict(), id="falcon_default"),
+    pytest.param(tiny_falcon, dict(target_modules="all-linear"), id="falcon_all_linear"),
+    pytest.param(tiny_t5, dict(task_type="SEQ_2_SEQ_LM"), id="t5_default"),
+    pytest.param(tiny_t5, dict(target_modules="all-linear"), id="t5_all_linear_no_task"),
+    pytest.param(tiny_phi, dict(), id="phi_default"),
+    pytest.param(tiny_distilbert_cls, dict(target_modules=["q_lin", "v_lin"], task_type="SEQ_CLS"), id="distilbert"),
+    pytest.param(
+        tiny_distilbert_cls, dict(target_modules=["q_lin"], modules_to_save=["classifier"], task_type="SEQ_CLS"),
+        id="distilbert_head_listed_twice",
+    ),
+]
+
+
+@pytest.mark.parametrize("factory, kwargs", CONFIG_CASES)
+def test_same_adapter_config_as_peft(factory, kwargs, tmp_path: Path):
+    ours, theirs = _twins(factory, dict(r=4, lora_alpha=8, **kwargs))
+    ours.save_pretrained(tmp_path / "lorakit")
+    theirs.save_pretrained(tmp_path / "peft")
+    assert_same_adapter_config(tmp_path / "lorakit", tmp_path / "peft")
+
+
+def test_a_default_peft_lacks_is_recorded_so_peft_loads_the_adapter(tmp_path: Path):
+    """Phi-3's default (qkv_proj) is lorakit's own; the file names it, so PEFT (which has no default for phi3)
+    loads the adapter."""
+    model = lorakit.get_peft_model(tiny_phi3(0), lorakit.LoraConfig(r=4, init_lora_weights=False))
+    assert model.peft_config["default"].target_modules == ["qkv_proj"]
+    model.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(tiny_phi3(0), tmp_path)
+    batch = _lm_batch()
+    torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch), atol=1e-5, rtol=1e-5)

@@ -128,8 +128,28 @@ def resolve_target_spec(model: nn.Module, config: LoraConfig) -> list[str] | str
         default = DEFAULT_TARGETS[model_type]
         return default if isinstance(default, str) else list(default)
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
-        return all_linear_targets(model, config.task_type)
+        saved = config.modules_to_save or []  # trained in full, not adapted (PEFT would fail on such a file)
+        return [n for n in all_linear_targets(model, config.task_type) if not saved_by(n, saved)]
     return spec
+
+
+CONDENSE_FROM = 20  # target lists this long are recorded condensed, as PEFT records them
+
+
+def condensed(targets: list[str], names: list[str]) -> list[str]:
+    """A long target list as short dotted suffixes that select the same modules among ``names`` (all the model's
+    module names): for each target, its shortest suffix (in whole name parts) that no other module's name ends with;
+    sorted. PEFT writes its target lists of 20 entries or more in this form, so lorakit does too: the saved files
+    match. E.g. every q and v of a T5 -> ['q', 'v'] when no other module's name ends with 'q' or 'v'."""
+    wanted = set(targets)
+    others = [n for n in names if n not in wanted and not any(n.endswith(f".{t}") for t in wanted)]
+    taken = {".".join(parts[i:]) for parts in (n.split(".") for n in others) for i in range(len(parts))}
+    short = set()
+    for target in wanted:
+        parts = target.split(".")
+        suffixes = (".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1))  # shortest first
+        short.add(next((x for x in suffixes if x not in taken), target))
+    return sorted(short)
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -183,6 +203,15 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
     """Wrap every target of ``config`` (or add the adapter to existing wrappers) and set up modules_to_save copies.
     Returns the names of the wrapped modules."""
     targets = find_targets(model, config)
+    spec = config.target_modules
+    if spec is None or (isinstance(spec, str) and spec.lower() == ALL_LINEAR):
+        # PEFT records what None / 'all-linear' stood for (the default names, the module names), so the saved file
+        # names the same modules wherever it is loaded
+        config.target_modules = resolve_target_spec(model, config)
+    if isinstance(config.target_modules, list) and len(config.target_modules) >= CONDENSE_FROM:
+        short = condensed(config.target_modules, [n for n, _ in model.named_modules()])
+        if len(short) < len(config.target_modules):
+            config.target_modules = short
     layouts: list[bool] = []  # fan_in_fan_out of each wrapped Linear / Conv1D
     for name in targets:
         parent, child = _parent(model, name)
@@ -204,7 +233,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
         )
     if layouts:  # record the detected layout (True for Conv1D), as PEFT does, so the saved config matches the model
         config.fan_in_fan_out = any(layouts)
-    for entry in config.modules_to_save or []:
+    for entry in dict.fromkeys(config.modules_to_save or []):  # PEFT may list a SEQ_CLS head twice
         wrapped: list[str] = []
         for n, _ in plain_modules(model):  # parents before their children: a match inside a match is left to it
             if saved_by(n, [entry]) and not any(n.startswith(f"{w}.") for w in wrapped):

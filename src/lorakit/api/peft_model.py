@@ -185,12 +185,22 @@ class PeftModel(nn.Module):
         for name in names:
             # Unlike PEFT's "auto", the full base embedding is saved only on request: adapters stay small.
             tensors = state.adapter_state_dict(self, name, save_embedding_layers=save_embedding_layers is True)
-            saved = LoraConfig.from_dict({**self.peft_config[name].to_dict(), "inference_mode": True})
+            saved = LoraConfig.from_dict(
+                {**self.peft_config[name].to_dict(), "inference_mode": True, "auto_mapping": self._auto_mapping(name)}
+            )
             if path_initial_model_for_weight_conversion is not None:
                 tensors, saved = convert.to_original_base(
                     tensors, saved, path_initial_model_for_weight_conversion, name
                 )
             files.write_adapter(files.adapter_folder(save_directory, name), saved.to_dict(), tensors)
+
+    def _auto_mapping(self, adapter_name: str) -> dict[str, str] | None:
+        """What PEFT records for a config without task_type: the base model's class and its module (PEFT's
+        AutoPeftModel imports that class to load the adapter); None with a task_type."""
+        if self.peft_config[adapter_name].task_type is not None:
+            return None
+        base = type(self.get_base_model())
+        return {"base_model_class": base.__name__, "parent_library": base.__module__}
 
     @classmethod
     def from_pretrained(
@@ -300,9 +310,8 @@ class PeftModelForSequenceClassification(PeftModel):
     """PeftModel for classifiers: the head ('classifier' or 'score') is trained in full and saved with the adapter."""
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
-        heads = [h for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)]
-        saved = list(peft_config.modules_to_save or [])
-        peft_config.modules_to_save = saved + [h for h in heads if h not in saved]
+        # both head names, after the config's own entries, as PEFT lists them (a name the model lacks matches nothing)
+        peft_config.modules_to_save = list(peft_config.modules_to_save or []) + list(SEQ_CLS_HEADS)
         super().__init__(model, peft_config, adapter_name)
 
 
