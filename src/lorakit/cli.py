@@ -145,7 +145,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         generate(model, tokenizer, prompts, stream=lambda text: print(text, end="", flush=True), **options)
         print()
         return EXIT_OK
-    for prompt, output in zip(prompts, generate(model, tokenizer, prompts, **options)):
+    for prompt, output in zip(prompts, generate(model, tokenizer, prompts, progress="generating", **options)):
         print(f"### {prompt}\n{output}\n")
     return EXIT_OK
 
@@ -164,7 +164,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
 
     model, tokenizer = load_pretrained(ns.model, ns.adapter)
     result = evaluate(model, tokenizer, records, max_length=ns.max_length, batch_size=ns.batch_size,
-                      exact_match=ns.exact_match, max_new_tokens=ns.max_new_tokens)  # fmt: skip
+                      exact_match=ns.exact_match, max_new_tokens=ns.max_new_tokens, progress=True)  # fmt: skip
     if ns.json:
         meta = {"data": ns.data, "adapter": ns.adapter, "model": ns.model}
         print(json.dumps({**meta, **{k: _finite(v) for k, v in result.items()}}))
@@ -183,7 +183,7 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
     _check_adapter_folder(ns.adapter)
     from lorakit.commands.merge import merge_adapter_to_folder  # torch (see the module doc)
 
-    output = merge_adapter_to_folder(ns.adapter, ns.output, model=ns.model, overwrite=ns.overwrite)
+    output = merge_adapter_to_folder(ns.adapter, ns.output, model=ns.model, overwrite=ns.overwrite, progress=True)
     print(f"merged model written to {output} (load it with transformers' AutoModelForCausalLM.from_pretrained)")
     return EXIT_OK
 

@@ -78,8 +78,9 @@ def make_examples(n: int, seed: int, exclude: set[dt.date] | None = None) -> lis
     return out
 
 
-def accuracy(model: Any, tokenizer: Any, records: list[dict[str, str]]) -> tuple[float, list[str]]:
-    answers = generate(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=12, batch_size=16)
+def accuracy(model: Any, tokenizer: Any, records: list[dict[str, str]], name: str) -> tuple[float, list[str]]:
+    prompts = [r["prompt"] for r in records]
+    answers = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=16, progress=f"{name} answers")
     return exact_match_score(answers, [r["completion"] for r in records]), answers
 
 
@@ -102,7 +103,7 @@ def run(
     started = time.perf_counter()
     tokenizer = load_tokenizer(model)
     base = load_model(model)
-    before, before_answers = accuracy(base, tokenizer, test_rows)
+    before, before_answers = accuracy(base, tokenizer, test_rows, "base model")
     print(
         f"base model: exact match {before:.0%} on {n_test} held-out dates "
         f"(e.g. {test_rows[0]['prompt'].splitlines()[-1]!r} -> {before_answers[0]!r})"
@@ -129,7 +130,7 @@ def run(
     summary = train(args)
     tuned = summary.pop("model")
     tuned.eval()
-    after, after_answers = accuracy(tuned, tokenizer, test_rows)
+    after, after_answers = accuracy(tuned, tokenizer, test_rows, "fine-tuned")
     print(
         f"fine-tuned: exact match {after:.0%} (e.g. {test_rows[0]['prompt'].splitlines()[-1]!r} -> "
         f"{after_answers[0]!r})"

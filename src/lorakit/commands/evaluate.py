@@ -110,11 +110,14 @@ def eval_loss(
     records: Sequence[dict[str, Any]],
     max_length: int = 512,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> dict[str, float | int]:
-    """Token-weighted mean loss over the labelled tokens of ``records``, with the counts behind it."""
+    """Token-weighted mean loss over the labelled tokens of ``records``, with the counts behind it (``progress``:
+    a progress display over the batches)."""
     examples, stats = tokenize_records(records, tokenizer, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    total, n_tokens = loss_over_examples(model, examples, batch_size, pad_id)
+    shown = "eval loss" if progress else None
+    total, n_tokens = loss_over_examples(model, examples, batch_size, pad_id, progress=shown)
     loss = total / n_tokens
     return {
         "loss": loss,
@@ -134,6 +137,7 @@ def evaluate(
     batch_size: int = 8,
     exact_match: bool | None = None,
     max_new_tokens: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Loss and perplexity on ``records``, plus greedy exact-match accuracy: with ``exact_match`` True, None (the
     default) when the references are short, not with False; answers up to ``max_new_tokens`` tokens, by default
@@ -141,16 +145,18 @@ def evaluate(
 
     Returns ``{"loss", "perplexity", "n_examples", "n_tokens", "n_records", "n_dropped", "exact_match",
     "n_exact_match", "exact_match_note"}``; ``exact_match`` is None (and ``n_exact_match`` 0) when it was not
-    computed, and the note says why (else how long the answers could be).
+    computed, and the note says why (else how long the answers could be). ``progress``: progress displays for the
+    loss and the answers (``lorakit.io.progress``).
 
     Raises:
         DataError: records in no known format, or none with a labelled token after truncation to ``max_length``.
     """
-    result: dict[str, Any] = dict(eval_loss(model, tokenizer, records, max_length, batch_size))
+    result: dict[str, Any] = dict(eval_loss(model, tokenizer, records, max_length, batch_size, progress))
     prompts, references = prompts_and_references(records)
     n_new, note = exact_match_plan(tokenizer, references, exact_match, max_new_tokens)
     result.update(exact_match=None, n_exact_match=0, exact_match_note=note)
     if n_new is not None:
-        predictions = generate(model, tokenizer, prompts, max_new_tokens=n_new, do_sample=False, batch_size=batch_size)
+        predictions = generate(model, tokenizer, prompts, max_new_tokens=n_new, do_sample=False, batch_size=batch_size,
+                               progress="exact-match answers" if progress else None)  # fmt: skip
         result.update(exact_match=exact_match_score(predictions, references), n_exact_match=len(references))
     return result

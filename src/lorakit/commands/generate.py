@@ -27,6 +27,7 @@ from lorakit.api.peft_model import PeftModel
 from lorakit.config import read_config
 from lorakit.io import files
 from lorakit.io.models import load_model, load_tokenizer
+from lorakit.io.progress import progress as show_progress
 
 Messages = list[dict[str, Any]]
 Prompt = str | Messages  # a plain prompt, or a conversation to continue with an assistant turn
@@ -96,6 +97,7 @@ def generate(
     batch_size: int = 8,
     stream: Callable[[str], Any] | Any | None = None,
     chat: bool | None = None,
+    progress: str | None = None,
 ) -> list[str]:
     """Complete each prompt; returns only the new text of each, without special tokens, in prompt order.
 
@@ -108,6 +110,7 @@ def generate(
         stream: for a single prompt only: a callback receiving text pieces as they are decoded, or a transformers
             streamer (an object with ``put`` / ``end``, e.g. ``TextStreamer(tokenizer, skip_prompt=True)``).
         chat: force (True) or disable (False) the chat template for string prompts; None: use it if present.
+        progress: the name of a progress display over the prompts (``lorakit.io.progress``); None: none.
 
     Raises:
         ValueError: bad sizes, streaming several prompts, or a chat prompt without a chat template.
@@ -140,9 +143,10 @@ def generate(
     model.eval()
     tokenizer.padding_side = "left"
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), show_progress(progress or "", len(prompts), "prompt", show=bool(progress)) as bar:
             for start in range(0, len(prompts), batch_size):
                 outputs += _generate_batch(model, tokenizer, prompts[start : start + batch_size], chat, device, options)
+                bar.update(len(prompts[start : start + batch_size]))
     finally:
         model.train(was_training)
         tokenizer.padding_side = padding_side

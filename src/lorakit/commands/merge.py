@@ -26,6 +26,7 @@ from lorakit.commands.generate import base_model_id
 from lorakit.config import TaskType, read_config
 from lorakit.io import files
 from lorakit.io.models import load_model, resolve_model
+from lorakit.io.progress import phase
 
 TASK_OF = {None: "causal_lm", TaskType.CAUSAL_LM: "causal_lm", TaskType.SEQ_CLS: "seq_cls"}
 
@@ -37,11 +38,13 @@ def merge_adapter_to_folder(
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Load the base model (``model``, else the adapter's base_model_name_or_path) + the adapter in ``adapter_dir``,
     merge, and save model (safetensors) + tokenizer to ``output_dir``. Returns ``output_dir``.
 
-    The tokenizer is the one saved with the adapter if there is one, else the base model's.
+    The tokenizer is the one saved with the adapter if there is one, else the base model's. ``progress``: a line
+    as each phase (load, merge, write) starts and ends (``lorakit.io.progress.phase``).
 
     Raises:
         FileExistsError: ``output_dir`` is a file, or a non-empty folder and ``overwrite`` is False.
@@ -58,8 +61,10 @@ def merge_adapter_to_folder(
         )
     base_id = base_model_id(adapter_dir, model)
     files.read_weights(adapter_dir)  # a corrupt file fails before the (slow) base model load
-    base = load_model(base_id, task=TASK_OF[config.task_type], dtype=dtype, trust_remote_code=trust_remote_code)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload(safe_merge=True)
+    with phase(f"loading base model {base_id}", show=progress):
+        base = load_model(base_id, task=TASK_OF[config.task_type], dtype=dtype, trust_remote_code=trust_remote_code)
+    with phase(f"merging {adapter_dir} into it", show=progress):
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload(safe_merge=True)
     tokenizer = _tokenizer(adapter_dir, base_id)
 
     def write(folder: Path) -> None:
@@ -67,7 +72,8 @@ def merge_adapter_to_folder(
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
 
-    _publish(output, write)
+    with phase(f"writing {output}", show=progress):
+        _publish(output, write)
     return output
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.data.pack import collate
 from lorakit.fast.fused_ce import DEFAULT_CHUNK, linear_cross_entropy
+from lorakit.io.progress import progress as show_progress
 
 IGNORE_INDEX = -100
 
@@ -104,21 +105,29 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, Tensor], chunk: int = DEFAULT
 
 
 def loss_over_examples(
-    model: nn.Module, examples: Sequence[Any], batch_size: int, pad_id: int, bf16: bool = False
+    model: nn.Module, examples: Sequence[Any], batch_size: int, pad_id: int, bf16: bool = False,
+    progress: str | None = None,
 ) -> tuple[float, int]:
     """(sum of token losses, labelled-token count) over ``examples`` in eval mode, without gradients; batches are
-    formed longest first to pad little. The model's train/eval mode is restored."""
+    formed longest first to pad little. The model's train/eval mode is restored. ``progress``: the name of a
+    progress display over the batches (``lorakit.io.progress``), None for none."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     rows = sorted(examples, key=len, reverse=True)
     device = next(model.parameters()).device
+    n_batches = -(-len(rows) // batch_size)
     try:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with (
+            torch.inference_mode(),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+            show_progress(progress or "", n_batches, unit="batch", show=progress is not None) as bar,
+        ):
             for i in range(0, len(rows), batch_size):
                 batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
                 loss, n = lm_loss_sum(model, batch)
                 total, count = total + loss.item(), count + n
+                bar.update()
     finally:
         model.train(was_training)
     return total, count

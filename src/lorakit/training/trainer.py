@@ -427,7 +427,10 @@ def finish(run: Run) -> dict[str, Any]:
 def evaluate_loss(run: Run) -> float:
     """Token-weighted mean eval loss over the run's eval examples (sharded over the processes)."""
     examples = run.eval_examples[run.rank :: run.world]
-    total, count = loss_over_examples(run.model, examples, run.args.batch_size, run.pad_id, run.bf16)
+    shown = None
+    if run.rank == 0 and run.args.progress:  # scoring the base model before the first step can take minutes
+        shown = "eval loss before training" if not run.last else f"eval loss after step {run.last['step']}"
+    total, count = loss_over_examples(run.model, examples, run.args.batch_size, run.pad_id, run.bf16, progress=shown)
     total, count = distributed.sum_over_processes([total, count])
     return total / max(count, 1)
 
