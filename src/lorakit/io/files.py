@@ -259,7 +259,7 @@ def write_adapter(folder: str | os.PathLike, config: dict[str, Any], tensors: di
         CONFIG_NAME: _json_bytes(config),
     }
     needed = sum(map(len, contents.values()))
-    with folder_lock(folder):
+    with folder_lock(folder, needed=needed):
         _settle(folder)
         temps: dict[str, Path] = {}
         try:
@@ -302,18 +302,19 @@ _held: dict[Path, list[Any]] = {}  # lock file -> [fd, depth, folders the lock c
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, what: str | None = None) -> Iterator[None]:
+def folder_lock(folder: str | os.PathLike, what: str | None = None, needed: int = 0) -> Iterator[None]:
     """Hold ``folder``'s lock (the file ``.lorakit.lock``, flock'ed, holding this process's pid and command) while
     the block runs; re-entrant within a process. If another live process holds it, FolderLockedError names that
     process at once. A lock file left by a process that died (kill -9) is no longer flock'ed and is taken over.
-    The lock file is removed on release, and the folders the lock created if they are still empty."""
+    The lock file is removed on release, and the folders the lock created if they are still empty. A folder that
+    cannot be written raises OutputWriteError (``needed``: the bytes the caller is about to write, for its message)."""
     folder = Path(folder)
     try:
         created = [d for d in (folder, *folder.parents) if not d.is_dir()]  # deepest first
         folder.mkdir(parents=True, exist_ok=True)
         path = folder.resolve() / LOCK_NAME
     except OSError as e:
-        raise write_error(folder, 0, e) from None
+        raise write_error(folder, needed, e) from None
     if path in _held or fcntl is None:
         if path in _held:
             _held[path][1] += 1
@@ -323,7 +324,7 @@ def folder_lock(folder: str | os.PathLike, what: str | None = None) -> Iterator[
             if path in _held:
                 _held[path][1] -= 1
         return
-    fd = _acquire(path, folder, what)
+    fd = _acquire(path, folder, what, needed)
     _held[path] = [fd, 1, created]
     try:
         yield
@@ -339,12 +340,12 @@ def folder_lock(folder: str | os.PathLike, what: str | None = None) -> Iterator[
                 d.rmdir()  # only if empty: a run refused by its checks leaves nothing behind
 
 
-def _acquire(path: Path, folder: Path, what: str | None) -> int:
+def _acquire(path: Path, folder: Path, what: str | None, needed: int) -> int:
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise write_error(path, 0, e) from None
+            raise write_error(path, needed, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

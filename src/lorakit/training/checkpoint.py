@@ -8,6 +8,7 @@ a checkpoint folder either exists complete or not at all; the newest complete on
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import shutil
@@ -66,14 +67,13 @@ def save_checkpoint(
     extra: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write checkpoint ``step`` atomically (temp folder + rename) and keep only the newest ``keep``."""
+    """Write checkpoint ``step`` atomically (temp folder + rename) and keep only the newest ``keep``. A full or
+    read-only disk raises OutputWriteError naming the checkpoint and the bytes it needs; the temp folder is removed
+    and the older checkpoints are unchanged (they are pruned only after the new one is in place)."""
     root = checkpoint_root(output)
-    root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(output, step)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tensors = adapter_state.adapter_state_dict(model, adapter_name)
-    files.write_adapter(tmp, model.peft_config[adapter_name].to_dict(), tensors)
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -81,14 +81,28 @@ def save_checkpoint(
         "rng": rng_state(),
         **extra,
     }
-    with open(tmp / STATE_NAME, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():  # a re-run of the same step (after a resume): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    needed = buffer.tell() + sum(t.numel() * t.element_size() for t in tensors.values())
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        files.write_adapter(tmp, model.peft_config[adapter_name].to_dict(), tensors)
+        files.atomic_write_bytes(tmp / STATE_NAME, buffer.getvalue())
+        if final.exists():  # a re-run of the same step (after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        files.fsync_dir(root)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None:
+            error = files.write_error(final, needed, OSError(e.errno, os.strerror(e.errno)))
+            if error is not e and isinstance(error, files.OutputWriteError):
+                latest = latest_checkpoint(output)
+                raise files.OutputWriteError(
+                    e.errno, f"{error}; the newest checkpoint is still {latest}" if latest else str(error)
+                ) from None
+        raise
     for old in list_checkpoints(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -114,11 +128,3 @@ def clean_partial(output: str | os.PathLike) -> None:
     if root.is_dir():
         for p in root.glob(".tmp-step-*"):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
