@@ -50,6 +50,7 @@ DEFAULT_TARGETS: dict[str, list[str] | str] = {
     "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 SEQ_CLS_HEADS = ("classifier", "score")
+QA_HEADS = ("qa_outputs",)  # the span head of *ForQuestionAnswering models
 
 
 class TargetError(ValueError):
@@ -77,6 +78,12 @@ def saved_by(name: str, modules_to_save: list[str]) -> bool:
     """Whether a modules_to_save entry names the module: its name ends with the entry as a string, PEFT's rule, so
     that both libraries train and save the same copies ('classifier' also names DistilBERT's 'pre_classifier')."""
     return any(name.endswith(entry) for entry in modules_to_save)
+
+
+def in_saved(name: str, modules_to_save: list[str]) -> bool:
+    """Whether the module is, or is inside, one that a modules_to_save entry names by whole name parts (PEFT's rule
+    for keeping LoRA targets out of modules to save)."""
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save)
 
 
 def matches(name: str, spec: list[str] | str | None) -> bool:
@@ -128,8 +135,10 @@ def resolve_target_spec(model: nn.Module, config: LoraConfig) -> list[str] | str
         default = DEFAULT_TARGETS[model_type]
         return default if isinstance(default, str) else list(default)
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
-        saved = config.modules_to_save or []  # trained in full, not adapted (PEFT would fail on such a file)
-        return [n for n in all_linear_targets(model, config.task_type) if not saved_by(n, saved)]
+        # recorded as PEFT records it, but for a module a modules_to_save entry names only by PEFT's string-suffix rule
+        # (DistilBERT's pre_classifier for 'classifier'): PEFT would adapt it and then fail to save it in full
+        saved = config.modules_to_save or []
+        return [n for n in all_linear_targets(model, config.task_type) if in_saved(n, saved) or not saved_by(n, saved)]
     return spec
 
 
@@ -162,7 +171,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     for name, module in modules.items():
         if not matches(name, spec) or matches(name, config.exclude_modules):
             continue
-        if saved_by(name, saved) or any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved):
+        if saved_by(name, saved) or in_saved(name, saved):
             continue  # trained in full (modules_to_save), or inside a module that is
         if config.layers_to_transform is not None:
             wanted = config.layers_to_transform

@@ -14,6 +14,9 @@ from torch import nn
 from lorakit.api.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
@@ -76,3 +79,18 @@ class AutoPeftModelForSequenceClassification(_AutoPeftModel):
 class AutoPeftModelForTokenClassification(_AutoPeftModel):
     auto_class_name = "AutoModelForTokenClassification"
     peft_class = PeftModelForTokenClassification
+
+
+class AutoPeftModelForSeq2SeqLM(_AutoPeftModel):
+    auto_class_name = "AutoModelForSeq2SeqLM"
+    peft_class = PeftModelForSeq2SeqLM
+
+
+class AutoPeftModelForQuestionAnswering(_AutoPeftModel):
+    auto_class_name = "AutoModelForQuestionAnswering"
+    peft_class = PeftModelForQuestionAnswering
+
+
+class AutoPeftModelForFeatureExtraction(_AutoPeftModel):
+    auto_class_name = "AutoModel"  # the bare encoder: hidden states, no head
+    peft_class = PeftModelForFeatureExtraction

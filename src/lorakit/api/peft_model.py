@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters import convert, mixed_batch, state
-from lorakit.adapters.inject import SEQ_CLS_HEADS, TargetError, wrappers
+from lorakit.adapters.inject import QA_HEADS, SEQ_CLS_HEADS, TargetError, wrappers
 from lorakit.adapters.model import LoraModel
 from lorakit.config import LoraConfig, PeftType, TaskType, read_config
 from lorakit.io import files
@@ -327,12 +327,23 @@ class PeftModelForSeq2SeqLM(PeftModel):
     """PeftModel for encoder-decoder language models."""
 
 
+class PeftModelForQuestionAnswering(PeftModel):
+    """PeftModel for extractive question answering: the span head ('qa_outputs') is trained in full and saved with
+    the adapter."""
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+        # after the config's own entries, as PEFT lists it
+        peft_config.modules_to_save = list(peft_config.modules_to_save or []) + list(QA_HEADS)
+        super().__init__(model, peft_config, adapter_name)
+
+
 MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType | None, type[PeftModel]] = {
     TaskType.CAUSAL_LM: PeftModelForCausalLM,
     TaskType.SEQ_CLS: PeftModelForSequenceClassification,
     TaskType.TOKEN_CLS: PeftModelForTokenClassification,
     TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
     TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
 }
 
 
