@@ -7,10 +7,11 @@ config, gradient checkpointing) and adds adapter management, trainable-parameter
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,27 @@ from lorakit.config import LoraConfig, PeftType, TaskType, read_config
 from lorakit.io import files
 from lorakit.io.files import AdapterError, check_adapter_name
 from lorakit.ops.init import mutates_base
+
+
+def _declaring_labels(forward: Callable[..., Any], *label_names: str) -> Callable[..., Any]:
+    """``forward`` with a signature that names the task's label parameters. transformers.Trainer finds a model's
+    label columns in the parameter names of its class's forward (transformers.utils.find_labels: names with
+    'label', and start_positions / end_positions for QuestionAnswering classes), after unwrapping PEFT's classes to
+    the base model's; a lorakit class is not unwrapped, so it declares the labels of its task's models. Without
+    them Trainer has no label columns and evaluate() reports no eval_loss. The instance's forward keeps the base
+    model's own signature (_ForwardWithBaseSignature), which Trainer reads for the dataset columns."""
+
+    @functools.wraps(forward)
+    def declared(self: PeftModel, *args: Any, **kwargs: Any) -> Any:
+        return forward(self, *args, **kwargs)
+
+    P = inspect.Parameter
+    declared.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        P("self", P.POSITIONAL_OR_KEYWORD), P("args", P.VAR_POSITIONAL),
+        *(P(name, P.KEYWORD_ONLY, default=None) for name in label_names),
+        P("adapter_names", P.KEYWORD_ONLY, default=None), P("kwargs", P.VAR_KEYWORD),
+    ])
+    return declared
 
 
 class PeftModel(nn.Module):
@@ -51,11 +73,13 @@ class PeftModel(nn.Module):
         return config
 
     # -- forwarding ----------------------------------------------------------------------------------------------
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+    def _forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward. ``adapter_names`` (one per batch row, ``"__base__"`` for none) runs each row
         with its own adapter, in eval mode (see lorakit.adapters.mixed_batch)."""
         with self._adapter_per_row(adapter_names, args, kwargs):
             return self.get_base_model()(*args, **kwargs)
+
+    forward = _declaring_labels(_forward, "labels")
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's generate; ``adapter_names`` as in ``forward``, one per prompt, held for every step."""
@@ -322,6 +346,8 @@ class PeftModelForTokenClassification(PeftModelForSequenceClassification):
 class PeftModelForFeatureExtraction(PeftModel):
     """PeftModel for encoders used as feature extractors."""
 
+    forward = _declaring_labels(PeftModel._forward)  # hidden states: no labels
+
 
 class PeftModelForSeq2SeqLM(PeftModel):
     """PeftModel for encoder-decoder language models."""
@@ -330,6 +356,8 @@ class PeftModelForSeq2SeqLM(PeftModel):
 class PeftModelForQuestionAnswering(PeftModel):
     """PeftModel for extractive question answering: the span head ('qa_outputs') is trained in full and saved with
     the adapter."""
+
+    forward = _declaring_labels(PeftModel._forward, "start_positions", "end_positions")
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
         # after the config's own entries, as PEFT lists it
