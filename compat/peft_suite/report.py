@@ -62,6 +62,7 @@ def cause(result: dict) -> str:
         return f"missing public name: {used[0].split(':', 1)[1]}"
     first = (result.get("message") or result["outcome"]).strip().splitlines()
     line = first[0] if first else result["outcome"]
+    line = re.sub(r"0x[0-9a-f]+", "0x#", line)  # addresses
     return re.sub(r"(?<![\w.])-?\d+(\.\d+)?(e-?\d+)?", "#", line)[:160]  # numbers, not the 2 of Conv2d
 
 

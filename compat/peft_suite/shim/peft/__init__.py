@@ -187,8 +187,11 @@ class _PlaceholderValue(_Refusing):
 
 
 def _placeholder(kind: str, module: str, name: str) -> type:
-    """A class standing for ``module.name``: isinstance / issubclass answer False, its __name__ is the PEFT name."""
-    return _PlaceholderMeta(name, (), {"_peft_suite_name": f"{kind}:{module}.{name}", "__module__": module})
+    """A class standing for ``module.name``: isinstance / issubclass answer False, its __name__ is the PEFT name. An
+    ``...Error`` or ``...Warning`` is an exception class, so ``pytest.raises(NoMatchingPeftModuleError)`` still runs
+    (and fails with whatever lorakit raised instead)."""
+    base = (Warning,) if name.endswith("Warning") else (Exception,) if name.endswith(("Error", "Exception")) else ()
+    return _PlaceholderMeta(name, base, {"_peft_suite_name": f"{kind}:{module}.{name}", "__module__": module})
 
 
 def _resolve(module: str, name: str) -> Any:
