@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 from helpers import tiny_llama
 
+import lorakit.io.models as models
 from lorakit import LoraConfig, PeftModel, get_peft_model
+from lorakit.cli import main
 from lorakit.config import read_config
 from lorakit.io import files as lio
 from lorakit.io.files import AdapterFileError
@@ -124,3 +126,20 @@ def test_symlinks_inside_the_folder_and_a_hub_cache_snapshot_are_fine(folder: Pa
     (folder / lio.WEIGHTS_NAME).unlink()
     os.symlink("real.safetensors", folder / lio.WEIGHTS_NAME)
     PeftModel.from_pretrained(tiny_llama(), folder)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "corrupted"])
+def test_a_truncated_or_corrupted_gguf_as_model(tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused by what it is (a file, not a model folder), before a byte of it is read: one line naming it."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64 if kind == "truncated" else os.urandom(4096))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a b", "completion": "c"}) + "\n")
+    with pytest.raises(models.ModelNotFoundError, match=rf"model '{gguf}' is a GGUF file, not a model folder"):
+        models.load_model(str(gguf))
+    capsys.readouterr()
+    argv = ["train", "--model", str(gguf), "--data", str(data), "--output", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorakit: error: model '{gguf}' is a GGUF file") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

@@ -177,6 +177,13 @@ def _looks_like_path(name: str) -> bool:
 
 def _local_folder(path: str) -> str:
     """``path`` if it is a model folder, else a `ModelNotFoundError` naming it."""
+    if os.path.isfile(path):  # e.g. a .gguf: never opened here, so a truncated or hostile one is not read either
+        kind = "a GGUF file" if path.lower().endswith(".gguf") else "a file"
+        raise ModelNotFoundError(
+            f"model '{path}' is {kind}, not a model folder; pass a transformers model folder (config.json + weights) "
+            "or a hub id (a GGUF: convert it once with AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)"
+            ".save_pretrained(out), then pass out)"
+        )
     if not os.path.isdir(path):
         raise ModelNotFoundError(f"model folder '{path}' does not exist; pass an existing folder or a hub id")
     if not os.path.isfile(os.path.join(path, "config.json")):
