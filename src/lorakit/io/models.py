@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -136,6 +137,7 @@ def _atomic_build(final: Path, write: Callable[[Path], None]) -> Path:
     tmp.chmod(0o755)  # mkdtemp makes it private (0o700); a cache folder is normally readable
     try:
         write(tmp)
+        _write_manifest(tmp)  # published with the folder: each use checks it (_check_cache)
         try:
             os.replace(tmp, final)  # atomic; fails if `final` is a non-empty folder
         except OSError:
@@ -147,15 +149,75 @@ def _atomic_build(final: Path, write: Callable[[Path], None]) -> Path:
 
 
 def default_model_path() -> str:
-    """Folder of the bundled default model, converting the GGUF into the cache on first use (~20 s)."""
+    """Folder of the bundled default model, converting the GGUF into the cache on first use (~20 s). The cache is
+    checked on each use against its manifest (``_check_cache``); a damaged one is said, set aside and rebuilt."""
     final = cache_dir() / CACHE_SUBDIR
     if (final / "config.json").is_file():
-        return str(final)
+        damage = _check_cache(final)
+        if damage is None:
+            return str(final)
+        print(f"lorakit: the cached default model in {final} is damaged ({damage}); rebuilding it", file=sys.stderr)
+        aside = final.with_name(f".{final.name}.damaged-{os.getpid()}")
+        try:
+            os.replace(final, aside)  # another process may have done it first: then there is nothing to move
+        except OSError:
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
     print(f"lorakit: converting bundled {GGUF_FILE} to {final} (once)", file=sys.stderr)
     start = time.perf_counter()
     _atomic_build(final, _write_default_model)
     print(f"lorakit: converted in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return str(final)
+
+
+MANIFEST_NAME = "lorakit-cache.json"  # {file: {size, mtime_ns, sha256}} of a cache folder, written with it
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        stat = path.stat()
+        files[str(path.relative_to(folder))] = {
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "sha256": _sha256(path),
+        }
+    (folder / MANIFEST_NAME).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_cache(folder: Path) -> str | None:
+    """What is wrong with a cache folder (None: nothing): every file of its manifest present with its size, and its
+    SHA-256 when its mtime is not the one recorded (a file written since, e.g. half-rewritten or edited). A folder
+    without a manifest (made by an older lorakit) is adopted: its manifest is written now."""
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())["files"]
+    except FileNotFoundError:
+        try:
+            _write_manifest(folder)
+        except OSError:  # a read-only cache: used as it is
+            pass
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST_NAME} is unreadable: {type(e).__name__}"
+    for name, want in manifest.items():
+        path = folder / name
+        try:
+            stat = path.stat()
+        except OSError:
+            return f"{name} is missing"
+        if stat.st_size != want["size"]:
+            return f"{name} is {stat.st_size:,} bytes, {want['size']:,} expected"
+        if stat.st_mtime_ns != want["mtime_ns"] and _sha256(path) != want["sha256"]:
+            return f"{name} does not have its recorded SHA-256"
+    return None
 
 
 def _is_offline() -> bool:
