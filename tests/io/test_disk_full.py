@@ -21,6 +21,7 @@ from helpers import tiny_llama
 
 from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.io import files as lio
+from lorakit.io import writes
 from lorakit.training import checkpoint
 
 NEEDED = r"\((\d[\d,]*) bytes needed(, [\d,]+ free)?\)"
@@ -64,7 +65,7 @@ def test_save_pretrained_on_a_full_disk_at_any_write(tmp_path: Path, monkeypatch
             _fsync_fails_at(k, mp)
             try:
                 new.save_pretrained(folder)
-            except lio.OutputWriteError as e:
+            except writes.OutputWriteError as e:
                 assert e.errno == errno.ENOSPC
                 message = str(e)
             else:  # the failing fsync was a folder's (after a rename): the save went through
@@ -103,7 +104,7 @@ def test_a_checkpoint_on_a_full_disk_at_any_write(tmp_path: Path, monkeypatch: p
             _fsync_fails_at(k, mp)
             try:
                 _checkpoint(tmp_path, 2, model)
-            except lio.OutputWriteError as e:
+            except writes.OutputWriteError as e:
                 message = str(e)
             else:  # the failing fsync was a folder's (after a rename): the checkpoint went through
                 shutil.rmtree(checkpoint.checkpoint_path(tmp_path, 2))
@@ -148,9 +149,10 @@ def test_real_full_and_read_only_disk(tmpfs: Path) -> None:
     first = _checkpoint(output, 1, model)
     before = _snapshot(adapter), _snapshot(output)
     _fill(tmpfs, 4096)
-    with pytest.raises(lio.OutputWriteError, match=rf"cannot write {adapter}/.*no space left on device {NEEDED}"):
+    with pytest.raises(writes.OutputWriteError, match=rf"cannot write {adapter}/.*no space left on device {NEEDED}"):
         _model(64, seed=1).save_pretrained(adapter)
-    with pytest.raises(lio.OutputWriteError, match=rf"cannot write {output}/checkpoints/step-00000002: no space left"):
+    step_2 = f"{output}/checkpoints/step-00000002"
+    with pytest.raises(writes.OutputWriteError, match=rf"cannot write {step_2}: no space left"):
         _checkpoint(output, 2, model)
     assert (_snapshot(adapter), _snapshot(output)) == before
     PeftModel.from_pretrained(tiny_llama(), adapter)
@@ -159,9 +161,9 @@ def test_real_full_and_read_only_disk(tmpfs: Path) -> None:
     for ballast in tmpfs.glob("ballast-*"):
         ballast.unlink()
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
-    with pytest.raises(lio.OutputWriteError, match=rf"cannot write {adapter}.*: read-only file system {NEEDED}"):
+    with pytest.raises(writes.OutputWriteError, match=rf"cannot write {adapter}.*: read-only file system {NEEDED}"):
         _model(8, seed=1).save_pretrained(adapter)
-    with pytest.raises(lio.OutputWriteError, match=r"read-only file system"):
+    with pytest.raises(writes.OutputWriteError, match=r"read-only file system"):
         _checkpoint(output, 2, model)
     assert (_snapshot(adapter), _snapshot(output)) == before
     PeftModel.from_pretrained(tiny_llama(), adapter)

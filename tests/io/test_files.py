@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from lorakit import AdapterFileError, LoraConfig, PeftModel, get_peft_model
 from lorakit.io import files as lio
+from lorakit.io import writes
 
 
 def _adapted(target_modules=("q_proj", "v_proj"), **kw):
@@ -70,14 +71,14 @@ def test_bias_lora_only_saves_wrapped_biases(tmp_path):
 
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
     target = tmp_path / "f.bin"
-    lio.atomic_write_bytes(target, b"old")
+    writes.atomic_write_bytes(target, b"old")
 
     def boom(*_a, **_k):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        lio.atomic_write_bytes(target, b"new")
+        writes.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
 
 

@@ -1,4 +1,4 @@
-"""One writer per folder (``io.files.folder_lock``): a second process stops at once with an error naming the holder;
+"""One writer per folder (``io.lock.folder_lock``): a second process stops at once with an error naming the holder;
 a lock left by a process that died is taken over; nothing of the first writer's is touched; training holds the lock
 of its --output for the whole run."""
 
@@ -17,19 +17,20 @@ from helpers import save_tiny_folder
 from safetensors.torch import load_file
 
 from lorakit.io import files as lio
+from lorakit.io import lock
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from lorakit.io import files
-with files.folder_lock(sys.argv[1], "holder test"):
+from lorakit.io import lock
+with lock.folder_lock(sys.argv[1], "holder test"):
     Path(sys.argv[2]).touch()
     time.sleep(float(sys.argv[3]))
 """
 DIE_HOLDING = """
 import os, sys
-from lorakit.io import files
-held = files.folder_lock(sys.argv[1], "dies holding it")
+from lorakit.io import lock
+held = lock.folder_lock(sys.argv[1], "dies holding it")
 held.__enter__()
 os._exit(9)  # as kill -9: no cleanup, the lock file stays
 """
@@ -59,13 +60,13 @@ def test_a_second_writer_stops_at_once_naming_the_holder(tmp_path: Path) -> None
     try:
         tic = time.perf_counter()
         with pytest.raises(
-            lio.FolderLockedError, match=rf"{folder} is in use by process {holder.pid} on .*holder test"
+            lock.FolderLockedError, match=rf"{folder} is in use by process {holder.pid} on .*holder test"
         ):
             lio.write_adapter(folder, *_adapter(1))
         assert time.perf_counter() - tic < 2  # at once, not after a wait
-        with pytest.raises(lio.FolderLockedError, match=str(holder.pid)):
+        with pytest.raises(lock.FolderLockedError, match=str(holder.pid)):
             lio.write_config_json(folder, {"r": 8})
-        now = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != lio.LOCK_NAME}
+        now = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != lock.LOCK_NAME}
         assert now == before
     finally:
         holder.kill()
@@ -76,7 +77,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path, caplog: pyt
     folder = tmp_path / "adapter"
     dead = subprocess.run([sys.executable, "-c", DIE_HOLDING, str(folder)], env=ENV, timeout=60)
     assert dead.returncode == 9
-    left = json.loads((folder / lio.LOCK_NAME).read_text())
+    left = json.loads((folder / lock.LOCK_NAME).read_text())
     assert left["command"] == "dies holding it"
     lio.write_adapter(folder, *_adapter(0))  # no error: the dead process's flock went with it
     assert f"process {left['pid']}" in caplog.text and "no longer running" in caplog.text
@@ -85,10 +86,10 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path, caplog: pyt
 
 def test_the_lock_is_reentrant_and_leaves_no_folder_it_made(tmp_path: Path) -> None:
     folder = tmp_path / "a" / "b"
-    with lio.folder_lock(folder):
-        with lio.folder_lock(folder):  # the same process: e.g. train holding --output, then save_pretrained into it
-            assert (folder / lio.LOCK_NAME).is_file()
-        assert (folder / lio.LOCK_NAME).is_file()
+    with lock.folder_lock(folder):
+        with lock.folder_lock(folder):  # the same process: e.g. train holding --output, then save_pretrained into it
+            assert (folder / lock.LOCK_NAME).is_file()
+        assert (folder / lock.LOCK_NAME).is_file()
     assert not (tmp_path / "a").exists()
 
 
@@ -123,9 +124,9 @@ def test_two_trainings_on_one_output(tmp_path: Path) -> None:
     finally:
         first.kill()
         first.wait()
-    assert (output / lio.LOCK_NAME).is_file()  # left by the killed run
+    assert (output / lock.LOCK_NAME).is_file()  # left by the killed run
     third = subprocess.run(_train(model, data, output, "--overwrite", "--max-steps", "3"), env=ENV, capture_output=True,
                            text=True, timeout=600)  # fmt: skip
     assert third.returncode == 0, third.stderr
     assert "no longer running" in third.stderr
-    assert not (output / lio.LOCK_NAME).exists() and load_file(output / lio.WEIGHTS_NAME)
+    assert not (output / lock.LOCK_NAME).exists() and load_file(output / lio.WEIGHTS_NAME)

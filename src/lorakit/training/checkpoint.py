@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lorakit.adapters import state as adapter_state
-from lorakit.io import files
+from lorakit.io import files, writes
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.pt"
@@ -88,18 +88,18 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         files.write_adapter(tmp, model.peft_config[adapter_name].to_dict(), tensors)
-        files.atomic_write_bytes(tmp / STATE_NAME, buffer.getvalue())
+        writes.atomic_write_bytes(tmp / STATE_NAME, buffer.getvalue())
         if final.exists():  # a re-run of the same step (after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        files.fsync_dir(root)
+        writes.fsync_dir(root)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno is not None:
-            error = files.write_error(final, needed, OSError(e.errno, os.strerror(e.errno)))
-            if error is not e and isinstance(error, files.OutputWriteError):
+            error = writes.write_error(final, needed, OSError(e.errno, os.strerror(e.errno)))
+            if error is not e and isinstance(error, writes.OutputWriteError):
                 latest = latest_checkpoint(output)
-                raise files.OutputWriteError(
+                raise writes.OutputWriteError(
                     e.errno, f"{error}; the newest checkpoint is still {latest}" if latest else str(error)
                 ) from None
         raise

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lorakit.io.files import atomic_write_bytes, atomic_write_json
+from lorakit.io.writes import atomic_write_bytes, atomic_write_json
 
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"

@@ -29,8 +29,9 @@ from lorakit.adapters.quantize import quantize
 from lorakit.api.peft_model import PeftModel, get_peft_model
 from lorakit.data.pack import PackedRow, collate, isolates_packed_rows, pack_examples
 from lorakit.data.tokenize import IGNORE_INDEX, Example, tokenize_records
-from lorakit.io.files import atomic_write_json, folder_lock
+from lorakit.io.lock import folder_lock
 from lorakit.io.models import load_model, load_tokenizer
+from lorakit.io.writes import atomic_write_json
 from lorakit.training import checkpoint, distributed, interrupt, preflight
 from lorakit.training.args import TrainArgs
 from lorakit.training.loss import lm_loss_sum, loss_over_examples
@@ -230,7 +231,7 @@ def train(args: TrainArgs | None = None, **kwargs: Any) -> dict[str, Any]:
     """Fine-tune a LoRA adapter; returns the summary also written to ``<output>/summary.json``.
 
     ``lorakit.train(data="train.jsonl", output="runs/x", r=16)`` takes TrainArgs fields as keywords. The run holds
-    the lock of its --output throughout (``io.files.folder_lock``): a second run on the same folder stops at once
+    the lock of its --output throughout (``io.lock.folder_lock``): a second run on the same folder stops at once
     with FolderLockedError naming this one.
     """
     args = args or TrainArgs(**kwargs)
