@@ -39,7 +39,7 @@ from lorakit.quant.formats import resident_bytes
 from lorakit.quant.linear import QuantLinear
 from lorakit.training.args import TrainArgs
 from lorakit.training.loss import lm_loss_sum, loss_over_examples
-from lorakit.training.trainer import lr_lambda, make_plan
+from lorakit.training.plan import lr_lambda, make_plan
 
 R, ALPHA, LR, BATCH, MAX_LENGTH = 16, 32, 1e-3, 8, 128
 

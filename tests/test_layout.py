@@ -128,3 +128,10 @@ def test_the_checks_catch_an_upward_import_and_a_circle(tmp_path, files, expect_
     edges = graph(root)
     assert bool(upward_imports(edges)) == expect_upward
     assert bool(circles(edges)) == expect_circle
+
+
+def test_test_file_names_are_unique():
+    """tests/ has no __init__.py files (pytest's default import mode), so two test files of one name in two folders
+    would shadow each other: "import file mismatch"."""
+    names = [p.name for p in Path(__file__).parent.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

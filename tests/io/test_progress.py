@@ -79,3 +79,21 @@ def test_lorakit_eval_shows_its_phases_on_stderr_only(tmp_path: Path) -> None:
     assert re.search(r"lorakit: eval loss: 2 batches in [\d.]+ s", proc.stderr)
     assert "lorakit: exact-match answers: 3 prompts ...\n" in proc.stderr
     assert re.search(r"lorakit: exact-match answers: 3 prompts in [\d.]+ s", proc.stderr)
+
+
+def test_a_resumed_phase_counts_from_its_start_and_shows_its_figures() -> None:
+    """The training display: ``initial`` steps already done (a --resume), figures after the count (loss)."""
+    out = io.StringIO()
+    with progress("train", total=10, file=out, every_s=0.0, initial=6) as bar:
+        for loss in (0.5, 0.4):
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.2f}")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "lorakit: train: 10 steps from 6 ..."
+    assert re.fullmatch(r"lorakit: train: 8/10 steps \(80%\), [\d.]+ step/s, ETA .*, loss 0.50", lines[2])
+    assert re.fullmatch(r"lorakit: train: 2 steps in .* \([\d.]+ step/s\), loss 0.40", lines[-1])
+    term = Terminal()
+    with progress("train", total=10, file=term, initial=6) as bar:
+        bar.update()
+        bar.set_postfix(loss="0.50")
+    assert "7/10" in term.getvalue() and "loss=0.50" in term.getvalue()

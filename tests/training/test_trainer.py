@@ -18,6 +18,7 @@ import lorakit.training.precision as precision
 import lorakit.training.trainer as trainer
 from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.data.tokenize import IGNORE_INDEX, Example
+from lorakit.training import plan as step_plan
 from lorakit.training.args import TrainArgs
 from lorakit.training.loss import lm_loss_sum
 from lorakit.training.trainer import TrainingError, train
@@ -161,8 +162,8 @@ def test_padding_free_micro_batch_has_the_padded_loss_and_gradients():
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
     peft = get_peft_model(tiny_llama(), config).train()
     micro = sorted(_examples(6, seed=1), key=len, reverse=True)
-    padded = trainer.micro_batch_tensors(micro, 0, padding_free=False)
-    free = trainer.micro_batch_tensors(micro, 0, padding_free=True)
+    padded = step_plan.micro_batch_tensors(micro, 0, padding_free=False)
+    free = step_plan.micro_batch_tensors(micro, 0, padding_free=True)
     assert padded["input_ids"].shape == (6, len(micro[0])) and "attention_mask" in padded
     rows, width = free["input_ids"].shape
     assert width == len(micro[0]) and 1 < rows < 6 and "attention_mask" not in free  # rows as long as the longest
@@ -210,7 +211,7 @@ def test_models_that_mix_packed_rows_pad_or_refuse_packing(setup, tmp_path, monk
 
 
 def test_plan_covers_each_row_once_per_epoch():
-    plan = trainer.make_plan(10, TrainArgs(data="x", batch_size=2, grad_accum=2, epochs=2), world=1)
+    plan = step_plan.make_plan(10, TrainArgs(data="x", batch_size=2, grad_accum=2, epochs=2), world=1)
     assert plan.total_steps == 6
     epoch0 = [i for s in range(3) for i in plan.rows_for_step(s)]
     assert sorted(epoch0) == list(range(10))
@@ -218,7 +219,7 @@ def test_plan_covers_each_row_once_per_epoch():
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():
-    f = trainer.lr_lambda(TrainArgs(data="x", warmup_ratio=0.2), total_steps=10)
+    f = step_plan.lr_lambda(TrainArgs(data="x", warmup_ratio=0.2), total_steps=10)
     assert [round(f(s), 3) for s in (0, 1, 2)] == [0.333, 0.667, 1.0]
     assert f(9) < 0.05 and f(5) < f(3)
 

@@ -56,19 +56,22 @@ class Progress:
     """A counted phase: ``update(n)`` after each unit of work, ``close()`` at the end (or use ``progress(...)``)."""
 
     def __init__(self, desc: str, total: int | None, unit: str = "step", file: IO[str] | None = None,
-                 every_s: float = 10.0, show: bool = True) -> None:  # fmt: skip
+                 every_s: float = 10.0, show: bool = True, initial: int = 0) -> None:  # fmt: skip
+        """``initial``: units already done (a resumed run); rates and ETAs count from it."""
         self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
         self.file = file if file is not None else sys.stderr
         self.show = show and enabled()
-        self.done, self.started = 0, time.perf_counter()
+        self.initial = self.done = initial
+        self.started = time.perf_counter()
         self._last_line = self.started
+        self._postfix = ""
         is_tty = getattr(self.file, "isatty", lambda: False)()
         self._bar = None
         if self.show and is_tty:
-            self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.file, dynamic_ncols=True)
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.file, dynamic_ncols=True)
         elif self.show:
             count = f"{_plural(total, unit)} " if total is not None else ""
-            self._line(f"{count}...")
+            self._line(f"{count}{f'from {initial} ' if initial else ''}...")
 
     def _line(self, text: str) -> None:
         print(f"lorakit: {self.desc}: {text}", file=self.file, flush=True)
@@ -81,32 +84,39 @@ class Progress:
         now = time.perf_counter()
         if self.show and now - self._last_line >= self.every_s and (self.total is None or self.done < self.total):
             self._last_line = now
-            rate = self.done / (now - self.started)
+            rate = (self.done - self.initial) / (now - self.started)
             if self.total:
                 eta = (self.total - self.done) / rate if rate > 0 else float("inf")
                 self._line(
                     f"{self.done}/{_plural(self.total, self.unit)} ({self.done / self.total:.0%}), "
-                    f"{rate:.2f} {self.unit}/s, ETA {_duration(eta)}"
+                    f"{rate:.2f} {self.unit}/s, ETA {_duration(eta)}{self._postfix}"
                 )
             else:
-                self._line(f"{_plural(self.done, self.unit)}, {rate:.2f} {self.unit}/s")
+                self._line(f"{_plural(self.done, self.unit)}, {rate:.2f} {self.unit}/s{self._postfix}")
+
+    def set_postfix(self, **values: object) -> None:
+        """Figures shown after the count (e.g. ``loss="0.412"``): in the bar, or at the end of each plain line."""
+        if self._bar is not None:
+            self._bar.set_postfix(**values)
+        else:
+            self._postfix = "".join(f", {key} {value}" for key, value in values.items())
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         elif self.show:
-            elapsed = time.perf_counter() - self.started
-            rate = f" ({self.done / elapsed:.2f} {self.unit}/s)" if elapsed > 0 and self.done else ""
-            self._line(f"{_plural(self.done, self.unit)} in {_duration(elapsed)}{rate}")
+            elapsed, new = time.perf_counter() - self.started, self.done - self.initial
+            rate = f" ({new / elapsed:.2f} {self.unit}/s)" if elapsed > 0 and new else ""
+            self._line(f"{_plural(new, self.unit)} in {_duration(elapsed)}{rate}{self._postfix}")
             self.show = False
 
 
 @contextmanager
 def progress(desc: str, total: int | None, unit: str = "step", file: IO[str] | None = None,
-             every_s: float = 10.0, show: bool = True) -> Iterator[Progress]:  # fmt: skip
+             every_s: float = 10.0, show: bool = True, initial: int = 0) -> Iterator[Progress]:  # fmt: skip
     """A ``Progress`` closed at the end of the block (also when it raises)."""
-    bar = Progress(desc, total, unit, file, every_s, show)
+    bar = Progress(desc, total, unit, file, every_s, show, initial)
     try:
         yield bar
     finally:
