@@ -135,3 +135,17 @@ def test_test_file_names_are_unique():
     would shadow each other: "import file mismatch"."""
     names = [p.name for p in Path(__file__).parent.rglob("test_*.py")]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_public_names_are_listed_once_for_runtime_and_type_checkers():
+    """lorakit/__init__.py imports its public names on first use from the table _MODULES; its TYPE_CHECKING block (for
+    type checkers and the import graph above) must import exactly the same names from the same modules."""
+    import lorakit
+
+    tree = ast.parse((SRC / "__init__.py").read_text())
+    guarded = next(n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))
+    static = {(node.module, a.name) for node in guarded.body if isinstance(node, ast.ImportFrom) for a in node.names}
+    table = {(module, name) for module, names in lorakit._MODULES.items() for name in names}
+    assert static == table
+    assert lorakit.__all__ == sorted(name for _, name in table)
+    assert all(getattr(lorakit, name) is not None for name in lorakit.__all__)
