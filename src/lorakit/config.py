@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorakit.io.untrusted import AdapterFileError
+
 # lorakit.io.files and lorakit.ops.init import torch; a LoraConfig is made and checked without it (``lorakit train``
 # checks its options before torch loads), so ``_files()`` / ``_init()`` import them where a file is read or an
 # initializer name looked up.
@@ -308,7 +310,7 @@ def read_config(folder: str | os.PathLike) -> LoraConfig:
     try:
         return LoraConfig.from_dict(data)
     except (ConfigError, TypeError) as e:
-        raise files.AdapterFileError(f"{path}: {e}") from None
+        raise AdapterFileError(f"{path}: {e}") from None
 
 
 def write_config(folder: str | os.PathLike, config: LoraConfig) -> None:
@@ -323,7 +325,7 @@ def _check_json_types(path: Path, data: dict[str, Any]) -> None:
     hints = typing.get_type_hints(LoraConfig)
     for f in dataclasses.fields(LoraConfig):
         if f.name in data and not _fits(data[f.name], hints[f.name]):
-            raise _files().AdapterFileError(
+            raise AdapterFileError(
                 f"{path}: {f.name}={data[f.name]!r} must be of type {f.type}; fix it or re-save the adapter"
             )
     regexes = [data[k] for k in ("target_modules", "exclude_modules") if isinstance(data.get(k), str)]
@@ -332,7 +334,7 @@ def _check_json_types(path: Path, data: dict[str, Any]) -> None:
             re.compile(pattern)
         except re.error as e:
             message = f"{path}: {pattern!r} is not a valid regular expression ({e}); fix it"
-            raise _files().AdapterFileError(message) from None
+            raise AdapterFileError(message) from None
 
 
 def _fits(value: Any, hint: Any) -> bool:

@@ -117,9 +117,7 @@ def all_linear_targets(model: nn.Module, task_type: TaskType | str | None) -> li
     for name, module in plain_modules(model):
         if any(module is h for h in heads):
             excluded.add(name)
-    return [
-        n for n, m in plain_modules(model) if is_linear(m) and n not in excluded
-    ]
+    return [n for n, m in plain_modules(model) if is_linear(m) and n not in excluded]
 
 
 def resolve_target_spec(model: nn.Module, config: LoraConfig) -> list[str] | str:
