@@ -3,7 +3,7 @@
     lorakit train --data train.jsonl [--config run.yaml] [--r 8 --lr 1e-4 --packing ...]   # lorakit.train
     lorakit generate [--adapter DIR] [--model M] [--prompts-file F] [prompt ...]             # lorakit.commands.generate
     lorakit eval [--adapter DIR] [--model M] --data eval.jsonl [--json]                     # lorakit.commands.evaluate
-    lorakit merge --adapter DIR --output DIR2 [--model M] [--overwrite]                     # lorakit.commands.merge
+    lorakit merge --adapter DIR --output DIR2 [--model M] [--overwrite]                     # lorakit.export.merged
     lorakit info DIR [--json]                                                               # lorakit.commands.info
     lorakit demo [--output DIR] [--steps N] [--quick]                                       # lorakit.commands.demo
 
@@ -181,7 +181,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
 
 def _cmd_merge(ns: argparse.Namespace) -> int:
     _check_adapter_folder(ns.adapter)
-    from lorakit.commands.merge import merge_adapter_to_folder  # torch (see the module doc)
+    from lorakit.export.merged import merge_adapter_to_folder  # torch (see the module doc)
 
     output = merge_adapter_to_folder(ns.adapter, ns.output, model=ns.model, overwrite=ns.overwrite, progress=True)
     print(f"merged model written to {output} (load it with transformers' AutoModelForCausalLM.from_pretrained)")

@@ -353,3 +353,15 @@ def _fits(value: Any, hint: Any) -> bool:
     if hint is type(None):
         return value is None
     return isinstance(value, hint) if isinstance(hint, type) else True  # Any, Literal, ...: left to LoraConfig
+
+
+def base_model_id(adapter: str | os.PathLike[str], model: str | None = None) -> str:
+    """The base model of the adapter in folder ``adapter``: ``model`` if given, else its base_model_name_or_path."""
+    config = read_config(adapter)
+    if model is not None:
+        return model
+    if not config.base_model_name_or_path:
+        raise AdapterFileError(
+            f"{Path(adapter) / _files().CONFIG_NAME} names no base_model_name_or_path; pass the base model (--model)"
+        )
+    return config.base_model_name_or_path

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TextStreamer
 
 from lorakit.api.peft_model import PeftModel
-from lorakit.config import read_config
+from lorakit.config import base_model_id
 from lorakit.io import files
 from lorakit.io.models import load_model, load_tokenizer
 from lorakit.io.progress import progress as show_progress
@@ -173,18 +173,6 @@ def _generate_batch(
 
 
 # -- loading and prompt files (used by the CLI) ------------------------------------------------------------------
-def base_model_id(adapter: str | os.PathLike[str], model: str | None = None) -> str:
-    """The base model of the adapter in folder ``adapter``: ``model`` if given, else its base_model_name_or_path."""
-    config = read_config(adapter)
-    if model is not None:
-        return model
-    if not config.base_model_name_or_path:
-        raise files.AdapterFileError(
-            f"{Path(adapter) / files.CONFIG_NAME} names no base_model_name_or_path; pass the base model (--model)"
-        )
-    return config.base_model_name_or_path
-
-
 def load_pretrained(
     model: str | None = None, adapter: str | os.PathLike[str] | None = None, trust_remote_code: bool = False
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,28 @@ def json_bytes(obj: Any) -> bytes:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, json_bytes(obj))
+
+
+def publish_folder(final: Path, write: Callable[[Path], None]) -> None:
+    """A folder written whole or not at all: run ``write(tmp)`` in a temp sibling of ``final``, then move it to
+    ``final`` (replacing what was there)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    old: Path | None = None
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private (0o700); a model folder is normally readable
+        write(tmp)
+        if final.is_dir() and any(final.iterdir()):  # overwrite: rename the old folder away first
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)  # atomic; replaces an empty folder
+        except OSError:
+            if old is not None:
+                os.replace(old, final)  # put the previous folder back
+                old = None
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""commands.merge: the merged folder is plain transformers, has base + adapter logits, and is written atomically."""
+"""export.merged: the merged folder is plain transformers, has base + adapter logits, and is written atomically."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from helpers import CHATML, save_tiny_adapter, save_tiny_folder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit import AdapterFileError, PeftModel
-from lorakit.commands.merge import merge_adapter_to_folder
+from lorakit.export.merged import merge_adapter_to_folder
 from lorakit.io.models import ModelNotFoundError
 
 IDS = torch.tensor([[7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25]])

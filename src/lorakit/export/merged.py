@@ -12,21 +12,18 @@ Example::
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lorakit.api.peft_model import PeftModel
-from lorakit.commands.generate import base_model_id
-from lorakit.config import TaskType, read_config
+from lorakit.config import TaskType, base_model_id, read_config
 from lorakit.io import files
 from lorakit.io.models import load_model, resolve_model
 from lorakit.io.progress import phase
+from lorakit.io.writes import publish_folder
 
 TASK_OF = {None: "causal_lm", TaskType.CAUSAL_LM: "causal_lm", TaskType.SEQ_CLS: "seq_cls"}
 
@@ -73,7 +70,7 @@ def merge_adapter_to_folder(
             tokenizer.save_pretrained(folder)
 
     with phase(f"writing {output}", show=progress):
-        _publish(output, write)
+        publish_folder(output, write)
     return output
 
 
@@ -97,27 +94,3 @@ def _tokenizer(adapter_dir: Path, base_id: str) -> PreTrainedTokenizerBase | Non
     except (OSError, ValueError, TypeError) as e:
         warnings.warn(f"no tokenizer found in {source} ({e}); the merged folder has none: copy one in", stacklevel=3)
         return None
-
-
-def _publish(final: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` in a temp sibling of ``final``, then move it to ``final`` (replacing what was there)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    old: Path | None = None
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private (0o700); a model folder is normally readable
-        write(tmp)
-        if final.is_dir() and any(final.iterdir()):  # overwrite: rename the old folder away first
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.replace(final, old)
-        try:
-            os.replace(tmp, final)  # atomic; replaces an empty folder
-        except OSError:
-            if old is not None:
-                os.replace(old, final)  # put the previous folder back
-                old = None
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)

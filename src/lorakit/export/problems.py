@@ -1,0 +1,38 @@
+"""What stops an adapter from going to an engine as it is: a rule of that engine, broken, and the fix.
+
+Every exporter checks its engine's rules before it writes anything, and reports all broken rules at once, each with
+the fix; ``lorakit info`` shows the same checks, so a user learns before exporting which engine takes the adapter.
+
+Example::
+
+    problems = vllm_problems(read_config("runs/x"), tensors)
+    if problems:
+        raise ExportError("vllm", problems)     # "cannot export runs/x for vLLM: 1. DoRA ... fix: --to merged"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One broken rule. ``rule``: what the engine requires, as the engine's users know it; ``fix``: what to do.
+    ``convertible``: lorakit can convert the adapter itself when given what ``fix`` names."""
+
+    rule: str
+    fix: str
+    convertible: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.rule}; fix: {self.fix}"
+
+
+class ExportError(ValueError):
+    """An adapter an engine would reject: the message lists every broken rule with its fix."""
+
+    def __init__(self, engine: str, problems: Sequence[Problem], source: str = "the adapter") -> None:
+        self.engine, self.problems = engine, list(problems)
+        lines = "\n".join(f"  {i}. {p}" for i, p in enumerate(self.problems, 1))
+        super().__init__(f"cannot export {source} for {engine}:\n{lines}")
