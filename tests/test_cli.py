@@ -258,13 +258,16 @@ def test_info_prints_a_summary_and_modules_on_request(work: Path, capsys: pytest
     code, out, _ = run(capsys, "info", work / "adapter")
     assert code == 0
     assert "r=4, lora_alpha=8" in out and str(work / "base") in out
-    assert "targets         4 modules: q_proj 2, v_proj 2" in out and len(out.splitlines()) == 7
+    summary, engines = out.split("\nengines         ")
+    assert "targets         4 modules: q_proj 2, v_proj 2" in summary and len(summary.splitlines()) == 6
+    assert engines.splitlines()[:2] == ["vLLM (--to vllm): yes", " " * 16 + "llama.cpp / Ollama LoRA (--to gguf): yes"]
     assert not re.findall(r"self_attn\.[qv]_proj\s+r=4 ", out)
     code, out, _ = run(capsys, "info", work / "adapter", "--modules")
     assert code == 0
     assert len(re.findall(r"self_attn\.[qv]_proj\s+r=4 ", out)) == 4
     code, out, _ = run(capsys, "info", work / "adapter", "--json")
     assert code == 0 and json.loads(out)["n_tensors"] == 8 and len(json.loads(out)["modules"]) == 4
+    assert json.loads(out)["engines"][0] == "vLLM (--to vllm): yes"
     assert_one_line_error(capsys, ["info", work / "nope"], r"adapter folder '.*nope' does not exist")
 
 
@@ -282,6 +285,7 @@ def test_demo_forwards_its_options(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     assert code == 0 and "10% -> 90% (+80 points)" in out
     assert run(capsys, "demo")[0] == 0
     assert seen == [("o", 400, 20, 5, 0, None), ("runs/demo", 400, 50, 40, 0, None)]
+
 
 def test_help_and_version_exit_zero(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--version")

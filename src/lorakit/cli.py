@@ -3,7 +3,8 @@
     lorakit train --data train.jsonl [--config run.yaml] [--r 8 --lr 1e-4 --packing ...]   # lorakit.train
     lorakit generate [--adapter DIR] [--model M] [--prompts-file F] [prompt ...]             # lorakit.commands.generate
     lorakit eval [--adapter DIR] [--model M] --data eval.jsonl [--json]                     # lorakit.commands.evaluate
-    lorakit merge --adapter DIR --output DIR2 [--model M] [--overwrite]                     # lorakit.export.merged
+    lorakit export DIR --to vllm|gguf|merged|merged-gguf [--output P] [--outtype T] ...     # lorakit.commands.export
+    lorakit merge --adapter DIR --output DIR2 [--model M] [--overwrite]    # export --to merged; lorakit.export.merged
     lorakit info DIR [--json]                                                               # lorakit.commands.info
     lorakit demo [--output DIR] [--steps N] [--quick]                                       # lorakit.commands.demo
 
@@ -188,11 +189,28 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export(ns: argparse.Namespace) -> int:
+    _check_adapter_folder(ns.adapter_dir)
+    from lorakit.commands.export import export_adapter  # torch (see the module doc)
+
+    done = export_adapter(
+        ns.adapter_dir, ns.to, ns.output, outtype=ns.outtype, initial_dir=ns.initial, base_gguf=ns.base_gguf,
+        model=ns.model, overwrite=ns.overwrite, progress=True,
+    )  # fmt: skip
+    print(f"exported for {ns.to}: {done.output}")
+    print("serve it with:")
+    for line in done.serve:
+        print(f"  {line}")
+    return EXIT_OK
+
+
 def _cmd_info(ns: argparse.Namespace) -> int:
     _check_adapter_folder(ns.adapter_dir)
-    from lorakit.commands.info import adapter_info, format_info  # torch (see the module doc)
+    from lorakit.commands.export import engine_lines  # torch (see the module doc)
+    from lorakit.commands.info import adapter_info, format_info
 
     info = adapter_info(ns.adapter_dir)
+    info["engines"] = engine_lines(ns.adapter_dir)
     print(json.dumps(info, indent=2) if ns.json else format_info(info, modules=ns.modules))
     return EXIT_OK
 
@@ -247,12 +265,48 @@ def build_parser() -> argparse.ArgumentParser:
                    "32 tokens long).")  # fmt: skip
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("merge", help="Merge an adapter into its base model and save a plain transformers folder.")
+    p = sub.add_parser(
+        "merge",
+        help="Merge an adapter into its base model and save a plain transformers folder "
+        "(the same as export --to merged).",
+    )
     p.add_argument("--adapter", required=True, metavar="DIR", help="Adapter folder.")
     p.add_argument("--output", required=True, metavar="DIR2", help="Folder for the merged model.")
     p.add_argument("--model", metavar="M", help="Base model (default: the adapter's base_model_name_or_path).")
     p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output folder.")
     p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("export", help="Export an adapter for vLLM, llama.cpp / Ollama (GGUF), or merged.")
+    p.add_argument("adapter_dir", metavar="DIR", help="Adapter folder.")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=["vllm", "gguf", "merged", "merged-gguf"],
+        help="vllm: a PEFT folder for vllm serve --enable-lora; gguf: a llama.cpp / Ollama LoRA file; "
+        "merged: base + adapter as a transformers folder; merged-gguf: base + adapter as one GGUF file.",
+    )
+    p.add_argument("--output", metavar="PATH", help="Where to write (default: beside DIR, e.g. DIR.gguf, DIR-vllm).")
+    p.add_argument(
+        "--outtype",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        help="Tensor type: gguf f32 (default) / f16 / bf16; merged-gguf: of the changed tensors, "
+        "f16 (default) / f32 / bf16 / q8_0 (the others keep the base file's types).",
+    )
+    p.add_argument(
+        "--initial",
+        metavar="DIR0",
+        help="vllm: the adapter saved right after get_peft_model (before "
+        "training), to convert a PiSSA / OLoRA / LoftQ adapter to plain LoRA on the original base.",
+    )
+    p.add_argument(
+        "--base-gguf",
+        metavar="FILE",
+        help="The base model as GGUF (default: the bundled file for the "
+        "default model); merged-gguf builds on it, gguf names it in the serve line.",
+    )
+    p.add_argument("--model", metavar="M", help="Base model (default: the adapter's base_model_name_or_path).")
+    p.add_argument("--overwrite", action="store_true", help="Replace what is at --output.")
+    p.set_defaults(func=_cmd_export)  # fmt: skip
 
     p = sub.add_parser("info", help="Summarize an adapter: base, kind, ranks, targets, size (--modules: each module).")
     p.add_argument("adapter_dir", metavar="DIR", help="Adapter folder.")

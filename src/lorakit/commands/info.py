@@ -91,7 +91,8 @@ def _size(n_bytes: int) -> str:
 
 def format_info(info: dict[str, Any], modules: bool = False) -> str:
     """``adapter_info(...)`` as an aligned, human-readable report: a summary (base, kind, ranks, targets by count,
-    size); with ``modules`` also one line per module (rank, alpha, shape, ||delta W||_F)."""
+    size, and the engines that take it when ``info`` has ``engines``); with ``modules`` also one line per module
+    (rank, alpha, shape, ||delta W||_F)."""
     kind = "DoRA" if info["use_dora"] else "LoRA"
     ranks = info["ranks"]
     rank = f"r={info['r']}, lora_alpha={info['lora_alpha']:g}"
@@ -119,6 +120,8 @@ def format_info(info: dict[str, Any], modules: bool = False) -> str:
         f"size            {_size(info['file_size'])} in {Path(info['file']).name} ({info['n_parameters']:,} "
         f"parameters in {info['n_tensors']} tensors)"
     )
+    for i, line in enumerate(info.get("engines", [])):  # commands.export.engine_lines, set by the CLI
+        lines.append(f"{'engines' if i == 0 else '':<16}{line}")
     if not modules:
         lines.append(f"(per-module ranks, shapes and update norms: lorakit info {info['path']} --modules)")
         return "\n".join(lines)

@@ -26,11 +26,12 @@ from torch import Tensor
 from transformers import AutoConfig
 
 from lorakit.config import LoraConfig, base_model_id, read_config, scaling_for
-from lorakit.export.gguf_files import GgufTensor, check_output_file, encode, write_gguf
-from lorakit.export.gguf_names import GgufArch, UnsupportedArchitectureError, gguf_arch
+from lorakit.export.gguf_files import GgufTensor, encode, write_gguf
+from lorakit.export.gguf_names import GgufArch, UnsupportedArchitectureError, arch_of_gguf, gguf_arch
+from lorakit.export.output import check_output_file
 from lorakit.export.problems import ExportError, Problem
 from lorakit.io import files
-from lorakit.io.models import resolve_model
+from lorakit.io.models import bundled_gguf, is_default_model, resolve_model
 
 ADAPTER_OUTTYPES = ("f32", "f16", "bf16")  # B has r columns: too few for q8_0's blocks of 32
 _MERGED_GGUF = "--to merged-gguf (the adapter merged into one GGUF model file)"
@@ -78,8 +79,11 @@ def gguf_adapter_problems(config: LoraConfig, tensors: dict[str, Tensor], arch: 
 
 def base_arch(adapter_dir: str | os.PathLike[str], model: str | None = None) -> GgufArch | str:
     """The GGUF naming of the adapter's base model, read from its config alone (no weights), or why not."""
+    base = base_model_id(adapter_dir, model)
     try:
-        return gguf_arch(AutoConfig.from_pretrained(resolve_model(base_model_id(adapter_dir, model))))
+        if is_default_model(base):  # its own GGUF file tells, without building the converted copy
+            return arch_of_gguf(gguf.GGUFReader(os.path.join(*bundled_gguf())))
+        return gguf_arch(AutoConfig.from_pretrained(resolve_model(base)))
     except (UnsupportedArchitectureError, OSError) as e:
         return str(e)
 

@@ -86,11 +86,6 @@ def copied_fields(reader: gguf.GGUFReader, skip: Iterable[str] = ()) -> Iterator
             yield key, field.contents(), kind
 
 
-def field_value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
 def write_gguf(path: str | os.PathLike, arch: str, fields: Iterable[Field], tensors: Sequence[GgufTensor]) -> Path:
     """Write a GGUF file for llama.cpp architecture ``arch`` at ``path``, whole or not at all (see the module doc).
     A full or read-only disk raises OutputWriteError naming the path; a file already at ``path`` is then unchanged."""
@@ -120,13 +115,3 @@ def write_gguf(path: str | os.PathLike, arch: str, fields: Iterable[Field], tens
             raise write_error(path, needed, e) from None
         raise
     return path
-
-
-def check_output_file(output: Path, overwrite: bool) -> None:
-    """FileExistsError naming the fix if ``output`` cannot be written: a folder, or a file and not ``overwrite``."""
-    if output.is_dir():
-        raise FileExistsError(f"output '{output}' is a folder; pass a file path ending in .gguf")
-    if output.exists() and not overwrite:
-        raise FileExistsError(
-            f"output file '{output}' already exists; pass another path, or overwrite=True (CLI: --overwrite)"
-        )

@@ -31,19 +31,18 @@ from torch import Tensor
 from lorakit.config import LoraConfig, base_model_id, read_config, scaling_for
 from lorakit.export.gguf_files import (
     GgufTensor,
-    check_output_file,
     check_outtype,
     copied_fields,
     decode,
     encode,
-    field_value,
     raw,
     write_gguf,
 )
-from lorakit.export.gguf_names import ARCHITECTURES, GgufArch
+from lorakit.export.gguf_names import GgufArch, UnsupportedArchitectureError, arch_of_gguf
+from lorakit.export.output import check_output_file
 from lorakit.export.problems import ExportError, Problem
 from lorakit.io import files
-from lorakit.io.models import DEFAULT_ALIASES, bundled_gguf, resolve_model
+from lorakit.io.models import bundled_gguf, is_default_model
 from lorakit.ops import dora
 
 _MAGNITUDE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.weight)?$")
@@ -61,42 +60,7 @@ class MergedGgufExport:
 
 def default_base_gguf(adapter_dir: str | os.PathLike[str], model: str | None = None) -> Path | None:
     """The GGUF file of the adapter's base when lorakit knows it (the bundled default model), else None."""
-    base = base_model_id(adapter_dir, model)
-    bundled = os.path.join(*bundled_gguf())
-    if base.lower() in DEFAULT_ALIASES or _same_folder(base, resolve_model("default")):
-        return Path(bundled)
-    return None
-
-
-def _same_folder(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def arch_of(reader: gguf.GGUFReader) -> GgufArch:
-    """The GGUF naming of a base file, from its own metadata."""
-    name = str(field_value(reader, "general.architecture"))
-    if name not in {arch for arch, _ in ARCHITECTURES.values()}:
-        known = ", ".join(sorted({arch for arch, _ in ARCHITECTURES.values()}))
-        raise ExportError(
-            "GGUF",
-            [
-                Problem(
-                    f"lorakit does not know GGUF architecture {name!r} (known: {known})",
-                    "export --to merged and convert it with llama.cpp's convert_hf_to_gguf.py",
-                )
-            ],
-        )
-    heads = int(field_value(reader, f"{name}.attention.head_count"))
-    return GgufArch(
-        name,
-        int(field_value(reader, f"{name}.block_count")),
-        reorders_qk=any(arch == name and reorders for arch, reorders in ARCHITECTURES.values()),
-        n_heads=heads,
-        n_kv_heads=int(field_value(reader, f"{name}.attention.head_count_kv", heads)),
-    )
+    return Path(os.path.join(*bundled_gguf())) if is_default_model(base_model_id(adapter_dir, model)) else None
 
 
 def merged_rows(config: LoraConfig, tensors: dict[str, Tensor], arch: GgufArch) -> dict[str, Tensor]:
@@ -183,7 +147,17 @@ def export_merged_gguf(
             source=str(adapter_dir),
         )
     reader = gguf.GGUFReader(base)
-    arch = arch_of(reader)
+    try:
+        arch = arch_of_gguf(reader)
+    except UnsupportedArchitectureError as e:
+        raise ExportError(
+            "GGUF",
+            [
+                Problem(
+                    str(e).split("; ")[0], "export --to merged and convert it with llama.cpp's convert_hf_to_gguf.py"
+                )
+            ],
+        ) from None
     changes = merged_rows(config, tensors, arch)
     base_names = {t.name for t in reader.tensors}
     missing = sorted({name.split(":")[0] for name in changes} - base_names)

@@ -96,3 +96,28 @@ def gguf_arch(config: Any) -> GgufArch:
     name, reorders = ARCHITECTURES[model_type]
     heads = config.num_attention_heads
     return GgufArch(name, config.num_hidden_layers, reorders, heads, getattr(config, "num_key_value_heads", heads))
+
+
+def arch_of_gguf(reader: gguf.GGUFReader) -> GgufArch:
+    """The GGUF naming of a model file, from its own metadata; UnsupportedArchitectureError if unknown."""
+    name = str(field_value(reader, "general.architecture"))
+    reorders = {arch: reorders for arch, reorders in ARCHITECTURES.values()}
+    if name not in reorders:
+        raise UnsupportedArchitectureError(
+            f"lorakit does not know GGUF architecture {name!r} (known: {', '.join(sorted(reorders))}); export --to "
+            "merged and convert that folder with llama.cpp's convert_hf_to_gguf.py"
+        )
+    heads = int(field_value(reader, f"{name}.attention.head_count"))
+    return GgufArch(
+        name,
+        int(field_value(reader, f"{name}.block_count")),
+        reorders_qk=reorders[name],
+        n_heads=heads,
+        n_kv_heads=int(field_value(reader, f"{name}.attention.head_count_kv", heads)),
+    )
+
+
+def field_value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    """A metadata value of a read GGUF file, ``default`` if the key is absent."""
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lorakit.api.peft_model import PeftModel
 from lorakit.config import TaskType, base_model_id, read_config
+from lorakit.export.output import check_output
 from lorakit.io import files
 from lorakit.io.models import load_model, resolve_model
 from lorakit.io.progress import phase
@@ -49,7 +50,7 @@ def merge_adapter_to_folder(
         ModelNotFoundError: the base model cannot be found.
     """
     adapter_dir, output = Path(adapter_dir), Path(output_dir)
-    _check_output(adapter_dir, output, overwrite)
+    check_output(adapter_dir, output, overwrite)
     config = read_config(adapter_dir)
     if config.task_type not in TASK_OF:
         raise files.AdapterFileError(
@@ -72,18 +73,6 @@ def merge_adapter_to_folder(
     with phase(f"writing {output}", show=progress):
         publish_folder(output, write)
     return output
-
-
-def _check_output(adapter_dir: Path, output: Path, overwrite: bool) -> None:
-    if output.is_file():
-        raise FileExistsError(f"output '{output}' is a file; pass a folder path for the merged model")
-    if output.resolve() == adapter_dir.resolve():
-        raise FileExistsError(f"output '{output}' is the adapter folder itself; pass another folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output folder '{output}' already exists and is not empty; pass another folder, or overwrite=True "
-            "(CLI: --overwrite) to replace it"
-        )
 
 
 def _tokenizer(adapter_dir: Path, base_id: str) -> PreTrainedTokenizerBase | None:

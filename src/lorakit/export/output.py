@@ -1,4 +1,5 @@
-"""The output folder of an export: checked before anything is read or written, so a wrong path fails at once."""
+"""The output of an export (a folder, or one file): checked before anything is read or written, so a wrong path
+fails at once."""
 
 from __future__ import annotations
 
@@ -16,4 +17,14 @@ def check_output(adapter_dir: Path, output: Path, overwrite: bool) -> None:
         raise FileExistsError(
             f"output folder '{output}' already exists and is not empty; pass another folder, or overwrite=True "
             "(CLI: --overwrite) to replace it"
+        )
+
+
+def check_output_file(output: Path, overwrite: bool) -> None:
+    """FileExistsError naming the fix if ``output`` cannot be written: a folder, or a file and not ``overwrite``."""
+    if output.is_dir():
+        raise FileExistsError(f"output '{output}' is a folder; pass a file path ending in .gguf")
+    if output.exists() and not overwrite:
+        raise FileExistsError(
+            f"output file '{output}' already exists; pass another path, or overwrite=True (CLI: --overwrite)"
         )

@@ -7,7 +7,7 @@ Example::
 
     problems = vllm_problems(read_config("runs/x"), tensors)
     if problems:
-        raise ExportError("vllm", problems)     # "cannot export runs/x for vLLM: 1. DoRA ... fix: --to merged"
+        raise ExportError("vLLM", problems)     # "cannot export runs/x for vLLM: 1. DoRA ...; fix: --to merged."
 """
 
 from __future__ import annotations
@@ -34,5 +34,5 @@ class ExportError(ValueError):
 
     def __init__(self, engine: str, problems: Sequence[Problem], source: str = "the adapter") -> None:
         self.engine, self.problems = engine, list(problems)
-        lines = "\n".join(f"  {i}. {p}" for i, p in enumerate(self.problems, 1))
-        super().__init__(f"cannot export {source} for {engine}:\n{lines}")
+        listed = " ".join(f"{i}. {p}." for i, p in enumerate(self.problems, 1))
+        super().__init__(f"cannot export {source} for {engine}: {listed}")  # one line: the CLI's error line

@@ -296,6 +296,12 @@ def _public_name(name_or_path: str | os.PathLike[str] | None) -> str | None:
     return CLASSIFIER_MODEL if name in CLASSIFIER_ALIASES else None
 
 
+def is_default_model(name_or_path: str | os.PathLike[str]) -> bool:
+    """Whether a model id or folder is the bundled default model (an alias, its id, or its cache folder); never
+    builds the cache."""
+    return _public_name(name_or_path) == DEFAULT_MODEL
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     task: str = "causal_lm",
