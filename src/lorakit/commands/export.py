@@ -85,7 +85,7 @@ def export_adapter(
         shown = str(base) if base is not None else "BASE.gguf"
         serve = [
             f"llama-cli -m {shlex.quote(shown)} --lora {shlex.quote(str(out))}",
-            f"Ollama Modelfile:  FROM {shown}  /  ADAPTER {out}   then: ollama create NAME -f Modelfile",
+            *_ollama(f"FROM {shown}", f"ADAPTER {out}"),
         ]
         if base is None:
             serve.append("BASE.gguf: the adapter's base model as GGUF (llama.cpp's convert_hf_to_gguf.py)")
@@ -93,7 +93,12 @@ def export_adapter(
     assert outtype is not None
     with phase(f"merging into {base} and writing {out}", show=progress):
         export_merged_gguf(adapter_dir, out, base_gguf=base, model=model, outtype=outtype, overwrite=overwrite)
-    return Exported(target, out, [_cmd("llama-cli -m", out), f"Ollama Modelfile:  FROM {out}"])
+    return Exported(target, out, [_cmd("llama-cli -m", out), *_ollama(f"FROM {out}")])
+
+
+def _ollama(*modelfile: str) -> list[str]:
+    lines = [f"    {line}" for line in modelfile]
+    return ["Ollama: a file named Modelfile holding", *lines, "  then: ollama create NAME -f Modelfile"]
 
 
 def _cmd(prefix: str, path: Path) -> str:

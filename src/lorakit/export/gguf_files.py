@@ -22,7 +22,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from lorakit.io.writes import replace_durably, write_error
+from lorakit.io.writes import public_mode, replace_durably, write_error
 
 # --outtype -> GGML type. q8_0 stores blocks of 32 values along a row (the input dimension).
 OUTTYPES: dict[str, gguf.GGMLQuantizationType] = {
@@ -107,7 +107,7 @@ def write_gguf(path: str | os.PathLike, arch: str, fields: Iterable[Field], tens
         writer.close()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        tmp.chmod(0o644)  # mkstemp makes it private; a model file is normally readable
+        tmp.chmod(public_mode())  # mkstemp makes it private; a model file is normally readable
         replace_durably(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)

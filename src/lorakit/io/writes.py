@@ -57,6 +57,7 @@ def write_temp(path: Path, data: bytes, needed: int | None = None) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, public_mode())  # mkstemp's 0600 would hide the file from a server running as another user
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -68,6 +69,21 @@ def write_temp(path: Path, data: bytes, needed: int | None = None) -> Path:
             raise write_error(path, len(data) if needed is None else needed, e) from None
         raise
     return Path(tmp)
+
+
+def public_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: 0o666 less the process umask (read once, at
+    import: setting and restoring it later could race with other threads creating files)."""
+    return 0o666 & ~_UMASK
+
+
+def _read_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
 
 
 def replace_durably(tmp: Path, path: Path) -> None:
