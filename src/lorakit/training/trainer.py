@@ -336,7 +336,7 @@ def finish(run: Run) -> dict[str, Any]:
         "eval_loss_start": run.eval_start if run.eval_start is not None else eval_start,
         "steps": run.plan.total_steps,
         "resumed_from": run.start_step or None,
-        "wall_time_s": round(run.wall_time_before + wall, 2),
+        "wall_time_s": round(run.wall_time_before + wall, 3),
         "tokens_per_s": round(run.tokens_seen / wall, 1) if wall > 0 else None,
         "trainable_params": trainable,
         "all_params": total_params,
