@@ -49,6 +49,7 @@ def here(tmp_path: Path) -> Path:
     record = {"prompt": "2 + 4 =", "completion": " 6"}
     (tmp_path / "data.jsonl").write_text(json.dumps(record) + "\n")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    (tmp_path / "adapter").mkdir()  # an adapter folder as far as the torch-free checks look (it is a folder)
     return tmp_path
 
 
@@ -62,7 +63,7 @@ def test_the_importtime_reader_sees_torch_when_it_is_imported(here: Path) -> Non
 
 
 HELP = [["--help"], ["train", "--help"], ["generate", "--help"], ["eval", "--help"], ["merge", "--help"],
-        ["info", "--help"], ["demo", "--help"], ["--version"]]  # fmt: skip
+        ["export", "--help"], ["info", "--help"], ["demo", "--help"], ["--version"]]  # fmt: skip
 
 
 @pytest.mark.parametrize("argv", HELP)
@@ -94,6 +95,12 @@ def test_train_help_lists_every_train_option(here: Path) -> None:
         (["eval", "--data", "data.jsonl", "--adapter", "runs/none"], "adapter folder 'runs/none' does not exist"),
         (["merge", "--adapter", "runs/none", "--output", "merged"], "adapter folder 'runs/none' does not exist"),
         (["info", "runs/none"], "adapter folder 'runs/none' does not exist"),
+        (["export", "runs/none", "--to", "gguf"], "adapter folder 'runs/none' does not exist"),
+        (["generate", "--prompts-file", "missing.txt"], "prompts file 'missing.txt' does not exist"),
+        (["generate", "--prompts-file", "bad.jsonl"], "prompts file 'bad.jsonl' line 1: expected an object with"),
+        (["merge", "--adapter", "adapter", "--output", "data.jsonl"], "output 'data.jsonl' is a file"),
+        (["export", "adapter", "--to", "gguf", "--output", "data.jsonl"], "already exists; pass another path"),
+        (["export", "adapter", "--to", "vllm", "--output", "data.jsonl"], "output 'data.jsonl' is a file"),
         (["train", "--data", "bad.jsonl", "--output", "out"], "row 1 is in no known format"),
         (["train", "--data", "data.jsonl", "--eval-data", "missing.jsonl", "--output", "out"], "does not exist"),
         (["train", "--data", "data.jsonl", "--eval-data", "data.jsonl", "--eval-fraction", "0.1"], "pass one of them"),

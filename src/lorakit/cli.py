@@ -34,7 +34,8 @@ from typing import Any
 import yaml
 
 from lorakit import __version__
-from lorakit.data.records import detect_dataset_format, load_records
+from lorakit.data.records import detect_dataset_format, load_records, read_prompts
+from lorakit.export.output import check_export_output, check_output
 from lorakit.training.args import HF_NAMES, TrainArgs, read_train_config, train_fields
 from lorakit.training.preflight import check_inputs
 
@@ -136,9 +137,9 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     if not ns.prompt and not ns.prompts_file:
         raise CliError("no prompt given; pass prompt text (lorakit generate 'Hello') or --prompts-file FILE")
     _check_adapter_folder(ns.adapter)
-    from lorakit.commands.generate import generate, load_pretrained, read_prompts  # torch (see the module doc)
-
     prompts = list(ns.prompt) + (read_prompts(ns.prompts_file) if ns.prompts_file else [])
+    from lorakit.commands.generate import generate, load_pretrained  # torch (see the module doc)
+
     model, tokenizer = load_pretrained(ns.model, ns.adapter)
     options = dict(max_new_tokens=ns.max_new_tokens, do_sample=ns.sample, temperature=ns.temperature,
                    top_p=ns.top_p, top_k=ns.top_k, batch_size=ns.batch_size, chat=ns.chat)  # fmt: skip
@@ -182,6 +183,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
 
 def _cmd_merge(ns: argparse.Namespace) -> int:
     _check_adapter_folder(ns.adapter)
+    check_output(Path(ns.adapter), Path(ns.output), ns.overwrite)
     from lorakit.export.merged import merge_adapter_to_folder  # torch (see the module doc)
 
     output = merge_adapter_to_folder(ns.adapter, ns.output, model=ns.model, overwrite=ns.overwrite, progress=True)
@@ -191,6 +193,7 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
 
 def _cmd_export(ns: argparse.Namespace) -> int:
     _check_adapter_folder(ns.adapter_dir)
+    check_export_output(ns.adapter_dir, ns.to, ns.output, ns.overwrite)
     from lorakit.commands.export import export_adapter  # torch (see the module doc)
 
     done = export_adapter(

@@ -21,7 +21,8 @@ from helpers import (
 from torch import nn
 
 from lorakit import AdapterFileError, LoraConfig, PeftModel, get_peft_model
-from lorakit.commands.generate import format_prompt, generate, load_pretrained, read_prompts
+from lorakit.commands.generate import format_prompt, generate, load_pretrained
+from lorakit.data.records import read_prompts
 
 
 @pytest.fixture(scope="module")

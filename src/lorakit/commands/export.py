@@ -26,12 +26,12 @@ from lorakit.config import read_config
 from lorakit.export.gguf_adapter import base_arch, export_gguf_adapter, gguf_adapter_problems
 from lorakit.export.gguf_merged import default_base_gguf, export_merged_gguf
 from lorakit.export.merged import merge_adapter_to_folder
+from lorakit.export.output import default_output
 from lorakit.export.vllm import export_vllm, vllm_problems
 from lorakit.io import files
 from lorakit.io.progress import phase
 
 TARGETS = ("vllm", "gguf", "merged", "merged-gguf")
-DEFAULT_SUFFIX = {"vllm": "-vllm", "gguf": ".gguf", "merged": "-merged", "merged-gguf": "-merged.gguf"}
 DEFAULT_OUTTYPE = {"gguf": "f32", "merged-gguf": "f16"}
 
 
@@ -42,11 +42,6 @@ class Exported:
     target: str
     output: Path
     serve: list[str]
-
-
-def default_output(adapter_dir: str | os.PathLike[str], target: str) -> Path:
-    adapter = Path(adapter_dir).resolve()
-    return adapter.with_name(adapter.name + DEFAULT_SUFFIX[target])
 
 
 def export_adapter(

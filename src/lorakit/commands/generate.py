@@ -13,7 +13,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -192,27 +191,3 @@ def load_pretrained(
     if adapter is None:
         return base.eval(), tokenizer
     return PeftModel.from_pretrained(base, adapter).eval(), tokenizer
-
-
-def read_prompts(path: str | os.PathLike[str]) -> list[str]:
-    """Prompts from a file: ``.jsonl`` lines with a "prompt" string, otherwise one prompt per non-empty line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file '{path}' does not exist; pass a .txt (one prompt a line) or .jsonl file")
-    prompts = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix.lower() != ".jsonl":
-            prompts.append(line)
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"prompts file '{path}' line {line_no}: invalid JSON ({e.msg}); fix that line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f"prompts file '{path}' line {line_no}: expected an object with a \"prompt\" string")
-        prompts.append(record["prompt"])
-    if not prompts:
-        raise ValueError(f"prompts file '{path}' holds no prompt; add one per line")
-    return prompts
