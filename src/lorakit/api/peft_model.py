@@ -21,6 +21,7 @@ from torch import nn
 from lorakit.adapters import convert, mixed_batch, state
 from lorakit.adapters.inject import QA_HEADS, SEQ_CLS_HEADS, TargetError, wrappers
 from lorakit.adapters.model import LoraModel
+from lorakit.api import hf_trainer
 from lorakit.config import LoraConfig, PeftType, TaskType, read_config
 from lorakit.io import files
 from lorakit.io.files import AdapterError, check_adapter_name
@@ -57,6 +58,7 @@ class PeftModel(nn.Module):
         self.base_model = LoraModel(model, peft_config, adapter_name)
         self._enable_input_grads_if_checkpointing()
         self.forward = _ForwardWithBaseSignature(self)  # type: ignore[method-assign]
+        hf_trainer.install(PeftModel)  # transformers.Trainer checkpoints hold the adapter (see api/hf_trainer.py)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -254,7 +256,14 @@ class PeftModel(nn.Module):
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
     ) -> None:
-        """Add the adapter saved in ``model_id`` under ``adapter_name`` (inactive; use set_adapter)."""
+        """Add the adapter saved in ``model_id`` under ``adapter_name`` (inactive; use set_adapter). If
+        ``adapter_name`` exists, its weights are replaced by the saved ones (shapes must match), as PEFT does: what
+        transformers.Trainer does on resume_from_checkpoint and load_best_model_at_end."""
+        if adapter_name in self.peft_config:
+            tensors, source = files.read_weights(model_id)
+            state.check_ranks(self.peft_config[adapter_name], tensors, source)
+            state.load_adapter_state_dict(self, tensors, adapter_name, source)
+            return
         config = read_config(model_id)
         config.inference_mode = not is_trainable
         config.init_lora_weights = _init_for_loading(config)
