@@ -37,23 +37,32 @@ def _is_lorakit(model: Any) -> bool:
     return bool(_lorakit_classes) and isinstance(model, _lorakit_classes)
 
 
-def _patch_trainer_utils(module: ModuleType) -> None:
-    original = module._is_peft_model
+def _recognizing(original: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """``original`` (an is-this-a-PEFT-model check), also True for a lorakit model (or one wrapped by DDP)."""
     if getattr(original, "_lorakit", False):
+        return original
+
+    def is_peft_model(model: Any) -> bool:
+        return _is_lorakit(model) or _is_lorakit(getattr(model, "module", None)) or original(model)
+
+    is_peft_model._lorakit = True  # type: ignore[attr-defined]
+    is_peft_model.__wrapped__ = original  # type: ignore[attr-defined]
+    return is_peft_model
+
+
+def _patch_check(module: ModuleType, name: str) -> None:
+    """Replace the check ``module.name``, and every loaded module's own binding of it (``from m import name``)."""
+    original = getattr(module, name, None)
+    if original is None or getattr(original, "_lorakit", False):
         return
-
-    def _is_peft_model(model: Any) -> bool:
-        return _is_lorakit(model) or original(model)
-
-    _is_peft_model._lorakit = True  # type: ignore[attr-defined]
-    module._is_peft_model = _is_peft_model
+    patched = _recognizing(original)
+    for loaded in list(sys.modules.values()):
+        if getattr(loaded, name, None) is original:
+            setattr(loaded, name, patched)
+    setattr(module, name, patched)
 
 
 def _patch_trainer(module: ModuleType) -> None:
-    utils = sys.modules.get("transformers.trainer_utils")
-    if utils is not None:
-        _patch_trainer_utils(utils)
-        module._is_peft_model = utils._is_peft_model  # trainer.py imported the name itself
     trainer_cls = module.Trainer
     original_save = trainer_cls._save
     if getattr(original_save, "_lorakit", False):
@@ -78,8 +87,11 @@ def _patch_trainer(module: ModuleType) -> None:
     trainer_cls._save = _save
 
 
+# module -> its patch. The two checks are where transformers (Trainer) and accelerate (which TRL's trainers use)
+# decide whether a model is PEFT's; Trainer._save is where Trainer writes a checkpoint's weights.
 PATCHES: dict[str, Callable[[ModuleType], None]] = {
-    "transformers.trainer_utils": _patch_trainer_utils,
+    "transformers.trainer_utils": lambda m: _patch_check(m, "_is_peft_model"),
+    "accelerate.utils.modeling": lambda m: _patch_check(m, "is_peft_model"),
     "transformers.trainer": _patch_trainer,
 }
 
