@@ -109,6 +109,7 @@ def test_train_help_lists_every_train_option(here: Path) -> None:
          "did you mean --output? (see `lorakit train --help`)"),
         (["train", "--data", "data.jsonl", "--learning-rate", "1e-3"], "--learning-rate 1e-3; did you mean --lr?"),
         (["train", "--data", "data.jsonl", "--lora-r", "8"], "did you mean --r?"),
+        (["train", "--data", "data.jsonl", "--fsdp"], "--fsdp shards the base model across torchrun processes"),
         (["eval", "--data", "data.jsonl", "--max-new-tokns", "8"], "did you mean --max-new-tokens?"),
     ],
 )

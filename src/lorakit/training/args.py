@@ -99,6 +99,12 @@ class TrainArgs:
         "CPU has native bf16.",
     )
     gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
+    fsdp: bool = _opt(
+        False,
+        "Under torchrun: shard the frozen base model across the processes with PyTorch FSDP2 (one unit per decoder "
+        "block), so that each holds about 1/N of its weights; the adapter stays whole on every process and the "
+        "result equals an unsharded run's.",
+    )
     quantize: int = _opt(
         0,
         "Quantize the base model's linear layers before adding the adapter (QLoRA, lorakit.quantize): 0 off, 4 NF4, "

@@ -44,6 +44,15 @@ def sum_over_processes(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def gather_ints(value: int) -> list[int]:
+    """Every process's ``value``, in rank order."""
+    if not is_distributed():
+        return [value]
+    out = [torch.zeros((), dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor(value, dtype=torch.int64))
+    return [int(t) for t in out]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -11,7 +11,7 @@ labelled-positions path with ordinary logits; tests check all three agree (value
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -106,11 +106,14 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, Tensor], chunk: int = DEFAULT
 
 def loss_over_examples(
     model: nn.Module, examples: Sequence[Any], batch_size: int, pad_id: int, bf16: bool = False,
-    progress: str | None = None,
+    progress: str | None = None, loss_sum: Callable[[dict[str, Tensor]], tuple[Tensor, int]] | None = None,
 ) -> tuple[float, int]:
     """(sum of token losses, labelled-token count) over ``examples`` in eval mode, without gradients; batches are
     formed longest first to pad little. The model's train/eval mode is restored. ``progress``: the name of a
-    progress display over the batches (``lorakit.io.progress``), None for none."""
+    progress display over the batches (``lorakit.io.progress``), None for none. ``loss_sum``: a batch's (loss sum,
+    count), ``lm_loss_sum(model, batch)`` if not given. A sharded run passes its FSDP root's, which runs under
+    ``no_grad`` instead of ``inference_mode``: FSDP2 gathers weights into buffers it keeps for the training steps,
+    and a buffer made in inference mode cannot be written outside it."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -119,13 +122,13 @@ def loss_over_examples(
     n_batches = -(-len(rows) // batch_size)
     try:
         with (
-            torch.inference_mode(),
+            torch.inference_mode() if loss_sum is None else torch.no_grad(),
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
             show_progress(progress or "", n_batches, unit="batch", show=progress is not None) as bar,
         ):
             for i in range(0, len(rows), batch_size):
                 batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
-                loss, n = lm_loss_sum(model, batch)
+                loss, n = loss_sum(batch) if loss_sum is not None else lm_loss_sum(model, batch)
                 total, count = total + loss.item(), count + n
                 bar.update()
     finally:

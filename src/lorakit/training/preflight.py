@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ def check_inputs(args: TrainArgs) -> Inputs:
         )
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --output and --overwrite replaces it; pass one of them")
+    if args.fsdp:
+        _check_fsdp(args)
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file, not a folder; choose a folder path")
@@ -57,3 +60,18 @@ def check_inputs(args: TrainArgs) -> Inputs:
     elif args.eval_fraction > 0:  # the seeded holdout the run evaluates on (DataError if it leaves no training row)
         records, eval_records = split_eval(records, args.eval_fraction, args.seed)
     return Inputs(records, fmt, eval_records)
+
+
+def _check_fsdp(args: TrainArgs) -> None:
+    """--fsdp shards the base across the processes torchrun started (its WORLD_SIZE), and shards Parameters only."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or "1")
+    if world < 2:
+        raise ValueError(
+            "--fsdp shards the base model across torchrun processes, and this run has one: start it with "
+            "'torchrun --nproc_per_node=2 -m lorakit.cli train ...', or drop --fsdp"
+        )
+    if args.quantize:
+        raise ValueError(
+            f"--fsdp with --quantize {args.quantize}: a quantized base keeps its weights in buffers, which FSDP2 "
+            "does not shard (every process would hold them whole); pass one of them"
+        )

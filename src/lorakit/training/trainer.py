@@ -4,6 +4,8 @@ One optimizer step takes a global batch of ``batch_size * grad_accum * world_siz
 seed and the epoch. Each process takes every ``world_size``-th row of it; the loss is the sum of token losses
 divided by the number of labelled tokens in the *global* batch, and gradients are summed across processes, so a
 run's result does not depend on how the batch is split (processes, micro-batches). Rank 0 writes all files.
+With --fsdp the frozen base is also sharded across the processes (``training/fsdp.py``); the adapter, its gradients
+and everything written stay as without it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from lorakit.io.lock import folder_lock
 from lorakit.io.models import load_model, load_tokenizer
 from lorakit.io.progress import Progress
 from lorakit.io.writes import atomic_write_json
-from lorakit.training import checkpoint, distributed, interrupt, preflight
+from lorakit.training import checkpoint, distributed, fsdp, interrupt, preflight
 from lorakit.training.args import TrainArgs
 from lorakit.training.loss import lm_loss_sum, loss_over_examples
 from lorakit.training.metrics import METRICS_NAME, MetricsLog, plot_loss, write_summary
@@ -152,10 +154,16 @@ class Run:
     last: dict[str, Any] = field(default_factory=dict)  # metrics row of the latest step
     wall_time_s: float = 0.0  # of ``fit``'s steps
     wall_time_before: float = 0.0  # fit time of the segments before this one (--resume: from the checkpoint)
+    sharded: fsdp.ShardedLoss | None = None  # --fsdp: the FSDP root, whose forward is the loss
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(sum of token losses, labelled tokens) of a micro-batch: ``lm_loss_sum``, through the FSDP root with
+        --fsdp (which gathers the sharded weights it needs)."""
+        return self.sharded(batch) if self.sharded is not None else lm_loss_sum(self.model, batch)
 
 
 def train(args: TrainArgs | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -193,6 +201,10 @@ def setup(args: TrainArgs) -> Run:
     distributed.barrier()
     bf16 = resolve_bf16(args.bf16)
     padding_free = check_isolation(args, model)
+    sharded = None
+    if args.fsdp:  # before the optimizer: it holds the trainable parameters, which FSDP leaves as they are
+        sharded = fsdp.shard(model, world)
+        data_report["fsdp"] = _fsdp_report(model)
     plan = make_plan(len(rows), args, world)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -208,7 +220,7 @@ def setup(args: TrainArgs) -> Run:
         args=args, output=output, rank=rank, world=world, model=model, tokenizer=tokenizer, rows=rows,
         eval_examples=eval_examples, data_report=data_report, bf16=bf16, padding_free=padding_free, plan=plan,
         params=params, optimizer=optimizer, scheduler=scheduler, log=log, start_step=start_step,
-        wall_time_before=wall_before,
+        wall_time_before=wall_before, sharded=sharded,
     )  # fmt: skip
 
 
@@ -302,7 +314,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     for micro in micro_batches(rows, indices[run.rank :: run.world], args.batch_size):
         batch = micro_batch_tensors(micro, run.pad_id, run.padding_free)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16):
-            loss, _ = lm_loss_sum(run.model, batch)
+            loss, _ = run.loss_sum(batch)
         (loss / max(n_global, 1)).backward()
         loss_sum += loss.item()
         n_tokens += sum(len(r) for r in micro)
@@ -362,9 +374,17 @@ def evaluate_loss(run: Run) -> float:
     shown = None
     if run.rank == 0 and run.args.progress:  # scoring the base model before the first step can take minutes
         shown = "eval loss before training" if not run.last else f"eval loss after step {run.last['step']}"
-    total, count = loss_over_examples(run.model, examples, run.args.batch_size, run.pad_id, run.bf16, progress=shown)
+    total, count = loss_over_examples(
+        run.model, examples, run.args.batch_size, run.pad_id, run.bf16, progress=shown, loss_sum=run.sharded
+    )
     total, count = distributed.sum_over_processes([total, count])
     return total / max(count, 1)
+
+
+def _fsdp_report(model: nn.Module) -> dict[str, Any]:
+    """For the summary: the bytes of frozen base weights each process holds after sharding, and of the whole base."""
+    local, whole = fsdp.base_bytes(model)
+    return {"base_bytes": whole, "base_bytes_per_process": distributed.gather_ints(local)}
 
 
 def _due(every: int, done: int, total: int) -> bool:

@@ -1,0 +1,102 @@
+"""``--fsdp``: the frozen base sharded across torchrun processes by PyTorch FSDP2 (``torch.distributed.fsdp.
+fully_shard``; gloo on CPU).
+
+Each decoder block is one FSDP unit, and the root unit is the loss itself (``ShardedLoss``, whose forward is
+``lm_loss_sum``): it holds what no block does (embeddings, final norm, output layer). Between steps a process keeps
+1/world of every frozen base weight (dim 0, padded to a multiple of world); a block's weights are gathered for its
+forward, freed, and gathered again for its backward; the root's stay gathered from its forward to the end of the
+backward. So a step holds the shards, the root's weights and one block's.
+
+The adapter (every trainable parameter: LoRA A / B, DoRA magnitudes, ``modules_to_save`` copies, trained biases) is
+left out of FSDP (``ignored_params``): it stays whole and identical on every process, its gradients are summed by
+``distributed.all_reduce_grads`` as in a run without --fsdp, so the optimizer state, the checkpoints and the saved
+adapter file are those of an unsharded run; rank 0 writes them as they are.
+
+Example (under torchrun, after ``dist.init_process_group("gloo")``)::
+
+    root = shard(model, world=2)           # model: a PeftModel
+    loss, n = root(batch)                  # = lm_loss_sum(model, batch)
+    local, whole = base_bytes(model)       # local ~ whole / 2
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from lorakit.training.loss import lm_loss_sum
+
+
+class FsdpError(RuntimeError):
+    """A model --fsdp cannot shard; the message says why and what to do."""
+
+
+class ShardedLoss(nn.Module):
+    """The FSDP root: ``forward(batch)`` is ``lm_loss_sum(model, batch)``, (sum of token losses, labelled count).
+
+    The loss runs the model's body and applies the output layer's weight itself (``training/loss.py``), outside
+    the model's forward; making the loss the root's forward gathers the root's weights for exactly that."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        return lm_loss_sum(self.model, batch)
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: the modules of the classes transformers keeps whole when it splits a model over
+    devices (``_no_split_modules``, e.g. LlamaDecoderLayer), outermost ones only."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    blocks: list[nn.Module] = []
+    for module in base.modules():
+        if type(module).__name__ in names and not any(_inside(module, b) for b in blocks):
+            blocks.append(module)
+    if not blocks:
+        raise FsdpError(
+            f"--fsdp: {type(base).__name__} names no decoder block class (transformers' _no_split_modules is "
+            f"{getattr(base, '_no_split_modules', None)!r}), so there is nothing to shard by; run without --fsdp"
+        )
+    return blocks
+
+
+def _inside(module: nn.Module, block: nn.Module) -> bool:
+    return any(m is module for m in block.modules())
+
+
+def shard(model: nn.Module, world: int) -> ShardedLoss:
+    """Shard ``model``'s frozen weights over the ``world`` processes of the default process group: one FSDP unit per
+    decoder block, then the root (``ShardedLoss``); its trainable parameters stay whole. Returns the root, whose
+    forward is the training loss."""
+    adapter = {p for p in model.parameters() if p.requires_grad}
+    frozen_dtypes = {p.dtype for p in model.parameters() if not p.requires_grad}
+    if len(frozen_dtypes) > 1:  # FSDP2 gathers a unit's weights in one flat buffer of one dtype
+        raise FsdpError(
+            f"--fsdp: the base model's frozen weights mix dtypes {sorted(map(str, frozen_dtypes))}; FSDP2 needs "
+            "one: load the model in one dtype, or run without --fsdp"
+        )
+    blocks = decoder_blocks(model)
+    mesh = init_device_mesh("cpu", (world,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh, ignored_params=adapter)
+    root = ShardedLoss(model)
+    fully_shard(root, mesh=mesh, ignored_params=adapter)
+    return root
+
+
+def base_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the frozen base weights this process holds, bytes of the whole frozen base): each sharded weight
+    counts its local shard's storage (padding included), any other frozen weight in full. Measured between steps,
+    when every unit is sharded (``shard`` leaves them so, and a step's backward reshards them)."""
+    local = whole = 0
+    for p in model.parameters():  # each shared (tied) weight once
+        if p.requires_grad:
+            continue
+        whole += p.numel() * p.element_size()  # a DTensor's numel is the whole tensor's
+        # the shard's own storage: FSDP2 pads dim 0 to a multiple of world, so the storage can exceed the view
+        local += p.to_local().untyped_storage().nbytes() if isinstance(p, DTensor) else p.numel() * p.element_size()
+    return local, whole

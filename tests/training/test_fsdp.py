@@ -1,0 +1,145 @@
+"""lorakit train --fsdp (training/fsdp.py): the frozen base sharded by FSDP2 over 2 torchrun processes (gloo, CPU)
+trains the adapter of a 1-process unsharded run (within 1e-5), each process holding half the base's weights, and a
+sharded run resumed from its checkpoint ends with the adapter of the uninterrupted one.
+
+One sharded run (4 steps, a checkpoint at step 2) is shared by the tests; with the resume, two torchrun runs of about
+6 s each on 2 cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import WORDS, save_tiny_folder, tiny_llama
+from safetensors.torch import load_file
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.training import fsdp
+from lorakit.training.args import TrainArgs
+from lorakit.training.preflight import check_inputs
+from lorakit.training.trainer import train
+
+STEPS, SAVE_AT = 4, 2
+ADAPTER = "adapter_model.safetensors"
+
+
+def _data(path: Path, n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(WORDS[:8]) for _ in range(rng.randint(2, 6)))
+        rows.append({"prompt": prompt, "completion": f"{prompt.split()[0]} hello world"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fsdp")
+    (root / "cfg.yaml").write_text("r: 4\n")  # torchrun's parser takes --r for one of its own options
+    return {"root": root, "model": save_tiny_folder(root / "model"), "data": _data(root / "train.jsonl", 24, 0),
+            "eval": _data(root / "eval.jsonl", 8, 1), "config": root / "cfg.yaml"}  # fmt: skip
+
+
+def _options(inputs: dict[str, Path]) -> list[str]:
+    return ["--config", str(inputs["config"]), "--data", str(inputs["data"]), "--eval-data", str(inputs["eval"]),
+            "--model", str(inputs["model"]), "--max-steps", str(STEPS), "--save-steps", str(SAVE_AT), "--lr", "5e-3",
+            "--dropout", "0", "--seed", "1", "--no-bf16", "--no-progress"]  # fmt: skip
+
+
+def _torchrun(inputs: dict[str, Path], output: Path, *extra: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "lorakit.cli", "train", *_options(inputs), "--batch-size", "2", "--fsdp", "--output", str(output),
+               *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def sharded(inputs: dict[str, Path]) -> Path:
+    """The output folder of a 2-process --fsdp run: batch 2 per process."""
+    output = inputs["root"] / "sharded"
+    _torchrun(inputs, output)
+    return output
+
+
+def _assert_same_adapter(folder: Path, reference: Path, atol: float) -> float:
+    a, b = load_file(reference / ADAPTER), load_file(folder / ADAPTER)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=atol, rtol=0)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_two_sharded_processes_equal_one_unsharded_process(inputs, sharded, tmp_path):
+    """The same global batch of 4: 2 processes x 2 rows with the base sharded == 1 process x 4 rows, unsharded."""
+    one = train(TrainArgs(data=str(inputs["data"]), eval_data=str(inputs["eval"]), model=str(inputs["model"]), r=4,
+                          max_steps=STEPS, save_steps=SAVE_AT, lr=5e-3, dropout=0.0, seed=1, bf16=False, progress=False,
+                          batch_size=4, output=str(tmp_path / "one")))  # fmt: skip
+    diff = _assert_same_adapter(sharded, tmp_path / "one", atol=1e-5)
+    summary = json.loads((sharded / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == STEPS
+    assert abs(summary["eval_loss"] - one["eval_loss"]) < 1e-5
+    print(f"max |2 sharded - 1 unsharded| over the adapter: {diff:.2e}")
+
+
+def test_each_process_holds_half_of_the_base(sharded):
+    """The bytes of frozen base weights each process holds after sharding (its DTensor shards' storage), as the
+    run measured and wrote them into summary.json."""
+    report = json.loads((sharded / "summary.json").read_text())["fsdp"]
+    whole, per_process = report["base_bytes"], report["base_bytes_per_process"]
+    assert whole == sum(p.numel() * p.element_size() for p in tiny_llama(0).parameters())
+    assert per_process == [whole // 2, whole // 2]  # every weight's dim 0 is even: no padding row
+    print(f"frozen base {whole} bytes; per process {per_process}")
+
+
+def test_resume_of_a_sharded_run_equals_the_uninterrupted_one(inputs, sharded):
+    """The run's folder as it was after step 2 (its checkpoint; the final adapter gone), resumed sharded."""
+    resumed = inputs["root"] / "resumed"
+    shutil.copytree(sharded, resumed)
+    for name in (ADAPTER, "summary.json"):
+        (resumed / name).unlink()
+    shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS:08d}", ignore_errors=True)
+    assert [p.name for p in (resumed / "checkpoints").iterdir()] == [f"step-{SAVE_AT:08d}"]
+    _torchrun(inputs, resumed, "--resume")
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from"] == SAVE_AT
+    _assert_same_adapter(resumed, sharded, atol=1e-6)
+    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
+
+
+# -- what --fsdp refuses, before torch.distributed starts --------------------------------------------------------
+
+
+def test_fsdp_needs_torchrun_and_an_unquantized_base(inputs, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"--fsdp shards .* this run has one: start it with 'torchrun"):
+        check_inputs(TrainArgs(data=str(inputs["data"]), fsdp=True))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"--fsdp with --quantize 4: .* buffers, which FSDP2 does not shard"):
+        check_inputs(TrainArgs(data=str(inputs["data"]), fsdp=True, quantize=4))
+    check_inputs(TrainArgs(data=str(inputs["data"]), fsdp=True))
+
+
+def test_blocks_are_the_decoder_layers_and_a_model_without_them_is_refused():
+    model = get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"]))
+    base = model.get_base_model()
+    assert fsdp.decoder_blocks(model) == list(base.model.layers)
+    base._no_split_modules = None
+    with pytest.raises(fsdp.FsdpError, match=r"LlamaForCausalLM names no decoder block class .* without --fsdp"):
+        fsdp.decoder_blocks(model)
+
+
+def test_a_base_of_mixed_dtypes_is_refused():
+    model = get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.get_base_model().lm_head.to(torch.bfloat16)
+    with pytest.raises(fsdp.FsdpError, match=r"mix dtypes \['torch.bfloat16', 'torch.float32'\]"):
+        fsdp.shard(model, world=2)
