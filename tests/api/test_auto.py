@@ -12,6 +12,7 @@ import torch
 from helpers import VOCAB, assert_same_adapter_config, input_ids, perturb_
 from torch import nn
 from transformers import (
+    AutoModelForCausalLM,
     BertConfig,
     BertForQuestionAnswering,
     BertModel,
@@ -102,3 +103,44 @@ def test_question_answering_model_class_is_peft_s_name():
     assert type(model) is lorakit.PeftModelForQuestionAnswering
     assert model.peft_config["default"].modules_to_save == ["qa_outputs"]
 
+
+
+def test_generic_auto_class_loads_the_base_class_auto_mapping_names(tmp_path):
+    """No task_type: PEFT records the base model's class (auto_mapping) and AutoPeftModel loads that class."""
+    import json
+
+    from helpers import save_tiny_adapter, save_tiny_folder
+
+    base = save_tiny_folder(tmp_path / "base")
+    adapter = save_tiny_adapter(base, tmp_path / "adapter")
+    mapping = json.loads((adapter / "adapter_config.json").read_text())["auto_mapping"]
+    assert mapping == {
+        "base_model_class": "LlamaForCausalLM",
+        "parent_library": "transformers.models.llama.modeling_llama",
+    }
+    model = lorakit.AutoPeftModel.from_pretrained(adapter)
+    assert type(model.get_base_model()).__name__ == "LlamaForCausalLM"  # AutoModel alone would give LlamaModel
+    reference = lorakit.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids()).logits, reference(input_ids()).logits)
+
+
+def test_auto_mapping_outside_transformers_is_not_imported(tmp_path):
+    import json
+
+    from helpers import save_tiny_adapter, save_tiny_folder
+
+    adapter = save_tiny_adapter(save_tiny_folder(tmp_path / "base"), tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["auto_mapping"] = {"base_model_class": "system", "parent_library": "os"}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(lorakit.AdapterFileError, match="outside transformers"):
+        lorakit.AutoPeftModel.from_pretrained(adapter)
+
+
+def test_auto_class_of_another_task_is_refused_naming_the_right_one(tmp_path):
+    from helpers import save_tiny_adapter, save_tiny_folder
+
+    adapter = save_tiny_adapter(save_tiny_folder(tmp_path / "base"), tmp_path / "adapter", task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match="task_type CAUSAL_LM: load it with AutoPeftModelForCausalLM"):
+        lorakit.AutoPeftModelForSequenceClassification.from_pretrained(adapter)
