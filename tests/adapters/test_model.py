@@ -282,3 +282,31 @@ def test_wrappers_follow_the_model_mode_so_eval_has_no_dropout():
     torch.testing.assert_close(_logits(model), _logits(model))
     model.train()
     assert not torch.allclose(_logits(model), _logits(model))
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_autocast_adapter_dtype_as_peft(autocast: bool) -> None:
+    """PEFT's keyword: float32 adapters on a bf16 base by default, the base's dtype with False; the same in
+    get_peft_model, add_adapter and load_adapter, and equal to PEFT's choice."""
+    import tempfile
+
+    import peft
+
+    from lorakit import LoraConfig, PeftModel, get_peft_model
+
+    base = tiny_llama(0).to(torch.bfloat16)
+    config = dict(target_modules=["q_proj", "v_proj"], r=4)
+    ours = get_peft_model(base, LoraConfig(**config), autocast_adapter_dtype=autocast)
+    ours.add_adapter("second", LoraConfig(**config), autocast_adapter_dtype=autocast)
+    theirs = peft.get_peft_model(tiny_llama(0).to(torch.bfloat16), peft.LoraConfig(**config),
+                                 autocast_adapter_dtype=autocast)  # fmt: skip
+    want = {p.dtype for n, p in theirs.named_parameters() if "lora_" in n}
+    assert want == ({torch.float32} if autocast else {torch.bfloat16})
+    assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == want
+    with tempfile.TemporaryDirectory() as folder:
+        ours.save_pretrained(folder)
+        loaded = PeftModel.from_pretrained(tiny_llama(0).to(torch.bfloat16), folder, autocast_adapter_dtype=autocast)
+        loaded.load_adapter(folder, "again", autocast_adapter_dtype=autocast)
+        assert {p.dtype for n, p in loaded.named_parameters() if "lora_" in n} == want
+        with torch.no_grad():
+            loaded(input_ids())  # the forward runs in either dtype

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from lorakit.adapters import combine
@@ -34,12 +35,12 @@ class LoraModel(nn.Module):
     """The base model with LoRA wrappers; one entry in ``peft_config`` per adapter."""
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
-                 fast_mlp: bool = True) -> None:
+                 fast_mlp: bool = True, autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.fast_mlps = swiglu.patch_mlps(model) if fast_mlp else 0
         if self.fast_mlps:
             logger.info("lorakit: %d gated MLPs of %s compute silu(g) * u with lorakit.fast.swiglu (same values, "
@@ -59,8 +60,10 @@ class LoraModel(nn.Module):
         return self.active_adapters[0] if len(self.active_adapters) == 1 else self.active_adapters  # type: ignore
 
     # -- adapters ------------------------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
-        """Inject adapter ``adapter_name`` (inactive unless it is the first; activate with set_adapter)."""
+    def add_adapter(self, adapter_name: str, config: LoraConfig, autocast_adapter_dtype: bool = True) -> None:
+        """Inject adapter ``adapter_name`` (inactive unless it is the first; activate with set_adapter). Its weights
+        are float32 (``autocast_adapter_dtype``, PEFT's default: a 16-bit base still trains its adapter in float32),
+        or, with ``autocast_adapter_dtype=False``, in the dtype of the layer they adapt."""
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter it")
@@ -71,7 +74,20 @@ class LoraModel(nn.Module):
         except Exception:
             del self.peft_config[adapter_name]
             raise
+        if not autocast_adapter_dtype:
+            self._to_base_dtype(adapter_name)
         self.set_adapter(self.active_adapters or [adapter_name])
+
+    def _to_base_dtype(self, adapter_name: str) -> None:
+        """Cast adapter ``adapter_name``'s parameters to the floating dtype of each wrapped layer's weight (a
+        quantized layer's: float32, the dtype it computes in)."""
+        for _, module in wrappers(self.model):
+            if isinstance(module, LoraLayer) and adapter_name in module.r:
+                dtype = torch.float32 if module.quantized else module.base_weight().dtype
+                if dtype.is_floating_point:
+                    for p in module.adapter_parameters(adapter_name):
+                        p.data = p.data.to(dtype)
+                    module._refresh()
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Activate ``adapter_name`` (or several, whose updates add up); only active adapters train."""

@@ -52,10 +52,19 @@ def _declaring_labels(forward: Callable[..., Any], *label_names: str) -> Callabl
 class PeftModel(nn.Module):
     """A transformers model with LoRA adapters. Parameter names read ``base_model.model.<path>``, as in PEFT."""
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: LoraConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        """``autocast_adapter_dtype``: float32 adapter weights (default, as PEFT) or, False, the base layers' dtype.
+        ``low_cpu_mem_usage`` is accepted for PEFT's signature; lorakit creates adapters at their size at once."""
         super().__init__()
         peft_config = self._prepare_config(model, peft_config)
-        self.base_model = LoraModel(model, peft_config, adapter_name)
+        self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         self._enable_input_grads_if_checkpointing()
         self.forward = _ForwardWithBaseSignature(self)  # type: ignore[method-assign]
         hf_trainer.install(PeftModel)  # transformers.Trainer checkpoints hold the adapter (see api/hf_trainer.py)
@@ -148,9 +157,16 @@ class PeftModel(nn.Module):
     def active_peft_config(self) -> LoraConfig:
         return self.peft_config[self.active_adapters[0]]
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
-        """Add a new, inactive adapter (activate it with set_adapter)."""
-        self.base_model.add_adapter(adapter_name, self._prepare_config(self.get_base_model(), peft_config))
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: LoraConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add a new, inactive adapter (activate it with set_adapter); the options as for ``PeftModel(...)``."""
+        config = self._prepare_config(self.get_base_model(), peft_config)
+        self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         self.base_model.set_adapter(adapter_name)
@@ -236,9 +252,11 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: LoraConfig | None = None,
+        autocast_adapter_dtype: bool = True,
         **kwargs: Any,
     ) -> PeftModel:
-        """Wrap ``model`` with the adapter saved in folder ``model_id`` (frozen unless ``is_trainable``)."""
+        """Wrap ``model`` with the adapter saved in folder ``model_id`` (frozen unless ``is_trainable``); PEFT's other
+        keyword arguments (``low_cpu_mem_usage``, ``torch_device``, ...) are accepted and unused."""
         check_adapter_name(adapter_name)
         config = config or read_config(model_id)
         config.inference_mode = not is_trainable
@@ -247,14 +265,19 @@ class PeftModel(nn.Module):
         tensors, source = files.read_weights(model_id)
         state.check_ranks(config_copy, tensors, source)
         try:
-            peft_model = model_cls(model, config_copy, adapter_name)
+            peft_model = model_cls(model, config_copy, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         except TargetError as e:
             raise _target_error(model, model_id, config, tensors, e) from None
         state.load_adapter_state_dict(peft_model, tensors, adapter_name, source)
         return peft_model
 
     def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        autocast_adapter_dtype: bool = True,
+        **kwargs: Any,
     ) -> None:
         """Add the adapter saved in ``model_id`` under ``adapter_name`` (inactive; use set_adapter). If
         ``adapter_name`` exists, its weights are replaced by the saved ones (shapes must match), as PEFT does: what
@@ -270,7 +293,7 @@ class PeftModel(nn.Module):
         tensors, source = files.read_weights(model_id)
         state.check_ranks(config, tensors, source)
         try:
-            self.add_adapter(adapter_name, config)
+            self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         except TargetError as e:
             raise _target_error(self.get_base_model(), model_id, config, tensors, e) from None
         try:
@@ -342,10 +365,10 @@ class PeftModelForCausalLM(PeftModel):
 class PeftModelForSequenceClassification(PeftModel):
     """PeftModel for classifiers: the head ('classifier' or 'score') is trained in full and saved with the adapter."""
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs: Any) -> None:
         # both head names, after the config's own entries, as PEFT lists them (a name the model lacks matches nothing)
         peft_config.modules_to_save = list(peft_config.modules_to_save or []) + list(SEQ_CLS_HEADS)
-        super().__init__(model, peft_config, adapter_name)
+        super().__init__(model, peft_config, adapter_name, **kwargs)
 
 
 class PeftModelForTokenClassification(PeftModelForSequenceClassification):
@@ -368,10 +391,10 @@ class PeftModelForQuestionAnswering(PeftModel):
 
     forward = _declaring_labels(PeftModel._forward, "start_positions", "end_positions")
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs: Any) -> None:
         # after the config's own entries, as PEFT lists it
         peft_config.modules_to_save = list(peft_config.modules_to_save or []) + list(QA_HEADS)
-        super().__init__(model, peft_config, adapter_name)
+        super().__init__(model, peft_config, adapter_name, **kwargs)
 
 
 MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType | None, type[PeftModel]] = {
@@ -397,4 +420,5 @@ def get_peft_model(
     if unknown:
         warnings.warn(f"get_peft_model ignored arguments: {sorted(unknown)}", stacklevel=2)
     model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)  # type: ignore[arg-type]
-    return model_cls(model, peft_config, adapter_name)
+    autocast = kwargs.get("autocast_adapter_dtype", True)
+    return model_cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast)
