@@ -143,3 +143,12 @@ def test_a_base_of_mixed_dtypes_is_refused():
     model.get_base_model().lm_head.to(torch.bfloat16)
     with pytest.raises(fsdp.FsdpError, match=r"mix dtypes \['torch.bfloat16', 'torch.float32'\]"):
         fsdp.shard(model, world=2)
+
+
+@pytest.mark.parametrize(("env", "expected"), [({}, "True"), ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "False")])
+def test_large_allocations_are_mmapped_unless_the_user_chose(env, expected):
+    """In a process of its own: mallopt changes the whole process's allocator."""
+    code = "from lorakit.training.fsdp import map_large_allocations; print(map_large_allocations())"
+    clean = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    done = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True)
+    assert done.stdout.strip() == expected, done.stderr

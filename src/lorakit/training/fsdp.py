@@ -21,12 +21,22 @@ Example (under torchrun, after ``dist.init_process_group("gloo")``)::
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import os
+import platform
+
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from lorakit.training.loss import lm_loss_sum
+
+logger = logging.getLogger(__name__)
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD = 1 << 20  # bytes
 
 
 class FsdpError(RuntimeError):
@@ -100,3 +110,19 @@ def base_bytes(model: nn.Module) -> tuple[int, int]:
         # the shard's own storage: FSDP2 pads dim 0 to a multiple of world, so the storage can exceed the view
         local += p.to_local().untyped_storage().nbytes() if isinstance(p, DTensor) else p.numel() * p.element_size()
     return local, whole
+
+
+def map_large_allocations() -> bool:
+    """On glibc, serve allocations from 1 MiB up by mmap, so that memory freed is returned to the system at once
+    (``mallopt(M_MMAP_THRESHOLD)``, for the whole process); whether it was set. Not when MALLOC_MMAP_THRESHOLD_
+    is already set (the user's choice) or on another C library.
+
+    FSDP2 allocates and frees every block's gather buffers twice a step, in the training thread and gloo's. With
+    glibc's default threshold (which rises to 32 MiB once a large block is freed) they stay in malloc's arenas:
+    SmolLM2-135M on 2 processes grew to 2.6 GB resident each within 8 steps, for 0.65 GB live (malloc_trim), at
+    3.4-3.9 s a step; with 1 MiB it stayed at 0.89 GB, at 2.9-3.1 s a step (an unsharded process: 1.15 GB)."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or platform.libc_ver()[0] != "glibc":
+        return False
+    done = bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))  # 1 on success
+    logger.info("--fsdp: allocations from %d bytes are mmapped (mallopt M_MMAP_THRESHOLD): %s", MMAP_THRESHOLD, done)
+    return done

@@ -203,6 +203,7 @@ def setup(args: TrainArgs) -> Run:
     padding_free = check_isolation(args, model)
     sharded = None
     if args.fsdp:  # before the optimizer: it holds the trainable parameters, which FSDP leaves as they are
+        fsdp.map_large_allocations()  # FSDP2's per-step gather buffers, freed, return to the system
         sharded = fsdp.shard(model, world)
         data_report["fsdp"] = _fsdp_report(model)
     plan = make_plan(len(rows), args, world)
