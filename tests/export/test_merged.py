@@ -1,19 +1,27 @@
-"""export.merged: the merged folder is plain transformers, has base + adapter logits, and is written atomically."""
+"""export.merged: the merged folder is plain transformers, has base + adapter logits, and is written atomically; a
+full or read-only disk (by fault injection, and for real on a tmpfs when run as root) is an OutputWriteError naming
+the folder and the bytes, the previous folder unchanged."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import CHATML, save_tiny_adapter, save_tiny_folder
+from helpers import CHATML, save_tiny_adapter, save_tiny_folder, tiny_llama
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit import AdapterFileError, PeftModel
 from lorakit.export.merged import merge_adapter_to_folder
 from lorakit.io.models import ModelNotFoundError
+from lorakit.io.writes import OutputWriteError
 
 IDS = torch.tensor([[7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25]])
 
@@ -116,3 +124,98 @@ def test_crash_while_writing_leaves_no_output(
     with pytest.raises(OSError, match="disk full"):
         merge_adapter_to_folder(adapter_dir, base_dir.parent / "merged")
     assert siblings(base_dir) == {"base", "adapter"}
+
+
+# -- a full or read-only disk while the merged folder is written ------------------------------------------------
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _weights_fail(code: int) -> Callable[..., None]:
+    """transformers' safetensors writer on a refusing disk: half the file written, then the Rust writer's error."""
+
+    def save_file(tensors: dict, filename: str, metadata: object = None) -> None:
+        Path(filename).write_bytes(b"half")
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+
+    return save_file
+
+
+def _tokenizer_fails(self: object, folder: str, **kwargs: object) -> None:
+    (Path(folder) / "tokenizer.json").write_text("{")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _mkdtemp_fails(*args: object, **kwargs: object) -> str:
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+
+FAULTS = {
+    "weights, full": ("transformers.modeling_utils.safe_save_file", _weights_fail(errno.ENOSPC), errno.ENOSPC),
+    "weights, read-only": ("transformers.modeling_utils.safe_save_file", _weights_fail(errno.EROFS), errno.EROFS),
+    "tokenizer, full": ("transformers.PreTrainedTokenizerBase.save_pretrained", _tokenizer_fails, errno.ENOSPC),
+    "temp folder, read-only": ("tempfile.mkdtemp", _mkdtemp_fails, errno.EROFS),
+}
+REFUSED = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system"}
+
+
+def _assert_refused(error: OutputWriteError, out: Path, code: int) -> None:
+    """The error names the folder and the merged weights' bytes (tiny llama: 99,968 in fp32)."""
+    needed = sum(p.numel() * p.element_size() for p in tiny_llama().parameters())
+    assert error.errno == code
+    message = str(error)
+    assert message.startswith(f"cannot write {out}: {REFUSED[code]} ({needed:,} bytes needed"), message
+    assert message.endswith("What was there before is unchanged and the temp files are removed"), message
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_refusing_disk_leaves_the_previous_merged_folder(
+    base_and_adapter: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    base_dir, adapter_dir = base_and_adapter
+    out = base_dir.parent / "merged"
+    merge_adapter_to_folder(adapter_dir, out)
+    before = _snapshot(out)
+    target, replacement, code = FAULTS[fault]
+    with monkeypatch.context() as mp:
+        mp.setattr(target, replacement)
+        with pytest.raises(OutputWriteError) as caught:
+            merge_adapter_to_folder(adapter_dir, out, overwrite=True)
+    _assert_refused(caught.value, out, code)
+    assert _snapshot(out) == before
+    assert siblings(out) == {"base", "adapter", "merged"}  # no temp folder left behind
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (when the tests run as root; skipped otherwise)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_real_full_then_read_only_disk(base_and_adapter: tuple[Path, Path], tmpfs: Path) -> None:
+    base_dir, adapter_dir = base_and_adapter
+    out = tmpfs / "merged"
+    merge_adapter_to_folder(adapter_dir, out)
+    before = _snapshot(out)
+    free = os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize
+    (tmpfs / "ballast").write_bytes(b"\0" * (free - 40_000))  # less room than the 99,968 bytes of weights
+    with pytest.raises(OutputWriteError) as caught:
+        merge_adapter_to_folder(adapter_dir, out, overwrite=True)
+    _assert_refused(caught.value, out, errno.ENOSPC)
+    assert _snapshot(out) == before and {p.name for p in tmpfs.iterdir()} == {"merged", "ballast"}
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    with pytest.raises(OutputWriteError) as caught:
+        merge_adapter_to_folder(adapter_dir, out, overwrite=True)
+    _assert_refused(caught.value, out, errno.EROFS)
+    assert _snapshot(out) == before
+    AutoModelForCausalLM.from_pretrained(out)

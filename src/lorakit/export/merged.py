@@ -1,7 +1,9 @@
 """Merge an adapter folder into its base model and write a plain transformers folder (no lorakit needed to load it).
 
 The merged weights are ``W + s * B @ A`` for every wrapped module (``LoraModel.merge_and_unload``). The folder is
-built in a temporary sibling and moved into place with ``os.replace``: a crash never leaves a half-written folder.
+built in a temporary sibling and moved into place with ``os.replace``: a crash never leaves a half-written folder,
+and a full or read-only disk raises OutputWriteError naming the folder and the bytes it needs, the previous folder
+unchanged.
 
 Example::
 
@@ -48,6 +50,7 @@ def merge_adapter_to_folder(
         FileExistsError: ``output_dir`` is a file, or a non-empty folder and ``overwrite`` is False.
         AdapterFileError: the adapter folder is missing, corrupt, names no base, or does not fit the base.
         ModelNotFoundError: the base model cannot be found.
+        OutputWriteError: the disk is full or read-only (``output_dir`` as it was, no temp folder left).
     """
     adapter_dir, output = Path(adapter_dir), Path(output_dir)
     check_output(adapter_dir, output, overwrite)
@@ -71,8 +74,15 @@ def merge_adapter_to_folder(
             tokenizer.save_pretrained(folder)
 
     with phase(f"writing {output}", show=progress):
-        publish_folder(output, write)
+        publish_folder(output, write, needed=weight_bytes(merged))
     return output
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """The bytes of ``model``'s state dict as safetensors stores it: each tensor's data once (tied weights are saved
+    once). The estimate a full disk's error gives for a merged folder (config and tokenizer files add a little)."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _tokenizer(adapter_dir: Path, base_id: str) -> PreTrainedTokenizerBase | None:

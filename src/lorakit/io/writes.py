@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -128,9 +129,34 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, json_bytes(obj))
 
 
-def publish_folder(final: Path, write: Callable[[Path], None]) -> None:
+def refused_write(error: BaseException) -> OSError | None:
+    """The OSError behind ``error`` when the disk refused a write (full, read-only, forbidden), else None. Besides
+    OSError itself this reads the errno a Rust library puts in its message: safetensors' writer, which transformers'
+    ``save_pretrained`` uses, raises ``SafetensorError('Error while serializing: I/O error: No space left on device
+    (os error 28)')``, no OSError."""
+    if isinstance(error, OSError):
+        return error if error.errno in _REFUSED else None
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    if found is None or int(found[1]) not in _REFUSED:
+        return None
+    return OSError(int(found[1]), os.strerror(int(found[1])))
+
+
+def publish_folder(final: Path, write: Callable[[Path], None], needed: int | None = None) -> None:
     """A folder written whole or not at all: run ``write(tmp)`` in a temp sibling of ``final``, then move it to
-    ``final`` (replacing what was there)."""
+    ``final`` (replacing what was there). With ``needed`` (the bytes the folder takes, an estimate), a disk that
+    refuses the write (``refused_write``) raises OutputWriteError naming ``final`` and ``needed``; the previous
+    folder is then unchanged and the temp folder removed, as after any failure."""
+    try:
+        _publish_folder(final, write)
+    except Exception as e:
+        refused = refused_write(e) if needed is not None else None
+        if refused is None:
+            raise
+        raise write_error(final, needed, refused) from None
+
+
+def _publish_folder(final: Path, write: Callable[[Path], None]) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     old: Path | None = None
