@@ -56,3 +56,47 @@ def test_hf_peft_loads_the_adapter_with_equal_logits(trained):
         expect = summary["model"].eval()(input_ids=ids).logits
         theirs = peft.PeftModel.from_pretrained(load_model(), str(root / "out"))
         torch.testing.assert_close(theirs(input_ids=ids).logits, expect, atol=1e-4, rtol=0)
+
+
+PEFT_AUTO = """
+import json, sys, torch, peft
+model = peft.AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])
+with torch.no_grad():
+    logits = model(input_ids=torch.tensor([[1, 504, 2593, 28, 3108]])).logits[0, -1]
+print(json.dumps({"name": model.get_base_model().name_or_path, "logits": logits.tolist()}))
+"""
+
+
+def test_peft_finds_the_base_by_its_hub_id_offline_from_a_local_copy(trained, tmp_path):
+    """The recorded base is the hub id: PEFT's own AutoPeftModelForCausalLM, offline, loads it from a copy in the
+    Hugging Face cache (here the bundled copy, linked in), with lorakit's logits. The adapter file names the
+    bundled file it was trained on; loading it onto a base lorakit did not load from that file warns."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.io import files
+    from lorakit.io.models import bundled_base_tag, resolve_model
+
+    root, summary = trained
+    assert files.read_metadata(root / "out")[files.BASE_TAG_KEY] == bundled_base_tag()
+    repo = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    local = resolve_model(DEFAULT_MODEL)
+    for name in os.listdir(local):
+        (snapshot / name).symlink_to(os.path.join(local, name))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    done = subprocess.run([sys.executable, "-c", PEFT_AUTO, str(root / "out")], capture_output=True, text=True,
+                          env=env, check=True, timeout=600)  # fmt: skip
+    theirs = json.loads(done.stdout.splitlines()[-1])
+    assert theirs["name"] == DEFAULT_MODEL
+    with torch.no_grad():
+        ours = summary["model"].eval()(input_ids=torch.tensor([[1, 504, 2593, 28, 3108]])).logits[0, -1]
+    torch.testing.assert_close(torch.tensor(theirs["logits"]), ours, atol=1e-4, rtol=0)
+    with pytest.warns(UserWarning, match="trained on lorakit's bundled default model"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(snapshot), root / "out")

@@ -54,5 +54,5 @@ def test_peft_workflow_runs_as_printed_on_the_bundled_model(
     namespace = run_block(tmp_path, monkeypatch)
     assert "trainable params:" in capsys.readouterr().out
     config = json.loads((tmp_path / "my-adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "SmolLM2-135M-Instruct-Q4_1"
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert namespace["base_logits"].shape[-1] == namespace["tokenizer"].vocab_size

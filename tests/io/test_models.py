@@ -197,9 +197,24 @@ def test_cached_default_model_is_reused(tmp_path: Path, monkeypatch: pytest.Monk
     final = tmp_path / models.CACHE_SUBDIR
     tiny_llama.rename(final)
     monkeypatch.setattr(models, "_write_default_model", lambda folder: pytest.fail("converted again"))
-    for alias in (None, "default", DEFAULT_MODEL, DEFAULT_MODEL.upper()):
+    for alias in (None, "default", DEFAULT_MODEL, DEFAULT_MODEL.upper(), models.LEGACY_DEFAULT_MODEL):
         assert resolve_model(alias) == str(final)
     assert load_model().name_or_path == DEFAULT_MODEL
+
+
+def test_the_hub_id_resolves_to_the_bundled_copy_and_says_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_llama: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    tiny_llama.rename(tmp_path / models.CACHE_SUBDIR)
+    models._say_once.cache_clear()
+    assert DEFAULT_MODEL == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    resolve_model(DEFAULT_MODEL)
+    resolve_model(DEFAULT_MODEL)
+    err = capsys.readouterr().err
+    assert err.count("is the bundled copy") == 1 and "pass a local folder to load another copy" in err
+    resolve_model("default")
+    assert capsys.readouterr().err == ""  # the alias users type says nothing
 
 
 def test_load_default_model_records_the_public_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

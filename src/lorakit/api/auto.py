@@ -56,7 +56,8 @@ def _auto_base_model(model_id: str | os.PathLike, auto_class_name: str, **kwargs
             f"{Path(model_id) / files.CONFIG_NAME} names no base_model_name_or_path; load the base "
             "model yourself and use PeftModel.from_pretrained(model, folder)"
         )
-    from lorakit.io.models import resolve_model  # heavy (transformers' model classes): only when a base is loaded
+    # heavy (transformers' model classes): only when a base is loaded
+    from lorakit.io.models import bundled_base_tag, is_default_model, resolve_model
 
     auto_cls = _base_class(config, auto_class_name, Path(model_id))
     trust = kwargs.pop("trust_remote_code", False)
@@ -66,6 +67,8 @@ def _auto_base_model(model_id: str | os.PathLike, auto_class_name: str, **kwargs
         **{k: v for k, v in kwargs.items() if k in ("dtype", "torch_dtype", "num_labels")},
     )
     base.name_or_path = base.config._name_or_path = base_id  # the id, not the cache folder it resolved to
+    if is_default_model(base_id):
+        base._lorakit_base_tag = bundled_base_tag()  # the bundled copy itself (see lorakit.io.files.BASE_TAG_KEY)
     return base, config
 
 

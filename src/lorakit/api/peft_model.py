@@ -234,7 +234,12 @@ class PeftModel(nn.Module):
                 tensors, saved = convert.to_original_base(
                     tensors, saved, path_initial_model_for_weight_conversion, name
                 )
-            files.write_adapter(files.adapter_folder(save_directory, name), saved.to_dict(), tensors)
+            files.write_adapter(files.adapter_folder(save_directory, name), saved.to_dict(), tensors, self._metadata())
+
+    def _metadata(self) -> dict[str, str] | None:
+        """The adapter file's safetensors metadata: PEFT's, plus which bundled file the base was (io.models)."""
+        tag = getattr(self.get_base_model(), "_lorakit_base_tag", None)
+        return {"format": "pt", files.BASE_TAG_KEY: tag} if tag else None
 
     def _auto_mapping(self, adapter_name: str) -> dict[str, str] | None:
         """What PEFT records for a config without task_type: the base model's class and its module (PEFT's
@@ -269,6 +274,7 @@ class PeftModel(nn.Module):
         except TargetError as e:
             raise _target_error(model, model_id, config, tensors, e) from None
         state.load_adapter_state_dict(peft_model, tensors, adapter_name, source)
+        _check_base(model, model_id)
         return peft_model
 
     def load_adapter(
@@ -405,6 +411,20 @@ MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType | None, type[PeftModel]] = {
     TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
     TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
 }
+
+
+def _check_base(model: nn.Module, model_id: str | os.PathLike) -> None:
+    """Warn when an adapter trained on lorakit's bundled default model is loaded onto another copy of that model
+    (e.g. the hub's original weights): the outputs then differ from the training run's by the Q4_1 rounding."""
+    tag = files.read_metadata(model_id).get(files.BASE_TAG_KEY)
+    if tag and getattr(model, "_lorakit_base_tag", None) != tag:
+        warnings.warn(
+            f"{model_id} was trained on lorakit's bundled default model ({tag}); this base is "
+            f"{getattr(model, 'name_or_path', type(model).__name__)!r}, another copy: its outputs differ from the "
+            "training run's by the bundled file's Q4_1 rounding. Load the base with lorakit.load_default_model() "
+            "to get the copy it was trained on",
+            stacklevel=3,
+        )
 
 
 def get_peft_model(

@@ -56,6 +56,9 @@ from lorakit.io.untrusted import AdapterFileError, check_safetensors_header, ins
 from lorakit.io.writes import atomic_write_bytes, atomic_write_json, json_bytes, replace_durably, write_temp
 
 CONFIG_NAME = "adapter_config.json"
+# In the weights file's safetensors metadata of an adapter trained on lorakit's bundled default model: which file
+# that base was, "<GGUF file> sha256:<hex>" (io.models.bundled_base_tag), to tell when it is loaded onto another copy.
+BASE_TAG_KEY = "lorakit_base"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 JOURNAL_NAME = ".adapter_config.next.json"  # the config being written, until both files are in place
@@ -128,14 +131,20 @@ def adapter_folder(save_directory: str | os.PathLike, adapter_name: str) -> Path
     return Path(save_directory) if adapter_name == "default" else Path(save_directory) / adapter_name
 
 
-def write_adapter(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+def write_adapter(
+    folder: str | os.PathLike,
+    config: dict[str, Any],
+    tensors: dict[str, Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write one adapter (``config``: the JSON object of adapter_config.json) by the journal protocol of the module
     doc: after any step, and any sequence of interrupted writes, the folder reads (read_config_json + read_weights)
     as the old or the new version, whole. All disk space is taken first: a full or read-only disk raises
     OutputWriteError naming the folder and the bytes needed, with the folder unchanged. Holds the folder's lock
-    (FolderLockedError if another process writes into it)."""
+    (FolderLockedError if another process writes into it). ``metadata``: the safetensors header's string map
+    (default ``{"format": "pt"}``, as PEFT writes)."""
     folder = Path(folder)
-    data = _safetensors_bytes(tensors)
+    data = _safetensors_bytes(tensors, metadata)
     contents = {
         JOURNAL_NAME: json_bytes({"config": config, "weights_sha256": hashlib.sha256(data).hexdigest()}),
         WEIGHTS_NAME: data,
@@ -241,6 +250,15 @@ def read_weights(folder: str | os.PathLike) -> tuple[dict[str, Tensor], str]:
             raise AdapterFileError(f"{legacy} does not hold a dict of tensors")
         return tensors, str(legacy)
     raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME} (nor {LEGACY_WEIGHTS_NAME}); is the save complete?")
+
+
+def read_metadata(folder: str | os.PathLike) -> dict[str, str]:
+    """The string map of the adapter file's safetensors header (``{}`` for a legacy .bin or none written)."""
+    path = _existing_folder(folder) / WEIGHTS_NAME
+    if not path.is_file():
+        return {}
+    metadata = check_safetensors_header(inside_folder(Path(folder), path)).get("__metadata__") or {}
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
 def _existing_folder(folder: str | os.PathLike) -> Path:

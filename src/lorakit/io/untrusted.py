@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 MAX_CONFIG_BYTES = 16 * 2**20  # an adapter_config.json is a few KB (a rank_pattern for every module: some 100 KB)
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit on a header
@@ -46,10 +47,11 @@ def read_small_text(path: Path, folder: Path) -> str:
     return path.read_text()
 
 
-def check_safetensors_header(path: Path) -> None:
-    """AdapterFileError naming ``path`` for a safetensors header that declares more bytes than the file (or than
-    MAX_HEADER_BYTES) holds, an invalid entry, or tensors whose offsets are out of range, overlap, or do not match
-    their shape: checked on the header alone (read after its length), before the file is read."""
+def check_safetensors_header(path: Path) -> dict[str, Any]:
+    """The header of safetensors file ``path``, checked: AdapterFileError naming ``path`` for a header that declares
+    more bytes than the file (or than MAX_HEADER_BYTES) holds, an invalid entry, or tensors whose offsets are out of
+    range, overlap, or do not match their shape: checked on the header alone (read after its length), before the
+    file is read."""
     size, bad = path.stat().st_size, f"{path} is corrupt or truncated"
     with open(path, "rb") as f:
         head = f.read(8)
@@ -92,3 +94,4 @@ def check_safetensors_header(path: Path) -> None:
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:
             raise AdapterFileError(f"{bad}: tensors {first!r} and {second!r} overlap in the file; re-save it")
+    return header
