@@ -200,7 +200,7 @@ class LoraConfig:
         if peft_type != "LORA":
             raise ConfigError(f"peft_type={peft_type!r}: lorakit loads LoRA adapters only (peft_type 'LORA')")
         own = {f.name for f in dataclasses.fields(cls)}
-        unsupported = {k: v for k, v in data.items() if k in _NEUTRAL_PEFT_KEYS and v != _NEUTRAL_PEFT_KEYS[k]}
+        unsupported = {k: v for k, v in data.items() if k in _NEUTRAL_PEFT_KEYS and not _neutral(k, v)}
         if unsupported:
             names = ", ".join(f"{k}={v!r}" for k, v in unsupported.items())
             raise ConfigError(f"this adapter uses PEFT features lorakit does not support yet: {names}")
@@ -263,6 +263,12 @@ _NEUTRAL_PEFT_KEYS: dict[str, Any] = {
     "kasa_config": None,
     "ensure_weight_tying": False,
 }
+
+
+def _neutral(key: str, value: Any) -> bool:
+    """Whether a PEFT key holds its "feature off" value. An empty list counts as None: PEFT writes
+    target_parameters=[] for the MoE models of transformers 5 (Mixtral, Qwen3-MoE, ...) when no expert is targeted."""
+    return value == _NEUTRAL_PEFT_KEYS[key] or (_NEUTRAL_PEFT_KEYS[key] is None and value == [])
 
 
 def pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:

@@ -51,6 +51,12 @@ DEFAULT_TARGETS: dict[str, list[str] | str] = {
 }
 SEQ_CLS_HEADS = ("classifier", "score")
 QA_HEADS = ("qa_outputs",)  # the span head of *ForQuestionAnswering models
+# Mamba mixers whose fused training kernel (mamba_ssm's mamba_split_conv1d_scan_combined, used whenever it is
+# installed) reads ``out_proj.weight`` itself instead of calling the layer: a LoRA wrapper there would be bypassed
+# without a word. PEFT refuses these targets for these model types (tuners_utils._check_lora_target_modules_mamba);
+# lorakit refuses them when named and leaves them out of all-linear.
+MAMBA_MODEL_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
+MAMBA_BYPASSED = frozenset({"out_proj", "conv1d"})
 
 
 class TargetError(ValueError):
@@ -115,9 +121,15 @@ def all_linear_targets(model: nn.Module, task_type: TaskType | str | None) -> li
     if out is None and task_type == TaskType.SEQ_CLS:
         heads = [getattr(model, h) for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)][:1]
     for name, module in plain_modules(model):
-        if any(module is h for h in heads):
+        if any(module is h for h in heads) or _bypassed_by_mamba_kernel(model, name):
             excluded.add(name)
     return [n for n, m in plain_modules(model) if is_linear(m) and n not in excluded]
+
+
+def _bypassed_by_mamba_kernel(model: nn.Module, name: str) -> bool:
+    """Whether module ``name`` is one that a Mamba mixer's fused kernel reads the weight of (MAMBA_BYPASSED)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model_type in MAMBA_MODEL_TYPES and name.rsplit(".", 1)[-1] in MAMBA_BYPASSED
 
 
 def resolve_target_spec(model: nn.Module, config: LoraConfig) -> list[str] | str:
@@ -133,10 +145,12 @@ def resolve_target_spec(model: nn.Module, config: LoraConfig) -> list[str] | str
         default = DEFAULT_TARGETS[model_type]
         return default if isinstance(default, str) else list(default)
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
-        # recorded as PEFT records it, but for a module a modules_to_save entry names only by PEFT's string-suffix rule
-        # (DistilBERT's pre_classifier for 'classifier'): PEFT would adapt it and then fail to save it in full
+        # recorded as PEFT records it, but for a module a modules_to_save entry names (a token classifier's or QA
+        # model's head, which PEFT's all-linear does not leave out as it does a SEQ_CLS head; DistilBERT's
+        # pre_classifier, named by 'classifier' under PEFT's string-suffix rule): PEFT would adapt it and then fail to
+        # save it in full ("modules_to_save cannot be applied to lora.Linear"), also when it loads lorakit's file
         saved = config.modules_to_save or []
-        return [n for n in all_linear_targets(model, config.task_type) if in_saved(n, saved) or not saved_by(n, saved)]
+        return [n for n in all_linear_targets(model, config.task_type) if not saved_by(n, saved)]
     return spec
 
 
@@ -176,6 +190,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             wanted = [wanted] if isinstance(wanted, int) else wanted
             if layer_index(name, config.layers_pattern) not in wanted:
                 continue
+        if _bypassed_by_mamba_kernel(model, name):
+            raise TargetError(
+                f"target module {name!r} of this {model.config.model_type} model is read by the Mamba kernel as a "
+                "plain weight, so a LoRA adapter there would be ignored (PEFT refuses it too); leave it out of "
+                f"target_modules, e.g. exclude_modules=[{name.rsplit('.', 1)[-1]!r}]"
+            )
         if not is_wrappable(module) and not isinstance(module, LoraLayer):
             raise TargetError(
                 f"target module {name!r} is a {type(module).__name__}; lorakit wraps {kind_names()}. Name its "
