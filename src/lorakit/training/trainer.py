@@ -278,6 +278,7 @@ def fit(run: Run) -> None:
 def _save_checkpoint(run: Run, done: int) -> Path:
     """Checkpoint ``done`` (written by rank 0; all processes wait for it); its folder."""
     if run.rank == 0:
+        run.log.sync()  # the rows up to this step, which a --resume from it keeps
         extra = {"tokens_seen": run.tokens_seen, "wall_time_s": run.last.get("wall_time_s", run.wall_time_before)}
         checkpoint.save_checkpoint(
             run.output, done, run.model, ADAPTER, run.optimizer, run.scheduler, extra, run.args.save_total_limit
@@ -341,8 +342,9 @@ def finish(run: Run) -> dict[str, Any]:
     also holds the trained model, under "model"."""
     trainable, total_params = run.model.get_nb_trainable_parameters()
     wall = run.wall_time_s  # this segment's; the summary's wall_time_s adds the segments before a --resume
+    rows = run.log.rows()
     # a resumed run's eval loss before its first step is the first segment's, kept in metrics.jsonl as step 0
-    eval_start = next((r["eval_loss"] for r in run.log.rows if r.get("step") == 0 and "eval_loss" in r), None)
+    eval_start = next((r["eval_loss"] for r in rows if r.get("step") == 0 and "eval_loss" in r), None)
     summary = {
         "train_loss": run.last.get("loss"),
         "eval_loss": run.last.get("eval_loss"),
@@ -362,8 +364,9 @@ def finish(run: Run) -> dict[str, Any]:
     }
     if run.rank == 0:
         run.model.save_pretrained(run.output)
+        run.log.sync()
         write_summary(run.output, summary)
-        plot_loss(run.output, run.log.rows)
+        plot_loss(run.output, rows)
     distributed.barrier()
     summary["model"] = run.model
     return summary
