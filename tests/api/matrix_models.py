@@ -20,12 +20,15 @@ VOCAB = 100
 SEQ = 8
 BATCH = 2
 IMAGE = 16  # pixels per side of the tiny vision models' images
+IMAGE_TOKEN = VOCAB - 1  # BLIP-2's image placeholder id: the prompt starts with one per query token
 
 # what makes a model tiny, in the names most configs accept (or map: GPT-2's n_embd is its hidden_size)
 SMALL: dict[str, Any] = dict(
     vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     intermediate_size=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
+_TEXT = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+         "pad_token_id", "bos_token_id", "eos_token_id")  # the SMALL keys of a language model inside another model
 _HEAD_DIM = dict(head_dim=8)  # configs whose head_dim is its own field (Gemma's 256 would make it 4 x 256 wide)
 # a mixture of experts: 4 experts, 2 per token, small expert MLPs (names of Mixtral / Qwen2-MoE / OLMoE / ...)
 _MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
@@ -108,6 +111,28 @@ CASES: list[Case] = [
           q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1,
           topk_group=1, num_key_value_heads=4),
     _case("gpt_oss", "GptOssForCausalLM", **_MOE, **_HEAD_DIM),
+    _case("deepseek_v2", "DeepseekV2ForCausalLM", **_MOE, n_routed_experts=4, first_k_dense_replace=1,
+          q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1,
+          topk_group=1, num_key_value_heads=4),
+    _case("dbrx", "DbrxForCausalLM", d_model=32, n_heads=4, n_layers=2,
+          ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2),
+          attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0)),
+    _case("jamba", "JambaForCausalLM", **_MOE, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+          expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=4, use_mamba_kernels=False),
+    _case("minimax", "MiniMaxForCausalLM", **_MOE, **_HEAD_DIM),
+    _case("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", **_MOE, moe_num_experts=4, moe_k=2, moe_layer_start_index=0),
+    _case("glm4_moe", "Glm4MoeForCausalLM", **_MOE, n_routed_experts=4, first_k_dense_replace=1, n_group=1,
+          topk_group=1, **_HEAD_DIM),
+    _case("hunyuan_v1_moe", "HunYuanMoEV1ForCausalLM", **_MOE, moe_topk=2, **_HEAD_DIM),
+    _case("dots1", "Dots1ForCausalLM", **_MOE, n_routed_experts=4, first_k_dense_replace=1, n_group=1, topk_group=1,
+          n_shared_experts=1, **_HEAD_DIM),
+    _case("flex_olmo", "FlexOlmoForCausalLM", **_MOE),
+    _case("lfm2_moe", "Lfm2MoeForCausalLM", **_MOE, num_dense_layers=1, layer_types=["full_attention", "conv"]),
+    _case("granitemoeshared", "GraniteMoeSharedForCausalLM", **_MOE),
+    _case("llama4_text", "Llama4ForCausalLM", intermediate_size=16, intermediate_size_mlp=64, head_dim=8,
+          num_local_experts=4, num_experts_per_tok=1),
+    _case("switch_transformers", "SwitchTransformersForConditionalGeneration", "seq2seq", d_model=32, d_kv=8, d_ff=64,
+          num_layers=2, num_decoder_layers=2, num_heads=4, num_experts=4, decoder_start_token_id=0),
     # -- encoders (sequence classification; one of each other task) -----------------------------------------------
     _case("bert", "BertForSequenceClassification", "seq_cls", num_labels=3),
     _case("roberta", "RobertaForSequenceClassification", "seq_cls", num_labels=3),
@@ -130,6 +155,21 @@ CASES: list[Case] = [
     _case("bart", "BartForConditionalGeneration", "seq2seq", d_model=32, encoder_layers=2, decoder_layers=2,
           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
           decoder_start_token_id=2, forced_eos_token_id=None),
+    # -- multimodal ----------------------------------------------------------------------------------------------
+    # Gemma 4's text-only model is a Gemma4ForConditionalGeneration without vision / audio towers: PEFT's default
+    # (a regex) names the language model's layers
+    _case("gemma4", "Gemma4ForConditionalGeneration", vision_config=None, audio_config=None, text_config=dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, head_dim=8, global_head_dim=8, vocab_size_per_layer_input=VOCAB,
+        hidden_size_per_layer_input=8)),
+    _case("blip-2", "Blip2ForConditionalGeneration", "image_text", num_query_tokens=2, image_token_index=IMAGE_TOKEN,
+          vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                             image_size=IMAGE, patch_size=8),
+          qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                              encoder_hidden_size=32, vocab_size=VOCAB, max_position_embeddings=64),
+          text_config=dict(model_type="opt", **{k: SMALL[k] for k in _TEXT}, ffn_dim=64, word_embed_proj_dim=32)),
+    Case("vit", "ViTForImageClassification", "image_cls", dict(image_size=IMAGE, patch_size=8, num_labels=3),
+         modules_to_save=("classifier",)),
 ]
 
 
@@ -150,7 +190,19 @@ def build(case: Case, seed: int = 0) -> nn.Module:
 
 def _ids(seed: int, seq: int = SEQ) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (BATCH, seq), generator=gen)  # no pad / bos / eos
+    return torch.randint(3, IMAGE_TOKEN, (BATCH, seq), generator=gen)  # no pad / bos / eos / image placeholder
+
+
+def _pixels(seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, 3, IMAGE, IMAGE, generator=gen)  # (B, C, H, W)
+
+
+def _image_prompt(seed: int, seq: int) -> dict[str, torch.Tensor]:
+    """BLIP-2's inputs: one placeholder per query token (2), then text."""
+    ids = _ids(seed, seq)
+    ids[:, :2] = IMAGE_TOKEN
+    return dict(input_ids=ids, pixel_values=_pixels(seed))
 
 
 def batch(case: Case) -> dict[str, torch.Tensor]:
@@ -168,9 +220,15 @@ def batch(case: Case) -> dict[str, torch.Tensor]:
         return dict(input_ids=ids, start_positions=torch.tensor([1, 3]), end_positions=torch.tensor([4, 6]))
     if case.task == "features":
         return dict(input_ids=ids)
+    if case.task == "image_cls":
+        return dict(pixel_values=_pixels(0), labels=torch.tensor([0, 2]))
+    if case.task == "image_text":
+        inputs = _image_prompt(0, SEQ)
+        return dict(**inputs, labels=inputs["input_ids"])
     raise ValueError(f"no batch for task {case.task!r}")
 
 
-def prompt(case: Case) -> torch.Tensor:
-    """The input ids greedy generation starts from."""
-    return _ids(3, seq=5)
+def prompt(case: Case) -> dict[str, torch.Tensor]:
+    """The inputs greedy generation starts from."""
+    inputs = _image_prompt(3, 5) if case.task == "image_text" else dict(input_ids=_ids(3, seq=5))
+    return dict(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]))

@@ -28,10 +28,12 @@ import matrix_models as mm
 import peft
 import pytest
 import torch
+from helpers import assert_same_adapter_config
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
 from torch import nn
 
 import lorakit
+from lorakit.adapters.inject import DEFAULT_TARGETS
 from lorakit.adapters.linear import LoraLinear
 
 ATOL = 1e-5
@@ -57,28 +59,37 @@ PEFT_REFUSES: dict[tuple[str, str], str] = {
     },
 }
 # model types for which neither library has default targets: both refuse target_modules=None
-NO_DEFAULT = {"qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "gpt_oss", "deepseek_v3"}
+NO_DEFAULT = {c.model_type for c in mm.CASES if c.model_type not in PEFT_DEFAULTS | DEFAULT_TARGETS.keys()}
 
 _FUSED_EXPERTS = (
-    "PEFT 0.21.2 adapts the fused 3-D expert parameters of transformers 5 (mlp.experts gate_up_proj / down_proj, "
-    "and the router weight) through target_parameters when all-linear is asked for; lorakit has no "
-    "target_parameters and wraps only the nn.Linear layers"
+    "PEFT 0.21.2 adapts the fused 3-D expert parameters of transformers 5 (mlp.experts gate_up_proj / down_proj) and "
+    "the router weight through target_parameters when all-linear is asked for; lorakit has no target_parameters and "
+    "wraps only the nn.Linear layers"
 )
-_DEEPSEEK = (
-    _FUSED_EXPERTS + "; and PEFT maps the names gate_proj / up_proj / down_proj to those experts, so it leaves the "
-    "dense MLP of layer 0 and the shared experts unadapted, which lorakit adapts"
+_RENAMED = (
+    _FUSED_EXPERTS + "; and PEFT maps transformers 4's expert names gate_proj / up_proj / down_proj to those fused "
+    "parameters, so it leaves the Linear layers of those names (the dense MLPs, the shared experts) unadapted, which "
+    "lorakit adapts"
 )
-_PHIMOE = (
-    "PEFT and lorakit both crash in training: all-linear takes PhimoeTopKRouter, an nn.Linear subclass whose forward "
-    "returns (logits, weights, experts), and LoRA adds to the layer's output"
+_ROUTER = (
+    "PEFT and lorakit both crash: all-linear takes the MoE router (PhimoeTopKRouter, Llama4Router), an nn.Linear "
+    "subclass whose forward returns a tuple (scores, logits), and LoRA adds to the layer's output"
+)
+_JAMBA = (
+    "Jamba's mixer reads dt_proj.weight itself (dt_proj.weight @ time_step), so a LoRA adapter on dt_proj gets no "
+    "gradient and changes the outputs only once merged, in PEFT as in lorakit"
 )
 _CHECKS = ("params", "step", "files", "merge", "generate")
-# (case name, targets, check) -> why lorakit differs from PEFT there today
+# (case name, targets, check) -> why lorakit differs from PEFT there today (or both fail)
 GAPS: dict[tuple[str, str, str], str] = {
-    **{(name, "all_linear", check): _FUSED_EXPERTS
-       for name in ("mixtral-causal_lm", "qwen3_moe-causal_lm", "olmoe-causal_lm") for check in _CHECKS},
-    **{("deepseek_v3-causal_lm", "all_linear", check): _DEEPSEEK for check in _CHECKS},
-    **{("phimoe-causal_lm", "all_linear", check): _PHIMOE for check in ("step", "files", "merge", "generate")},
+    **{(f"{model_type}-causal_lm", "all_linear", check): _FUSED_EXPERTS
+       for model_type in ("mixtral", "qwen3_moe", "olmoe", "minimax", "flex_olmo") for check in _CHECKS},
+    **{(f"{model_type}-causal_lm", "all_linear", check): _RENAMED
+       for model_type in ("deepseek_v2", "deepseek_v3", "ernie4_5_moe", "glm4_moe", "hunyuan_v1_moe", "dots1")
+       for check in _CHECKS},
+    **{(f"{model_type}-causal_lm", "all_linear", check): _ROUTER
+       for model_type in ("phimoe", "llama4_text") for check in ("step", "files", "merge", "generate")},
+    **{("jamba-causal_lm", "all_linear", check): _JAMBA for check in ("step", "merge")},
 }
 
 
@@ -103,7 +114,8 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _config_kwargs(case: mm.Case, targets: str) -> dict:
-    kwargs = dict(r=4, lora_alpha=8, lora_dropout=0.0, task_type=case.task_type, target_modules=TARGETS[targets])
+    kwargs = dict(r=4, lora_alpha=8, lora_dropout=0.0, task_type=case.task_type, target_modules=TARGETS[targets],
+                  init_lora_weights=False)  # B random, not zero (PEFT's values are then set to lorakit's)
     if case.modules_to_save:
         kwargs["modules_to_save"] = list(case.modules_to_save)
     return kwargs
@@ -117,7 +129,7 @@ def _peft_model(case: mm.Case, kwargs: dict) -> nn.Module:
 
 def _lorakit_model(case: mm.Case, targets: str) -> nn.Module:
     torch.manual_seed(1)
-    config = lorakit.LoraConfig(**_config_kwargs(case, targets), init_lora_weights=False)
+    config = lorakit.LoraConfig(**_config_kwargs(case, targets))
     return lorakit.get_peft_model(mm.build(case), config)
 
 
@@ -230,6 +242,7 @@ def test_files_load_in_the_other_library(case, targets, tmp_path: Path):
     in_lorakit = lorakit.PeftModel.from_pretrained(mm.build(case), tmp_path / "peft")
     _assert_close(_outputs(in_peft, case), expected, FILE_ATOL)
     _assert_close(_outputs(in_lorakit, case), expected, FILE_ATOL)
+    assert_same_adapter_config(tmp_path / "lorakit", tmp_path / "peft")
 
 
 # -- 4. merge_and_unload ---------------------------------------------------------------------------------------------
@@ -252,13 +265,12 @@ def test_merge_and_unload_gives_the_unmerged_outputs(case, targets):
 @pytest.mark.parametrize("case, targets", _params("generate", generating=True))
 def test_greedy_generation_like_peft(case, targets):
     ours, theirs = _twins(case, targets)
-    prompt = mm.prompt(case)
     options = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
     tokens = []
     for model in (ours, theirs):
         model.eval()
         with torch.no_grad():
-            tokens.append(model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **options))
+            tokens.append(model.generate(**mm.prompt(case), **options))
     assert tokens[0].shape[-1] >= NEW_TOKENS
     torch.testing.assert_close(tokens[0], tokens[1], atol=0, rtol=0)
 

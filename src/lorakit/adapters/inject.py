@@ -51,6 +51,10 @@ DEFAULT_TARGETS: dict[str, list[str] | str] = {
 }
 SEQ_CLS_HEADS = ("classifier", "score")
 QA_HEADS = ("qa_outputs",)  # the span head of *ForQuestionAnswering models
+# The heads the task classes train in full (modules_to_save), which all-linear leaves out. PEFT leaves out only the
+# SEQ_CLS head; its TOKEN_CLS and QUESTION_ANS classes then fail on the head that all-linear adapted ("modules_to_save
+# cannot be applied to lora.Linear"), when making the model and when loading a file that lists the head.
+TASK_HEADS = {TaskType.SEQ_CLS: SEQ_CLS_HEADS, TaskType.TOKEN_CLS: SEQ_CLS_HEADS, TaskType.QUESTION_ANS: QA_HEADS}
 # Mamba mixers whose fused training kernel (mamba_ssm's mamba_split_conv1d_scan_combined, used whenever it is
 # installed) reads ``out_proj.weight`` itself instead of calling the layer: a LoRA wrapper there would be bypassed
 # without a word. PEFT refuses these targets for these model types (tuners_utils._check_lora_target_modules_mamba);
@@ -118,8 +122,8 @@ def all_linear_targets(model: nn.Module, task_type: TaskType | str | None) -> li
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
     heads = [out] if out is not None else []
-    if out is None and task_type == TaskType.SEQ_CLS:
-        heads = [getattr(model, h) for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)][:1]
+    if out is None and task_type in TASK_HEADS:
+        heads = [getattr(model, h) for h in TASK_HEADS[task_type] if isinstance(getattr(model, h, None), nn.Module)][:1]
     for name, module in plain_modules(model):
         if any(module is h for h in heads) or _bypassed_by_mamba_kernel(model, name):
             excluded.add(name)
@@ -145,12 +149,10 @@ def resolve_target_spec(model: nn.Module, config: LoraConfig) -> list[str] | str
         default = DEFAULT_TARGETS[model_type]
         return default if isinstance(default, str) else list(default)
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
-        # recorded as PEFT records it, but for a module a modules_to_save entry names (a token classifier's or QA
-        # model's head, which PEFT's all-linear does not leave out as it does a SEQ_CLS head; DistilBERT's
-        # pre_classifier, named by 'classifier' under PEFT's string-suffix rule): PEFT would adapt it and then fail to
-        # save it in full ("modules_to_save cannot be applied to lora.Linear"), also when it loads lorakit's file
+        # recorded as PEFT records it, but for a module a modules_to_save entry names only by PEFT's string-suffix rule
+        # (DistilBERT's pre_classifier for 'classifier'): PEFT would adapt it and then fail to save it in full
         saved = config.modules_to_save or []
-        return [n for n in all_linear_targets(model, config.task_type) if not saved_by(n, saved)]
+        return [n for n in all_linear_targets(model, config.task_type) if in_saved(n, saved) or not saved_by(n, saved)]
     return spec
 
 
@@ -202,13 +204,26 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 "linear sub-layers instead"
             )
         found.append(name)
-    _check_every_entry_matched(spec, list(modules))
+    if not _is_default(model, config.target_modules):
+        _check_every_entry_matched(spec, list(modules))
     if not found:
         raise TargetError(
             f"target_modules={config.target_modules!r} (with layers_to_transform={config.layers_to_transform!r}, "
             f"exclude_modules={config.exclude_modules!r}) selects no module to wrap"
         )
     return found
+
+
+def _is_default(model: nn.Module, target_modules: list[str] | str | None) -> bool:
+    """Whether target_modules is the model type's default, given as None or recorded in a saved config. A default
+    serves every variant of its architecture, so not each entry must match: BLIP-2's (q, v, q_proj, v_proj) names
+    the q / v of its language model if that is a Flan-T5, q_proj / v_proj if an OPT (PEFT accepts it on both)."""
+    if target_modules is None:
+        return True
+    default = DEFAULT_TARGETS.get(getattr(getattr(model, "config", None), "model_type", None))
+    if isinstance(default, str) or isinstance(target_modules, str):
+        return default == target_modules
+    return default is not None and sorted(default) == sorted(target_modules)
 
 
 def _check_every_entry_matched(spec: list[str] | str, names: list[str]) -> None:
