@@ -12,7 +12,7 @@ import lorakit
 from lorakit.adapters.inject import DEFAULT_TARGETS, condensed, name_matches
 
 # model types lorakit has a default for and PEFT has not (PEFT raises "Please specify target_modules"), with why. The
-# saved config names the resolved targets, so PEFT loads these adapters all the same (tests/api/test_architectures.py)
+# saved config names the resolved targets, so PEFT loads these adapters all the same (tests/api/test_matrix.py)
 LORAKIT_ONLY = {
     "phi3": "Phi-3 fuses q, k and v into qkv_proj: the attention's one input projection",
     "distilbert": "DistilBERT's query and value layers are q_lin and v_lin, as BERT's query and value",

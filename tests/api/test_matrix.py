@@ -285,3 +285,39 @@ def test_a_mamba_mixers_out_proj_is_refused_as_in_peft():
         lorakit.get_peft_model(mm.build(case), lorakit.LoraConfig(**kwargs))
     with pytest.raises(ValueError, match="out_proj"):
         _peft_model(case, kwargs)
+
+
+# -- configurations beyond the matrix's two ----------------------------------------------------------------------------
+def _case(name: str) -> mm.Case:
+    return next(c for c in mm.CASES if c.name == name)
+
+
+def _saved_copies(model: nn.Module) -> set[str]:
+    return {n.split(".modules_to_save.")[0] for n in _trainable(model) if ".modules_to_save." in n}
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_lin", "pre_classifier"]], ids=["all_linear", "listed"])
+def test_a_module_to_save_is_no_lora_target(targets):
+    """A module that modules_to_save names stays a full copy even when the targets name it too (all-linear takes
+    DistilBERT's pre_classifier, which PEFT's 'classifier' names as a string suffix). PEFT wraps it with LoRA first and
+    then fails ("modules_to_save cannot be applied to modules of type lora.Linear"): a deliberate difference, lorakit
+    trains it as PEFT would with targets that leave it out."""
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="SEQ_CLS")
+    model = lorakit.get_peft_model(mm.build(_case("distilbert-seq_cls")), config)
+    assert _saved_copies(model) == {"base_model.model.pre_classifier", "base_model.model.classifier"}
+    assert not any("pre_classifier" in n and "lora_" in n for n in _trainable(model))
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    pytest.param("t5-seq2seq", dict(target_modules="all-linear"), id="t5_all_linear_no_task"),  # auto_mapping
+    pytest.param("distilbert-seq_cls", dict(target_modules=["q_lin"], modules_to_save=["classifier"],
+                                            task_type="SEQ_CLS"), id="distilbert_head_listed_twice"),
+])
+def test_same_adapter_config_as_peft(name, kwargs, tmp_path: Path):
+    case = _case(name)
+    torch.manual_seed(1)
+    ours = lorakit.get_peft_model(mm.build(case), lorakit.LoraConfig(r=4, lora_alpha=8, **kwargs))
+    theirs = _peft_model(case, dict(r=4, lora_alpha=8, **kwargs))
+    ours.save_pretrained(tmp_path / "lorakit")
+    theirs.save_pretrained(tmp_path / "peft")
+    assert_same_adapter_config(tmp_path / "lorakit", tmp_path / "peft")
