@@ -232,7 +232,8 @@ def read_weights(folder: str | os.PathLike) -> tuple[dict[str, Tensor], str]:
     folder = _existing_folder(folder)
     path = folder / WEIGHTS_NAME
     if path.is_file():
-        check_safetensors_header(inside_folder(folder, path))
+        header = check_safetensors_header(inside_folder(folder, path))
+        check_tensor_kinds({k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}, path)
         try:
             return st_load(path.read_bytes()), str(path)
         except (SafetensorError, ValueError, OSError) as e:
@@ -248,8 +249,57 @@ def read_weights(folder: str | os.PathLike) -> tuple[dict[str, Tensor], str]:
             ) from None
         if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
             raise AdapterFileError(f"{legacy} does not hold a dict of tensors")
+        kinds = {k: (_SAFETENSORS_DTYPE.get(t.dtype, str(t.dtype)), list(t.shape)) for k, t in tensors.items()}
+        check_tensor_kinds(kinds, legacy)
         return tensors, str(legacy)
     raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME} (nor {LEGACY_WEIGHTS_NAME}); is the save complete?")
+
+
+# safetensors' dtype names -> torch's, for messages; the floating ones are those an adapter's weights may have
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool"}  # fmt: skip
+_SAFETENSORS_DTYPE = {getattr(torch, name): code for code, name in _DTYPE_NAMES.items() if hasattr(torch, name)}
+
+
+def check_tensor_kinds(tensors: dict[str, tuple[str, list[int]]], source: str | os.PathLike) -> None:
+    """The tensors of an adapter file (key -> (safetensors dtype name, shape)) checked against what the format gives
+    them, on the header alone (before the data is read): every weight (a LoRA tensor, a bias, a ``.weight``) is
+    floating point (F64 / F16 / BF16 are cast to the module's dtype on load, as PEFT does), and each module's
+    ``lora_A`` (r, in) and ``lora_B`` (out, r) are matrices of one rank r. AdapterFileError naming the file, the
+    tensor and what it should be. Their sizes against the model are checked when they are loaded into it
+    (``lorakit.adapters.state``), their rank against the config before (``state.check_ranks``)."""
+    for key, (dtype, _) in tensors.items():
+        weight = ".lora_" in key or key.endswith((".weight", ".bias"))
+        if weight and not dtype.startswith(("F", "BF")):  # F64 ... F8_E5M2, BF16; not I*, U*, BOOL, C*
+            raise AdapterFileError(
+                f"{source}: tensor {key!r} is {_DTYPE_NAMES.get(dtype, dtype)}, but an adapter's weights are floating "
+                "point (float32, float16 or bfloat16): the file is damaged or not a LoRA adapter; re-save or "
+                "re-download it"
+            )
+    ranks: dict[str, dict[str, tuple[str, list[int]]]] = {}
+    for key, (_, shape) in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            continue
+        which = match["which"]
+        if len(shape) != 2:
+            expected = "(r, in_features)" if which == "A" else "(out_features, r)"
+            raise AdapterFileError(
+                f"{source}: tensor {key!r} has shape {tuple(shape)}, but a LoRA {which} is a matrix {expected} "
+                "(lorakit adapts Linear, Conv1D and Embedding layers; a Conv2d adapter's 4-d tensors it does not "
+                "load): the file is damaged or made for other layers; re-save it"
+            )
+        ranks.setdefault(match["module"], {})[which] = (key, shape)
+    for module, pair in ranks.items():
+        if len(pair) == 2 and pair["A"][1][0] != pair["B"][1][1]:
+            (key_a, shape_a), (key_b, shape_b) = pair["A"], pair["B"]
+            leaf_a, leaf_b = (k.rpartition(f"{module}.")[2] for k in (key_a, key_b))
+            raise AdapterFileError(
+                f"{source}: module {module!r} holds {leaf_a!r} of shape {tuple(shape_a)} (rank {shape_a[0]}) and "
+                f"{leaf_b!r} of shape {tuple(shape_b)} (rank {shape_b[1]}); A (r, in) and B (out, r) share one "
+                "rank r: the file is damaged; re-save it"
+            )
 
 
 def read_metadata(folder: str | os.PathLike) -> dict[str, str]:
