@@ -218,3 +218,24 @@ def test_output_folder_rules(base_dir: Path) -> None:
     (base_dir.parent / "file").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"):
         export_vllm(adapter, base_dir.parent / "file")
+
+
+def test_a_full_disk_leaves_the_previous_export(base_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC while the folder is written: OutputWriteError naming the folder and the bytes, the old export kept."""
+    import errno
+
+    from lorakit.io import files
+    from lorakit.io.writes import OutputWriteError
+
+    adapter = save_adapter(base_dir, base_dir.parent / "adapter")
+    out = export_vllm(adapter, base_dir.parent / "out").output
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files, "write_adapter", full)
+    with pytest.raises(OutputWriteError, match=r"no space left on device \([\d,]+ bytes needed"):
+        export_vllm(adapter, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(["adapter", "base", "out"])

@@ -218,7 +218,8 @@ def export_vllm(
         raise ExportError(ENGINE, problems, str(adapter_dir))
     base = base_model_id(adapter_dir, model)
     tensors, config = _served(tensors, config, initial_dir)
-    publish_folder(output, lambda folder: _write(folder, config, tensors, adapter_dir))
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())  # the weights file, about
+    publish_folder(output, lambda folder: _write(folder, config, tensors, adapter_dir), needed=needed)
     rank = vllm_max_lora_rank(largest_rank(config, tensors))
     return VllmExport(output, rank, base, serve_command(_local_folder(base), output, rank))
 
