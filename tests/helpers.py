@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,18 @@ def silence_eos_(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         model.get_output_embeddings().weight[: len(PROMPT_SPECIALS)] = 0
     return model
+
+
+def save_word_data(path: Path, n: int = 24, seed: int = 0) -> Path:
+    """``n`` prompt / completion records of WORDS as a .jsonl file: a task a tiny model learns in a few steps (the
+    completion repeats the prompt's first word)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(WORDS[:8]) for _ in range(rng.randint(2, 6)))
+        rows.append({"prompt": prompt, "completion": f"{prompt.split()[0]} hello world"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def save_tiny_folder(folder: Path, seed: int = 0, chat: bool = True) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WORDS, save_tiny_folder, tiny_llama
+from helpers import save_tiny_folder, save_word_data, tiny_llama
 from safetensors.torch import load_file
 
 from lorakit import LoraConfig, get_peft_model
@@ -30,22 +29,15 @@ STEPS, SAVE_AT = 4, 2
 ADAPTER = "adapter_model.safetensors"
 
 
-def _data(path: Path, n: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = " ".join(rng.choice(WORDS[:8]) for _ in range(rng.randint(2, 6)))
-        rows.append({"prompt": prompt, "completion": f"{prompt.split()[0]} hello world"})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fsdp")
     (root / "cfg.yaml").write_text("r: 4\n")  # torchrun's parser takes --r for one of its own options
-    return {"root": root, "model": save_tiny_folder(root / "model"), "data": _data(root / "train.jsonl", 24, 0),
-            "eval": _data(root / "eval.jsonl", 8, 1), "config": root / "cfg.yaml"}  # fmt: skip
+    data, eval_data = save_word_data(root / "train.jsonl", 24, 0), save_word_data(root / "eval.jsonl", 8, 1)
+    return {"root": root, "model": save_tiny_folder(root / "model"), "data": data, "eval": eval_data,
+            "config": root / "cfg.yaml"}  # fmt: skip
 
 
 def _options(inputs: dict[str, Path]) -> list[str]:

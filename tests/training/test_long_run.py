@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WORDS, save_tiny_folder
+from helpers import save_tiny_folder, save_word_data
 
 import lorakit.training.trainer as trainer
 from lorakit.training import checkpoint
@@ -51,14 +50,6 @@ def _rss() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _data(path: Path, n: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = " ".join(rng.choice(WORDS[:8]) for _ in range(rng.randint(2, 6)))
-        rows.append({"prompt": prompt, "completion": f"{prompt.split()[0]} hello world"})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.mark.parametrize(
@@ -71,7 +62,7 @@ def _data(path: Path, n: int, seed: int) -> Path:
 )  # fmt: skip
 def test_a_long_run_stays_flat(size: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s = SIZES[size]
-    data, eval_data = _data(tmp_path / "train.jsonl", 64, 0), _data(tmp_path / "eval.jsonl", 8, 1)
+    data, eval_data = save_word_data(tmp_path / "train.jsonl", 64, 0), save_word_data(tmp_path / "eval.jsonl", 8, 1)
     args = TrainArgs(data=str(data), eval_data=str(eval_data), model=str(save_tiny_folder(tmp_path / "model")),
                      output=str(tmp_path / "run"), r=4, batch_size=4, max_steps=s.steps, eval_steps=s.eval_steps,
                      save_steps=s.save_steps, lr=1e-3, seed=0, progress=False)  # fmt: skip

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import WORDS, _build, _llama_config, perturb_, save_tiny_folder
+from helpers import _build, _llama_config, perturb_, save_tiny_folder, save_word_data
 from transformers import LlamaForCausalLM
 
 from lorakit import LoraConfig, PeftModel, get_peft_model
@@ -189,13 +189,7 @@ def test_kill_during_save_leaves_one_whole_version(server: ForkServer, tmp_path:
 
 # -- 2. kills during training -------------------------------------------------------------------------------------
 def _data(path: Path, n: int = 48) -> Path:
-    rng = random.Random(0)
-    rows = []
-    for _ in range(n):
-        prompt = " ".join(rng.choice(WORDS[:8]) for _ in range(rng.randint(2, 6)))
-        rows.append({"prompt": prompt, "completion": f"{prompt.split()[0]} hello world"})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return save_word_data(path, n)
 
 
 def _train_argv(model: Path, data: Path, output: Path, *extra: str) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import VOCAB, WORDS, input_ids, save_tiny_folder, silence_eos_, tiny_llama, tiny_tokenizer
+from helpers import VOCAB, input_ids, save_tiny_folder, save_word_data, silence_eos_, tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
@@ -24,20 +24,11 @@ from lorakit.training.loss import lm_loss_sum
 from lorakit.training.trainer import TrainingError, train
 
 
-def _data(path: Path, n: int = 24, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = " ".join(rng.choice(WORDS[:8]) for _ in range(rng.randint(2, 6)))
-        rows.append({"prompt": prompt, "completion": f"{prompt.split()[0]} hello world"})  # learnable by a tiny model
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    return save_tiny_folder(root / "model"), _data(root / "train.jsonl"), _data(root / "eval.jsonl", 8, seed=1)
+    data, eval_data = save_word_data(root / "train.jsonl"), save_word_data(root / "eval.jsonl", 8, seed=1)
+    return save_tiny_folder(root / "model"), data, eval_data
 
 
 def _args(setup, output: Path, **kw) -> TrainArgs:
