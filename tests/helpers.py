@@ -14,12 +14,17 @@ fixture of ``conftest.py`` (``tiny.llama(seed=1)``, ``tiny.input_ids()``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
+import os
 import random
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
@@ -156,6 +161,22 @@ def silence_eos_(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         model.get_output_embeddings().weight[: len(PROMPT_SPECIALS)] = 0
     return model
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (mount's syntax: "512k", "1m") mounted at the new folder ``folder`` for a real full disk;
+    the calling test is skipped where the tests do not run as root or cannot mount."""
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+    if subprocess.run(mount, capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
 
 
 def save_word_data(path: Path, n: int = 24, seed: int = 0) -> Path:

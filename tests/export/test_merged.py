@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CHATML, save_tiny_adapter, save_tiny_folder, tiny_llama
+from helpers import CHATML, mounted_tmpfs, save_tiny_adapter, save_tiny_folder, tiny_llama
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -190,16 +190,8 @@ def test_a_refusing_disk_leaves_the_previous_merged_folder(
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs (when the tests run as root; skipped otherwise)."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_real_full_then_read_only_disk(base_and_adapter: tuple[Path, Path], tmpfs: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import mounted_tmpfs, tiny_llama
 
 from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.io import files as lio
@@ -120,16 +120,8 @@ def test_a_checkpoint_on_a_full_disk_at_any_write(tmp_path: Path, monkeypatch: p
 # -- for real, on a small tmpfs ----------------------------------------------------------------------------------
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "512k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def _fill(mount: Path, leave: int) -> None:
