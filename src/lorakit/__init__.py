@@ -42,6 +42,7 @@ if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_lay
         PeftModelForTokenClassification,
         get_peft_model,
     )
+    from lorakit.api.status import get_layer_status, get_model_status
     from lorakit.config import ConfigError, LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType, get_peft_config
     from lorakit.io.files import AdapterError, AdapterFileError
     from lorakit.io.models import load_default_model
@@ -67,6 +68,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
                                "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
                                "PeftModelForSequenceClassification",
                                "PeftModelForTokenClassification", "get_peft_model"),
+    "lorakit.api.status": ("get_layer_status", "get_model_status"),
     "lorakit.config": ("ConfigError", "LoftQConfig", "LoraConfig", "PeftConfig", "PeftType", "TaskType",
                        "get_peft_config"),
     "lorakit.io.files": ("AdapterError", "AdapterFileError"),

@@ -97,7 +97,7 @@ class LoraModel(nn.Module):
         self.active_adapters = names
         for _, module in wrappers(self.model):
             if isinstance(module, LoraLayer):
-                module.active_adapters = [n for n in names if n in module.r]
+                module.active_adapters = names  # names it lacks are kept and ignored, as in PEFT (layer.set_adapter)
             else:
                 module.set_adapter(names)
         self._set_trainable()
@@ -179,13 +179,17 @@ class LoraModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within the block the model is the base model: adapters off (merged ones unmerged, then merged back)."""
+        """Within the block the model is the base model: adapters off (merged ones unmerged, then merged back) and,
+        as in PEFT, their parameters frozen (each gets its own requires_grad back after the block)."""
         merged = {name: list(m.merged_adapters) for name, m in wrappers(self.model) if isinstance(m, LoraLayer)}
         modules = dict(wrappers(self.model))
+        trainable = {p: p.requires_grad for p in self._adapter_parameters(list(self.peft_config))}
         for module in modules.values():
             if isinstance(module, LoraLayer):
                 module.unmerge()
             module.disable_adapters = True
+        for param in trainable:
+            param.requires_grad_(False)
         try:
             yield
         finally:
@@ -193,6 +197,8 @@ class LoraModel(nn.Module):
                 module.disable_adapters = False
                 if merged.get(name):
                     module.merge(merged[name])
+            for param, was in trainable.items():
+                param.requires_grad_(was)
 
     # -- merging -------------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

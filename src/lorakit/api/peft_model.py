@@ -21,7 +21,7 @@ from torch import nn
 from lorakit.adapters import convert, mixed_batch, state
 from lorakit.adapters.inject import QA_HEADS, SEQ_CLS_HEADS, TargetError, wrappers
 from lorakit.adapters.model import LoraModel
-from lorakit.api import hf_trainer
+from lorakit.api import hf_trainer, status
 from lorakit.config import LoraConfig, PeftType, TaskType, read_config
 from lorakit.io import files
 from lorakit.io.files import AdapterError, check_adapter_name
@@ -194,6 +194,14 @@ class PeftModel(nn.Module):
             if param.requires_grad:
                 trainable += n
         return trainable, total
+
+    def get_layer_status(self) -> list[status.TunerLayerStatus]:
+        """Each adapter layer's state (enabled, active / merged / available adapters, requires_grad, devices)."""
+        return status.get_layer_status(self)
+
+    def get_model_status(self) -> status.TunerModelStatus:
+        """The model's adapter state, "irregular" where its layers disagree (PEFT's dataclass)."""
+        return status.get_model_status(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

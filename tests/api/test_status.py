@@ -1,0 +1,53 @@
+"""get_layer_status / get_model_status against PEFT's on the same model and the same sequence of state changes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import peft
+import pytest
+from helpers import tiny_llama
+
+import lorakit
+
+CONFIG = dict(target_modules=["q_proj", "v_proj"], r=4, modules_to_save=["lm_head"])
+
+
+def steps(model, library) -> list:
+    """The statuses after each of: creation, a second adapter, activating both, merging, disabling."""
+    out = [model.get_model_status(), model.get_layer_status()]
+    model.add_adapter("other", library.LoraConfig(target_modules=["q_proj"], r=2))
+    out += [model.get_model_status()]
+    model.base_model.set_adapter(["default", "other"])
+    out += [model.get_model_status(), model.get_layer_status()]
+    model.merge_adapter()
+    out += [model.get_model_status()]
+    model.unmerge_adapter()
+    with model.disable_adapter():
+        out += [model.get_model_status()]
+    return out
+
+
+def as_plain(value):
+    if isinstance(value, list):
+        return [as_plain(v) for v in value]
+    return dataclasses.asdict(value)
+
+
+def test_statuses_equal_peft_s_through_state_changes() -> None:
+    ours = steps(lorakit.get_peft_model(tiny_llama(0), lorakit.LoraConfig(**CONFIG)), lorakit)
+    theirs = steps(peft.get_peft_model(tiny_llama(0), peft.LoraConfig(**CONFIG)), peft)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        assert as_plain(a) == as_plain(b)
+    assert ours[0].active_adapters == ["default"] and ours[0].trainable_params > 0
+    assert ours[3].active_adapters == "irregular"  # as in PEFT: lm_head's copy has one active adapter, q_proj two
+    assert ours[-1].trainable_params == 0 and ours[-1].enabled is False  # disable_adapter() freezes, as PEFT
+
+
+def test_module_functions_and_a_model_without_adapters() -> None:
+    model = lorakit.get_peft_model(tiny_llama(0), lorakit.LoraConfig(target_modules=["q_proj"]))
+    assert lorakit.get_model_status(model) == model.get_model_status()
+    assert [s.name for s in lorakit.get_layer_status(model)][:1] == ["model.model.layers.0.self_attn.q_proj"]
+    with pytest.raises(ValueError, match="no adapter layers"):
+        lorakit.get_layer_status(tiny_llama(0))
