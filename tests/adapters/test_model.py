@@ -310,3 +310,17 @@ def test_autocast_adapter_dtype_as_peft(autocast: bool) -> None:
         assert {p.dtype for n, p in loaded.named_parameters() if "lora_" in n} == want
         with torch.no_grad():
             loaded(input_ids())  # the forward runs in either dtype
+
+
+def test_peft_names_prefix_and_get_delta_weight() -> None:
+    from lorakit import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_gpt2(0), LoraConfig(target_modules=["c_attn"], init_lora_weights=False))
+    assert model.base_model.prefix == "lora_"
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if model.base_model.prefix in n
+    }
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = (B @ A * layer.scaling["default"]).T  # Conv1D stores (in, out)
+    torch.testing.assert_close(layer.get_delta_weight("default"), expected)

@@ -190,6 +190,10 @@ class LoraLayer(nn.Module):
         dtype = torch.float32 if self.quantized else self.base_weight().dtype
         return self.transpose(self.delta_out_in(name)).to(dtype)
 
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        """PEFT's name for ``delta_weight``."""
+        return self.delta_weight(adapter)
+
     # -- a quantized base (QLoRA, lorakit.quant): read-only codes, adapters in full precision ---------------------
     @property
     def quantized(self) -> bool:

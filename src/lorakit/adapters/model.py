@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 class LoraModel(nn.Module):
     """The base model with LoRA wrappers; one entry in ``peft_config`` per adapter."""
 
+    prefix = "lora_"  # what every adapter parameter's name contains (PEFT's attribute of the name)
+
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
                  fast_mlp: bool = True, autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
