@@ -361,9 +361,12 @@ def _fits(value: Any, hint: Any) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True  # Any, Literal, ...: left to LoraConfig
 
 
-def base_model_id(adapter: str | os.PathLike[str], model: str | None = None) -> str:
-    """The base model of the adapter in folder ``adapter``: ``model`` if given, else its base_model_name_or_path."""
-    config = read_config(adapter)
+def base_model_id(
+    adapter: str | os.PathLike[str], model: str | None = None, config: LoraConfig | None = None
+) -> str:
+    """The base model of the adapter in folder ``adapter``: ``model`` if given, else its base_model_name_or_path.
+    ``config``: the adapter's config if the caller has read it already (it is not read again)."""
+    config = read_config(adapter) if config is None else config
     if model is not None:
         return model
     if not config.base_model_name_or_path:

@@ -48,8 +48,7 @@ def _base_class(config: LoraConfig, auto_class_name: str, source: Path) -> Any:
     return base_cls
 
 
-def _auto_base_model(model_id: str | os.PathLike, auto_class_name: str, **kwargs: Any) -> tuple[nn.Module, LoraConfig]:
-    config = read_config(model_id)
+def _auto_base_model(model_id: str | os.PathLike, config: LoraConfig, auto_class_name: str, **kwargs: Any) -> nn.Module:
     base_id = config.base_model_name_or_path
     if not base_id:
         raise files.AdapterFileError(
@@ -57,7 +56,7 @@ def _auto_base_model(model_id: str | os.PathLike, auto_class_name: str, **kwargs
             "model yourself and use PeftModel.from_pretrained(model, folder)"
         )
     # heavy (transformers' model classes): only when a base is loaded
-    from lorakit.io.models import bundled_base_tag, is_default_model, resolve_model
+    from lorakit.io.models import name_model, resolve_model
 
     auto_cls = _base_class(config, auto_class_name, Path(model_id))
     trust = kwargs.pop("trust_remote_code", False)
@@ -66,10 +65,8 @@ def _auto_base_model(model_id: str | os.PathLike, auto_class_name: str, **kwargs
         trust_remote_code=trust,
         **{k: v for k, v in kwargs.items() if k in ("dtype", "torch_dtype", "num_labels")},
     )
-    base.name_or_path = base.config._name_or_path = base_id  # the id, not the cache folder it resolved to
-    if is_default_model(base_id):
-        base._lorakit_base_tag = bundled_base_tag()  # the bundled copy itself (see lorakit.io.files.BASE_TAG_KEY)
-    return base, config
+    name_model(base, base_id)  # the id, not the cache folder it resolved to
+    return base
 
 
 class _AutoPeftModel:
@@ -82,8 +79,9 @@ class _AutoPeftModel:
     ) -> PeftModel:
         """Load the base model named in the adapter's config (resolved offline where possible), then the adapter.
         A task_type other than this class's is refused, as PEFT refuses it."""
-        _check_task(cls, read_config(model_id), Path(model_id))
-        base, config = _auto_base_model(model_id, cls.auto_class_name, **kwargs)
+        config = read_config(model_id)
+        _check_task(cls, config, Path(model_id))
+        base = _auto_base_model(model_id, config, cls.auto_class_name, **kwargs)
         return cls.peft_class.from_pretrained(
             base, model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config
         )

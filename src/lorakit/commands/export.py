@@ -22,7 +22,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.config import read_config
+from lorakit.config import base_model_id, read_config
 from lorakit.export.gguf_adapter import base_arch, export_gguf_adapter, gguf_adapter_problems
 from lorakit.export.gguf_merged import default_base_gguf, export_merged_gguf
 from lorakit.export.merged import merge_adapter_to_folder
@@ -72,7 +72,7 @@ def export_adapter(
     if target == "merged":
         merge_adapter_to_folder(adapter_dir, out, model=model, overwrite=overwrite, progress=progress)
         return Exported(target, out, [f"AutoModelForCausalLM.from_pretrained({str(out)!r})", _cmd("vllm serve", out)])
-    base = Path(base_gguf) if base_gguf is not None else default_base_gguf(adapter_dir, model)
+    base = Path(base_gguf) if base_gguf is not None else default_base_gguf(base_model_id(adapter_dir, model))
     if target == "gguf":
         assert outtype is not None
         with phase(f"writing the llama.cpp LoRA file {out}", show=progress):
@@ -104,9 +104,10 @@ def engine_lines(adapter_dir: str | os.PathLike[str]) -> list[str]:
     """For ``lorakit info``: which engines take the adapter as it is, and why not where one does not."""
     config = read_config(adapter_dir)
     tensors, _ = files.read_weights(adapter_dir)
+    base = base_model_id(adapter_dir, config=config)
     checks = {
         "vLLM (--to vllm)": vllm_problems(config, tensors),
-        "llama.cpp / Ollama LoRA (--to gguf)": gguf_adapter_problems(config, tensors, base_arch(adapter_dir)),
+        "llama.cpp / Ollama LoRA (--to gguf)": gguf_adapter_problems(config, tensors, base_arch(base)),
     }
     lines = []
     for engine, problems in checks.items():
@@ -115,7 +116,7 @@ def engine_lines(adapter_dir: str | os.PathLike[str]) -> list[str]:
         else:
             lines.append(f"{engine}: no")
             lines += [f"    {p}" for p in problems]
-    has_gguf = default_base_gguf(adapter_dir) is not None
+    has_gguf = default_base_gguf(base) is not None
     lines.append(f"merged GGUF (--to merged-gguf): {'yes' if has_gguf else 'with --base-gguf FILE (the base as GGUF)'}")
     lines.append("merged transformers folder (--to merged): yes")
     return lines

@@ -77,9 +77,9 @@ def gguf_adapter_problems(config: LoraConfig, tensors: dict[str, Tensor], arch: 
     return problems
 
 
-def base_arch(adapter_dir: str | os.PathLike[str], model: str | None = None) -> GgufArch | str:
-    """The GGUF naming of the adapter's base model, read from its config alone (no weights), or why not."""
-    base = base_model_id(adapter_dir, model)
+def base_arch(base: str) -> GgufArch | str:
+    """The GGUF naming of base model ``base`` (an adapter's base_model_id), read from its config alone (no
+    weights), or why not."""
     try:
         if is_default_model(base):  # its own GGUF file tells, without building the converted copy
             return arch_of_gguf(gguf.GGUFReader(os.path.join(*bundled_gguf())))
@@ -127,7 +127,7 @@ def export_gguf_adapter(
     check_output_file(output, overwrite)
     config = read_config(adapter_dir)
     tensors, _ = files.read_weights(adapter_dir)
-    arch = base_arch(adapter_dir, model)
+    arch = base_arch(base_model_id(adapter_dir, model, config))
     problems = gguf_adapter_problems(config, tensors, arch)
     if problems:
         raise ExportError("llama.cpp (GGUF LoRA)", problems, source=str(adapter_dir))

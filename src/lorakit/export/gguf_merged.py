@@ -58,9 +58,10 @@ class MergedGgufExport:
     n_changed: int
 
 
-def default_base_gguf(adapter_dir: str | os.PathLike[str], model: str | None = None) -> Path | None:
-    """The GGUF file of the adapter's base when lorakit knows it (the bundled default model), else None."""
-    return Path(os.path.join(*bundled_gguf())) if is_default_model(base_model_id(adapter_dir, model)) else None
+def default_base_gguf(base: str) -> Path | None:
+    """The GGUF file of base model ``base`` (an adapter's base_model_id) when lorakit knows it (the bundled default
+    model), else None."""
+    return Path(os.path.join(*bundled_gguf())) if is_default_model(base) else None
 
 
 def merged_rows(config: LoraConfig, tensors: dict[str, Tensor], arch: GgufArch) -> dict[str, Tensor]:
@@ -132,14 +133,15 @@ def export_merged_gguf(
     check_output_file(output, overwrite)
     config = read_config(adapter_dir)
     tensors, _ = files.read_weights(adapter_dir)
-    base = Path(base_gguf) if base_gguf is not None else default_base_gguf(adapter_dir, model)
+    base_id = base_model_id(adapter_dir, model, config)
+    base = Path(base_gguf) if base_gguf is not None else default_base_gguf(base_id)
     if base is None:
         raise ExportError(
             "GGUF",
             [
                 Problem(
                     f"a merged GGUF is built from the base model's own GGUF file; lorakit has none for "
-                    f"{base_model_id(adapter_dir, model)!r}",
+                    f"{base_id!r}",
                     "pass base_gguf= (CLI: --base-gguf FILE): the base converted once with llama.cpp's "
                     "convert_hf_to_gguf.py",
                 )

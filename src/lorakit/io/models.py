@@ -346,10 +346,17 @@ def load_model(
         model.config.pad_token_id = model.config.eos_token_id  # same choice as load_tokenizer
     public = _public_name(name_or_path)
     if public is not None:
-        model.name_or_path = model.config._name_or_path = public
-    if public == DEFAULT_MODEL:
-        model._lorakit_base_tag = bundled_base_tag()  # into its adapters' metadata (files.BASE_TAG_KEY)
+        name_model(model, public)
     return model
+
+
+def name_model(model: PreTrainedModel, name: str) -> None:
+    """Record ``name`` as the model's ``name_or_path`` (what its adapters record as base_model_name_or_path, rather
+    than the folder it was loaded from), and, for the bundled default model, which file it is (its adapters' metadata:
+    lorakit.io.files.BASE_TAG_KEY)."""
+    model.name_or_path = model.config._name_or_path = name
+    if is_default_model(name):
+        model._lorakit_base_tag = bundled_base_tag()
 
 
 def load_tokenizer(
