@@ -235,16 +235,21 @@ class PeftModel(nn.Module):
         for name in names:
             # Unlike PEFT's "auto", the full base embedding is saved only on request: adapters stay small.
             tensors = state.adapter_state_dict(self, name, save_embedding_layers=save_embedding_layers is True)
-            saved = LoraConfig.from_dict(
-                {**self.peft_config[name].to_dict(), "inference_mode": True, "auto_mapping": self._auto_mapping(name)}
-            )
+            saved = self.config_to_save(name)
             if path_initial_model_for_weight_conversion is not None:
                 tensors, saved = convert.to_original_base(
                     tensors, saved, path_initial_model_for_weight_conversion, name
                 )
-            files.write_adapter(files.adapter_folder(save_directory, name), saved.to_dict(), tensors, self._metadata())
+            folder = files.adapter_folder(save_directory, name)
+            files.write_adapter(folder, saved.to_dict(), tensors, self.file_metadata())
 
-    def _metadata(self) -> dict[str, str] | None:
+    def config_to_save(self, adapter_name: str) -> LoraConfig:
+        """The config as an adapter folder records it (save_pretrained, and lorakit train's checkpoints): PEFT's
+        inference_mode True and its auto_mapping."""
+        data = self.peft_config[adapter_name].to_dict()
+        return LoraConfig.from_dict({**data, "inference_mode": True, "auto_mapping": self._auto_mapping(adapter_name)})
+
+    def file_metadata(self) -> dict[str, str] | None:
         """The adapter file's safetensors metadata: PEFT's, plus which bundled file the base was (io.models)."""
         tag = getattr(self.get_base_model(), "_lorakit_base_tag", None)
         return {"format": "pt", files.BASE_TAG_KEY: tag} if tag else None

@@ -87,7 +87,7 @@ def save_checkpoint(
     try:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        files.write_adapter(tmp, model.peft_config[adapter_name].to_dict(), tensors)
+        files.write_adapter(tmp, model.config_to_save(adapter_name).to_dict(), tensors, model.file_metadata())
         writes.atomic_write_bytes(tmp / STATE_NAME, buffer.getvalue())
         if final.exists():  # a re-run of the same step (after a resume): replace it
             shutil.rmtree(final)
