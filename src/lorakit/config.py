@@ -77,6 +77,11 @@ class LoraConfig:
         "or None for the architecture's default.",
     )
     exclude_modules: list[str] | str | None = _help("Modules never wrapped (same matching rules as target_modules).")
+    target_parameters: list[str] | None = _help(
+        "Parameters to adapt directly, by name or dotted suffix (e.g. 'mlp.experts.gate_up_proj'): for weights that no "
+        "nn.Linear computes with, such as the fused 3-D expert stacks of transformers 5's mixtures of experts "
+        "(one low-rank update per expert); see lorakit.adapters.parameter.",
+    )
     lora_alpha: float = _help("Scaling numerator: the update is multiplied by lora_alpha / r.", 8)
     lora_dropout: float = _help("Dropout probability on the adapter's input, in [0, 1).", 0.0)
     fan_in_fan_out: bool = _help(
@@ -113,6 +118,8 @@ class LoraConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
@@ -152,8 +159,18 @@ class LoraConfig:
                 f"layers_to_transform / layers_pattern need target_modules as a list of names, not the string "
                 f"{self.target_modules!r}; list the module names, or put the layer index into the regex"
             )
-        if isinstance(self.target_modules, list) and not self.target_modules:
-            raise ConfigError("target_modules=[] wraps nothing; list module names, use 'all-linear', or None")
+        if self.target_parameters is not None and (
+            not isinstance(self.target_parameters, list) or not all(isinstance(t, str) for t in self.target_parameters)
+        ):
+            raise ConfigError(
+                f"target_parameters={self.target_parameters!r} must be a list of parameter names (a regex is not "
+                "supported, as in PEFT), e.g. ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']"
+            )
+        if isinstance(self.target_modules, list) and not self.target_modules and not self.target_parameters:
+            raise ConfigError(
+                "target_modules=[] wraps nothing; list module names, use 'all-linear', or None (or name parameters "
+                "in target_parameters)"
+            )
 
     @property
     def peft_type(self) -> PeftType:
@@ -257,7 +274,6 @@ _NEUTRAL_PEFT_KEYS: dict[str, Any] = {
     "monteclora_config": None,
     "layer_replication": None,
     "lora_bias": False,
-    "target_parameters": None,
     "use_bdlora": None,
     "arrow_config": None,
     "kasa_config": None,
@@ -266,8 +282,7 @@ _NEUTRAL_PEFT_KEYS: dict[str, Any] = {
 
 
 def _neutral(key: str, value: Any) -> bool:
-    """Whether a PEFT key holds its "feature off" value. An empty list counts as None: PEFT writes
-    target_parameters=[] for the MoE models of transformers 5 (Mixtral, Qwen3-MoE, ...) when no expert is targeted."""
+    """Whether a PEFT key holds its "feature off" value. An empty list counts as None."""
     return value == _NEUTRAL_PEFT_KEYS[key] or (_NEUTRAL_PEFT_KEYS[key] is None and value == [])
 
 
