@@ -108,6 +108,21 @@ class LoraConfig:
         "Weight-decomposed LoRA (DoRA, Liu et al. 2024): a learned magnitude per output row rescales W + s * B @ A.",
         False,
     )
+    lora_bias: bool = _help(
+        "Give each adapter's B a trainable bias b (out,): the update is s * (B @ A @ x + b), merged into the base "
+        "layer's bias. For adapters extracted from fully fine-tuned weights; needs init_lora_weights True or False "
+        "and no DoRA.",
+        False,
+    )
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = _help(
+        "Train only these rows of an embedding (token ids), the rest frozen: a list for the input embedding, or "
+        "{module name: ids} for named embeddings (lorakit.adapters.trainable_tokens).",
+    )
+    ensure_weight_tying: bool = _help(
+        "With tie_word_embeddings: keep the output layer tied to the input embedding's adapter (LoRA factors, "
+        "modules_to_save copy or trainable token rows shared between the two).",
+        False,
+    )
     auto_mapping: dict[str, str] | None = _help(
         "Without a task_type: the base model's class and module (set on save, as PEFT does; PEFT's AutoPeftModel "
         "reads them to choose the class to load)."
@@ -166,6 +181,15 @@ class LoraConfig:
                 f"target_parameters={self.target_parameters!r} must be a list of parameter names (a regex is not "
                 "supported, as in PEFT), e.g. ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']"
             )
+        if self.lora_bias and (self.init_lora_weights not in (True, False) or self.use_dora):
+            # PEFT refuses both (its wording, which its tests match): an initializer that moves part of W into A and B
+            # has no bias to move, and DoRA's row norm has no place for one
+            raise ConfigError(
+                "The argument lora_bias=True is only supported with init_lora_weights=True or False and without "
+                f"DoRA, got init_lora_weights={self.init_lora_weights!r}, use_dora={self.use_dora}; pass "
+                "lora_bias=False, or init_lora_weights=True and use_dora=False"
+            )
+        _check_token_indices(self.trainable_token_indices)
         if isinstance(self.target_modules, list) and not self.target_modules and not self.target_parameters:
             raise ConfigError(
                 "target_modules=[] wraps nothing; list module names, use 'all-linear', or None (or name parameters "
@@ -264,7 +288,6 @@ def _lorakit_version() -> str:
 # Keys PEFT writes for features lorakit does not implement, with the value that means "feature off".
 _NEUTRAL_PEFT_KEYS: dict[str, Any] = {
     "megatron_config": None,
-    "trainable_token_indices": None,
     "eva_config": None,
     "corda_config": None,
     "lora_ga_config": None,
@@ -273,11 +296,9 @@ _NEUTRAL_PEFT_KEYS: dict[str, Any] = {
     "use_qalora": False,
     "monteclora_config": None,
     "layer_replication": None,
-    "lora_bias": False,
     "use_bdlora": None,
     "arrow_config": None,
     "kasa_config": None,
-    "ensure_weight_tying": False,
 }
 
 
@@ -303,6 +324,22 @@ def scaling_for(alpha: float, r: int, use_rslora: bool) -> float:
 def _check_rank(name: str, r: Any) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ConfigError(f"{name}={r!r} must be a positive integer rank, e.g. 8")
+
+
+def _check_token_indices(indices: Any) -> None:
+    """trainable_token_indices: None, a list of token ids (int >= 0), or {module name: such a list}."""
+    if indices is None:
+        return
+    lists = indices.items() if isinstance(indices, dict) else [("", indices)]
+    for name, ids in lists:
+        where = f"trainable_token_indices[{name!r}]" if name else "trainable_token_indices"
+        if not isinstance(ids, (list, tuple)) or not ids or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+        ):
+            raise ConfigError(
+                f"{where}={ids!r} must be a non-empty list of token ids (integers >= 0), e.g. [0, 5]; or give "
+                "{embedding module name: [ids]}"
+            )
 
 
 def _check_alpha(name: str, alpha: Any) -> None:
