@@ -312,7 +312,7 @@ def unwrap(
         for _, module in modules:
             if isinstance(module, LoraLayer) and not _quantized_lora(module):
                 module.merge(adapter_names, safe_merge=safe_merge)
-    for name, module in modules:
+    for name, module in reversed(modules):  # children first: a wrapper inside a wrapper (MultiheadAttention's out_proj)
         parent, child = _parent(model, name)
         if isinstance(module, LoraLayer):
             setattr(parent, child, merged.get(name, module.base_layer))

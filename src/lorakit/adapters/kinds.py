@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 from torch import nn
 
+from lorakit.adapters.attention import LoraMultiheadAttention
 from lorakit.adapters.embedding import LoraEmbedding
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.linear import LoraLinear
@@ -30,6 +31,9 @@ MODULE_KINDS: tuple[ModuleKind, ...] = (
     ModuleKind("nn.Linear", lambda m: isinstance(m, nn.Linear), LoraLinear, linear=True),
     ModuleKind("GPT-2 Conv1D", is_conv1d, LoraLinear, linear=True),
     ModuleKind("lorakit QuantLinear", lambda m: isinstance(m, QuantLinear), LoraLinear, linear=True),
+    ModuleKind(
+        "nn.MultiheadAttention", lambda m: isinstance(m, nn.MultiheadAttention), LoraMultiheadAttention, linear=False
+    ),
 )
 
 
