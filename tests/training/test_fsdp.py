@@ -2,6 +2,8 @@
 trains the adapter of a 1-process unsharded run (within 1e-5), each process holding half the base's weights, and a
 sharded run resumed from its checkpoint ends with the adapter of the uninterrupted one.
 
+Each process of it has glibc return freed large blocks before its first step (the mallopt of --fsdp).
+
 One sharded run (4 steps, a checkpoint at step 2) is shared by the tests; with the resume, two torchrun runs of about
 6 s each on 2 cores."""
 
@@ -135,6 +137,29 @@ def test_a_base_of_mixed_dtypes_is_refused():
     model.get_base_model().lm_head.to(torch.bfloat16)
     with pytest.raises(fsdp.FsdpError, match=r"mix dtypes \['torch.bfloat16', 'torch.float32'\]"):
         fsdp.shard(model, world=2)
+
+
+def test_each_process_returns_freed_large_blocks_before_its_first_step(sharded):
+    """--fsdp sets glibc's mmap threshold (``fsdp.map_large_allocations``) before the first step, in every process:
+    each one, probed after sharding, serves a block freed and allocated again by mmap (``large_allocations_mmapped``,
+    written into summary.json); with glibc's default threshold the second block comes from the heap."""
+    if fsdp.large_allocations_mmapped() is None:
+        pytest.skip("not glibc >= 2.33: the allocator cannot be asked")
+    report = json.loads((sharded / "summary.json").read_text())["fsdp"]
+    assert report["large_allocations_mmapped"] == [True, True]
+
+
+def test_the_probe_tells_the_default_threshold_from_a_fixed_one():
+    """In processes of their own: glibc's default (dynamic) threshold, mallopt's, and the user's environment."""
+    if fsdp.large_allocations_mmapped() is None:
+        pytest.skip("not glibc >= 2.33: the allocator cannot be asked")
+    code = "from lorakit.training import fsdp; {} print(fsdp.large_allocations_mmapped())"
+    clean = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    for setup, env, expected in [("", {}, "False"), ("fsdp.map_large_allocations();", {}, "True"),
+                                 ("", {"MALLOC_MMAP_THRESHOLD_": "65536"}, "True")]:  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", code.format(setup)], env={**clean, **env}, capture_output=True,
+                              text=True)  # fmt: skip
+        assert done.stdout.strip() == expected, (setup, env, done.stderr)
 
 
 @pytest.mark.parametrize(("env", "expected"), [({}, "True"), ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "False")])

@@ -25,6 +25,7 @@ import ctypes
 import logging
 import os
 import platform
+import resource
 
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -126,3 +127,38 @@ def map_large_allocations() -> bool:
     done = bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))  # 1 on success
     logger.info("--fsdp: allocations from %d bytes are mmapped (mallopt M_MMAP_THRESHOLD): %s", MMAP_THRESHOLD, done)
     return done
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far, in bytes (``getrusage``'s ru_maxrss: KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Mallinfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h: struct mallinfo2, ten size_t counters
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+
+def large_allocations_mmapped(size: int = 4 << 20) -> bool | None:
+    """Whether this process's allocator serves a block of ``size`` bytes by mmap even after such a block was freed,
+    which is what ``map_large_allocations`` asks for (and what MALLOC_MMAP_THRESHOLD_ at or below ``size`` does);
+    None where it cannot be asked (not glibc, or a glibc before 2.33).
+
+    glibc's default threshold is dynamic: freeing an mmapped block raises it past that block's size, so the next
+    block of that size comes from the heap and is not returned when freed. The probe mallocs, frees and mallocs
+    ``size`` bytes and reads whether the second block is one more mmapped block (``mallinfo2().hblks``). Run once
+    with the default threshold it raises the threshold to ``size`` itself, as the first large free of a run would."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        return None
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.restype, libc.free.argtypes = None, [ctypes.c_void_p]
+    libc.mallinfo2.restype = _Mallinfo2
+    libc.free(libc.malloc(size))
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(size)
+    mmapped = libc.mallinfo2().hblks == before + 1
+    libc.free(block)
+    return mmapped

@@ -386,9 +386,17 @@ def evaluate_loss(run: Run) -> float:
 
 
 def _fsdp_report(model: nn.Module) -> dict[str, Any]:
-    """For the summary: the bytes of frozen base weights each process holds after sharding, and of the whole base."""
+    """For the summary, per process after sharding (before the first step): the bytes of frozen base weights it
+    holds (and of the whole base), its peak resident memory so far (the load), and whether its allocator returns
+    freed large blocks (``fsdp.large_allocations_mmapped``; None where it cannot be asked)."""
     local, whole = fsdp.base_bytes(model)
-    return {"base_bytes": whole, "base_bytes_per_process": distributed.gather_ints(local)}
+    mmapped = {None: -1, False: 0, True: 1}[fsdp.large_allocations_mmapped()]
+    return {
+        "base_bytes": whole,
+        "base_bytes_per_process": distributed.gather_ints(local),
+        "peak_rss_at_load_bytes": distributed.gather_ints(fsdp.peak_rss_bytes()),
+        "large_allocations_mmapped": [None if v < 0 else bool(v) for v in distributed.gather_ints(mmapped)],
+    }
 
 
 def _due(every: int, done: int, total: int) -> bool:
