@@ -13,6 +13,7 @@ from typing import NamedTuple
 from torch import nn
 
 from lorakit.adapters.attention import LoraMultiheadAttention
+from lorakit.adapters.conv import LoraConv, is_conv
 from lorakit.adapters.embedding import LoraEmbedding
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.linear import LoraLinear
@@ -31,6 +32,7 @@ MODULE_KINDS: tuple[ModuleKind, ...] = (
     ModuleKind("nn.Linear", lambda m: isinstance(m, nn.Linear), LoraLinear, linear=True),
     ModuleKind("GPT-2 Conv1D", is_conv1d, LoraLinear, linear=True),
     ModuleKind("lorakit QuantLinear", lambda m: isinstance(m, QuantLinear), LoraLinear, linear=True),
+    ModuleKind("nn.Conv1d / Conv2d / Conv3d", is_conv, LoraConv, linear=False),  # not in all-linear, as in PEFT
     ModuleKind(
         "nn.MultiheadAttention", lambda m: isinstance(m, nn.MultiheadAttention), LoraMultiheadAttention, linear=False
     ),

@@ -93,6 +93,14 @@ class LoraLayer(nn.Module):
         """The (A (r, in), B (out, r)) parameters of adapter ``name``."""
         raise NotImplementedError
 
+    def load_factors(self, name: str, A: Tensor, B: Tensor) -> None:
+        """Set adapter ``name``'s weights to A (r, in) and B (out, r) (a kind whose ``lora_weights`` are no views of
+        its parameters, as a grouped conv's B, writes them its own way)."""
+        A_param, B_param = self.lora_weights(name)
+        with torch.no_grad():
+            A_param.copy_(A)
+            B_param.copy_(B)
+
     def _drop(self, name: str) -> None:
         raise NotImplementedError
 
@@ -127,10 +135,9 @@ class LoraLayer(nn.Module):
         init = get_initializer(init_lora_weights, embedding=self.embedding)
         weight = self.weight_out_in()  # (out, in)
         A0, B0, residual = init(weight, r, self.scaling[name], **_accepted(init, init_options or {}))
-        A, B = self.lora_weights(name)
+        self.load_factors(name, A0, B0)
+        A, _ = self.lora_weights(name)
         with torch.no_grad():
-            A.copy_(A0)
-            B.copy_(B0)
             if residual is not None:
                 self._set_base_weight(residual)
         self.variants[name] = VARIANTS["dora" if use_dora else "lora"]()

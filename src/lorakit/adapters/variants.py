@@ -38,9 +38,18 @@ class Lora:
         pass
 
     def linear_forward(self, layer: LoraLayer, adapter: str, x: Tensor, base: Tensor, result: Tensor) -> Tensor:
-        """``result + B(A(dropout(x))) * s``, computed by fast.branch.lora_add (equal to that composition, tested)."""
+        """``result + B(A(dropout(x))) * s``, computed by fast.branch.lora_add (equal to that composition, tested);
+        plus ``b * s`` for an adapter with a bias on B (lora_bias)."""
         A, B = layer.lora_weights(adapter)
-        return branch.lora_add(result, x, A, B, layer.scaling[adapter], layer.lora_dropout[adapter])
+        out = branch.lora_add(result, x, A, B, layer.scaling[adapter], layer.lora_dropout[adapter])
+        b = layer.lora_bias_of(adapter)
+        return out if b is None else out + (b * layer.scaling[adapter]).to(out.dtype)
+
+    def conv_forward(self, layer: LoraLayer, adapter: str, x: Tensor, base: Tensor, result: Tensor) -> Tensor:
+        """A conv's ``result + B(A(dropout(x))) * s`` (lora_A, lora_B convs: lorakit.adapters.conv)."""
+        A, B = layer.lora_A[adapter], layer.lora_B[adapter]
+        lora = B(A(layer.lora_dropout[adapter](x.to(A.weight.dtype)))) * layer.scaling[adapter]  # (N, out, *S')
+        return result + lora.to(result.dtype)
 
     def embedding_output(self, layer: LoraLayer, adapter: str, embedded: Tensor, lora: Tensor) -> Tensor:
         """What an embedding adds to its base output E[x]: the LoRA term ``s * A.T[x] @ B.T`` itself."""
@@ -80,7 +89,8 @@ class Dora(Lora):
         with torch.no_grad():
             delta = layer.delta_out_in(adapter).to(weight.device, torch.float32)
             norm = dora.weight_norm(weight.float(), delta)  # (out,)
-        layer.lora_magnitude_vector[adapter] = nn.Parameter(norm.to(A.dtype))
+        shape = getattr(layer, "magnitude_shape", (-1,))  # a conv keeps PEFT's (1, out, 1, ...)
+        layer.lora_magnitude_vector[adapter] = nn.Parameter(norm.to(A.dtype).reshape(shape))
 
     def parameters(self, layer: LoraLayer, adapter: str) -> list[nn.Parameter]:
         return [layer.lora_magnitude_vector[adapter]]
@@ -91,7 +101,7 @@ class Dora(Lora):
     def scale_args(self, layer: LoraLayer, adapter: str, weight: Tensor) -> tuple[Tensor, Tensor]:
         """(m, ||weight + s * B @ A||_row), ``weight`` (out, in) the unmerged base; the norm detached."""
         delta = layer.delta_out_in(adapter).detach().to(weight.dtype)
-        return layer.lora_magnitude_vector[adapter], dora.weight_norm(weight, delta).detach()
+        return layer.lora_magnitude_vector[adapter].reshape(-1), dora.weight_norm(weight, delta).detach()
 
     def linear_forward(self, layer: LoraLayer, adapter: str, x: Tensor, base: Tensor, result: Tensor) -> Tensor:
         """``result + (m / n - 1) * x @ W.T + (m / n) * B(A(dropout(x))) * s`` (lorakit.ops.dora.linear_output). Its
@@ -108,6 +118,24 @@ class Dora(Lora):
         else:
             x_w = nn.functional.linear(h, weight)  # (..., out)
         return result + dora.linear_output(x_w, lora, *self.scale_args(layer, adapter, weight)).to(result.dtype)
+
+    def conv_forward(self, layer: LoraLayer, adapter: str, x: Tensor, base: Tensor, result: Tensor) -> Tensor:
+        """A conv's ``result + (m / n - 1) * conv(x, W) + (m / n) * B(A(dropout(x))) * s``, m / n per output channel
+        (lorakit.ops.dora.linear_output, broadcast over (N, out, *S')). As for a linear layer, conv(x, W) is the base
+        output less its bias unless dropout is active; then it is the base conv of the dropped input, as PEFT does."""
+        A, B = layer.lora_A[adapter], layer.lora_B[adapter]
+        dropout, conv = layer.lora_dropout[adapter], layer.base_layer
+        h = x.to(A.weight.dtype)  # (N, in, *S)
+        channels = (-1,) + (1,) * (base.dim() - 2)  # (out, 1, ...): broadcasts over (N, out, *S')
+        if isinstance(dropout, nn.Identity) or not layer.training:
+            x_w = base if conv.bias is None else base - conv.bias.view(channels)
+        else:
+            h = dropout(h)
+            x_w = conv._conv_forward(h, conv.weight.to(h.dtype), None)  # (N, out, *S'), the base's padding mode
+        lora = B(A(h)) * layer.scaling[adapter]  # (N, out, *S')
+        m, norm = self.scale_args(layer, adapter, layer.weight_out_in().to(h.dtype))  # (out,)
+        update = dora.linear_output(x_w.to(h.dtype), lora, m.view(channels), norm.view(channels))
+        return result + update.to(result.dtype)
 
     def embedding_output(self, layer: LoraLayer, adapter: str, embedded: Tensor, lora: Tensor) -> Tensor:
         """DoRA rescales the base embedding too: (m / n) * (E[x] + lora) - E[x] (lorakit.ops.dora.embedding_output)."""
@@ -129,7 +157,8 @@ class Dora(Lora):
 
     def unmerged(self, layer: LoraLayer, adapter: str, weight: Tensor) -> Tensor:
         """The inverse of ``merged`` with the norm the merge used."""
-        m, delta = layer.lora_magnitude_vector[adapter].detach(), layer.delta_out_in(adapter).to(weight.dtype)
+        m = layer.lora_magnitude_vector[adapter].detach().reshape(-1)
+        delta = layer.delta_out_in(adapter).to(weight.dtype)
         unmerged = dora.unmerge_weight(layer.transpose(weight), delta, m, self.merged_norm)  # (out, in)
         return layer.transpose(unmerged).to(weight.dtype)
 

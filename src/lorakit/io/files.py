@@ -283,16 +283,34 @@ def check_tensor_kinds(tensors: dict[str, tuple[str, list[int]]], source: str | 
         if match is None:
             continue
         which = match["which"]
-        if len(shape) != 2:
+        conv_b_ok = which == "A" or all(d == 1 for d in shape[2:])  # a conv's B is 1x1: (out, r / groups, 1, ...)
+        if len(shape) not in (2, 3, 4, 5) or not conv_b_ok:
             expected = "(r, in_features)" if which == "A" else "(out_features, r)"
+            conv = "(r, in_channels, *kernel)" if which == "A" else "(out_channels, r / groups, 1, ...)"
             raise AdapterFileError(
                 f"{source}: tensor {key!r} has shape {tuple(shape)}, but a LoRA {which} is a matrix {expected} "
-                "(lorakit adapts Linear, Conv1D and Embedding layers; a Conv2d adapter's 4-d tensors it does not "
-                "load): the file is damaged or made for other layers; re-save it"
+                f"(Linear, Conv1D, Embedding layers) or a conv weight {conv} (Conv1d / 2d / 3d layers): the file is "
+                "damaged or made for other layers; re-save it"
             )
         ranks.setdefault(match["module"], {})[which] = (key, shape)
     for module, pair in ranks.items():
-        if len(pair) == 2 and pair["A"][1][0] != pair["B"][1][1]:
+        if len(pair) == 2 and len(pair["A"][1]) != len(pair["B"][1]):  # a matrix beside a conv weight
+            odd, other = ("A", "B") if len(pair["B"][1]) == 2 else ("B", "A")
+            expected = "(r, in_features)" if odd == "A" else "(out_features, r)"
+            raise AdapterFileError(
+                f"{source}: tensor {pair[odd][0]!r} has shape {tuple(pair[odd][1])}, but a LoRA {odd} is a matrix "
+                f"{expected} beside a {other} of shape {tuple(pair[other][1])} (a conv's A (r, in, *kernel) goes "
+                "with a 1x1 conv B (out, r / groups, 1, ...)): the file is damaged or made for other layers; re-save it"
+            )
+        if len(pair) == 2 and len(pair["A"][1]) > 2:  # a conv: B may be grouped, r / groups input channels
+            (key_a, shape_a), (key_b, shape_b) = pair["A"], pair["B"]
+            if shape_a[0] % shape_b[1] != 0:
+                raise AdapterFileError(
+                    f"{source}: conv module {module!r} holds {key_a!r} of shape {tuple(shape_a)} (rank "
+                    f"{shape_a[0]}) and {key_b!r} of shape {tuple(shape_b)}; B's {shape_b[1]} input channels must "
+                    "divide the rank (r / groups): the file is damaged; re-save it"
+                )
+        elif len(pair) == 2 and pair["A"][1][0] != pair["B"][1][1]:
             (key_a, shape_a), (key_b, shape_b) = pair["A"], pair["B"]
             leaf_a, leaf_b = (k.rpartition(f"{module}.")[2] for k in (key_a, key_b))
             raise AdapterFileError(
