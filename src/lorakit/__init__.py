@@ -43,7 +43,16 @@ if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_lay
         get_peft_model,
     )
     from lorakit.api.status import get_layer_status, get_model_status
-    from lorakit.config import ConfigError, LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType, get_peft_config
+    from lorakit.config import (
+        ConfigError,
+        LoftQConfig,
+        LoraConfig,
+        PeftConfig,
+        PeftType,
+        PeftWarning,
+        TaskType,
+        get_peft_config,
+    )
     from lorakit.io.files import AdapterError, AdapterFileError
     from lorakit.io.models import load_default_model
     from lorakit.training.args import TrainArgs
@@ -69,8 +78,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
                                "PeftModelForSequenceClassification",
                                "PeftModelForTokenClassification", "get_peft_model"),
     "lorakit.api.status": ("get_layer_status", "get_model_status"),
-    "lorakit.config": ("ConfigError", "LoftQConfig", "LoraConfig", "PeftConfig", "PeftType", "TaskType",
-                       "get_peft_config"),
+    "lorakit.config": ("ConfigError", "LoftQConfig", "LoraConfig", "PeftConfig", "PeftType", "PeftWarning",
+                       "TaskType", "get_peft_config"),
     "lorakit.io.files": ("AdapterError", "AdapterFileError"),
     "lorakit.io.models": ("load_default_model",),
     "lorakit.training.args": ("TrainArgs",),

@@ -50,6 +50,10 @@ class ConfigError(ValueError):
     """A LoraConfig field holds a value lorakit cannot use; the message names the field and the allowed values."""
 
 
+class PeftWarning(UserWarning):
+    """A warning about an adapter's setup that still works but may not do what was meant (PEFT's class of the name)."""
+
+
 def _help(text: str, default: Any = None, factory: Any = None) -> Any:
     if factory is not None:
         return field(default_factory=factory, metadata={"help": text})

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lorakit.adapters import mixed_batch
 from lorakit.adapters.layer import LoraLayer
+from lorakit.config import ConfigError
 
 
 class LoraEmbedding(LoraLayer):
@@ -44,6 +45,12 @@ class LoraEmbedding(LoraLayer):
 
     def lora_weights(self, name: str) -> tuple[Tensor, Tensor]:
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def _create_lora_bias(self, name: str) -> None:
+        raise ConfigError(  # PEFT refuses it too (its wording, which its tests match)
+            "lora_bias=True is not supported for Embedding layers: leave the embedding out of target_modules, or "
+            "pass lora_bias=False"
+        )
 
     def _drop(self, name: str) -> None:
         del self.lora_embedding_A[name], self.lora_embedding_B[name]

@@ -272,6 +272,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
             config.use_rslora,
             init_options=config.loftq_config,
             use_dora=config.use_dora,
+            **({"lora_bias": True} if config.lora_bias else {}),  # only then: a kind's update_layer may lack it
         )
     if layouts:  # record the detected layout (True for Conv1D), as PEFT does, so the saved config matches the model
         config.fan_in_fan_out = any(layouts)

@@ -14,6 +14,7 @@ when ``merge()`` is called, never as a side effect of ``train()`` / ``eval()``.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +23,9 @@ from torch import Tensor, nn
 
 from lorakit.adapters import mixed_batch
 from lorakit.adapters.variants import VARIANTS, Lora
-from lorakit.config import scaling_for
+from lorakit.config import ConfigError, PeftWarning, scaling_for
 from lorakit.ops.init import get_initializer
+from lorakit.quant.half import REDUCED_PRECISION
 from lorakit.quant.linear import QuantizedBaseError, QuantLinear
 
 
@@ -43,6 +45,7 @@ class LoraLayer(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: m (out,) per adapter (PEFT's name)
         self.variants: dict[str, Lora] = {}  # one variant object per adapter (lorakit.adapters.variants)
+        self.lora_bias: dict[str, bool] = {}  # lora_bias=True: B has a bias b (out,), the update is s * (B A x + b)
         self.merged_adapters: list[str] = []
         self.routing: mixed_batch.Routing | None = None  # set while a batch runs one adapter per row (adapter_names)
         self._active: list[str] = []
@@ -105,8 +108,39 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        """Every trainable parameter of adapter ``name``: A, B, and its variant's (DoRA's magnitude)."""
-        return [*self.lora_weights(name), *self.variants[name].parameters(self, name)]
+        """Every trainable parameter of adapter ``name``: A, B, B's bias (lora_bias), its variant's (DoRA's m)."""
+        b = self.lora_bias_of(name)
+        return [*self.lora_weights(name), *([] if b is None else [b]), *self.variants[name].parameters(self, name)]
+
+    # -- lora_bias: a bias on B (PEFT's LoraConfig.lora_bias) ----------------------------------------------------
+    # The generic part lives here; a kind takes part by having ``lora_B[name]`` a module with a ``bias`` slot whose
+    # output is the layer's (nn.Linear, nn.ConvNd created with bias=False) and by calling lora_B as a module in its
+    # forward (or adding ``s * lora_bias_of(name)`` itself). Merge / unmerge then add / subtract s * b to / from the
+    # base layer's bias for every kind. A kind that cannot hold one overrides ``_create_lora_bias`` to refuse.
+    def _create_lora_bias(self, name: str) -> None:
+        """Give adapter ``name``'s B a zero bias b (out,): the adapter still starts as the identity."""
+        if isinstance(self.base_layer, REDUCED_PRECISION):
+            raise ConfigError(
+                f"lora_bias=True on a reduced-precision base ({type(self.base_layer).__name__}, lorakit.quantize) is "
+                "not supported: its merge makes a new full-precision layer that would lose the bias. Pass "
+                "lora_bias=False, or quantize after merging"
+            )
+        if getattr(self.base_layer, "bias", None) is None:
+            warnings.warn(  # PEFT's wording (its tests match it)
+                f"`lora_bias=True` was passed but the targeted layer of type {type(self.base_layer).__name__} has no "
+                "bias. This means that merging LoRA weights won't be possible (the bias has nowhere to go); "
+                "keep the adapter unmerged, or train it with lora_bias=False",
+                PeftWarning,
+                stacklevel=4,
+            )
+        B = self.lora_B[name]
+        B.bias = nn.Parameter(B.weight.new_zeros(self.out_features))
+
+    def lora_bias_of(self, name: str) -> nn.Parameter | None:
+        """B's bias b (out,) of adapter ``name`` (lora_bias=True), else None."""
+        if not self.lora_bias.get(name):
+            return None
+        return self.lora_B[name].bias
 
     @property
     def adapter_names(self) -> list[str]:
@@ -123,14 +157,19 @@ class LoraLayer(nn.Module):
         use_rslora: bool = False,
         init_options: dict[str, Any] | None = None,
         use_dora: bool = False,
+        lora_bias: bool = False,
     ) -> None:
         """Add adapter ``name`` with rank ``r``, initialized by ``init_lora_weights`` (see lorakit.ops.init).
         ``init_options`` (a config's loftq_config) go to initializers that name them as keyword parameters.
-        ``use_dora`` makes it a DoRA adapter (its magnitude is taken after the initializer ran)."""
+        ``use_dora`` makes it a DoRA adapter (its magnitude is taken after the initializer ran); ``lora_bias`` gives its
+        B a zero bias (see _create_lora_bias)."""
         self.r[name], self.lora_alpha[name] = r, lora_alpha
         self.scaling[name] = scaling_for(lora_alpha, r, use_rslora)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._create(name, r)
+        self.lora_bias[name] = lora_bias
+        if lora_bias:
+            self._create_lora_bias(name)
         self.train(self.base_layer.training)  # new modules start in train mode; follow the model's mode instead
         init = get_initializer(init_lora_weights, embedding=self.embedding)
         weight = self.weight_out_in()  # (out, in)
@@ -154,7 +193,7 @@ class LoraLayer(nn.Module):
             raise RuntimeError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge it first")
         self._drop(name)
         self.variants.pop(name).delete(self, name)
-        for d in (self.r, self.lora_alpha, self.scaling):
+        for d in (self.r, self.lora_alpha, self.scaling, self.lora_bias):
             d.pop(name, None)
         del self.lora_dropout[name]
         self._active = [a for a in self._active if a != name]
@@ -231,11 +270,30 @@ class LoraLayer(nn.Module):
         for name in names:
             with torch.no_grad():
                 new = self.variants[name].merged(self, name, weight.data)
-                if safe_merge and not torch.isfinite(new).all():
-                    raise ValueError(f"merging adapter {name!r} gives NaN/inf weights; the adapter is broken")
+                new_bias = self._merged_bias(name, +1)
+                if safe_merge and not all(torch.isfinite(t).all() for t in (new, new_bias) if t is not None):
+                    raise ValueError(
+                        f"NaNs detected in the merged weights: merging adapter {name!r} gives NaN/inf weights; the "
+                        "adapter is broken"
+                    )
                 weight.data = new
+                if new_bias is not None:
+                    self.base_layer.bias.data = new_bias
             self.merged_adapters.append(name)
             self._refresh()
+
+    def _merged_bias(self, name: str, sign: int) -> Tensor | None:
+        """The base bias +/- s * b of a lora_bias adapter (None for others). RuntimeError if the base has no bias."""
+        b = self.lora_bias_of(name)
+        if b is None:
+            return None
+        base_bias = getattr(self.base_layer, "bias", None)
+        if base_bias is None:
+            raise RuntimeError(
+                f"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias: adapter {name!r} "
+                f"on this {type(self.base_layer).__name__} has a bias on B that has nowhere to go. Keep it unmerged"
+            )
+        return (base_bias.data + sign * self.scaling[name] * b.detach().to(base_bias.dtype)).to(base_bias.dtype)
 
     def unmerge(self) -> None:
         """Subtract every merged update from the base weight, newest first."""
@@ -245,6 +303,9 @@ class LoraLayer(nn.Module):
             with torch.no_grad():
                 weight = self.base_weight()
                 weight.data = self.variants[name].unmerged(self, name, weight.data)
+                new_bias = self._merged_bias(name, -1)
+                if new_bias is not None:
+                    self.base_layer.bias.data = new_bias
 
     def merged_weight_out_in(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> Tensor:
         """dequantize(W) + the updates of ``adapter_names`` (default: the active ones), fp32 (out, in): the weight of

@@ -4,7 +4,7 @@
     y = base_layer(x) + sum over the active adapters of B(A(dropout(x))) * s        # (..., in) -> (..., out)
 
 with ``lora_A[name]`` an ``nn.Linear(in, r)`` and ``lora_B[name]`` an ``nn.Linear(r, out)``, no biases (PEFT's
-layout, so that state-dict keys match).
+layout, so that state-dict keys match); with ``lora_bias=True`` B has a bias b and the update is s * (B A x + b).
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class LoraLinear(LoraLayer):
         ``load_state_dict(assign=True)`` is read at the next call."""
         active = [n for n in self._active if n in self.r]
         self._fast = None
-        if len(active) == 1 and not self._disabled and not self.merged_adapters and self.variants[active[0]].plain:
+        plain = len(active) == 1 and self.variants[active[0]].plain and not self.lora_bias.get(active[0])
+        if plain and not self._disabled and not self.merged_adapters:
             name = active[0]
             self._fast = (name, self.lora_A[name]._parameters, self.lora_B[name]._parameters, self.lora_dropout[name])

@@ -224,6 +224,7 @@ class _Stacks:
     sB_stack: Tensor  # (n_seg, out, r): s_k * B_k
     magnitude: Tensor | None  # (n_seg, 1, out): DoRA's m, 1 for plain adapters; None if no adapter is DoRA
     norm: Tensor | None  # (n_seg, 1, out): DoRA's ||W + s_k B_k A_k||_row, 1 for plain adapters
+    sb_stack: Tensor | None = None  # (n_seg, 1, out): s_k * b_k, B's bias (lora_bias), 0 for adapters without one
 
 
 def _stack(layer: LoraLayer, adapters: Sequence[str]) -> _Stacks | None:
@@ -256,7 +257,14 @@ def _stack(layer: LoraLayer, adapters: Sequence[str]) -> _Stacks | None:
         for k, name in enumerate(adapters):
             if scale_args.get(name) is not None:
                 magnitude[k, 0], norm[k, 0] = scale_args[name]
-    return _Stacks(As, A_stack, sB_stack, magnitude, norm)
+    sb_stack = None
+    if any(layer.lora_bias_of(name) is not None for name in present):  # lora_bias: s_k * b_k per segment
+        sb_stack = A0.new_zeros(len(adapters), 1, layer.out_features)
+        for k, name in enumerate(adapters):
+            b = layer.lora_bias_of(name) if name in layer.r else None
+            if b is not None:
+                sb_stack[k, 0] = b * layer.scaling[name]
+    return _Stacks(As, A_stack, sB_stack, magnitude, norm, sb_stack)
 
 
 # -- the layers' routed forwards ------------------------------------------------------------------------------------
@@ -316,6 +324,11 @@ def _add_updates(
     if routing.keep is not None:  # padding rows add nothing
         h = (h.view(n_seg, slots, -1) * routing.on("keep", x.device)).view(h.shape)
     updates = torch.bmm(h, stacks.sB_stack.mT)  # (n_seg, L * ..., out)
+    if stacks.sb_stack is not None:  # + s_k * b_k on the real rows of each segment (lora_bias)
+        sb = stacks.sb_stack.unsqueeze(1)  # (n_seg, 1, 1, out)
+        if routing.keep is not None:
+            sb = sb * routing.on("keep", x.device).to(sb.dtype).unsqueeze(-1)  # (n_seg, L, 1, out)
+        updates = (updates.view(n_seg, slots, -1, updates.shape[-1]) + sb).view(updates.shape)
     if stacks.magnitude is not None:  # DoRA: (m / n - 1) * x @ W.T + (m / n) * lora; m = n = 1 for plain adapters
         base = result[: n_seg * slots] if padded is None else result.index_select(0, padded)
         base = x_w(base).to(updates.dtype).reshape(updates.shape)
