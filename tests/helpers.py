@@ -228,8 +228,9 @@ CONFIG_KEYS_THAT_DIFFER: dict[str, Any] = {
     # PEFT stores these as sets: the order of the JSON list is arbitrary (it changes with the string hash seed)
     "target_modules": lambda a, b: sorted(a) == sorted(b) if isinstance(b, list) else a == b,
     "exclude_modules": lambda a, b: sorted(a) == sorted(b) if isinstance(b, list) else a == b,
-    # PEFT writes [] for the MoE models of transformers 5 whose config it converts (Mixtral, ...), None elsewhere
-    "target_parameters": lambda a, b: a is None and b in (None, []),
+    # a set in PEFT too (a list for the MoE models of transformers 5 whose config it converts, [] if no expert is
+    # targeted; None elsewhere), in arbitrary order
+    "target_parameters": lambda a, b: sorted(a) == sorted(b) if isinstance(b, list) else a == b,
     # the writer: PEFT's version, or PEFT's format version and lorakit ("<version>@<build>", PEFT's dev-build form)
     "peft_version": lambda a, b: a.partition("@") == (b, "@", f"lorakit-{importlib.metadata.version('lorakit')}"),
 }

@@ -64,16 +64,6 @@ PEFT_REFUSES: dict[tuple[str, str], str] = {
 # model types for which neither library has default targets: both refuse target_modules=None
 NO_DEFAULT = {c.model_type for c in mm.CASES if c.model_type not in PEFT_DEFAULTS | DEFAULT_TARGETS.keys()}
 
-_FUSED_EXPERTS = (
-    "PEFT 0.21.2 adapts the fused 3-D expert parameters of transformers 5 (mlp.experts gate_up_proj / down_proj) and "
-    "the router weight through target_parameters when all-linear is asked for; lorakit has no target_parameters and "
-    "wraps only the nn.Linear layers"
-)
-_RENAMED = (
-    _FUSED_EXPERTS + "; and PEFT maps transformers 4's expert names gate_proj / up_proj / down_proj to those fused "
-    "parameters, so it leaves the Linear layers of those names (the dense MLPs, the shared experts) unadapted, which "
-    "lorakit adapts"
-)
 _ROUTER = (
     "PEFT and lorakit both crash: all-linear takes the MoE router (PhimoeTopKRouter, Llama4Router), an nn.Linear "
     "subclass whose forward returns a tuple (scores, logits), and LoRA adds to the layer's output"
@@ -82,14 +72,8 @@ _JAMBA = (
     "Jamba's mixer reads dt_proj.weight itself (dt_proj.weight @ time_step), so a LoRA adapter on dt_proj gets no "
     "gradient and changes the outputs only once merged, in PEFT as in lorakit"
 )
-_CHECKS = ("params", "step", "files", "merge", "generate")
 # (case name, targets, check) -> why lorakit differs from PEFT there today (or both fail)
 GAPS: dict[tuple[str, str, str], str] = {
-    **{(f"{model_type}-causal_lm", "all_linear", check): _FUSED_EXPERTS
-       for model_type in ("mixtral", "qwen3_moe", "olmoe", "minimax", "flex_olmo") for check in _CHECKS},
-    **{(f"{model_type}-causal_lm", "all_linear", check): _RENAMED
-       for model_type in ("deepseek_v2", "deepseek_v3", "ernie4_5_moe", "glm4_moe", "hunyuan_v1_moe", "dots1",
-                          "qwen3_next") for check in _CHECKS},
     **{(f"{model_type}-causal_lm", "all_linear", check): _ROUTER
        for model_type in ("phimoe", "llama4_text") for check in ("step", "files", "merge", "generate")},
     **{("jamba-causal_lm", "all_linear", check): _JAMBA for check in ("step", "merge")},

@@ -9,10 +9,12 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from lorakit.adapters import moe
 from lorakit.adapters.kinds import is_linear, is_wrappable, kind_names, wrap
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.linear import LoraLinear
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
+from lorakit.adapters.parameter import LoraParameter
 from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
 from lorakit.quant.half import REDUCED_PRECISION
 
@@ -141,6 +143,8 @@ def resolve_target_spec(model: nn.Module, config: LoraConfig) -> list[str] | str
     spec = config.target_modules
     if spec is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS and config.target_parameters:
+            return []  # parameters only, as PEFT does for a model without a default
         if model_type not in DEFAULT_TARGETS:
             raise TargetError(
                 f"no default target_modules for model_type {model_type!r}; pass target_modules explicitly "
@@ -198,6 +202,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 "plain weight, so a LoRA adapter there would be ignored (PEFT refuses it too); leave it out of "
                 f"target_modules, e.g. exclude_modules=[{name.rsplit('.', 1)[-1]!r}]"
             )
+        if isinstance(module, LoraParameter):
+            raise TargetError(
+                f"target module {name!r} has LoRA on its parameter {module.parameter_name!r} "
+                "(target_parameters); a module target cannot wrap it. Leave it out of target_modules"
+            )
         if not is_wrappable(module) and not isinstance(module, LoraLayer):
             raise TargetError(
                 f"target module {name!r} is a {type(module).__name__}; lorakit wraps {kind_names()}. Name its "
@@ -206,7 +215,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         found.append(name)
     if not _is_default(model, config.target_modules):
         _check_every_entry_matched(spec, list(modules))
-    if not found:
+    if not found and not config.target_parameters:
         raise TargetError(
             f"target_modules={config.target_modules!r} (with layers_to_transform={config.layers_to_transform!r}, "
             f"exclude_modules={config.exclude_modules!r}) selects no module to wrap"
@@ -241,10 +250,93 @@ def _check_every_entry_matched(spec: list[str] | str, names: list[str]) -> None:
             raise TargetError(f"target module {entry!r} matched nothing; did you mean {' or '.join(map(repr, close))}?")
 
 
+def find_parameters(model: nn.Module, config: LoraConfig) -> list[tuple[str, str]]:
+    """(module name, parameter name) of every parameter ``config.target_parameters`` names (an entry matches the
+    parameter's full name exactly or as a dotted suffix), in model order and, within a module, in the order it
+    registers them. Raises TargetError if an entry matches nothing (but for the names moe.convert_config writes,
+    which a model of the family may lack), if a parameter belongs to a module target_modules wraps, or to the
+    model itself, or if other adapters of the model target other parameters."""
+    entries = list(config.target_parameters or [])
+    if not entries:
+        return []
+    for pname, _ in model.named_parameters(recurse=False):
+        if any(name_matches(pname, e) for e in entries):
+            raise TargetError(
+                f"target parameter {pname!r} belongs to the model itself, not to a submodule; LoRA on a parameter "
+                "wraps the module that owns it. Target a parameter of a submodule"
+            )
+    found: list[tuple[str, str]] = []
+    hit: set[str] = set()
+    saved = config.modules_to_save or []
+    for name, module in plain_modules(model):
+        owner = module.get_base_layer() if isinstance(module, LoraParameter) else module
+        if isinstance(module, LoraLayer) and not isinstance(module, LoraParameter):
+            owner = module.base_layer
+        for pname, _ in owner.named_parameters(recurse=False):
+            key = f"{name}.{pname}"
+            matched = [e for e in entries if name_matches(key, e)]
+            if not matched or in_saved(name, saved):
+                continue
+            if isinstance(module, LoraLayer) and not isinstance(module, LoraParameter):
+                raise TargetError(
+                    f"target parameter {key!r} belongs to {name!r}, which target_modules wraps already; leave it "
+                    "out of one of target_modules and target_parameters"
+                )
+            hit.update(matched)
+            found.append((name, pname))
+    for entry in entries:
+        if entry not in hit and not moe.generated(model, entry):
+            close = difflib.get_close_matches(entry, sorted({n for n, _ in model.named_parameters()}), n=3, cutoff=0.3)
+            raise TargetError(
+                f"target parameter {entry!r} matched nothing; did you mean {' or '.join(map(repr, close)) or '?'}? "
+                "Give a parameter's name or its dotted suffix (e.g. 'experts.gate_up_proj')"
+            )
+    existing = {(n, w.parameter_name) for n, w in _parameter_wrappers(model) if w.r}
+    if existing and found and set(found) != existing:
+        raise TargetError(
+            f"the adapters of this model adapt the parameters {sorted(existing)}; a new adapter must target the same "
+            f"parameters (it names {sorted(found)}), as in PEFT: one set of wrappers serves all adapters"
+        )
+    return found
+
+
+def _parameter_wrappers(model: nn.Module) -> Iterator[tuple[str, LoraParameter]]:
+    """(owner module name, wrapper) of every LoraParameter, nested ones named by their owner too."""
+    for name, module in plain_modules(model):
+        while isinstance(module, LoraParameter):
+            yield name, module
+            module = module.base_layer
+
+
+def _parameter_wrapper(model: nn.Module, owner: str, parameter: str) -> LoraParameter:
+    """The LoraParameter of ``parameter`` of module ``owner``: the existing one (another adapter made it), or a new
+    one around the module (and around its other parameters' wrappers) put in its place."""
+    module = model.get_submodule(owner)
+    inner = module
+    while isinstance(inner, LoraParameter):
+        if inner.parameter_name == parameter:
+            return inner
+        inner = inner.base_layer
+    parent, child = _parent(model, owner)
+    wrapper = LoraParameter(module, parameter)
+    setattr(parent, child, wrapper)
+    return wrapper
+
+
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """Wrap every target of ``config`` (or add the adapter to existing wrappers) and set up modules_to_save copies.
     Returns the names of the wrapped modules."""
+    if config.target_modules is None and moe.family_of(model) is not None:
+        config.target_modules = resolve_target_spec(model, config)
+    moe.convert_config(model, config, lambda: all_linear_targets(model, config.task_type))
     targets = find_targets(model, config)
+    parameters = find_parameters(model, config)
+    clash = sorted({owner for owner, _ in parameters} & set(targets))
+    if clash:
+        raise TargetError(
+            f"module {clash[0]!r} is named by target_modules and owns a parameter target_parameters names; adapt "
+            "either the module or its parameter: leave it out of one of the two"
+        )
     spec = config.target_modules
     if spec is None or (isinstance(spec, str) and spec.lower() == ALL_LINEAR):
         # PEFT records what None / 'all-linear' stood for (the default names, the module names), so the saved file
@@ -276,6 +368,11 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
         )
     if layouts:  # record the detected layout (True for Conv1D), as PEFT does, so the saved config matches the model
         config.fan_in_fan_out = any(layouts)
+    for owner, parameter in parameters:  # after the modules: a parameter's wrapper goes around them, as in PEFT
+        wrapper = _parameter_wrapper(model, owner, parameter)
+        key = f"{owner}.{parameter}"
+        wrapper.update_layer(adapter_name, config.rank_for(key), config.alpha_for(key), config.lora_dropout,
+                             config.init_lora_weights, config.use_rslora, use_dora=config.use_dora)
     for entry in dict.fromkeys(config.modules_to_save or []):  # PEFT may list a SEQ_CLS head twice
         wrapped: list[str] = []
         for n, _ in plain_modules(model):  # parents before their children: a match inside a match is left to it

@@ -128,9 +128,13 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor], adapte
 def check_ranks(config: LoraConfig, tensors: dict[str, Tensor], source: str) -> None:
     """Every ``lora_A`` in the file must have the rank the config gives its module (checked before any adapter is
     built, so that a config with a wrong or absurd ``r`` fails here, naming the file, not in an allocation)."""
+    ranks = {config.r, *config.rank_pattern.values()}
     for module, (A, _) in lora_pairs(tensors).items():
         expected = config.rank_for(module)
         rank = A.shape[0]
+        if config.target_parameters and any(rank % r == 0 for r in ranks):
+            continue  # LoRA on a parameter: r * E rows for E experts (E is known once the model is built, where
+            # load_adapter_state_dict checks every shape)
         if rank != expected:
             raise AdapterFileError(
                 f"{source} holds rank {rank} for module {module!r}, but its adapter_config.json gives r={expected}: "
