@@ -183,7 +183,7 @@ def test_set_requires_grad_on_an_inactive_adapter_until_set_adapter():
     assert _trainable(model) == set()
     model.set_adapter("default")
     assert _trainable(model) == active
-    with pytest.raises(AdapterError, match="'missing' does not exist"):
+    with pytest.raises(AdapterError, match="Adapter missing does not exist"):
         model.set_requires_grad("missing")
     assert model.peft_type == "LORA"
 

@@ -69,6 +69,13 @@ class LoraModel(nn.Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter it")
+        with_bias = [name for name, c in self.peft_config.items() if c.bias != "none"]
+        if config.bias != "none" and with_bias:  # two adapters would both own (and save) the same base biases
+            raise AdapterError(
+                f"a model supports only 1 adapter with bias (adapter {with_bias[0]!r} has "
+                f"bias={self.peft_config[with_bias[0]].bias!r}); when using multiple adapters, set bias='none' for "
+                f"{adapter_name!r}"
+            )
         config = dataclasses.replace(config)
         self.peft_config[adapter_name] = config
         try:
@@ -105,8 +112,14 @@ class LoraModel(nn.Module):
         self._set_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove adapter ``adapter_name`` everywhere; if it was active, the first remaining adapter becomes active."""
+        """Remove adapter ``adapter_name`` everywhere; if it was active, the first remaining adapter becomes active.
+        A merged adapter is refused before anything changes."""
         self._check_exists(adapter_name)
+        if any(adapter_name in m.merged_adapters for _, m in self._lora_layers()):
+            raise AdapterError(
+                f"Cannot delete adapter(s) [{adapter_name!r}] while they are merged. Please unmerge them first "
+                "(model.unmerge_adapter())"
+            )
         for _, module in wrappers(self.model):
             if isinstance(module, LoraLayer) and adapter_name not in module.r:
                 continue
@@ -120,7 +133,7 @@ class LoraModel(nn.Module):
 
     def _check_exists(self, name: str) -> None:
         if name not in self.peft_config:
-            raise AdapterError(f"adapter {name!r} does not exist; existing adapters: {list(self.peft_config)}")
+            raise AdapterError(f"Adapter {name} does not exist; existing adapters: {list(self.peft_config)}")
 
     def _set_trainable(self) -> None:
         """Exactly the active adapters' parameters train (plus biases per the config's ``bias`` mode)."""
@@ -179,12 +192,21 @@ class LoraModel(nn.Module):
                 elif name in module.r:
                     yield from module.adapter_parameters(name)
 
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """True if some layer computes an adapter now: one of its active adapters exists there and it is enabled."""
+        return any(
+            not m.disable_adapters and any(a in m.r for a in m.active_adapters) for _, m in self._lora_layers()
+        )
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model is the base model: adapters off (merged ones unmerged, then merged back) and,
-        as in PEFT, their parameters frozen (each gets its own requires_grad back after the block)."""
+        as in PEFT, their parameters frozen (each gets its own requires_grad back after the block). Each wrapper
+        leaves the block as it entered it: one disabled before stays disabled; blocks nest."""
         merged = {name: list(m.merged_adapters) for name, m in wrappers(self.model) if isinstance(m, LoraLayer)}
         modules = dict(wrappers(self.model))
+        disabled = {name: m.disable_adapters for name, m in modules.items()}
         trainable = {p: p.requires_grad for p in self._adapter_parameters(list(self.peft_config))}
         for module in modules.values():
             if isinstance(module, LoraLayer):
@@ -196,7 +218,7 @@ class LoraModel(nn.Module):
             yield
         finally:
             for name, module in modules.items():
-                module.disable_adapters = False
+                module.disable_adapters = disabled[name]
                 if merged.get(name):
                     module.merge(merged[name])
             for param, was in trainable.items():
@@ -230,8 +252,11 @@ class LoraModel(nn.Module):
         return model
 
     def _lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        """The LoRA layers, but for those inside another one (MultiheadAttention's out_proj), which it manages."""
+        outer: list[str] = []
         for name, module in wrappers(self.model):
-            if isinstance(module, LoraLayer):
+            if isinstance(module, LoraLayer) and not any(name.startswith(f"{o}.") for o in outer):
+                outer.append(name)
                 yield name, module
 
     # -- combining -----------------------------------------------------------------------------------------------

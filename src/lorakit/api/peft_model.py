@@ -7,6 +7,7 @@ config, gradient checkpointing) and adds adapter management, trainable-parameter
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import os
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from lorakit.adapters import convert, mixed_batch, state
 from lorakit.adapters.inject import QA_HEADS, SEQ_CLS_HEADS, TargetError, wrappers
@@ -273,8 +275,10 @@ class PeftModel(nn.Module):
         autocast_adapter_dtype: bool = True,
         **kwargs: Any,
     ) -> PeftModel:
-        """Wrap ``model`` with the adapter saved in folder ``model_id`` (frozen unless ``is_trainable``); PEFT's other
-        keyword arguments (``low_cpu_mem_usage``, ``torch_device``, ...) are accepted and unused."""
+        """Wrap ``model`` with the adapter saved in folder ``model_id``: frozen and in eval mode (dropout off) unless
+        ``is_trainable``, as PEFT does. A ``config`` given is the one the model keeps (``peft_config[adapter_name] is
+        config``). PEFT's other keyword arguments (``low_cpu_mem_usage``, ``torch_device``, ...) are accepted and
+        unused."""
         check_adapter_name(adapter_name)
         config = config or read_config(model_id)
         config.inference_mode = not is_trainable
@@ -288,7 +292,11 @@ class PeftModel(nn.Module):
             raise _target_error(model, model_id, config, tensors, e) from None
         state.load_adapter_state_dict(peft_model, tensors, adapter_name, source)
         _check_base(model, model_id)
-        return peft_model
+        for field in dataclasses.fields(config):  # what injection resolved (all-linear -> names, ...)
+            if field.name != "init_lora_weights":
+                setattr(config, field.name, getattr(config_copy, field.name))
+        peft_model.peft_config[adapter_name] = config
+        return peft_model if is_trainable else peft_model.eval()
 
     def load_adapter(
         self,
@@ -297,15 +305,20 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         autocast_adapter_dtype: bool = True,
         **kwargs: Any,
-    ) -> None:
+    ) -> _IncompatibleKeys:
         """Add the adapter saved in ``model_id`` under ``adapter_name`` (inactive; use set_adapter). If
         ``adapter_name`` exists, its weights are replaced by the saved ones (shapes must match), as PEFT does: what
-        transformers.Trainer does on resume_from_checkpoint and load_best_model_at_end."""
+        transformers.Trainer does on resume_from_checkpoint and load_best_model_at_end. Unless ``is_trainable``, the
+        model is put in eval mode, as PEFT does. Returns PEFT's load result: lorakit loads all or nothing (a missing
+        or surplus tensor raises), so both of its lists are empty."""
+        loaded = _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
         if adapter_name in self.peft_config:
             tensors, source = files.read_weights(model_id)
             state.check_ranks(self.peft_config[adapter_name], tensors, source)
             state.load_adapter_state_dict(self, tensors, adapter_name, source)
-            return
+            if not is_trainable:
+                self.eval()
+            return loaded
         config = read_config(model_id)
         config.inference_mode = not is_trainable
         config.init_lora_weights = _init_for_loading(config)
@@ -320,6 +333,9 @@ class PeftModel(nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+        if not is_trainable:
+            self.eval()
+        return loaded
 
     # -- merging (delegated) -------------------------------------------------------------------------------------
     def merge_and_unload(
