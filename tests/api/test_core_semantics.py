@@ -1,0 +1,80 @@
+"""Behaviours PEFT's own tests expect of the core API (issue 14), checked on lorakit's own terms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import input_ids, tiny_llama
+
+import lorakit
+from lorakit import LoraConfig, PeftModel, get_peft_model
+from lorakit.io.files import AdapterError
+
+
+def _model(**config: object) -> lorakit.PeftModel:
+    torch.manual_seed(0)
+    return get_peft_model(
+        tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False, **config)
+    )
+
+
+def test_from_pretrained_is_in_eval_mode_unless_trainable(tmp_path: Path) -> None:
+    _model(lora_dropout=0.5).save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert not any(m.training for m in loaded.modules())
+    with torch.no_grad():  # dropout off: two calls agree
+        torch.testing.assert_close(loaded(input_ids()).logits, loaded(input_ids()).logits, atol=0, rtol=0)
+    assert PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True).training
+
+
+def test_from_pretrained_keeps_the_config_it_is_given(tmp_path: Path) -> None:
+    _model().save_pretrained(tmp_path)
+    config = LoraConfig.from_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, config=config)
+    assert loaded.peft_config["default"] is config and config.inference_mode
+
+
+def test_load_adapter_returns_an_empty_load_result_and_sets_eval_mode(tmp_path: Path) -> None:
+    _model().save_pretrained(tmp_path)
+    model = _model().train()
+    result = model.load_adapter(tmp_path, adapter_name="other")
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert not model.training
+
+
+def test_a_merged_adapter_cannot_be_deleted_and_nothing_changes() -> None:
+    model = _model()
+    model.add_adapter("two", LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.set_adapter("two")
+    model.merge_adapter()
+    with pytest.raises(AdapterError, match=r"Cannot delete adapter\(s\) \['two'\] while they are merged"):
+        model.delete_adapter("two")
+    assert set(model.peft_config) == {"default", "two"}
+    model.delete_adapter("default")  # not merged: allowed, the merge stays
+    assert set(model.peft_config) == {"two"}
+    assert all(m.merged_adapters == ["two"] for _, m in model.base_model._lora_layers())
+
+
+def test_disable_adapter_block_restores_each_layer_and_nests() -> None:
+    model = _model()
+    layers = [m for _, m in model.base_model._lora_layers()]
+    assert model.has_active_enabled_adapter
+    with model.disable_adapter():
+        with model.disable_adapter():
+            assert all(m.disable_adapters for m in layers)
+        assert all(m.disable_adapters for m in layers) and not model.has_active_enabled_adapter
+    assert not any(m.disable_adapters for m in layers) and model.has_active_enabled_adapter
+    model.disable_adapter_layers()
+    with model.disable_adapter():
+        pass
+    assert all(m.disable_adapters for m in layers)  # disabled before the block: still disabled after it
+
+
+def test_only_one_adapter_may_train_biases() -> None:
+    model = _model(bias="all")
+    with pytest.raises(AdapterError, match="only 1 adapter with bias"):
+        model.add_adapter("two", LoraConfig(target_modules=["q_proj"], bias="lora_only"))
+    assert list(model.peft_config) == ["default"]
+    model.add_adapter("three", LoraConfig(target_modules=["q_proj"], bias="none"))  # no bias: fine
