@@ -75,6 +75,15 @@ class LoraConv(LoraLayer):
         return self.base_layer.dilation
 
     @property
+    def module_type(self) -> str:
+        """PEFT's name of the wrapper class ('lora.Conv2d'): the repr's and get_layer_status's."""
+        return f"lora.{self.conv_type.__name__}"
+
+    def __repr__(self) -> str:
+        text = super().__repr__()  # 'LoraConv(...)'
+        return self.module_type + text[text.index("(") :]
+
+    @property
     def magnitude_shape(self) -> tuple[int, ...]:
         """DoRA's magnitude as PEFT stores it for a conv: (1, out, 1, ...), broadcasting over (N, out, *S)."""
         return (1, -1) + (1,) * (self.base_layer.weight.dim() - 2)

@@ -14,6 +14,7 @@ from lorakit.adapters.kinds import is_linear, is_wrappable, kind_names, wrap
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.linear import LoraLinear
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
+from lorakit.adapters.trainable_tokens import TrainableTokensWrapper, add_token_adapters
 from lorakit.adapters.parameter import LoraParameter
 from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
 from lorakit.quant.half import REDUCED_PRECISION
@@ -70,13 +71,14 @@ class TargetError(ValueError):
 
 
 def plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of the model, not descending into LoRA wrappers or modules_to_save copies."""
+    """(name, module) of the model, not descending into LoRA wrappers, modules_to_save copies or trainable-token
+    wrappers."""
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
         name, module = stack.pop(0)
         if name:
             yield name, module
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
             continue
         stack[:0] = [(f"{name}.{c}" if name else c, child) for c, child in module.named_children()]
 
@@ -389,6 +391,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
                 module = ModulesToSaveWrapper(module)
                 setattr(parent, child, module)
             module.update(adapter_name)
+    add_token_adapters(model, config, adapter_name, LoraLayer)  # trainable_token_indices (adapters.trainable_tokens)
     return targets
 
 
@@ -403,17 +406,19 @@ def unwrap(
     holding dequantize(W) + s * B @ A (``merged_linear``), with a warning: the result is not quantized again, because
     quantizing the merged weight adds a rounding error as large as the one the adapter was trained to compensate,
     which undoes much of the fine-tuning."""
-    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+    modules = list(wrappers(model))
     merged: dict[str, nn.Module] = {}
     if merge:  # merge everything first, so that a failing safe_merge leaves the wrappers in place
         merged = {n: merged_linear(m, adapter_names, safe_merge) for n, m in modules if _quantized_lora(m)}
         for _, module in modules:
-            if isinstance(module, LoraLayer) and not _quantized_lora(module):
+            if isinstance(module, (LoraLayer, TrainableTokensWrapper)) and not _quantized_lora(module):
                 module.merge(adapter_names, safe_merge=safe_merge)
     for name, module in reversed(modules):  # children first: a wrapper inside a wrapper (MultiheadAttention's out_proj)
         parent, child = _parent(model, name)
         if isinstance(module, LoraLayer):
             setattr(parent, child, merged.get(name, module.base_layer))
+        elif isinstance(module, TrainableTokensWrapper):  # its rows are in the weight now if merged
+            setattr(parent, child, module.original_module)
         else:
             setattr(parent, child, module.current if merge else module.original_module)
     if merged:
@@ -440,9 +445,10 @@ def _quantized_lora(module: nn.Module) -> bool:
     return isinstance(module, LoraLayer) and isinstance(module.base_layer, REDUCED_PRECISION)
 
 
-def wrappers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSaveWrapper]]:
+def wrappers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper]]:
+    """(name, wrapper) of every LoRA layer, modules_to_save wrapper and trainable-token wrapper, parents first."""
     for name, module in model.named_modules():
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
             yield name, module
 
 

@@ -255,8 +255,18 @@ class LoraLayer(nn.Module):
 
     # -- merging -------------------------------------------------------------------------------------------------
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Add the updates of ``adapter_names`` (default: the active ones) into the base weight."""
-        names = [n for n in (adapter_names or self._active) if n in self.r and n not in self.merged_adapters]
+        """Add the updates of ``adapter_names`` (default: the active ones) into the base weight. Adapters merged
+        already are skipped, with PEFT's warning."""
+        asked = [n for n in (adapter_names or self._active) if n in self.r]
+        names = [n for n in asked if n not in self.merged_adapters]
+        if self.merged_adapters and asked:
+            warnings.warn(
+                f"Already following adapters were merged {','.join(self.merged_adapters)}. You are now additionally "
+                f"merging {','.join(names)}."
+                if names
+                else "All adapters are already merged, nothing to do.",
+                stacklevel=2,
+            )
         if not names:
             return
         if self.quantized:

@@ -65,7 +65,7 @@ def _agree(values: list[Any]) -> Any:
 def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus:
     if isinstance(module, LoraLayer):
         adapters = {a: module.adapter_parameters(a) for a in module.adapter_names}
-        kind = MODULE_TYPES.get(type(module), "lora.Linear")
+        kind = getattr(module, "module_type", None) or MODULE_TYPES.get(type(module), "lora.Linear")
         enabled, active = not module.disable_adapters, list(module.active_adapters)
         merged = list(module.merged_adapters)
         backend = "lorakit" if module.quantized else None

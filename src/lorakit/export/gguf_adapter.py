@@ -63,6 +63,9 @@ def gguf_adapter_problems(config: LoraConfig, tensors: dict[str, Tensor], arch: 
                 f"llama.cpp's LoRA files carry no full modules (modules_to_save={config.modules_to_save})", _MERGED_GGUF
             )
         )
+    if files.conv_modules(tensors):
+        problems.append(Problem("llama.cpp's LoRA files adapt matrices, not conv layers (nn.Conv1d / 2d / 3d)",
+                                _MERGED_GGUF))
     if any(".lora_embedding_" in key for key in tensors):
         problems.append(Problem("lorakit writes no llama.cpp LoRA for embedding layers", _MERGED_GGUF))
     if not isinstance(arch, str):

@@ -160,6 +160,14 @@ def export_merged_gguf(
                 )
             ],
         ) from None
+    convs = files.conv_modules(tensors)
+    if convs:
+        raise ExportError(
+            "GGUF",
+            [Problem(f"lorakit merges no conv layers (nn.Conv1d / 2d / 3d: {', '.join(convs[:3])}) into a GGUF file",
+                     "export --to merged and convert it with llama.cpp's convert_hf_to_gguf.py")],
+            source=str(adapter_dir),
+        )
     changes = merged_rows(config, tensors, arch)
     base_names = {t.name for t in reader.tensors}
     missing = sorted({name.split(":")[0] for name in changes} - base_names)

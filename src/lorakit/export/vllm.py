@@ -84,6 +84,7 @@ def vllm_problems(
         _initializer(config, initial_dir),
         _rank(config, tensors, converting=needs_conversion(config)),
         _heads(tensors or {}),
+        _convs(tensors or {}),
     ]
     return [problem for problem in found if problem is not None]
 
@@ -174,6 +175,15 @@ def _rank(config: LoraConfig, tensors: dict[str, Tensor] | None, converting: boo
         f"vLLM's --max-lora-rank is at most {top}; this adapter's largest rank is {largest}{doubled}",
         f"{MERGED}, or retrain with r and rank_pattern at most {top // factor}",
     )
+
+
+def _convs(tensors: dict[str, Tensor]) -> Problem | None:
+    convs = files.conv_modules(tensors)
+    if not convs:
+        return None
+    listed = f"{', '.join(convs[:3])}{' ...' if len(convs) > 3 else ''}"
+    return Problem(f"vLLM's LoRA layers are linear; this adapter adapts conv layers (nn.Conv1d / 2d / 3d: {listed})",
+                   MERGED)
 
 
 def _heads(tensors: dict[str, Tensor]) -> Problem | None:

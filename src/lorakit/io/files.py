@@ -97,10 +97,20 @@ def file_key(model_key: str, adapter_name: str) -> str:
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:embedding_)?(?P<which>[AB])(?:\.weight)?$")
 
 
+def conv_modules(tensors: dict[str, Tensor]) -> list[str]:
+    """The modules of an adapter file whose LoRA A is a conv weight (r, in, *kernel): nn.Conv1d / 2d / 3d targets."""
+    return [name for name, (A, _) in _raw_pairs(tensors).items() if A.dim() > 2]
+
+
 def lora_pairs(tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
     """``{module name: (A (r, in), B (out, r))}`` of the LoRA tensors in an adapter file, in natural order
     (layers.2 before layers.10), names without the ``base_model.model.`` prefix. For embeddings A is (r, vocab) and
-    B (dim, r)."""
+    B (dim, r). A conv's A (r, in, *k) and 1x1 B (out, r / g, 1, ...) come as the matrices of its update: A
+    (r, in * prod(k)) and B (out, r), block-diagonal for g = r / (B's input channels) groups."""
+    return {name: _as_matrices(A, B) for name, (A, B) in _raw_pairs(tensors).items()}
+
+
+def _raw_pairs(tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
     parts: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         match = _LORA_KEY.match(key)
@@ -108,6 +118,16 @@ def lora_pairs(tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
             parts.setdefault(match["module"], {})[match["which"]] = tensor
     pairs = {name: (p["A"], p["B"]) for name, p in parts.items() if "A" in p and "B" in p}
     return {name: pairs[name] for name in sorted(pairs, key=_natural)}
+
+
+def _as_matrices(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    if A.dim() == 2:
+        return A, B
+    r, B = A.shape[0], B.reshape(B.shape[0], -1)  # (out, r / g)
+    groups, rows = r // B.shape[1], B.shape[0] // (r // B.shape[1])
+    if groups > 1:  # output rows of group g read the g-th r / g block of A's rows
+        B = torch.block_diag(*(B[g * rows : (g + 1) * rows] for g in range(groups)))
+    return A.reshape(r, -1), B
 
 
 def _natural(name: str) -> list[Any]:
