@@ -24,6 +24,7 @@ from lorakit.adapters import combine
 from lorakit.adapters.inject import inject, unwrap, wrappers
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
+from lorakit.adapters.trainable_tokens import TrainableTokensWrapper
 from lorakit.config import LoraConfig
 from lorakit.fast import swiglu
 from lorakit.io.files import AdapterError, check_adapter_name
@@ -146,6 +147,11 @@ class LoraModel(nn.Module):
                 for name, copy in module.modules_to_save.items():
                     copy.requires_grad_(name in trainable and name == module.active_adapter)
                 continue
+            if isinstance(module, TrainableTokensWrapper):  # its active adapter's rows (a tied one shares them)
+                for name in module.adapter_names:
+                    for p in module.adapter_parameters(name):
+                        p.requires_grad_(name in trainable and name == module.active_adapter)
+                continue
             for name in trainable:
                 if name in module.r:
                     for p in module.adapter_parameters(name):
@@ -161,7 +167,7 @@ class LoraModel(nn.Module):
         """Adapters off until ``enable_adapter_layers()``: the model computes as the base model, merged adapters are
         unmerged first (they stay unmerged), and adapter parameters stop training (as in PEFT)."""
         for _, module in wrappers(self.model):
-            if isinstance(module, LoraLayer):
+            if _mergeable(module):
                 module.unmerge()
             module.disable_adapters = True
         for param in self._adapter_parameters(list(self.peft_config)):
@@ -189,6 +195,8 @@ class LoraModel(nn.Module):
                 if isinstance(module, ModulesToSaveWrapper):
                     if name in module.modules_to_save:
                         yield from module.modules_to_save[name].parameters()
+                elif isinstance(module, TrainableTokensWrapper):
+                    yield from module.adapter_parameters(name)
                 elif name in module.r:
                     yield from module.adapter_parameters(name)
 
@@ -204,12 +212,12 @@ class LoraModel(nn.Module):
         """Within the block the model is the base model: adapters off (merged ones unmerged, then merged back) and,
         as in PEFT, their parameters frozen (each gets its own requires_grad back after the block). Each wrapper
         leaves the block as it entered it: one disabled before stays disabled; blocks nest."""
-        merged = {name: list(m.merged_adapters) for name, m in wrappers(self.model) if isinstance(m, LoraLayer)}
+        merged = {name: list(m.merged_adapters) for name, m in wrappers(self.model) if _mergeable(m)}
         modules = dict(wrappers(self.model))
         disabled = {name: m.disable_adapters for name, m in modules.items()}
         trainable = {p: p.requires_grad for p in self._adapter_parameters(list(self.peft_config))}
         for module in modules.values():
-            if isinstance(module, LoraLayer):
+            if _mergeable(module):
                 module.unmerge()
             module.disable_adapters = True
         for param in trainable:
@@ -226,13 +234,18 @@ class LoraModel(nn.Module):
 
     # -- merging -------------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Add the active (or named) adapters into the base weights; the forward then costs what the base costs."""
+        """Add the active (or named) adapters into the base weights (trainable token rows: written into their
+        embedding); the forward then costs what the base costs."""
         for _, module in self._lora_layers():
+            module.merge(adapter_names, safe_merge=safe_merge)
+        for _, module in self._token_wrappers():
             module.merge(adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        """Undo merge_adapter: subtract every merged update from the base weights."""
+        """Undo merge_adapter: subtract every merged update from the base weights (put original token rows back)."""
         for _, module in self._lora_layers():
+            module.unmerge()
+        for _, module in self._token_wrappers():
             module.unmerge()
 
     def merge_and_unload(
@@ -250,6 +263,12 @@ class LoraModel(nn.Module):
         model = unwrap(self.model, merge=False)
         swiglu.unpatch_mlps(model)
         return model
+
+    def _token_wrappers(self) -> Iterator[tuple[str, TrainableTokensWrapper]]:
+        """The trainable-token wrappers (trainable_token_indices)."""
+        for name, module in wrappers(self.model):
+            if isinstance(module, TrainableTokensWrapper):
+                yield name, module
 
     def _lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
         """The LoRA layers, but for those inside another one (MultiheadAttention's out_proj), which it manages."""
@@ -311,3 +330,8 @@ class LoraModel(nn.Module):
             new_A.data[: A.shape[0], :] = A.to(new_A.dtype)
             new_B.data[:, : B.shape[1]] = B.to(new_B.dtype)
         self._set_trainable()
+
+
+def _mergeable(module: nn.Module) -> bool:
+    """A wrapper that merge_adapter writes into its base layer: LoRA layers and trainable token rows."""
+    return isinstance(module, (LoraLayer, TrainableTokensWrapper))

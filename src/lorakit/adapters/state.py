@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from lorakit.adapters.inject import wrappers
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.model import LoraModel
+from lorakit.adapters.trainable_tokens import TrainableTokensWrapper
 from lorakit.config import LoraConfig
 from lorakit.io.files import AdapterFileError, file_key, lora_pairs
 
@@ -36,6 +37,8 @@ def _owned_keys(model: nn.Module, adapter_name: str, bias: str) -> list[str]:
                     keys.append(f"{prefix}{name}.{pname}")
             if bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
                 keys.append(f"{prefix}{name}.base_layer.bias")
+        elif isinstance(module, TrainableTokensWrapper):  # its rows (none for a layer tied to the embedding)
+            keys += [f"{prefix}{name}.{k}" for k in module.state_keys(adapter_name)]
         elif adapter_name in module.modules_to_save:
             keys += [
                 f"{prefix}{name}.modules_to_save.{adapter_name}.{k}"
@@ -49,6 +52,9 @@ def _owned_keys(model: nn.Module, adapter_name: str, bias: str) -> list[str]:
             if k.endswith(".bias") and k not in keys and not any(_belongs(k, o) for o in others)
         ]
     return keys
+
+
+_REQUIRED_ENDINGS = ("lora_embedding_A", "lora_embedding_B", ".trainable_tokens_delta")  # besides '.lora_' keys
 
 
 def _belongs(key: str, adapter_name: str) -> bool:
@@ -91,7 +97,7 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor], adapte
     # duplicate of '<module>.bias'); accept it as an alias of the copy.
     mts = f".modules_to_save.{adapter_name}."
     to_model.update({k.replace(mts, ".modules_to_save."): k for k in owned if mts in k and k.endswith(".bias")})
-    missing = [k for k in to_model if k not in tensors and (".lora_" in k or k.endswith("lora_embedding_A"))]
+    missing = [k for k in to_model if k not in tensors and (".lora_" in k or k.endswith(_REQUIRED_ENDINGS))]
     if missing:
         raise AdapterFileError(
             f"{source} lacks {len(missing)} adapter tensors, e.g. {missing[0]!r}: the file is "

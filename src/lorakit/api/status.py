@@ -18,6 +18,7 @@ from torch import nn
 from lorakit.adapters.embedding import LoraEmbedding
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
+from lorakit.adapters.trainable_tokens import TrainableTokensLayer
 
 Irregular = Literal["irregular"]
 MODULE_TYPES = {LoraEmbedding: "lora.Embedding"}  # every other LoraLayer: "lora.Linear"
@@ -69,6 +70,10 @@ def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus:
         enabled, active = not module.disable_adapters, list(module.active_adapters)
         merged = list(module.merged_adapters)
         backend = "lorakit" if module.quantized else None
+    elif isinstance(module, TrainableTokensLayer):  # trainable_token_indices: PEFT reports the inner layer
+        adapters = {a: [p] for a, p in module.trainable_tokens_delta.items()}
+        kind, enabled, backend = "TrainableTokensLayer", not module.disable_adapters, None
+        active, merged = module.active_here(), list(module.merged_adapters)
     else:  # ModulesToSaveWrapper
         adapters = {a: list(m.parameters()) for a, m in module.modules_to_save.items()}
         kind, enabled, backend = "ModulesToSaveWrapper", not module.disable_adapters, None
@@ -93,7 +98,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     layers = [
         _layer_status(name, module)
         for name, module in root.named_modules()
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper))
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensLayer))
     ]
     if not layers:
         raise ValueError("no adapter layers found in the model: is it a lorakit model, or were adapters injected?")
