@@ -22,6 +22,8 @@ from helpers import save_tiny_folder, save_word_data, tiny_llama
 from safetensors.torch import load_file
 
 from lorakit import LoraConfig, get_peft_model
+from lorakit.io.base_rows import BaseWeights
+from lorakit.io.models import load_model
 from lorakit.training import fsdp
 from lorakit.training.args import TrainArgs
 from lorakit.training.preflight import check_inputs
@@ -82,6 +84,7 @@ def test_two_sharded_processes_equal_one_unsharded_process(inputs, sharded, tmp_
     summary = json.loads((sharded / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == STEPS
     assert abs(summary["eval_loss"] - one["eval_loss"]) < 1e-5
+    assert summary["padding_free"] is one["padding_free"] is True  # the isolation check, run through the root
     print(f"max |2 sharded - 1 unsharded| over the adapter: {diff:.2e}")
 
 
@@ -93,6 +96,48 @@ def test_each_process_holds_half_of_the_base(sharded):
     assert whole == sum(p.numel() * p.element_size() for p in tiny_llama(0).parameters())
     assert per_process == [whole // 2, whole // 2]  # every weight's dim 0 is even: no padding row
     print(f"frozen base {whole} bytes; per process {per_process}")
+
+
+def test_each_process_reads_only_its_rows_of_the_base(sharded):
+    """Every frozen weight was read by each process as its own rows from model.safetensors (fsdp.read_own_rows), not
+    paged in whole from the loaded model (and the run above equals the unsharded one with them)."""
+    report = json.loads((sharded / "summary.json").read_text())["fsdp"]
+    n = len(list(tiny_llama(0).parameters()))
+    assert report["base_weights"] == n and report["base_weights_read_as_rows"] == [n, n]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 8])
+def test_own_rows_are_fsdp2s_chunks(rows):
+    """FSDP2 keeps torch.chunk(weight, world)[rank] (padded to the first chunk's size); fewer chunks than processes
+    leave the last ones empty."""
+    whole = torch.arange(rows)
+    for world in (2, 3):
+        chunks = torch.chunk(whole, world)
+        for rank in range(world):
+            start, stop = fsdp.own_rows(rows, rank, world)
+            expected = chunks[rank].tolist() if rank < len(chunks) else []
+            assert whole[start:stop].tolist() == expected, (rows, world, rank)
+
+
+def test_a_weight_read_as_rows_holds_the_loaded_rows_and_a_transformed_one_keeps_its_tensor(inputs):
+    """Process 1 of 2, without torch.distributed: each frozen weight gets a fresh tensor whose own rows equal the
+    loaded ones; a weight whose loaded values differ from its file (as a conversion at load would make them) keeps
+    its loaded tensor."""
+    model = get_peft_model(load_model(str(inputs["model"])), LoraConfig(r=2, target_modules=["q_proj"]))
+    loaded = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    changed = model.get_base_model().model.norm.weight
+    with torch.no_grad():
+        changed.add_(1.0)
+    kept = changed.data_ptr()
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    keys = fsdp.base_keys(model)
+    assert "model.layers.0.self_attn.q_proj.weight" in keys.values()  # the wrapper's base_layer level dropped
+    read = fsdp.read_own_rows(frozen, keys, BaseWeights.open(inputs["model"]), rank=1, world=2)
+    assert read == len(frozen) - 1 and changed.data_ptr() == kept and not keys
+    for name, p in model.named_parameters():
+        if not p.requires_grad and p is not changed:
+            start, stop = fsdp.own_rows(p.shape[0], 1, 2)
+            assert torch.equal(p.data[start:stop], loaded[name][start:stop]), name
 
 
 def test_resume_of_a_sharded_run_equals_the_uninterrupted_one(inputs, sharded):

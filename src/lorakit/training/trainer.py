@@ -30,8 +30,9 @@ from lorakit.adapters.quantize import quantize
 from lorakit.api.peft_model import PeftModel, get_peft_model
 from lorakit.data.pack import isolates_packed_rows, pack_examples
 from lorakit.data.tokenize import Example, tokenize_records
+from lorakit.io.base_rows import BaseWeights
 from lorakit.io.lock import folder_lock
-from lorakit.io.models import load_model, load_tokenizer
+from lorakit.io.models import load_model, load_tokenizer, resolve_model
 from lorakit.io.progress import Progress
 from lorakit.io.writes import atomic_write_json
 from lorakit.training import checkpoint, distributed, fsdp, interrupt, preflight
@@ -200,12 +201,15 @@ def setup(args: TrainArgs) -> Run:
         checkpoint.clean_partial(output)
     distributed.barrier()
     bf16 = resolve_bf16(args.bf16)
-    padding_free = check_isolation(args, model)
     sharded = None
     if args.fsdp:  # before the optimizer: it holds the trainable parameters, which FSDP leaves as they are
         fsdp.map_large_allocations()  # FSDP2's per-step gather buffers, freed, return to the system
-        sharded = fsdp.shard(model, world)
-        data_report["fsdp"] = _fsdp_report(model)
+        sharded = fsdp.shard(model, world, BaseWeights.open(resolve_model(args.model)))  # each its own rows
+        padding_free = check_isolation(args, fsdp.GatheredModel(sharded))  # after: it runs the whole base
+        sharded.reshard()
+        data_report["fsdp"] = _fsdp_report(model, sharded)
+    else:
+        padding_free = check_isolation(args, model)
     plan = make_plan(len(rows), args, world)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -385,15 +389,18 @@ def evaluate_loss(run: Run) -> float:
     return total / max(count, 1)
 
 
-def _fsdp_report(model: nn.Module) -> dict[str, Any]:
+def _fsdp_report(model: nn.Module, root: fsdp.ShardedLoss) -> dict[str, Any]:
     """For the summary, per process after sharding (before the first step): the bytes of frozen base weights it
-    holds (and of the whole base), its peak resident memory so far (the load), and whether its allocator returns
-    freed large blocks (``fsdp.large_allocations_mmapped``; None where it cannot be asked)."""
+    holds (and of the whole base), how many of the frozen weights it read as its own rows from the model's files
+    (``fsdp.read_own_rows``), its peak resident memory so far (the load), and whether its allocator returns freed
+    large blocks (``fsdp.large_allocations_mmapped``; None where it cannot be asked)."""
     local, whole = fsdp.base_bytes(model)
     mmapped = {None: -1, False: 0, True: 1}[fsdp.large_allocations_mmapped()]
     return {
         "base_bytes": whole,
         "base_bytes_per_process": distributed.gather_ints(local),
+        "base_weights": root.frozen,
+        "base_weights_read_as_rows": distributed.gather_ints(root.rows_read),
         "peak_rss_at_load_bytes": distributed.gather_ints(fsdp.peak_rss_bytes()),
         "large_allocations_mmapped": [None if v < 0 else bool(v) for v in distributed.gather_ints(mmapped)],
     }
