@@ -61,22 +61,28 @@ PEFT_REFUSES: dict[tuple[str, str], str] = {
         for name in ("distilbert-seq_cls", "bert-token_cls", "roberta-qa")
     },
 }
+# (case name, targets) -> (why lorakit leaves out modules that PEFT adapts, their last name); PEFT then gets lorakit's
+# list, and the parameters check pins what PEFT's own choice adds
+LORAKIT_LEAVES_OUT: dict[tuple[str, str], tuple[str, str]] = {
+    ("jamba-causal_lm", "all_linear"): (
+        "Jamba's mixer reads dt_proj.weight itself (dt_proj.weight @ time_step) and never calls dt_proj, so a LoRA "
+        "adapter there gets no gradient and changes the outputs only once merged (in PEFT, which adapts it, as in "
+        "lorakit if named: lorakit warns then); lorakit's all-linear leaves it out (inject.READ_AS_WEIGHT)",
+        "dt_proj",
+    ),
+}
 # model types for which neither library has default targets: both refuse target_modules=None
 NO_DEFAULT = {c.model_type for c in mm.CASES if c.model_type not in PEFT_DEFAULTS | DEFAULT_TARGETS.keys()}
 
 _ROUTER = (
-    "PEFT and lorakit both crash: all-linear takes the MoE router (PhimoeTopKRouter, Llama4Router), an nn.Linear "
-    "subclass whose forward returns a tuple (scores, logits), and LoRA adds to the layer's output"
-)
-_JAMBA = (
-    "Jamba's mixer reads dt_proj.weight itself (dt_proj.weight @ time_step), so a LoRA adapter on dt_proj gets no "
-    "gradient and changes the outputs only once merged, in PEFT as in lorakit"
+    "PEFT and lorakit both fail: all-linear takes the MoE router (PhimoeTopKRouter, Llama4Router), an nn.Linear "
+    "subclass whose forward returns a tuple (scores, logits), and LoRA adds to the layer's output; PEFT crashes in its "
+    "addition, lorakit raises a TypeError naming the fix (test_a_tuple_returning_router_gets_an_error_naming_the_fix)"
 )
 # (case name, targets, check) -> why lorakit differs from PEFT there today (or both fail)
 GAPS: dict[tuple[str, str, str], str] = {
     **{(f"{model_type}-causal_lm", "all_linear", check): _ROUTER
        for model_type in ("phimoe", "llama4_text") for check in ("step", "files", "merge", "generate")},
-    **{("jamba-causal_lm", "all_linear", check): _JAMBA for check in ("step", "merge")},
 }
 
 
@@ -122,7 +128,7 @@ def _lorakit_model(case: mm.Case, targets: str) -> nn.Module:
 
 def _peft_kwargs(case: mm.Case, targets: str, ours: nn.Module) -> dict:
     kwargs = _config_kwargs(case, targets)
-    if (case.name, targets) in PEFT_REFUSES:
+    if (case.name, targets) in PEFT_REFUSES or (case.name, targets) in LORAKIT_LEAVES_OUT:
         kwargs["target_modules"] = ours.peft_config["default"].target_modules
     return kwargs
 
@@ -169,6 +175,11 @@ def test_same_trainable_parameters_as_peft(case, targets):
     if (case.name, targets) in PEFT_REFUSES:
         with pytest.raises((ValueError, TypeError)):  # still true of PEFT, or the entry is out of date
             _peft_model(case, kwargs)
+        kwargs = _peft_kwargs(case, targets, ours)
+    if (case.name, targets) in LORAKIT_LEAVES_OUT:  # PEFT's own choice adapts those modules too, and only those
+        left_out = LORAKIT_LEAVES_OUT[(case.name, targets)][1]
+        extra = set(_trainable(_peft_model(case, kwargs))) - set(_trainable(ours))
+        assert extra and all(f".{left_out}.lora_" in n for n in extra), sorted(extra)
         kwargs = _peft_kwargs(case, targets, ours)
     theirs = _peft_model(case, kwargs)
     assert sorted(_trainable(ours)) == sorted(_trainable(theirs))
@@ -294,6 +305,34 @@ def test_a_mamba_mixers_out_proj_is_refused_as_in_peft():
         lorakit.get_peft_model(mm.build(case), lorakit.LoraConfig(**kwargs))
     with pytest.raises(ValueError, match="out_proj"):
         _peft_model(case, kwargs)
+
+
+@pytest.mark.parametrize("model_type", ["phimoe", "llama4_text"])
+def test_a_tuple_returning_router_gets_an_error_naming_the_fix(model_type):
+    """all-linear takes these routers (nn.Linear subclasses returning (scores, logits)): PEFT crashes in its addition,
+    lorakit says what to do, and what it says works, in both libraries alike: the router left out of the targets and
+    its weight adapted through target_parameters."""
+    case = next(c for c in mm.CASES if c.model_type == model_type)
+    ours = _lorakit_model(case, "all_linear")
+    with pytest.raises(TypeError, match=r"returns a tuple, not a tensor.*exclude_modules=\['router'\]"):
+        _step(ours, case)
+    theirs = _peft_model(case, _config_kwargs(case, "all_linear"))
+    with pytest.raises(Exception):  # noqa: B017 (PEFT's failure is whatever its addition raises)
+        _step(theirs, case)
+    fixed = dict(exclude_modules=["router"], target_parameters=["router.weight"])
+    torch.manual_seed(1)
+    ours = lorakit.get_peft_model(mm.build(case), lorakit.LoraConfig(**_config_kwargs(case, "all_linear"), **fixed))
+    theirs = _peft_model(case, {**_config_kwargs(case, "all_linear"), **fixed})
+    mine = _trainable(ours)
+    assert sorted(mine) == sorted(_trainable(theirs)) and any(".router.lora_A." in n for n in mine)
+    with torch.no_grad():
+        for name, param in _trainable(theirs).items():
+            param.copy_(mine[name])
+    loss, grads = _step(ours, case)
+    ref_loss, ref_grads = _step(theirs, case)
+    torch.testing.assert_close(loss, ref_loss, atol=ATOL, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=ATOL, rtol=1e-4, msg=name)
 
 
 # -- configurations beyond the matrix's two ----------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from lorakit.adapters.kinds import is_linear, is_wrappable, kind_names, wrap
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.linear import LoraLinear
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
-from lorakit.adapters.trainable_tokens import TrainableTokensWrapper, add_token_adapters
 from lorakit.adapters.parameter import LoraParameter
+from lorakit.adapters.trainable_tokens import TrainableTokensWrapper, add_token_adapters
 from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
 from lorakit.quant.half import REDUCED_PRECISION
 
@@ -64,6 +64,11 @@ TASK_HEADS = {TaskType.SEQ_CLS: SEQ_CLS_HEADS, TaskType.TOKEN_CLS: SEQ_CLS_HEADS
 # lorakit refuses them when named and leaves them out of all-linear.
 MAMBA_MODEL_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
 MAMBA_BYPASSED = frozenset({"out_proj", "conv1d"})
+# Layers whose weight the model reads itself on every path, never calling the layer: Jamba's Mamba mixer computes
+# ``dt_proj.weight @ time_step``. A LoRA adapter there gets no gradient and changes the outputs only once merged.
+# PEFT 0.21.2 adapts them anyway (all-linear included); lorakit leaves them out of all-linear and warns when they are
+# named (so that a PEFT file naming them still loads).
+READ_AS_WEIGHT: dict[str, frozenset[str]] = {"jamba": frozenset({"dt_proj"})}
 
 
 class TargetError(ValueError):
@@ -129,9 +134,15 @@ def all_linear_targets(model: nn.Module, task_type: TaskType | str | None) -> li
     if out is None and task_type in TASK_HEADS:
         heads = [getattr(model, h) for h in TASK_HEADS[task_type] if isinstance(getattr(model, h, None), nn.Module)][:1]
     for name, module in plain_modules(model):
-        if any(module is h for h in heads) or _bypassed_by_mamba_kernel(model, name):
+        if any(module is h for h in heads) or _bypassed_by_mamba_kernel(model, name) or _read_as_weight(model, name):
             excluded.add(name)
     return [n for n, m in plain_modules(model) if is_linear(m) and n not in excluded]
+
+
+def _read_as_weight(model: nn.Module, name: str) -> bool:
+    """Whether module ``name`` is one whose weight the model reads without calling it (READ_AS_WEIGHT)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return name.rsplit(".", 1)[-1] in READ_AS_WEIGHT.get(model_type, ())
 
 
 def _bypassed_by_mamba_kernel(model: nn.Module, name: str) -> bool:
@@ -203,6 +214,13 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 f"target module {name!r} of this {model.config.model_type} model is read by the Mamba kernel as a "
                 "plain weight, so a LoRA adapter there would be ignored (PEFT refuses it too); leave it out of "
                 f"target_modules, e.g. exclude_modules=[{name.rsplit('.', 1)[-1]!r}]"
+            )
+        if _read_as_weight(model, name):
+            warnings.warn(
+                f"target module {name!r} of this {model.config.model_type} model is never called: the model reads its "
+                "weight itself, so its LoRA adapter gets no gradient and changes the outputs only once merged; leave "
+                f"it out of target_modules, e.g. exclude_modules=[{name.rsplit('.', 1)[-1]!r}]",
+                stacklevel=4,
             )
         if isinstance(module, LoraParameter):
             raise TargetError(
@@ -340,9 +358,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
             "either the module or its parameter: leave it out of one of the two"
         )
     spec = config.target_modules
-    if spec is None or (isinstance(spec, str) and spec.lower() == ALL_LINEAR):
+    if (spec is None and targets) or (isinstance(spec, str) and spec.lower() == ALL_LINEAR):
         # PEFT records what None / 'all-linear' stood for (the default names, the module names), so the saved file
-        # names the same modules wherever it is loaded
+        # names the same modules wherever it is loaded (None that stood for no module, parameters only, stays None)
         config.target_modules = resolve_target_spec(model, config)
     if isinstance(config.target_modules, list) and len(config.target_modules) >= CONDENSE_FROM:
         short = condensed(config.target_modules, [n for n, _ in model.named_modules()])

@@ -32,6 +32,9 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self._fast: tuple[str, dict, dict, nn.Module] | None = None  # the one plain adapter to run by fast.branch
+        # an nn.Linear subclass with a forward of its own (a MoE router's returns a tuple): the reference path, which
+        # checks that the output is a tensor the update can be added to
+        self._own_forward = isinstance(base_layer, nn.Linear) and type(base_layer).forward is not nn.Linear.forward
 
     def _create(self, name: str, r: int) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
@@ -52,6 +55,8 @@ class LoraLinear(LoraLayer):
         result = base = self.base_layer(x, *args, **kwargs)  # (..., out)
         if self._disabled or self.merged_adapters:
             return result
+        if not isinstance(result, Tensor):
+            raise _not_a_tensor(self.base_layer, result)
         for name in self._active:
             if name in self.r:  # + B(A(dropout(x))) * s, or the adapter's variant of it (DoRA)
                 result = self.variants[name].linear_forward(self, name, x, base, result)
@@ -64,6 +69,17 @@ class LoraLinear(LoraLayer):
         active = [n for n in self._active if n in self.r]
         self._fast = None
         plain = len(active) == 1 and self.variants[active[0]].plain and not self.lora_bias.get(active[0])
-        if plain and not self._disabled and not self.merged_adapters:
+        if plain and not self._disabled and not self.merged_adapters and not self._own_forward:
             name = active[0]
             self._fast = (name, self.lora_A[name]._parameters, self.lora_B[name]._parameters, self.lora_dropout[name])
+
+
+def _not_a_tensor(base: nn.Module, result: object) -> TypeError:
+    """The error for a wrapped nn.Linear subclass whose forward returns no tensor (transformers 5's Phimoe / Llama 4
+    routers return (scores, logits); PEFT fails there too, inside its addition)."""
+    return TypeError(
+        f"LoRA wrapped a {type(base).__name__} (an nn.Linear subclass) whose forward returns a "
+        f"{type(result).__name__}, not a tensor, so there is no output to add the update to (all-linear takes every "
+        "nn.Linear, a MoE router too). Leave it out of the targets, e.g. exclude_modules=['router'] (its name in the "
+        "model), and adapt its weight instead, if wanted, with target_parameters=['router.weight']"
+    )

@@ -24,6 +24,7 @@ from lorakit.adapters import combine
 from lorakit.adapters.inject import inject, unwrap, wrappers
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
+from lorakit.adapters.parameter import LoraParameter
 from lorakit.adapters.trainable_tokens import TrainableTokensWrapper
 from lorakit.config import LoraConfig
 from lorakit.fast import swiglu
@@ -271,11 +272,13 @@ class LoraModel(nn.Module):
                 yield name, module
 
     def _lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
-        """The LoRA layers, but for those inside another one (MultiheadAttention's out_proj), which it manages."""
+        """The LoRA layers, but for those inside another one (MultiheadAttention's out_proj), which it manages; a
+        LoraParameter around another parameter's wrapper manages only its own parameter."""
         outer: list[str] = []
         for name, module in wrappers(self.model):
             if isinstance(module, LoraLayer) and not any(name.startswith(f"{o}.") for o in outer):
-                outer.append(name)
+                if not isinstance(module, LoraParameter):
+                    outer.append(name)
                 yield name, module
 
     # -- combining -----------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ The factors keep PEFT's layout and names (``lora_A[name]`` an ``nn.Linear(in, r 
 module are two wrappers, the second around the first (``<module>.base_layer.lora_A...`` is the inner one's), in the
 order the module registers them, as PEFT nests them.
 
-What PEFT's ParamWrapper refuses, lorakit refuses too, with the fix: LoRA dropout (the input of the parameter is not
-the module's input, so there is no x to drop), DoRA, fan_in_fan_out, weight-based initializers (PiSSA, OLoRA,
+What PEFT's ParamWrapper refuses, lorakit refuses too, with the fix: LoRA dropout (the update is added to the weight,
+so there is no input x to drop in B(A(dropout(x)))), DoRA, fan_in_fan_out, weight-based initializers (PiSSA, OLoRA,
 LoftQ, ...) and mixed-adapter batches (``adapter_names``).
 """
 
@@ -112,8 +112,8 @@ class LoraParameter(LoraLayer):
         where = f"LoRA on parameter {self.parameter_name!r} of {type(self.get_base_layer()).__name__}"
         if lora_dropout:
             raise ParameterError(
-                f"{where} cannot use lora_dropout={lora_dropout}: the parameter's input is not the module's input, "
-                "so there is nothing to drop (PEFT refuses it too); set lora_dropout=0"
+                f"{where} cannot use lora_dropout={lora_dropout}: the update is added to the weight, not computed "
+                "from an input, so there is no input to drop (PEFT refuses it too); set lora_dropout=0"
             )
         if use_dora:
             raise ParameterError(f"{where} cannot use DoRA (PEFT has none there either); set use_dora=False")

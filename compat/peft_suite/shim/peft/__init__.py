@@ -34,6 +34,7 @@ EQUIVALENTS: dict[str, dict[str, str]] = {
         "LoraLayer": "lorakit:LoraLayer",
         "Linear": "lorakit:LoraLinear",
         "Embedding": "lorakit:LoraEmbedding",
+        "ParamWrapper": "lorakit.adapters.parameter:LoraParameter",
         **dict.fromkeys(("Conv1d", "Conv2d", "Conv3d", "_ConvNd"), "lorakit.adapters.conv:LoraConv"),
     },
     "peft.tuners.tuners_utils": {"BaseTunerLayer": "lorakit:LoraLayer", "BaseTuner": "lorakit:LoraModel"},
