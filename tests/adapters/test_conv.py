@@ -82,6 +82,14 @@ def test_delta_weight_is_the_conv_of_B_after_A(dims: int, groups: int) -> None:
     assert torch.allclose(conv(x, conv_math.delta_weight(A, B, 0.5, groups), padding=1), reference, atol=ATOL)
 
 
+def test_peft_dora_delta_is_the_update_without_groups() -> None:
+    """PEFT's DoRA delta of a conv is s * B @ A for groups=1 (with groups, its own reading: see conv_math)."""
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(4, 6, 3, 3, generator=g), torch.randn(8, 4, 1, 1, generator=g)
+    W = torch.randn(8, 6, 3, 3, generator=g)
+    assert torch.allclose(conv_math.peft_dora_delta(A, B, 0.5, W.shape), conv_math.delta_weight(A, B, 0.5), atol=ATOL)
+
+
 def test_grouped_weights_as_dense_matrices() -> None:
     """A grouped conv equals the dense conv of its block-diagonal weight; dense_to_grouped inverts grouped_to_dense."""
     g = torch.Generator().manual_seed(0)
@@ -197,9 +205,10 @@ def test_several_adapters_disable_delete() -> None:
         assert torch.allclose(layer(x) - base_out, first, atol=ATOL)
 
 
-def test_mixed_batch_rows_use_their_adapter() -> None:
+@pytest.mark.parametrize("groups", [1, 2])
+def test_mixed_batch_rows_use_their_adapter(groups: int) -> None:
     """adapter_names: each row gives what a batch of that adapter alone gives; '__base__' rows the base model."""
-    model = adapted(2, dict(padding=1), use_dora=True)
+    model = adapted(2, dict(padding=1, groups=groups), use_dora=True)
     torch.manual_seed(3)
     model.add_adapter("other", lorakit.LoraConfig(target_modules=["conv"], r=2, init_lora_weights=False))
     x = inputs(2, n=4)
@@ -228,7 +237,7 @@ def test_add_weighted_adapter_cat_is_the_sum_of_the_updates() -> None:
 
 
 # -- grouped convs ---------------------------------------------------------------------------------------------------
-def test_grouped_conv_refuses_merge_dora_and_a_rank_not_divisible_by_groups() -> None:
+def test_grouped_conv_refuses_merge_and_a_rank_not_divisible_by_groups() -> None:
     model = adapted(2, dict(padding=1, groups=2))
     layer, x = layer_of(model), inputs(2)
     with torch.no_grad():
@@ -243,8 +252,6 @@ def test_grouped_conv_refuses_merge_dora_and_a_rank_not_divisible_by_groups() ->
         assert torch.allclose(model(x), before)
     with pytest.raises(ValueError, match="r=3 is not a multiple of groups=2"):
         adapted(2, dict(padding=1, groups=2), r=3)
-    with pytest.raises(NotImplementedError, match="DoRA"):
-        adapted(2, dict(padding=1, groups=2), use_dora=True)
 
 
 def test_initializers_conv_cannot_take_are_refused() -> None:
@@ -269,7 +276,7 @@ def test_all_linear_leaves_convs_out() -> None:
 
 
 # -- interop with PEFT -----------------------------------------------------------------------------------------------
-INTEROP = [(*c, False) for c in CASES] + [(f"{c[0]}_dora", c[1], c[2], True) for c in CASES[:3]]
+INTEROP = [(*c, False) for c in CASES] + [(f"{c[0]}_dora", c[1], c[2], True) for c in CASES]
 
 
 @pytest.mark.parametrize("case", INTEROP, ids=[c[0] for c in INTEROP])

@@ -104,12 +104,6 @@ class LoraConv(LoraLayer):
                 f"init_lora_weights={init!r} is not available for a {kind} target; use True, False or 'gaussian' "
                 "(as in PEFT), or leave the conv layers out of target_modules"
             )
-        if use_dora and self.groups > 1:
-            raise NotImplementedError(
-                f"DoRA on a {kind} with groups={self.groups} is not supported: its LoRA update is a dense conv, so "
-                "W + s * B @ A, whose row norms DoRA takes, is no weight of this grouped layer; use plain LoRA here "
-                "(use_dora=False) or leave this layer out of target_modules"
-            )
         super().update_layer(name, r, *args, use_dora=use_dora, **kwargs)
 
     def _create(self, name: str, r: int) -> None:
@@ -153,6 +147,17 @@ class LoraConv(LoraLayer):
         the groups' blocks)."""
         weight = self.base_weight().detach()
         return conv_math.as_matrix(conv_math.grouped_weight_dense(weight, self.groups))
+
+    def dora_terms(self, name: str) -> tuple[Tensor, Tensor]:
+        """(W, dW) as (out, columns) matrices whose sum's row norms are DoRA's norm (lorakit.adapters.variants.Dora):
+        the weight and the update for groups=1; for a grouped conv, W (out, in / g * prod(k)) and PEFT's reading of
+        s * B @ A in W's shape (lorakit.ops.conv_math.peft_dora_delta), so that grouped DoRA adapters load both ways."""
+        if self.groups == 1:
+            return self.weight_out_in(), self.delta_out_in(name)
+        weight = self.base_weight().detach()
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        delta = conv_math.peft_dora_delta(A, B, self.scaling[name], weight.shape)
+        return conv_math.as_matrix(weight), conv_math.as_matrix(delta)
 
     def delta_weight(self, name: str) -> Tensor:
         """s * B @ A as a conv weight (out, in, *k), in the base weight's dtype."""

@@ -84,13 +84,19 @@ class Dora(Lora):
 
     def create(self, layer: LoraLayer, adapter: str) -> None:
         """m = ||W + s * B @ A||_row after the initializer ran, so that the adapter starts as plain LoRA would."""
-        weight = layer.weight_out_in()
+        weight, delta = self.norm_terms(layer, adapter)
         A, _ = layer.lora_weights(adapter)
         with torch.no_grad():
-            delta = layer.delta_out_in(adapter).to(weight.device, torch.float32)
-            norm = dora.weight_norm(weight.float(), delta)  # (out,)
+            norm = dora.weight_norm(weight.float(), delta.to(weight.device, torch.float32))  # (out,)
         shape = getattr(layer, "magnitude_shape", (-1,))  # a conv keeps PEFT's (1, out, 1, ...)
         layer.lora_magnitude_vector[adapter] = nn.Parameter(norm.to(A.dtype).reshape(shape))
+
+    def norm_terms(self, layer: LoraLayer, adapter: str) -> tuple[Tensor, Tensor]:
+        """(W, s * B @ A) as (out, in) matrices, whose sum's row norms DoRA takes; a grouped conv gives PEFT's
+        reading of them instead (lorakit.adapters.conv.LoraConv.dora_terms)."""
+        if hasattr(layer, "dora_terms"):
+            return layer.dora_terms(adapter)
+        return layer.weight_out_in(), layer.delta_out_in(adapter)
 
     def parameters(self, layer: LoraLayer, adapter: str) -> list[nn.Parameter]:
         return [layer.lora_magnitude_vector[adapter]]
@@ -133,7 +139,9 @@ class Dora(Lora):
             h = dropout(h)
             x_w = conv._conv_forward(h, conv.weight.to(h.dtype), None)  # (N, out, *S'), the base's padding mode
         lora = B(A(h)) * layer.scaling[adapter]  # (N, out, *S')
-        m, norm = self.scale_args(layer, adapter, layer.weight_out_in().to(h.dtype))  # (out,)
+        weight, delta = self.norm_terms(layer, adapter)  # (out, in * prod(k))
+        m = layer.lora_magnitude_vector[adapter].reshape(-1)  # (out,)
+        norm = dora.weight_norm(weight.to(h.dtype), delta.detach().to(h.dtype)).detach()  # a constant (sec. 4.3)
         update = dora.linear_output(x_w.to(h.dtype), lora, m.view(channels), norm.view(channels))
         return result + update.to(result.dtype)
 

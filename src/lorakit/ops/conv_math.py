@@ -60,6 +60,18 @@ def grouped_weight_dense(weight: Tensor, groups: int) -> Tensor:
     return dense
 
 
+def peft_dora_delta(A: Tensor, B: Tensor, scaling: float, weight_shape: torch.Size) -> Tensor:
+    """What PEFT 0.21.2's DoRA adds to a conv's weight W (``weight_shape``) before taking its row norms:
+    ``s * (B.reshape(-1, r) @ A.reshape(r, -1)).reshape(weight_shape)`` (peft/tuners/lora/dora.py,
+    ``_DoraConvNdLayer.get_lora_weight``). For groups=1 that is ``delta_weight``. For g > 1 groups it is not the
+    layer's update: B (out, r / g) is read as out / g rows of r entries, and the (out / g, in * prod(k)) product is
+    cut into W's (out, in / g, *k). lorakit takes DoRA's norms from it on grouped convs only so that a magnitude
+    trained by either library means the same in the other (a grouped conv is never merged, so no weight is made
+    from it)."""
+    r = A.shape[0]
+    return ((B.reshape(-1, r) @ A.reshape(r, -1)) * scaling).reshape(weight_shape)
+
+
 def delta_weight(A: Tensor, B: Tensor, scaling: float, groups: int = 1) -> Tensor:
     """The dense conv weight (out, in, *k) of ``s * B(A(x))``, A and B conv weights (r, in, *k), (out, r / g, 1...)."""
     r, kernel = A.shape[0], A.shape[1:]
