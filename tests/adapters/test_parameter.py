@@ -375,3 +375,11 @@ def test_a_mixtral_config_is_rewritten_as_peft_rewrites_it(target_modules, tmp_p
 def test_half_of_a_fused_pair_is_refused():
     with pytest.raises(ValueError, match="names w1 but not w3: .* one fused parameter, gate_up_proj"):
         lorakit.get_peft_model(_mixtral(), lorakit.LoraConfig(target_modules=["w1", "q_proj"]))
+
+
+def test_layer_status_as_peft_s():
+    kwargs = dict(r=2, lora_alpha=4, target_parameters=TARGETS)
+    ours = lorakit.get_peft_model(Net(), lorakit.LoraConfig(**kwargs)).get_layer_status()
+    theirs = peft.get_peft_model(Net(), peft.LoraConfig(**kwargs)).get_layer_status()
+    assert sorted((s.name, s.module_type) for s in ours) == sorted((s.name, s.module_type) for s in theirs)
+    assert {s.module_type for s in ours} == {"lora.ParamWrapper"}

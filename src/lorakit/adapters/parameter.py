@@ -44,6 +44,8 @@ class LoraParameter(LoraLayer):
     """LoRA on parameter ``parameter_name`` of ``base_layer`` (a module, or another LoraParameter of the same
     module). ``num_experts`` is E for a 3-D expert stack, 1 for a 2-D weight."""
 
+    module_type = "lora.ParamWrapper"  # PEFT's name of the layer type, in get_layer_status
+
     def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
         owner = base_layer
         while isinstance(owner, LoraParameter):
