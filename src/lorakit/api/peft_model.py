@@ -23,8 +23,10 @@ from torch.nn.modules.module import _IncompatibleKeys
 from lorakit.adapters import convert, mixed_batch, state
 from lorakit.adapters.inject import QA_HEADS, SEQ_CLS_HEADS, TargetError, wrappers
 from lorakit.adapters.model import LoraModel
+from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.api import hf_trainer, status
 from lorakit.config import LoraConfig, PeftType, TaskType, read_config
+from lorakit.fast import causal_lm_loss
 from lorakit.io import files
 from lorakit.io.files import AdapterError, check_adapter_name
 from lorakit.ops.init import mutates_base
@@ -86,11 +88,28 @@ class PeftModel(nn.Module):
         return config
 
     # -- forwarding ----------------------------------------------------------------------------------------------
+    # A causal LM in training mode with labels computes its loss without the (B, T, V) logits, its outputs.logits
+    # computed on first read (lorakit.fast.causal_lm_loss); False: always transformers' own forward.
+    fused_loss: bool = True
+
     def _forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward. ``adapter_names`` (one per batch row, ``"__base__"`` for none) runs each row
-        with its own adapter, in eval mode (see lorakit.adapters.mixed_batch)."""
+        with its own adapter, in eval mode (see lorakit.adapters.mixed_batch). A causal LM in training mode with
+        ``labels`` runs lorakit's fused output layer + cross-entropy (equal loss and gradients, no full logits;
+        ``outputs.logits`` computed on first read) unless ``fused_loss_refusal`` names a reason not to."""
         with self._adapter_per_row(adapter_names, args, kwargs):
-            return self.get_base_model()(*args, **kwargs)
+            base = self.get_base_model()
+            if adapter_names is None and self.fused_loss_refusal(**kwargs) is None:
+                return causal_lm_loss.forward(base, _head_linear(base), base, args, kwargs)
+            return base(*args, **kwargs)
+
+    def fused_loss_refusal(self, **kwargs: Any) -> str | None:
+        """Why ``model(**kwargs)`` runs transformers' own forward (full logits) instead of the fused loss, or None
+        when it runs the fused one (see lorakit.fast.causal_lm_loss.call_refusal)."""
+        if not self.fused_loss:
+            return "model.fused_loss is False"
+        base = self.get_base_model()
+        return causal_lm_loss.call_refusal(base, _head_linear(base), kwargs)
 
     forward = _declaring_labels(_forward, "labels")
 
@@ -342,6 +361,18 @@ class PeftModel(nn.Module):
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
         return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+
+def _head_linear(model: nn.Module) -> nn.Module | None:
+    """The module that computes ``model``'s output layer: the head, or the active copy of a modules_to_save head
+    (None when that copy routes rows to several adapters or has hooks)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if isinstance(head, ModulesToSaveWrapper):
+        if head.routing is not None or head._forward_hooks or head._forward_pre_hooks:
+            return None
+        return head.current
+    return head
 
 
 def _batch_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
