@@ -78,3 +78,21 @@ def test_only_one_adapter_may_train_biases() -> None:
         model.add_adapter("two", LoraConfig(target_modules=["q_proj"], bias="lora_only"))
     assert list(model.peft_config) == ["default"]
     model.add_adapter("three", LoraConfig(target_modules=["q_proj"], bias="none"))  # no bias: fine
+
+
+def test_safe_serialization_false_writes_a_bin_that_both_libraries_load(tmp_path: Path) -> None:
+    import peft
+
+    model = _model().eval()
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".md") == [
+        "adapter_config.json",
+        "adapter_model.bin",
+    ]
+    ids = input_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(PeftModel.from_pretrained(tiny_llama(), tmp_path)(ids).logits, expected)
+        torch.testing.assert_close(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()(ids).logits, expected)
+    model.save_pretrained(tmp_path)  # back to safetensors: the .bin goes
+    assert not (tmp_path / "adapter_model.bin").exists() and (tmp_path / "adapter_model.safetensors").exists()

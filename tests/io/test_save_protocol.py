@@ -200,3 +200,36 @@ def test_a_folder_left_by_the_old_protocol_reads_the_same(versions: dict[str, Ve
         shutil.copytree(folder, copy)
         _save(copy, versions["A"], k)
         assert _reads_as(copy, versions) in ("B", "A"), k
+
+
+@pytest.mark.parametrize("start_safe, new_safe", [(True, False), (False, True)], ids=["to_bin", "to_safetensors"])
+def test_a_format_switch_killed_at_any_step_loads_as_one_whole_version(
+    versions: dict[str, Version], tmp_path: Path, start_safe: bool, new_safe: bool
+) -> None:
+    """safe_serialization=False writes adapter_model.bin; a save in the other format removes the old file (step 4b),
+    so that the folder never reads as the new config with the old format's weights."""
+    start = tmp_path / "start"
+    lio.write_adapter(start, *versions["0"], safe_serialization=start_safe)
+
+    def save(folder: Path, k: int | None) -> int:
+        with kill_at(k) as count:
+            try:
+                lio.write_adapter(folder, *versions["B"], safe_serialization=new_safe)
+            except Killed:
+                assert k is not None
+        return count[0]
+
+    shutil.copytree(start, tmp_path / "count")
+    n = save(tmp_path / "count", None)
+    new_file = lio.WEIGHTS_NAME if new_safe else lio.LEGACY_WEIGHTS_NAME
+    assert sorted(p.name for p in (tmp_path / "count").iterdir()) == sorted([lio.CONFIG_NAME, new_file])
+    seen = []
+    for k in range(n + 1):
+        folder = tmp_path / f"k{k}"
+        shutil.copytree(start, folder)
+        save(folder, k)
+        seen.append(_reads_as(folder, versions))
+        lio.write_adapter(folder, *versions["A"])  # the next save settles and completes: two files
+        assert _reads_as(folder, versions) == "A"
+        assert sorted(p.name for p in folder.iterdir()) == [lio.CONFIG_NAME, lio.WEIGHTS_NAME], k
+    assert seen[0] == "0" and seen[-1] == "B" and seen == sorted(seen, key="0B".index), seen

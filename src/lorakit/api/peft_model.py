@@ -242,6 +242,8 @@ class PeftModel(nn.Module):
     ) -> None:
         """Write each selected adapter (default: all) in PEFT's format; 'default' in ``save_directory`` itself,
         others in a sub-folder named after them. Only ``is_main_process`` writes (for torch.distributed).
+        ``safe_serialization=False`` writes adapter_model.bin (torch.save of the tensors) as PEFT does; lorakit reads
+        such files with ``torch.load(weights_only=True)`` only.
         ``path_initial_model_for_weight_conversion``: the folder where the adapter was saved right after
         get_peft_model; a PiSSA / OLoRA adapter is then written as a plain rank-2r LoRA for the original base
         (see lorakit.adapters.convert)."""
@@ -262,7 +264,7 @@ class PeftModel(nn.Module):
                     tensors, saved, path_initial_model_for_weight_conversion, name
                 )
             folder = files.adapter_folder(save_directory, name)
-            files.write_adapter(folder, saved.to_dict(), tensors, self.file_metadata())
+            files.write_adapter(folder, saved.to_dict(), tensors, self.file_metadata(), safe_serialization)
 
     def config_to_save(self, adapter_name: str) -> LoraConfig:
         """The config as an adapter folder records it (save_pretrained, and lorakit train's checkpoints): PEFT's

@@ -16,10 +16,12 @@ folder, fsync, ``os.replace``, fsync of the folder): a crash leaves the previous
 one. The two files of an adapter are replaced one after the other, so ``write_adapter`` keeps a journal
 (``.adapter_config.next.json``: the new config and the new weights' SHA-256) while it does, and a folder *reads as*:
 
-    the journal's config  if a journal exists and its SHA-256 is that of adapter_model.safetensors,
+    the journal's config  if a journal exists and its SHA-256 is that of the weights file it names,
     adapter_config.json   otherwise,
 
-with the weights on disk. ``write_adapter`` keeps that reading one whole version after each of its steps:
+with the weights on disk: the journal's weights file in the first case, else adapter_model.safetensors, else a
+legacy adapter_model.bin (written with ``safe_serialization=False``, as PEFT does; read with
+``weights_only=True``). ``write_adapter`` keeps that reading one whole version after each of its steps:
 
     0. settle: a journal whose hash is that of the weights on disk is the only record of what they are (a save
        killed between the weights and the config); its config is written as adapter_config.json, then it is dropped.
@@ -29,6 +31,7 @@ with the weights on disk. ``write_adapter`` keeps that reading one whole version
     2. journal in place   (reads as old: the hash is not that of the weights on disk, unless they are the same)
     3. weights in place   (reads as new, through the journal)
     4. config in place    (reads as new)
+    4b. the weights file of the other format, if any, removed (reads as new, through the journal)
     5. journal dropped    (reads as new)
 
 A kill at any point, and any sequence of kills, leaves the folder reading as the old or the new version, whole
@@ -39,6 +42,7 @@ read the same way.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -53,7 +57,14 @@ from torch import Tensor
 
 from lorakit.io.lock import folder_lock
 from lorakit.io.untrusted import AdapterFileError, check_safetensors_header, inside_folder, read_small_text
-from lorakit.io.writes import atomic_write_bytes, atomic_write_json, json_bytes, replace_durably, write_temp
+from lorakit.io.writes import (
+    atomic_write_bytes,
+    atomic_write_json,
+    fsync_dir,
+    json_bytes,
+    replace_durably,
+    write_temp,
+)
 
 CONFIG_NAME = "adapter_config.json"
 # In the weights file's safetensors metadata of an adapter trained on lorakit's bundled default model: which file
@@ -80,6 +91,14 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: 
 def _safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     return st_save(plain, metadata=metadata or {"format": "pt"})
+
+
+def _pickle_bytes(tensors: dict[str, Tensor]) -> bytes:
+    """A legacy adapter_model.bin: torch.save of a plain dict of CPU tensors (what torch.load(weights_only=True)
+    reads back; PEFT's safe_serialization=False file)."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, buffer)
+    return buffer.getvalue()
 
 
 # -- key naming --------------------------------------------------------------------------------------------------
@@ -156,20 +175,20 @@ def write_adapter(
     config: dict[str, Any],
     tensors: dict[str, Tensor],
     metadata: dict[str, str] | None = None,
+    safe_serialization: bool = True,
 ) -> None:
     """Write one adapter (``config``: the JSON object of adapter_config.json) by the journal protocol of the module
     doc: after any step, and any sequence of interrupted writes, the folder reads (read_config_json + read_weights)
     as the old or the new version, whole. All disk space is taken first: a full or read-only disk raises
     OutputWriteError naming the folder and the bytes needed, with the folder unchanged. Holds the folder's lock
     (FolderLockedError if another process writes into it). ``metadata``: the safetensors header's string map
-    (default ``{"format": "pt"}``, as PEFT writes)."""
+    (default ``{"format": "pt"}``, as PEFT writes). ``safe_serialization=False`` writes adapter_model.bin instead
+    (no metadata there), as PEFT does; the file of the other format, if the folder had one, is removed."""
     folder = Path(folder)
-    data = _safetensors_bytes(tensors, metadata)
-    contents = {
-        JOURNAL_NAME: json_bytes({"config": config, "weights_sha256": hashlib.sha256(data).hexdigest()}),
-        WEIGHTS_NAME: data,
-        CONFIG_NAME: json_bytes(config),
-    }
+    weights = WEIGHTS_NAME if safe_serialization else LEGACY_WEIGHTS_NAME
+    data = _safetensors_bytes(tensors, metadata) if safe_serialization else _pickle_bytes(tensors)
+    journal = {"config": config, "weights_sha256": hashlib.sha256(data).hexdigest(), "weights_file": weights}
+    contents = {JOURNAL_NAME: json_bytes(journal), weights: data, CONFIG_NAME: json_bytes(config)}
     needed = sum(map(len, contents.values()))
     with folder_lock(folder, needed=needed):
         _settle(folder)
@@ -183,7 +202,17 @@ def write_adapter(
         finally:
             for tmp in temps.values():
                 tmp.unlink(missing_ok=True)
+        _drop_other_format(folder, weights)  # 4b.
         (folder / JOURNAL_NAME).unlink(missing_ok=True)  # 5.
+
+
+def _drop_other_format(folder: Path, weights: str) -> None:
+    """Remove the weights file of the format ``weights`` is not (a .bin left when a .safetensors is written, or the
+    other way round), durably: read_weights would otherwise read it once the journal is gone."""
+    other = folder / (LEGACY_WEIGHTS_NAME if weights == WEIGHTS_NAME else WEIGHTS_NAME)
+    if other.is_file() or other.is_symlink():
+        other.unlink()
+        fsync_dir(folder)
 
 
 def _settle(folder: Path) -> None:
@@ -191,11 +220,13 @@ def _settle(folder: Path) -> None:
     journal's config as adapter_config.json), so that the journal, the only record of what the weights are, can be
     dropped; a journal whose weights never came is dropped as it is. Temp files of killed writes are removed (the
     lock is held: no other writer is using them)."""
-    config = _journal_config(folder)
-    if config is not None:
+    journal = _journal(folder)
+    if journal is not None:
+        config, weights = journal
         replace_durably(write_temp(folder / CONFIG_NAME, json_bytes(config)), folder / CONFIG_NAME)
+        _drop_other_format(folder, weights)
     (folder / JOURNAL_NAME).unlink(missing_ok=True)
-    for name in (JOURNAL_NAME, WEIGHTS_NAME, CONFIG_NAME):
+    for name in (JOURNAL_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, CONFIG_NAME):
         for tmp in folder.glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
 
@@ -209,16 +240,25 @@ def write_config_json(folder: str | os.PathLike, config: dict[str, Any]) -> None
         (folder / JOURNAL_NAME).unlink(missing_ok=True)
 
 
-def _journal_config(folder: Path) -> dict[str, Any] | None:
-    """The config of an interrupted write_adapter whose weights are already in place (None if there is none)."""
+def _journal(folder: Path) -> tuple[dict[str, Any], str] | None:
+    """(config, weights file name) of an interrupted write_adapter whose weights are already in place (None if
+    there is none). A journal of older versions names no file: theirs is adapter_model.safetensors."""
     try:
         journal = json.loads(read_small_text(folder / JOURNAL_NAME, folder))
-        data = inside_folder(folder, folder / WEIGHTS_NAME).read_bytes()
+        weights = journal.get("weights_file", WEIGHTS_NAME) if isinstance(journal, dict) else None
+        if weights not in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
+            return None
+        data = inside_folder(folder, folder / weights).read_bytes()
     except (OSError, ValueError, RecursionError):  # no journal (the normal case), no weights, or a broken journal
         return None  # (AdapterFileError, a ValueError: one that is too big or a symlink out of the folder: ignored)
-    if isinstance(journal, dict) and journal.get("weights_sha256") == hashlib.sha256(data).hexdigest():
-        return journal.get("config")
+    if journal.get("weights_sha256") == hashlib.sha256(data).hexdigest():
+        return journal.get("config"), weights
     return None  # the crash came before the new weights were in place: the old config fits them
+
+
+def _journal_config(folder: Path) -> dict[str, Any] | None:
+    journal = _journal(folder)
+    return None if journal is None else journal[0]
 
 
 def read_config_json(folder: str | os.PathLike) -> tuple[dict[str, Any], Path]:
@@ -250,8 +290,9 @@ def read_weights(folder: str | os.PathLike) -> tuple[dict[str, Tensor], str]:
     """(tensors, file name) of the adapter in ``folder``: safetensors, else a legacy .bin read with
     ``torch.load(weights_only=True)``, which never runs code from the file."""
     folder = _existing_folder(folder)
+    journal = _journal(folder)  # a save interrupted after its weights: read those (the other format may remain)
     path = folder / WEIGHTS_NAME
-    if path.is_file():
+    if path.is_file() and (journal is None or journal[1] == WEIGHTS_NAME):
         header = check_safetensors_header(inside_folder(folder, path))
         check_tensor_kinds({k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}, path)
         try:
