@@ -2,14 +2,17 @@
 
 For each (library, precision) a fresh subprocess loads the default model (SmolLM2-135M-Instruct), wraps it with LoRA
 r=16 on all linear layers, dropout 0.05, and runs forward + backward + optimizer step on the same padded batch
-(4 x 256 random tokens, loss on every token). Memory is the peak resident set size above the loaded model (VmHWM
-after a reset, minus VmRSS before the steps). Times come from one more process per precision holding three copies of
-the model, taking a no-grad forward (the floor a LoRA step is compared with), a PEFT step and a lorakit step in turn:
-this virtual machine's speed drifts by up to ~30% between minutes, which sequential runs mistook for library
-differences (fp32 lorakit/PEFT 0.77 to 1.01 over four sequential runs). ``alone_step_s`` keeps each library's time
-from its own process.
+(4 x 256 random tokens, loss on every token). Both libraries compute the loss on the user's path,
+``model(input_ids=ids, labels=ids).loss`` (what transformers.Trainer calls; lorakit's fused causal-LM loss,
+lorakit.fast.causal_lm_loss, and the step checks that it ran); ``--lorakit-loss train`` measures lorakit's own
+trainer loss (``lorakit.training.loss.lm_loss_sum``) instead. Memory is the peak resident set size above the loaded
+model (VmHWM after a reset, minus VmRSS before the steps). Times come from one more process per precision holding
+three copies of the model, taking a no-grad forward (the floor a LoRA step is compared with), a PEFT step and a
+lorakit step in turn: this virtual machine's speed drifts by up to ~30% between minutes, which sequential runs mistook
+for library differences (fp32 lorakit/PEFT 0.77 to 1.01 over four sequential runs). ``alone_step_s`` keeps each
+library's time from its own process.
 
-    .venv/bin/python benchmarks/train_step.py [--steps 5] [--batch 4] [--seq 256]
+    .venv/bin/python benchmarks/train_step.py [--steps 5] [--batch 4] [--seq 256] [--lorakit-loss user|train]
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _step_fn(library: str, model, ids, bf16: bool):
+def _step_fn(library: str, model, ids, bf16: bool, lorakit_loss: str = "user"):
     """One timed unit of work on ``model`` (changed in place): a training step (forward, backward, AdamW) of PEFT or
-    lorakit LoRA r=16 all-linear dropout 0.05, or for library "none" a no-grad forward of the plain model."""
+    lorakit LoRA r=16 all-linear dropout 0.05, or for library "none" a no-grad forward of the plain model.
+    ``lorakit_loss``: "user" (``model(input_ids=, labels=).loss``, as PEFT's) or "train" (lorakit's trainer loss)."""
     import torch
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
@@ -60,6 +64,18 @@ def _step_fn(library: str, model, ids, bf16: bool):
 
         def loss_fn() -> torch.Tensor:
             return wrapped(input_ids=ids, labels=ids).loss
+    elif lorakit_loss == "user":
+        import lorakit
+        from lorakit.fast.causal_lm_loss import is_fused
+
+        config = lorakit.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
+        wrapped = lorakit.get_peft_model(model, config)
+
+        def loss_fn() -> torch.Tensor:
+            out = wrapped(input_ids=ids, labels=ids)
+            if not is_fused(out):  # the path this benchmark is about
+                raise RuntimeError(f"lorakit ran the reference loss: {wrapped.fused_loss_refusal(labels=ids)}")
+            return out.loss
     else:
         import lorakit
         from lorakit.training.loss import lm_loss_sum
@@ -97,11 +113,13 @@ def _setup(batch: int, seq: int):
     return model, torch.randint(0, model.config.vocab_size, (batch, seq))
 
 
-def measure(library: str, precision: str, steps: int, batch: int, seq: int) -> dict[str, float]:
+def measure(
+    library: str, precision: str, steps: int, batch: int, seq: int, lorakit_loss: str = "user"
+) -> dict[str, float]:
     """Memory (and time) of one library alone, in this process (run it in a fresh subprocess so that peaks do not
     mix)."""
     model, ids = _setup(batch, seq)
-    step = _step_fn(library, model, ids, precision == "bf16")
+    step = _step_fn(library, model, ids, precision == "bf16", lorakit_loss)
     before = _rss_kb("VmRSS")
     _reset_peak()
     times = []
@@ -115,7 +133,9 @@ def measure(library: str, precision: str, steps: int, batch: int, seq: int) -> d
     return result
 
 
-def measure_interleaved(precision: str, steps: int, batch: int, seq: int) -> dict[str, float]:
+def measure_interleaved(
+    precision: str, steps: int, batch: int, seq: int, lorakit_loss: str = "user"
+) -> dict[str, float]:
     """Median times of the no-grad forward, the PEFT step and the lorakit step taken in turn in one process (each on
     its own copy of the model), so that a slow minute of the (virtual) machine falls on all three alike."""
     import torch
@@ -124,7 +144,7 @@ def measure_interleaved(precision: str, steps: int, batch: int, seq: int) -> dic
     fns = {}
     for library in LIBRARIES:
         model, ids = _setup(batch, seq)
-        fns[library] = _step_fn(library, model, ids, precision == "bf16")
+        fns[library] = _step_fn(library, model, ids, precision == "bf16", lorakit_loss)
     times: dict[str, list[float]] = {library: [] for library in LIBRARIES}
     for _ in range(steps + 1):
         for library, fn in fns.items():
@@ -134,7 +154,7 @@ def measure_interleaved(precision: str, steps: int, batch: int, seq: int) -> dic
     return {library: statistics.median(t[1:]) for library, t in times.items()}
 
 
-def run(steps: int = 5, batch: int = 4, seq: int = 256) -> dict[str, dict[str, float]]:
+def run(steps: int = 5, batch: int = 4, seq: int = 256, lorakit_loss: str = "user") -> dict[str, dict[str, float]]:
     """{"<library> <precision>": {"step_s", "train_mem_mb"}} for library none (no-grad forward) / peft / lorakit, fp32
     and bf16. Memory comes from each library alone in a fresh process; time from one process per precision that
     takes the three in turn (``measure_interleaved``), since this machine's speed drifts by tens of percent between
@@ -142,8 +162,10 @@ def run(steps: int = 5, batch: int = 4, seq: int = 256) -> dict[str, dict[str, f
     results: dict[str, dict[str, float]] = {}
     for precision in ("fp32", "bf16"):
         for library in LIBRARIES:
-            results[f"{library} {precision}"] = _subprocess(["--one", library, precision], steps, batch, seq)
-        times = _subprocess(["--interleaved", precision], steps, batch, seq)
+            results[f"{library} {precision}"] = _subprocess(
+                ["--one", library, precision, "--lorakit-loss", lorakit_loss], steps, batch, seq
+            )
+        times = _subprocess(["--interleaved", precision, "--lorakit-loss", lorakit_loss], steps, batch, seq)
         for library in LIBRARIES:
             results[f"{library} {precision}"]["alone_step_s"] = results[f"{library} {precision}"]["step_s"]
             results[f"{library} {precision}"]["step_s"] = times[library]
@@ -183,17 +205,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--lorakit-loss", choices=("user", "train"), default="user",
+                        help="lorakit's loss: model(input_ids=, labels=).loss as PEFT's (default), or lorakit train's")
     parser.add_argument("--one", nargs=2, metavar=("LIBRARY", "PRECISION"), help=argparse.SUPPRESS)
     parser.add_argument("--interleaved", metavar="PRECISION", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(*args.one, args.steps, args.batch, args.seq)))
+        print(json.dumps(measure(*args.one, args.steps, args.batch, args.seq, args.lorakit_loss)))
         return
     if args.interleaved:
-        print(json.dumps(measure_interleaved(args.interleaved, args.steps, args.batch, args.seq)))
+        print(json.dumps(measure_interleaved(args.interleaved, args.steps, args.batch, args.seq, args.lorakit_loss)))
         return
-    results = run(args.steps, args.batch, args.seq)
-    print(f"\nbatch {args.batch} x {args.seq} tokens, r=16 all-linear, dropout 0.05, median of {args.steps} steps\n")
+    results = run(args.steps, args.batch, args.seq, args.lorakit_loss)
+    path = "model(input_ids=, labels=).loss on both sides" if args.lorakit_loss == "user" else "lorakit: lm_loss_sum"
+    print(f"\nbatch {args.batch} x {args.seq} tokens, r=16 all-linear, dropout 0.05, median of {args.steps} steps, "
+          f"{path}\n")
     print(table(results))
 
 

@@ -249,10 +249,11 @@ def test_lora_on_the_head_runs_the_reference():
     assert not cl.is_fused(model(**_batch()))
 
 
-@pytest.mark.parametrize("setup", ["tied", "modules_to_save_head", "checkpointing"])
+@pytest.mark.parametrize("setup", ["tied", "modules_to_save_head", "checkpointing", "bf16_weights"])
 def test_fused_loss_and_gradients_equal_the_reference(setup):
     """Tied embeddings, a head trained in full (modules_to_save: its copy's weight gets a gradient), gradient
-    checkpointing."""
+    checkpointing, a model in bf16 without autocast (the head's matmul in bf16, its softmax in fp32, as the
+    reference's ``logits.float()``)."""
     grads = []
     for fused in (False, True):
         torch.manual_seed(0)
@@ -262,15 +263,24 @@ def test_fused_loss_and_gradients_equal_the_reference(setup):
         elif setup == "modules_to_save_head":
             config = lorakit.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
             model = lorakit.get_peft_model(tiny_llama(0), config).train()
-        else:
+        elif setup == "checkpointing":
             model = _model()
             model.gradient_checkpointing_enable()
+        else:
+            config = lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, lora_dropout=0.1)
+            base = tiny_llama(0).to(torch.bfloat16)
+            model = lorakit.get_peft_model(base, config, autocast_adapter_dtype=False).train()
         model.fused_loss = fused
         out = model(**_batch())
         assert cl.is_fused(out) == fused
         out.loss.backward()
         grads.append((out.loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
     (ref, ref_grads), (fast, fast_grads) = grads
+    if setup == "bf16_weights":
+        assert fast.dtype == ref.dtype == torch.float32
+        torch.testing.assert_close(fast, ref, atol=0, rtol=2e-3)
+        assert max(relative_error(fast_grads[k], ref_grads[k]) for k in ref_grads) < 3e-2
+        return
     torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-5)
     if setup == "modules_to_save_head":
         assert any("lm_head" in k for k in ref_grads)

@@ -24,11 +24,13 @@ from lorakit.adapters import convert, mixed_batch, state
 from lorakit.adapters.inject import QA_HEADS, SEQ_CLS_HEADS, TargetError, wrappers
 from lorakit.adapters.model import LoraModel
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
-from lorakit.api import hf_trainer, status
+from lorakit.api import hf_trainer, model_card, status
 from lorakit.config import LoraConfig, PeftType, TaskType, read_config
 from lorakit.fast import causal_lm_loss
-from lorakit.io import files
+from lorakit.io import files, writes
 from lorakit.io.files import AdapterError, check_adapter_name
+
+CARD_NAME = "README.md"  # the model card beside a saved adapter
 from lorakit.ops.init import mutates_base
 
 
@@ -264,7 +266,29 @@ class PeftModel(nn.Module):
                     tensors, saved, path_initial_model_for_weight_conversion, name
                 )
             folder = files.adapter_folder(save_directory, name)
-            files.write_adapter(folder, saved.to_dict(), tensors, self.file_metadata(), safe_serialization)
+            card = {CARD_NAME: self.model_card(save_directory)} if folder == Path(save_directory) else {}
+            files.write_adapter(
+                folder, saved.to_dict(), tensors, self.file_metadata(), safe_serialization, extra_files=card
+            )
+        if "default" not in names:  # no adapter in save_directory itself: its card is written alone
+            Path(save_directory).mkdir(parents=True, exist_ok=True)
+            writes.atomic_write_bytes(Path(save_directory) / CARD_NAME, self.model_card(save_directory))
+
+    def model_card(self, output_dir: str | os.PathLike) -> bytes:
+        """``output_dir``/README.md as save_pretrained writes it (lorakit.api.model_card), as PEFT does: the card
+        there, if any, updated."""
+        path = Path(output_dir) / CARD_NAME
+        base = self.get_base_model()
+        config = getattr(base, "config", None)
+        name = getattr(base, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
+        tags = ["lora", "lorakit", *(getattr(base, "model_tags", None) or [])]
+        if type(base).__module__.startswith("transformers."):  # a transformers model class
+            tags.append("transformers")
+        if name:
+            tags.append(f"base_model:adapter:{name}")
+        pipeline = "text-generation" if isinstance(self, PeftModelForCausalLM) else None
+        existing = path.read_text(encoding="utf-8") if path.is_file() else None
+        return model_card.card_text(existing, name, tags, pipeline).encode("utf-8")
 
     def config_to_save(self, adapter_name: str) -> LoraConfig:
         """The config as an adapter folder records it (save_pretrained, and lorakit train's checkpoints): PEFT's
