@@ -1,6 +1,7 @@
 """lorakit against HF PEFT, all four speed targets in one run, printed as a table of ratios (issue: speed).
 
-1. train step (train_step.py): time and training memory against PEFT, and against 2 x a no-grad forward; fp32, bf16
+1. train step (train_step.py): time and training memory against PEFT, and against 2 x a no-grad forward; fp32, bf16;
+   the loss on the user's path on both sides, model(input_ids=ids, labels=ids).loss (lorakit's fused causal-LM loss)
 2. end to end (end_to_end.py): ``lorakit train`` against transformers.Trainer + PEFT on variable-length chat data,
    three seeds
 3. generation (generation.py): decoding with an unmerged and a merged adapter against the plain base model, end to
@@ -88,8 +89,8 @@ def main() -> None:
         step = json.loads(Path(args.train_step_results).read_text())
     else:
         step = train_step.run(steps=2 if args.quick else 5)
-    print("## 1. train step (batch 4 x 256, r=16 all-linear, dropout 0.05)\n\n" + train_step.table(step) + "\n",
-          flush=True)
+    print("## 1. train step (batch 4 x 256, r=16 all-linear, dropout 0.05, model(input_ids=, labels=).loss)\n\n"
+          + train_step.table(step) + "\n", flush=True)
     e2e = in_subprocess("end_to_end", threads=0,  # the machine's threads, as in the other parts
                         **({"steps": 4, "n_eval": 8} if args.quick else {"seeds": (0, 1, 2)}))
     print("## 2. end to end\n\n" + end_to_end.table(e2e) + "\n", flush=True)

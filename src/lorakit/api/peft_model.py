@@ -28,9 +28,7 @@ from lorakit.api import hf_trainer, model_card, status
 from lorakit.config import LoraConfig, PeftType, TaskType, read_config
 from lorakit.fast import causal_lm_loss
 from lorakit.io import files, writes
-from lorakit.io.files import AdapterError, check_adapter_name
-
-CARD_NAME = "README.md"  # the model card beside a saved adapter
+from lorakit.io.files import CARD_NAME, AdapterError, check_adapter_name
 from lorakit.ops.init import mutates_base
 
 
