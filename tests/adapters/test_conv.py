@@ -339,3 +339,15 @@ def test_exports_refuse_conv_adapters_clearly(tmp_path: Path) -> None:
     assert any("conv layers" in p and "conv" in p and "--to merged" in p for p in vllm), vllm
     gguf = [str(p) for p in gguf_adapter_problems(config, tensors, "no architecture")]
     assert any("not conv layers" in p and "merged-gguf" in p for p in gguf), gguf
+
+
+def test_dilation_and_padding_mode_reach_lora_A_so_merging_keeps_the_output() -> None:
+    """lora_A takes the base's dilation and padding mode (PEFT's takes neither): the merged conv computes what the
+    unmerged layer did."""
+    model = adapted(2, dict(padding=2, dilation=2, padding_mode="reflect"))
+    layer, x = layer_of(model), inputs(2)
+    A = layer.lora_A["default"]
+    assert A.dilation == (2, 2) and A.padding_mode == "reflect"
+    with torch.no_grad():
+        unmerged = model(x)
+        assert torch.allclose(model.merge_and_unload()(x), unmerged, atol=ATOL)

@@ -28,7 +28,7 @@ def _logits(model):
 def test_save_writes_peft_layout_and_reload_is_equal(tmp_path):
     model = _adapted(target_modules=["q_proj", "v_proj", "embed_tokens"])
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert "base_model.model.model.embed_tokens.lora_embedding_B" in keys
