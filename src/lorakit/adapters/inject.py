@@ -15,6 +15,7 @@ from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.linear import LoraLinear
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.adapters.parameter import LoraParameter
+from lorakit.adapters import weight_tying
 from lorakit.adapters.trainable_tokens import TrainableTokensWrapper, add_token_adapters
 from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
 from lorakit.quant.half import REDUCED_PRECISION
@@ -349,7 +350,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
     if config.target_modules is None and moe.family_of(model) is not None:
         config.target_modules = resolve_target_spec(model, config)
     moe.convert_config(model, config, lambda: all_linear_targets(model, config.task_type))
-    targets = find_targets(model, config)
+    ties = weight_tying.plan(model, config)  # ensure_weight_tying: may rewrite modules_to_save / target_modules
+    targets = [t for t in find_targets(model, config) if t not in ties.targets]  # the tied ones: below
     parameters = find_parameters(model, config)
     clash = sorted({owner for owner, _ in parameters} & set(targets))
     if clash:
@@ -388,6 +390,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
         )
     if layouts:  # record the detected layout (True for Conv1D), as PEFT does, so the saved config matches the model
         config.fan_in_fan_out = any(layouts)
+    weight_tying.tie_lora(model, ties, adapter_name, wrap, config)  # layers tied to the embedding share its LoRA
     for owner, parameter in parameters:  # after the modules: a parameter's wrapper goes around them, as in PEFT
         wrapper = _parameter_wrapper(model, owner, parameter)
         key = f"{owner}.{parameter}"
@@ -409,6 +412,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
                 module = ModulesToSaveWrapper(module)
                 setattr(parent, child, module)
             module.update(adapter_name)
+    weight_tying.tie_modules_to_save(model, ties, adapter_name, ModulesToSaveWrapper)
     add_token_adapters(model, config, adapter_name, LoraLayer)  # trainable_token_indices (adapters.trainable_tokens)
     return targets
 

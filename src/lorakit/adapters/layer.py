@@ -34,6 +34,7 @@ class LoraLayer(nn.Module):
 
     fan_in_fan_out: bool = False  # True if base weight is stored (in, out) instead of (out, in)
     embedding = False  # True for kinds whose input is token ids (their own default initializer, no dropout)
+    weight_tied_to: str | None = None  # ensure_weight_tying: the embedding whose weight (and LoRA) this layer shares
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -278,6 +279,10 @@ class LoraLayer(nn.Module):
             )
         weight = self.base_weight()
         for name in names:
+            if self.weight_tied_to is not None:  # the shared weight gets the update from the embedding's merge
+                self.merged_adapters.append(name)
+                self._refresh()
+                continue
             with torch.no_grad():
                 new = self.variants[name].merged(self, name, weight.data)
                 new_bias = self._merged_bias(name, +1)
@@ -310,6 +315,8 @@ class LoraLayer(nn.Module):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             self._refresh()
+            if self.weight_tied_to is not None:  # the embedding's unmerge restores the shared weight
+                continue
             with torch.no_grad():
                 weight = self.base_weight()
                 weight.data = self.variants[name].unmerged(self, name, weight.data)

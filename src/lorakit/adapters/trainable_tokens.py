@@ -29,6 +29,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from lorakit.adapters.weight_tying import input_embedding_name, tied_with_embedding
 from lorakit.config import LoraConfig
 
 
@@ -308,7 +309,7 @@ def token_targets(model: nn.Module, config: LoraConfig) -> dict[str, list[int]]:
         return {}
     names = [n for n, _ in model.named_modules() if n]
     if not isinstance(spec, dict):
-        embedding = _input_embedding_name(model)
+        embedding = input_embedding_name(model)
         if embedding is None:
             raise TokenError(
                 "trainable_token_indices is a list, but the model has no input embedding (get_input_embeddings) nor "
@@ -328,50 +329,6 @@ def token_targets(model: nn.Module, config: LoraConfig) -> dict[str, list[int]]:
     return found
 
 
-def _input_embedding_name(model: nn.Module) -> str | None:
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = None
-    try:
-        embedding = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        pass
-    for name, module in model.named_modules():
-        if embedding is not None and module is embedding:
-            return name
-    return next((n for n, _ in model.named_modules() if n.split(".")[-1] == "embed_tokens"), None)
-
-
-def tied_with_embedding(model: nn.Module) -> list[str]:
-    """Names of the modules whose weight is the input embedding's own Parameter (an output layer under
-    ``tie_word_embeddings``), or [] when the model's config says its embeddings are not tied. PEFT's rule, read from
-    the parameters themselves rather than from ``_tied_weights_keys``."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "tie_word_embeddings", False) is not True:
-        return []
-    embedding_name = _input_embedding_name(model)
-    if embedding_name is None:
-        return []
-    embedding = model.get_submodule(embedding_name)
-    weight = _weight_of(embedding)
-    tied = []
-    for name, module in model.named_modules():
-        if (
-            name
-            and name != embedding_name
-            and not name.startswith(f"{embedding_name}.")
-            and _weight_of(module) is weight
-        ):
-            if not any(name.startswith(f"{t}.") for t in tied):
-                tied.append(name)
-    return tied
-
-
-def _weight_of(module: nn.Module) -> object:
-    if isinstance(module, TrainableTokensWrapper):
-        module = module.original_module
-    return module._parameters.get("weight") if hasattr(module, "_parameters") else None
-
-
 def add_token_adapters(model: nn.Module, config: LoraConfig, adapter_name: str, is_lora: type) -> list[str]:
     """Wrap the modules ``config.trainable_token_indices`` names (or add ``adapter_name`` to their wrappers), and the
     output layers tied to the input embedding with wrappers that share its rows. ``is_lora``: the LoRA wrapper
@@ -386,7 +343,7 @@ def add_token_adapters(model: nn.Module, config: LoraConfig, adapter_name: str, 
                 f"module {name!r} is both in modules_to_save (trained in full) and in trainable_token_indices (some "
                 "rows trained); keep it in one of them"
             )
-    embedding_name = _input_embedding_name(model)
+    embedding_name = input_embedding_name(model)
     tied = tied_with_embedding(model)
     for name, ids in targets.items():
         if name in tied and embedding_name in targets:
