@@ -32,8 +32,8 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self._fast: tuple[str, dict, dict, nn.Module] | None = None  # the one plain adapter to run by fast.branch
-        # an nn.Linear subclass with a forward of its own (a MoE router's returns a tuple): the reference path, which
-        # checks that the output is a tensor the update can be added to
+        # an nn.Linear subclass with a forward of its own (a MoE router's returns a tuple): its output is checked to be
+        # a tensor the update can be added to
         self._own_forward = isinstance(base_layer, nn.Linear) and type(base_layer).forward is not nn.Linear.forward
 
     def _create(self, name: str, r: int) -> None:
@@ -51,6 +51,11 @@ class LoraLinear(LoraLayer):
             return mixed_batch.linear_forward(self, x, *args, **kwargs)
         if self._fast is not None and not args and not kwargs:  # one plain adapter: the loop below, by fast.branch
             name, A, B, dropout = self._fast
+            if self._own_forward:  # never fused (fast.branch fuses plain nn.Linear only): the layer, then the branch
+                result = self.base_layer(x)
+                if not isinstance(result, Tensor):
+                    raise _not_a_tensor(self.base_layer, result)
+                return branch.lora_add(result, x, A["weight"], B["weight"], self.scaling[name], dropout)
             return branch.linear_with_lora(self.base_layer, x, A["weight"], B["weight"], self.scaling[name], dropout)
         result = base = self.base_layer(x, *args, **kwargs)  # (..., out)
         if self._disabled or self.merged_adapters:
@@ -69,7 +74,7 @@ class LoraLinear(LoraLayer):
         active = [n for n in self._active if n in self.r]
         self._fast = None
         plain = len(active) == 1 and self.variants[active[0]].plain and not self.lora_bias.get(active[0])
-        if plain and not self._disabled and not self.merged_adapters and not self._own_forward:
+        if plain and not self._disabled and not self.merged_adapters:
             name = active[0]
             self._fast = (name, self.lora_A[name]._parameters, self.lora_B[name]._parameters, self.lora_dropout[name])
 
