@@ -371,7 +371,7 @@ def add_token_adapters(model: nn.Module, config: LoraConfig, adapter_name: str, 
                 )
             module = TrainableTokensWrapper(module)
             _replace(model, name, module)
-        module.update(adapter_name, ids, init_weights=config.init_lora_weights is not False)
+        module.update(adapter_name, ids)  # the current rows, whatever init_lora_weights says (as PEFT)
         wrapped.append(name)
     if config.ensure_weight_tying and not tied:
         warnings.warn(  # PEFT's wording

@@ -44,6 +44,7 @@ EQUIVALENTS: dict[str, dict[str, str]] = {
         "PeftType": "lorakit:PeftType",
         "TaskType": "lorakit:TaskType",
         "ModulesToSaveWrapper": "lorakit.adapters.modules_to_save:ModulesToSaveWrapper",
+        "TrainableTokensWrapper": "lorakit.adapters.trainable_tokens:TrainableTokensWrapper",
         "prepare_model_for_kbit_training": "lorakit:prepare_model_for_kbit_training",
     },
     "peft.config": {"PeftConfig": "lorakit:PeftConfig"},
@@ -81,6 +82,11 @@ EQUIVALENTS["peft.tuners"] = EQUIVALENTS["peft.tuners.lora"]
 EQUIVALENTS["peft.utils.save_and_load"] = EQUIVALENTS["peft.utils"]
 EQUIVALENTS["peft.utils.peft_types"] = EQUIVALENTS["peft.utils"]
 EQUIVALENTS["peft.utils.other"] = EQUIVALENTS["peft.utils"]
+# LoRA's trainable_token_indices layer (the TrainableTokens method itself is not LoRA: its tests are not selected)
+EQUIVALENTS["peft.tuners.trainable_tokens"] = {
+    "TrainableTokensLayer": "lorakit.adapters.trainable_tokens:TrainableTokensLayer"
+}
+EQUIVALENTS["peft.tuners.trainable_tokens.layer"] = EQUIVALENTS["peft.tuners.trainable_tokens"]
 
 
 def _available(package: str) -> Any:
