@@ -96,3 +96,34 @@ def test_safe_serialization_false_writes_a_bin_that_both_libraries_load(tmp_path
         torch.testing.assert_close(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()(ids).logits, expected)
     model.save_pretrained(tmp_path)  # back to safetensors: the .bin goes
     assert not (tmp_path / "adapter_model.bin").exists() and (tmp_path / "adapter_model.safetensors").exists()
+
+
+def _card(folder: Path) -> dict:
+    import yaml
+
+    text = (folder / "README.md").read_text()
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_save_pretrained_writes_a_model_card_and_keeps_a_users_text(tmp_path: Path) -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    model.get_base_model().name_or_path = "org/base"
+    model.save_pretrained(tmp_path)
+    card = _card(tmp_path)
+    assert card["library_name"] == "peft" and card["base_model"] == "org/base"
+    assert card["pipeline_tag"] == "text-generation"
+    assert {"lora", "lorakit", "transformers", "base_model:adapter:org/base"} <= set(card["tags"])
+    text = (tmp_path / "README.md").read_text().replace("# LoRA adapter", "# Mine\n\nmy notes")
+    (tmp_path / "README.md").write_text(text.replace("tags:", "license: mit\ntags:"))
+    model.save_pretrained(tmp_path)
+    again = (tmp_path / "README.md").read_text()
+    assert "my notes" in again and again.count("- lorakit ") == 1 and _card(tmp_path)["license"] == "mit"
+
+
+def test_a_custom_model_card_names_no_base(tmp_path: Path) -> None:
+    from torch import nn
+
+    model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), LoraConfig(target_modules=["0"]))
+    model.save_pretrained(tmp_path)
+    card = _card(tmp_path)
+    assert "base_model" not in card and "lora" in card["tags"] and "transformers" not in card["tags"]

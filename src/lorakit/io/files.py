@@ -67,6 +67,7 @@ from lorakit.io.writes import (
 )
 
 CONFIG_NAME = "adapter_config.json"
+CARD_NAME = "README.md"  # the model card save_pretrained writes beside an adapter (lorakit.api.model_card)
 # In the weights file's safetensors metadata of an adapter trained on lorakit's bundled default model: which file
 # that base was, "<GGUF file> sha256:<hex>" (io.models.bundled_base_tag), to tell when it is loaded onto another copy.
 BASE_TAG_KEY = "lorakit_base"
@@ -176,6 +177,7 @@ def write_adapter(
     tensors: dict[str, Tensor],
     metadata: dict[str, str] | None = None,
     safe_serialization: bool = True,
+    extra_files: dict[str, bytes] | None = None,
 ) -> None:
     """Write one adapter (``config``: the JSON object of adapter_config.json) by the journal protocol of the module
     doc: after any step, and any sequence of interrupted writes, the folder reads (read_config_json + read_weights)
@@ -183,12 +185,18 @@ def write_adapter(
     OutputWriteError naming the folder and the bytes needed, with the folder unchanged. Holds the folder's lock
     (FolderLockedError if another process writes into it). ``metadata``: the safetensors header's string map
     (default ``{"format": "pt"}``, as PEFT writes). ``safe_serialization=False`` writes adapter_model.bin instead
-    (no metadata there), as PEFT does; the file of the other format, if the folder had one, is removed."""
+    (no metadata there), as PEFT does; the file of the other format, if the folder had one, is removed.
+    ``extra_files`` (e.g. the README.md model card): written with the others' temp files (so a full disk stops the
+    save before any change) and put in place after the config; they are not part of what the folder reads as."""
     folder = Path(folder)
     weights = WEIGHTS_NAME if safe_serialization else LEGACY_WEIGHTS_NAME
     data = _safetensors_bytes(tensors, metadata) if safe_serialization else _pickle_bytes(tensors)
     journal = {"config": config, "weights_sha256": hashlib.sha256(data).hexdigest(), "weights_file": weights}
     contents = {JOURNAL_NAME: json_bytes(journal), weights: data, CONFIG_NAME: json_bytes(config)}
+    for name, content in (extra_files or {}).items():
+        if name in contents or name == LEGACY_WEIGHTS_NAME or name == WEIGHTS_NAME or "/" in name:
+            raise ValueError(f"extra file {name!r} would replace an adapter file; give another name")
+        contents[name] = content
     needed = sum(map(len, contents.values()))
     with folder_lock(folder, needed=needed):
         _settle(folder)
@@ -196,7 +204,7 @@ def write_adapter(
         try:
             for name, content in contents.items():  # 1. the temp files, fsynced
                 temps[name] = write_temp(folder / name, content, needed)
-            for name in contents:  # 2-4. journal, weights, config in place, in that order
+            for name in contents:  # 2-4. journal, weights, config (then the extra files) in place, in that order
                 replace_durably(temps[name], folder / name)
                 del temps[name]
         finally:
