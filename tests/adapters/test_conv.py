@@ -351,3 +351,24 @@ def test_dilation_and_padding_mode_reach_lora_A_so_merging_keeps_the_output() ->
     with torch.no_grad():
         unmerged = model(x)
         assert torch.allclose(model.merge_and_unload()(x), unmerged, atol=ATOL)
+
+
+def test_add_weighted_adapter_refuses_grouped_convs_and_changes_nothing() -> None:
+    model = adapted(2, dict(padding=1, groups=2))
+    torch.manual_seed(3)
+    model.add_adapter("other", lorakit.LoraConfig(target_modules=["conv"], r=4, init_lora_weights=False))
+    for combination_type in ("svd", "cat", "linear"):
+        with pytest.raises(NotImplementedError, match="groups=2"):
+            model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "both", combination_type=combination_type)
+    assert "both" not in model.peft_config and "both" not in layer_of(model).lora_A
+
+
+@pytest.mark.parametrize("combination_type", ["svd", "cat"])
+def test_add_weighted_adapter_svd_and_cat_give_the_weighted_sum(combination_type: str) -> None:
+    model = adapted(3, dict(padding=1))
+    torch.manual_seed(3)
+    model.add_adapter("other", lorakit.LoraConfig(target_modules=["conv"], r=2, init_lora_weights=False))
+    layer = layer_of(model)
+    model.add_weighted_adapter(["default", "other"], [0.6, 0.4], "both", combination_type=combination_type, svd_rank=6)
+    expected = 0.6 * layer.get_delta_weight("default") + 0.4 * layer.get_delta_weight("other")
+    assert torch.allclose(layer.get_delta_weight("both"), expected, atol=ATOL)

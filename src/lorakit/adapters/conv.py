@@ -169,6 +169,16 @@ class LoraConv(LoraLayer):
         self._check_mergeable(names)
         super().merge(adapter_names, safe_merge)
 
+    def check_combinable(self, combination_type: str) -> None:
+        """add_weighted_adapter: a grouped conv's B is block-diagonal, which a combination of adapters (a sum, a
+        stack, an SVD) is not in general; NotImplementedError before anything is added."""
+        if self.groups > 1:
+            raise NotImplementedError(
+                f"add_weighted_adapter(combination_type={combination_type!r}) cannot combine adapters of a "
+                f"{self.conv_type.__name__} with groups={self.groups}: its lora_B is grouped (block-diagonal), and "
+                "the combined B would not be; leave grouped convs out of the adapters to combine"
+            )
+
     def _check_mergeable(self, names: list[str]) -> None:
         if self.groups > 1 and names:
             raise NotImplementedError(

@@ -308,6 +308,9 @@ class LoraModel(nn.Module):
         configs = [self.peft_config[a] for a in adapters]
         combination_type, new_rank = combine.plan(combination_type, configs, svd_rank, density, majority_sign_method)
         layer_names = [n for n, m in self._lora_layers() if any(a in m.r for a in adapters)]
+        for _, module in self._lora_layers():  # a kind whose factors cannot hold a combination refuses, first
+            if any(a in module.r for a in adapters) and hasattr(module, "check_combinable"):
+                module.check_combinable(combination_type)
         self.add_adapter(adapter_name, combine.combined_config(configs, new_rank, layer_names))
         for _, module in self._lora_layers():
             if adapter_name not in module.r:
