@@ -372,3 +372,17 @@ def test_add_weighted_adapter_svd_and_cat_give_the_weighted_sum(combination_type
     model.add_weighted_adapter(["default", "other"], [0.6, 0.4], "both", combination_type=combination_type, svd_rank=6)
     expected = 0.6 * layer.get_delta_weight("default") + 0.4 * layer.get_delta_weight("other")
     assert torch.allclose(layer.get_delta_weight("both"), expected, atol=ATOL)
+
+
+def test_lora_bias_on_a_conv_trains_and_merges() -> None:
+    """lora_bias=True (LoraLayer's generic part): B's bias trains, the update is s * (B(A(x)) + b), merging adds it."""
+    model = adapted(2, dict(padding=1), lora_bias=True)
+    model.train()
+    layer, x = layer_of(model), inputs(2)
+    b = layer.lora_B["default"].bias
+    assert b is not None and b.requires_grad and any(p is b for p in layer.adapter_parameters("default"))
+    with torch.no_grad():
+        b.copy_(torch.linspace(-1, 1, 8))
+        model.eval()
+        unmerged = model(x)
+        assert torch.allclose(model.merge_and_unload()(x), unmerged, atol=ATOL)
