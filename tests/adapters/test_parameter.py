@@ -239,7 +239,7 @@ def test_refusals_name_the_fix():
     with pytest.raises(lorakit.ConfigError, match="must be a list of parameter names"):
         lorakit.LoraConfig(target_parameters="experts.up")
     model = _adapted()
-    with pytest.raises(lorakit.TargetError, match="must target the same parameters"):
+    with pytest.raises(lorakit.TargetError, match="all adapters must target the same set of parameters"):
         model.add_adapter("other", lorakit.LoraConfig(target_parameters=["experts.up"]))
     with pytest.raises(ParameterError, match="mixed-adapter batch"):
         model.eval()(*_inputs(), adapter_names=["default"] * 5)
@@ -254,7 +254,7 @@ def test_a_parameter_of_the_model_itself_is_refused():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x @ self.weight
 
-    with pytest.raises(lorakit.TargetError, match="belongs to the model itself"):
+    with pytest.raises(lorakit.TargetError, match="on the top-level module is not supported .parameter .weight.."):
         lorakit.get_peft_model(Bare(), lorakit.LoraConfig(target_parameters=["weight"]))
 
 
@@ -383,3 +383,32 @@ def test_layer_status_as_peft_s():
     theirs = peft.get_peft_model(Net(), peft.LoraConfig(**kwargs)).get_layer_status()
     assert sorted((s.name, s.module_type) for s in ours) == sorted((s.name, s.module_type) for s in theirs)
     assert {s.module_type for s in ours} == {"lora.ParamWrapper"}
+
+
+def test_a_parametrized_parameter_gets_the_update_after_its_parametrization():
+    """W' = P(W) + delta, as PEFT stacks its update on an existing parametrization; unloading leaves P(W); merging is
+    refused (the weight is computed, there is nothing stored to merge into)."""
+
+    class PlusOne(nn.Module):
+        def forward(self, X: torch.Tensor) -> torch.Tensor:
+            return X + 1
+
+    net = nn.Module()
+    net.gate = Gate()
+    nn.utils.parametrize.register_parametrization(net.gate, "weight", PlusOne())
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        parametrized = net.gate(x)
+    expected_weight = net.gate.weight.detach().clone()
+    model = lorakit.get_peft_model(net, lorakit.LoraConfig(r=2, lora_alpha=4, target_parameters=["gate.weight"],
+                                                           init_lora_weights=False))
+    layer = _layers(model)["base_model.model.gate:weight"]
+    A, B = layer.lora_weights("default")
+    expected_weight += layer.scaling["default"] * B.detach() @ A.detach()
+    with torch.no_grad():
+        got = model.base_model.model.gate(x)
+        torch.testing.assert_close(got, torch.tanh(x @ expected_weight.T) * net.gate.scale, atol=ATOL, rtol=1e-5)
+        with pytest.raises(ParameterError, match="parametrized .* keep the adapter unmerged"):
+            model.merge_adapter()
+        assert len(model.base_model.model.gate.base_layer.parametrizations["weight"]) == 1, "the update's is gone"
+        torch.testing.assert_close(model.unload().gate(x), parametrized)

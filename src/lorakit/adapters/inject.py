@@ -283,8 +283,9 @@ def find_parameters(model: nn.Module, config: LoraConfig) -> list[tuple[str, str
     for pname, _ in model.named_parameters(recurse=False):
         if any(name_matches(pname, e) for e in entries):
             raise TargetError(
-                f"target parameter {pname!r} belongs to the model itself, not to a submodule; LoRA on a parameter "
-                "wraps the module that owns it. Target a parameter of a submodule"
+                f"Targeting an nn.Parameter on the top-level module is not supported (parameter {pname!r}): LoRA on a "
+                "parameter wraps the module that owns it, and the model itself has no parent. Target a parameter of "
+                "a submodule"
             )
     found: list[tuple[str, str]] = []
     hit: set[str] = set()
@@ -293,7 +294,7 @@ def find_parameters(model: nn.Module, config: LoraConfig) -> list[tuple[str, str
         owner = module.get_base_layer() if isinstance(module, LoraParameter) else module
         if isinstance(module, LoraLayer) and not isinstance(module, LoraParameter):
             owner = module.base_layer
-        for pname, _ in owner.named_parameters(recurse=False):
+        for pname in _own_parameter_names(owner):
             key = f"{name}.{pname}"
             matched = [e for e in entries if name_matches(key, e)]
             if not matched or in_saved(name, saved):
@@ -315,10 +316,16 @@ def find_parameters(model: nn.Module, config: LoraConfig) -> list[tuple[str, str
     existing = {(n, w.parameter_name) for n, w in _parameter_wrappers(model) if w.r}
     if existing and found and set(found) != existing:
         raise TargetError(
-            f"the adapters of this model adapt the parameters {sorted(existing)}; a new adapter must target the same "
-            f"parameters (it names {sorted(found)}), as in PEFT: one set of wrappers serves all adapters"
+            f"the adapters of this model adapt the parameters {sorted(existing)}, the new one {sorted(found)}: all "
+            "adapters must target the same set of parameters (as in PEFT: one set of wrappers serves them all)"
         )
     return found
+
+
+def _own_parameter_names(module: nn.Module) -> list[str]:
+    """The names of ``module``'s own parameters, a parametrized one (torch.nn.utils.parametrize) by its name."""
+    names = [n for n, _ in module.named_parameters(recurse=False)]
+    return names + list(getattr(module, "parametrizations", {}))
 
 
 def _parameter_wrappers(model: nn.Module) -> Iterator[tuple[str, LoraParameter]]:

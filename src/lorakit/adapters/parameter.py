@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.variants import VARIANTS
@@ -168,6 +169,15 @@ class LoraParameter(LoraLayer):
         param = self.get_param()
         return delta.to(param.device, param.dtype)
 
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        if parametrize.is_parametrized(self.get_base_layer(), self.parameter_name):
+            raise ParameterError(
+                f"parameter {self.parameter_name!r} is parametrized (torch.nn.utils.parametrize): its value is "
+                "computed, so there is no stored weight to merge the update into; keep the adapter unmerged, or "
+                "remove the parametrization first (parametrize.remove_parametrizations(..., leave_parametrized=True))"
+            )
+        super().merge(adapter_names, safe_merge)
+
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.routing is not None:
@@ -178,10 +188,33 @@ class LoraParameter(LoraLayer):
         active = [n for n in self._active if n in self.r]
         if self._disabled or self.merged_adapters or not active:
             return self.base_layer(*args, **kwargs)
+        owner = self.get_base_layer()
+        if parametrize.is_parametrized(owner, self.parameter_name):  # W = P(original): W' = P(original) + delta
+            return self._forward_parametrized(owner, sum(self.delta_weight(n) for n in active), args, kwargs)
         weight = self.get_param()
         for name in active:  # W' = W + sum of the active updates, in W's dtype
             weight = weight + self.delta_weight(name)
         return functional_call(self.base_layer, {self._path(): weight}, args, kwargs)
 
+    def _forward_parametrized(self, owner: nn.Module, delta: Tensor, args: tuple, kwargs: dict) -> Any:
+        """The forward for a parameter that is parametrized already (torch.nn.utils.parametrize), whose value cannot
+        be swapped: the update is one more parametrization (X -> X + delta) for the call, removed after it."""
+        parametrize.register_parametrization(owner, self.parameter_name, _AddDelta(delta), unsafe=True)
+        try:
+            return self.base_layer(*args, **kwargs)
+        finally:
+            del owner.parametrizations[self.parameter_name][-1]
+
     def extra_repr(self) -> str:
         return f"parameter_name={self.parameter_name!r}, num_experts={self.num_experts}"
+
+
+class _AddDelta(nn.Module):
+    """A parametrization X -> X + delta (LoraParameter._forward_parametrized)."""
+
+    def __init__(self, delta: Tensor) -> None:
+        super().__init__()
+        self.delta = delta  # a plain attribute: part of the graph, not of the state dict
+
+    def forward(self, X: Tensor) -> Tensor:
+        return X + self.delta
