@@ -4,14 +4,16 @@
 
 with PEFT's layout (so that state-dict keys and shapes match): ``lora_A[name]`` a conv of the base's class from ``in``
 to ``r`` channels with the base's kernel size, stride and padding, no bias; ``lora_B[name]`` a 1x1 conv from ``r`` to
-``out`` channels with the base's groups (r must be a multiple of g), no bias. Read as matrices (lorakit.ops.conv_math)
-A is (r, in * prod(k)) and B (out, r), so the layer's update is the conv weight ``s * B @ A`` and everything LoraLayer
-does with (out, in) matrices (merge, DoRA's row norms, add_weighted_adapter) applies with in * prod(k) columns.
+``out`` channels with the base's groups (r must be a multiple of g), biased only with lora_bias. Read as matrices
+(lorakit.ops.conv_math) A is (r, in * prod(k)) and B (out, r), so the layer's update is the conv weight ``s * B @ A``
+and everything LoraLayer does with (out, in) matrices (merge, DoRA's row norms, add_weighted_adapter) applies with
+in * prod(k) columns.
 
-Two differences from PEFT, both so that the merged layer computes what the unmerged one does: A also takes the base's
+One difference from PEFT, so that the merged layer computes what the unmerged one does: A also takes the base's
 dilation and padding mode (PEFT's A has dilation 1 and zero padding whatever the base has; the two agree for every
 conv without dilation and with zero padding, which is what PEFT's tests use). A grouped conv (g > 1) has a dense update
-(A reads every input channel) that its grouped weight cannot hold: merging it raises NotImplementedError, as in PEFT.
+(A reads every input channel) that its grouped weight cannot hold: merging it raises NotImplementedError, as in PEFT,
+and so does add_weighted_adapter; its DoRA norms follow PEFT's definition (``dora_terms``).
 """
 
 from __future__ import annotations
