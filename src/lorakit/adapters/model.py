@@ -119,8 +119,8 @@ class LoraModel(nn.Module):
         self._check_exists(adapter_name)
         if any(adapter_name in m.merged_adapters for _, m in self._lora_layers()):
             raise AdapterError(
-                f"Cannot delete adapter(s) [{adapter_name!r}] while they are merged. Please unmerge them first "
-                "(model.unmerge_adapter())"
+                f"Cannot delete adapter(s) [{adapter_name!r}] while they are merged. Please unmerge them first. "
+                "model.unmerge_adapter() unmerges them"
             )
         for _, module in wrappers(self.model):
             if isinstance(module, LoraLayer) and adapter_name not in module.r:

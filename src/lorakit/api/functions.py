@@ -4,6 +4,8 @@ after changing the import.
 - ``get_peft_model_state_dict(model, adapter_name=...)``: one adapter's tensors keyed as in its file
   (``...q_proj.lora_A.weight``, the adapter name removed), what callbacks save or gather between processes.
 - ``set_peft_model_state_dict(model, tensors, adapter_name=...)``: the inverse, into an existing adapter.
+- ``get_base_model_state_dict(model)`` / ``set_base_model_state_dict(model, state_dict)``: the base model's own
+  tensors keyed as before get_peft_model (lorakit.adapters.base_state), e.g. to load base weights after sharding.
 - ``prepare_model_for_kbit_training(model)``: freeze every parameter, keep trainable-side dtypes in fp32, and for a
   quantized base turn on activation checkpointing (with inputs that require grad, for reentrant checkpointing).
 - ``inject_adapter_in_model(config, model)``: the LoRA wrappers put into ``model`` itself, no PeftModel around it
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from lorakit.adapters import state
+from lorakit.adapters import base_state, state
 from lorakit.adapters.model import LoraModel
 from lorakit.config import LoraConfig
 from lorakit.quant.half import REDUCED_PRECISION
@@ -137,3 +139,24 @@ def prepare_model_for_kbit_training(
         if kwargs["use_reentrant"]:  # transformers 5 already hooks the embeddings when enabling; earlier ones not
             model.enable_input_require_grads()
     return model
+
+
+def _base_root(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel, or a model with adapters injected in place."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The base model's tensors of ``model`` (a PeftModel, or a model from inject_adapter_in_model), keyed as the
+    model's state dict was before the adapters were added; no adapter tensor among them."""
+    return base_state.base_state_dict(_base_root(model))
+
+
+def set_base_model_state_dict(
+    model: nn.Module, state_dict: dict[str, Tensor], strict: bool = True
+) -> _IncompatibleKeys:
+    """Load ``state_dict`` (keyed as get_base_model_state_dict returns) into the base model's tensors of ``model``;
+    the adapters are untouched. ``strict``: a missing or surplus key raises RuntimeError before anything is loaded;
+    otherwise they are returned (PEFT's load result)."""
+    return base_state.load_base_state_dict(_base_root(model), state_dict, strict)
