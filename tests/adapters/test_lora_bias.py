@@ -221,3 +221,14 @@ def test_same_file_keys_and_config(factory, kwargs, tmp_path):
     assert ours == theirs
     assert any(k.endswith("lora_B.bias") for k in ours)
     assert_same_adapter_config(tmp_path / "lorakit", tmp_path / "peft")
+
+
+def test_exports_refuse_what_they_would_drop():
+    from lorakit.export.gguf_adapter import gguf_adapter_problems
+    from lorakit.export.vllm import vllm_problems
+
+    config = lorakit.LoraConfig(target_modules=["q_proj"], lora_bias=True)
+    assert any("lora_bias" in p.rule for p in vllm_problems(config))
+    assert any("lora_bias" in p.rule for p in gguf_adapter_problems(config, {}, "unknown"))
+    plain = lorakit.LoraConfig(target_modules=["q_proj"])
+    assert not any("lora_bias" in p.rule for p in vllm_problems(plain))

@@ -274,3 +274,14 @@ def test_same_file_keys_config_and_trainable_parameters(tied, indices, tmp_path)
     shapes = lambda d: {k: tuple(v.shape) for k, v in load_file(d / "adapter_model.safetensors").items()}  # noqa: E731
     assert shapes(tmp_path / "lorakit") == shapes(tmp_path / "peft")
     assert_same_adapter_config(tmp_path / "lorakit", tmp_path / "peft")
+
+
+def test_exports_refuse_what_they_would_drop():
+    from lorakit.export.gguf_adapter import gguf_adapter_problems
+    from lorakit.export.vllm import vllm_problems
+
+    config = lorakit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=IDS)
+    assert any("trainable_token_indices" in p.rule for p in vllm_problems(config))
+    assert any("trainable_token_indices" in p.rule for p in gguf_adapter_problems(config, {}, "unknown"))
+    plain = lorakit.LoraConfig(target_modules=["q_proj"])
+    assert not any("trainable_token_indices" in p.rule for p in vllm_problems(plain))

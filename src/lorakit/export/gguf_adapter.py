@@ -57,6 +57,16 @@ def gguf_adapter_problems(config: LoraConfig, tensors: dict[str, Tensor], arch: 
         problems.append(Problem("llama.cpp's LoRA files have no DoRA magnitudes (use_dora=True)", _MERGED_GGUF))
     if config.bias != "none":
         problems.append(Problem(f"llama.cpp's LoRA files carry no biases (bias={config.bias!r})", _MERGED_GGUF))
+    if config.lora_bias:
+        problems.append(Problem("llama.cpp's LoRA files carry no bias on B (lora_bias=True)", _MERGED_GGUF))
+    if config.trainable_token_indices:
+        problems.append(
+            Problem(
+                "llama.cpp's LoRA files carry no trained embedding rows "
+                f"(trainable_token_indices={config.trainable_token_indices})",
+                _MERGED_GGUF,
+            )
+        )
     if config.modules_to_save:
         problems.append(
             Problem(

@@ -44,7 +44,6 @@ SERVED_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # string in
 HEADS = ("classifier", "score")  # the only modules_to_save vLLM loads: a classification model's head
 # PEFT features vLLM refuses that have no LoraConfig field (read_config refuses them too): found in the JSON itself
 PEFT_ONLY_FEATURES = {
-    "lora_bias": "LoRA bias (lora_bias)",
     "layer_replication": "layer_replication",
     "alora_invocation_tokens": "Activated LoRA (aLoRA, alora_invocation_tokens)",
     "use_bdlora": "block-diagonal LoRA (BD-LoRA, use_bdlora)",
@@ -80,6 +79,8 @@ def vllm_problems(
     found = [
         _dora(config),
         _bias(config),
+        _lora_bias(config),
+        _token_rows(config),
         _modules_to_save(config),
         _initializer(config, initial_dir),
         _rank(config, tensors, converting=needs_conversion(config)),
@@ -91,7 +92,7 @@ def vllm_problems(
 
 def peft_feature_problems(config_json: dict[str, Any]) -> list[Problem]:
     """The vLLM problems of an adapter_config.json's PEFT features that lorakit has no LoraConfig field for (and
-    that read_config refuses): lora_bias, layer_replication, aLoRA, BD-LoRA, QALoRA."""
+    that read_config refuses): layer_replication, aLoRA, BD-LoRA, QALoRA."""
     return [
         Problem(
             f"vLLM does not support {name}",
@@ -133,6 +134,24 @@ def _bias(config: LoraConfig) -> Problem | None:
     if config.bias == "none":
         return None
     return Problem(f"vLLM does not load adapter biases (bias={config.bias!r}; it takes bias='none' only)", MERGED)
+
+
+def _lora_bias(config: LoraConfig) -> Problem | None:
+    if not config.lora_bias:
+        return None
+    return Problem(
+        "vLLM does not support LoRA bias (lora_bias)",
+        "export the merged model instead (--to merged: merge_and_unload adds s * b to the base layer's bias), or "
+        "retrain without lora_bias",
+    )
+
+
+def _token_rows(config: LoraConfig) -> Problem | None:
+    if not config.trainable_token_indices:
+        return None
+    return Problem(
+        f"vLLM does not load trained embedding rows (trainable_token_indices={config.trainable_token_indices})", MERGED
+    )
 
 
 def _modules_to_save(config: LoraConfig) -> Problem | None:
