@@ -127,3 +127,35 @@ def test_a_custom_model_card_names_no_base(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path)
     card = _card(tmp_path)
     assert "base_model" not in card and "lora" in card["tags"] and "transformers" not in card["tags"]
+
+
+def test_push_to_hub_uploads_the_saved_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    uploaded: dict[str, object] = {}
+
+    class FakeApi:
+        def __init__(self, token: object = None) -> None:
+            uploaded["token"] = token
+
+        def create_repo(self, repo_id: str, private: object = None, exist_ok: bool = False) -> None:
+            uploaded["created"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id: str, folder_path: str, **kwargs: object) -> str:
+            uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            uploaded["upload"] = (repo_id, kwargs["commit_message"])
+            return "commit"
+
+    model = _model()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="needs the network, but HF_HUB_OFFLINE is set"):
+        model.push_to_hub("me/adapter")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert model.push_to_hub("me/adapter", private=True, token="t") == "commit"
+    assert uploaded == {
+        "token": "t",
+        "created": ("me/adapter", True, True),
+        "files": ["README.md", "adapter_config.json", "adapter_model.safetensors"],
+        "upload": ("me/adapter", "Upload adapter"),
+    }

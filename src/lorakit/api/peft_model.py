@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -271,6 +272,35 @@ class PeftModel(nn.Module):
         if "default" not in names:  # no adapter in save_directory itself: its card is written alone
             Path(save_directory).mkdir(parents=True, exist_ok=True)
             writes.atomic_write_bytes(Path(save_directory) / CARD_NAME, self.model_card(save_directory))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str = "Upload adapter",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **save_kwargs: Any,
+    ) -> object:
+        """Save the adapters (save_pretrained with ``save_kwargs``) into a temporary folder and upload it to the
+        Hugging Face Hub repository ``repo_id`` (created if missing), as PEFT's push_to_hub; returns the commit
+        info. Needs the network: with HF_HUB_OFFLINE set it stops before saving anything, saying so."""
+        import huggingface_hub  # only here: nothing else in lorakit talks to the Hub
+
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            raise RuntimeError(
+                f"push_to_hub({repo_id!r}) needs the network, but HF_HUB_OFFLINE is set; unset it, or save with "
+                "save_pretrained(folder) and upload the folder later (hf upload <repo> <folder>)"
+            )
+        api = huggingface_hub.HfApi(token=token)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, **save_kwargs)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision,
+                create_pr=create_pr,
+            )
 
     def model_card(self, output_dir: str | os.PathLike) -> bytes:
         """``output_dir``/README.md as save_pretrained writes it (lorakit.api.model_card), as PEFT does: the card
