@@ -220,6 +220,7 @@ REFERENCE_CALLS = {
     "return_dict=False": (lambda m: None, {"return_dict": False}, "return_dict=False"),
     "logits_to_keep": (lambda m: None, {"logits_to_keep": 1}, "logits_to_keep"),
     "switched off": (lambda m: setattr(m, "fused_loss", False), {}, "fused_loss is False"),
+    "torchscript": (lambda m: setattr(m.get_base_model().config, "torchscript", True), {}, "torchscript"),
     "custom loss": (lambda m: setattr(m.get_base_model(), "loss_function", ForCausalLMLoss), {}, "loss function"),
     "hooked head": (lambda m: m.get_base_model().lm_head.register_forward_hook(lambda *a: None), {}, "hooks"),
     "replaced forward": (lambda m: setattr(m.get_base_model(), "forward", m.get_base_model().forward), {},
@@ -286,3 +287,23 @@ def test_fused_loss_and_gradients_equal_the_reference(setup):
         assert any("lm_head" in k for k in ref_grads)
     for k in ref_grads:
         torch.testing.assert_close(fast_grads[k], ref_grads[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_a_class_forward_replaced_later_is_read_again():
+    """Liger-style patches replace a class's forward after models exist: the check follows the function."""
+
+    class Patched(LlamaForCausalLM):
+        pass
+
+    base = tiny_llama(0)
+    base.__class__ = Patched
+    model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, target_modules=["q_proj"])).train()
+    assert model.fused_loss_refusal(**_batch()) is None
+
+    def forward(self, input_ids=None, labels=None, **kwargs):  # computes its own loss from the head's weight
+        hidden = self.model(input_ids=input_ids).last_hidden_state
+        return {"loss": (hidden @ self.lm_head.weight.T).logsumexp(-1).mean()}
+
+    Patched.forward = forward
+    assert "calls self.lm_head 0 times" in model.fused_loss_refusal(**_batch())
+    assert "loss" in model(**_batch())

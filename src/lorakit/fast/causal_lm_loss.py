@@ -47,14 +47,19 @@ SAFE_DECORATORS = frozenset({"can_return_tuple", "auto_docstring", "deprecate_kw
 
 
 # -- the decision -----------------------------------------------------------------------------------------------
-@functools.cache
 def forward_refusal(cls: type, head_attr: str) -> str | None:
     """Why ``cls.forward`` is not ``logits = self.<head_attr>(x)`` passed untouched to ``self.loss_function`` and
-    the output (None when it is). Pure: reads the source only."""
+    the output (None when it is). Pure: reads the source only (once per function: a class whose forward is replaced
+    later, as Liger's patches do, is read again)."""
+    return _function_refusal(cls.forward, head_attr)
+
+
+@functools.cache
+def _function_refusal(fn: Callable[..., Any], head_attr: str) -> str | None:
     try:
-        source = textwrap.dedent(inspect.getsource(cls.forward))
+        source = textwrap.dedent(inspect.getsource(fn))
     except (OSError, TypeError) as e:
-        return f"{cls.__name__}.forward has no readable source ({e})"
+        return f"{getattr(fn, '__qualname__', fn)} has no readable source ({e})"
     return source_refusal(source, head_attr)
 
 
@@ -151,8 +156,11 @@ def call_refusal(model: nn.Module, linear: nn.Module | None, kwargs: dict[str, A
         return "eval mode: the reference forward returns the logits"
     if kwargs.get("labels") is None:
         return "no labels: the caller wants the logits"
-    if kwargs.get("return_dict") is False or getattr(getattr(model, "config", None), "return_dict", True) is False:
+    config = getattr(model, "config", None)
+    if kwargs.get("return_dict") is False or getattr(config, "return_dict", True) is False:
         return "return_dict=False: a tuple output holds the logits"
+    if getattr(config, "torchscript", False):
+        return "config.torchscript: the output is a tuple"
     if not _keeps_all(kwargs.get("logits_to_keep", 0)):
         return "logits_to_keep is set"
     if torch.compiler.is_compiling():
@@ -307,9 +315,11 @@ def forward(model: nn.Module, linear: nn.Linear, call: Callable[..., Any], args:
     function replaced for its duration (module docstring); ``call_refusal`` must have returned None. The output's
     class gains deferred logits (``is_fused`` tells)."""
     head = getattr(model, head_attribute(model))  # type: ignore[arg-type]
+    heads: list[DeferredLogits] = []
 
     def deferred_head(hidden: Tensor) -> DeferredLogits:  # (B, T, H)
-        return DeferredLogits(head, hidden)
+        heads.append(DeferredLogits(head, hidden))
+        return heads[-1]
 
     head.forward = deferred_head  # instance attributes, removed below: the class's forward and property return
     model._loss_function = functools.partial(causal_lm_loss, linear=linear)
@@ -318,6 +328,8 @@ def forward(model: nn.Module, linear: nn.Linear, call: Callable[..., Any], args:
     finally:
         del head.forward
         del model._loss_function
+    if not heads:  # the forward that ran never called the head (nor, then, our loss): its outputs are its own
+        return outputs
     if not isinstance(outputs, OrderedDict) or not isinstance(OrderedDict.get(outputs, "logits"), DeferredLogits):
         raise RuntimeError(f"{type(model).__name__}'s forward returned {type(outputs).__name__} without deferred "
                            "logits; set model.fused_loss = False and report this model")
