@@ -198,6 +198,7 @@ def test_several_adapters_disable_and_delete():
     model = _adapted()
     model.add_adapter("other", lorakit.LoraConfig(r=3, lora_alpha=3, target_parameters=TARGETS,
                                                   init_lora_weights=False))
+    assert all(m._all_available_adapter_names() == ["default", "other"] for m in _layers(model).values())
     x, idx = _inputs()
     with torch.no_grad():
         base = Net()(x, idx)

@@ -147,6 +147,10 @@ class LoraLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.r)
 
+    def _all_available_adapter_names(self) -> list[str]:
+        """The adapters this layer holds, sorted (PEFT's BaseTunerLayer method of the name, which its tests call)."""
+        return sorted(self.r)
+
     # -- adapters ------------------------------------------------------------------------------------------------
     def update_layer(
         self,
