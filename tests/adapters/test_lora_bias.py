@@ -5,6 +5,7 @@ ways (files, config, logits)."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import peft
@@ -124,10 +125,20 @@ def test_config_refuses_what_peft_refuses(kwargs, message):
         peft.LoraConfig(target_modules=["lin0"], lora_bias=True, **kwargs)
 
 
-def test_embedding_refuses_lora_bias():
+@pytest.mark.parametrize(
+    "kwargs, kind",
+    [
+        (dict(target_modules=["c_attn", "wte"]), "Embedding layers (transformer.wte)"),
+        (dict(target_modules=["c_attn"], target_parameters=["attn.c_proj.weight"]), "nn.Parameter"),
+    ],
+    ids=["embedding", "target_parameters"],
+)
+def test_kinds_without_a_bias_slot_are_refused_before_anything_is_wrapped(kwargs, kind):
     model = tiny_gpt2(0)
-    with pytest.raises(lorakit.ConfigError, match="lora_bias=True is not supported for Embedding"):
-        lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules=["wte"], lora_bias=True))
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(lorakit.ConfigError, match=rf"lora_bias=True is not supported for {re.escape(kind)}"):
+        lorakit.get_peft_model(model, lorakit.LoraConfig(**kwargs, lora_bias=True))
+    assert {n: type(m) for n, m in model.named_modules()} == before  # as PEFT refuses both; nothing changed
 
 
 def test_mixed_batch_adds_each_rows_bias():

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 import warnings
 from collections.abc import Iterator
 
 from torch import nn
 
-from lorakit.adapters import moe
-from lorakit.adapters.kinds import is_linear, is_wrappable, kind_names, wrap
+from lorakit.adapters import moe, weight_tying
+from lorakit.adapters.kinds import is_linear, is_wrappable, kind_names, kind_of, wrap
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.linear import LoraLinear
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.adapters.parameter import LoraParameter
 from lorakit.adapters import weight_tying
 from lorakit.adapters.trainable_tokens import TrainableTokensWrapper, add_token_adapters
-from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
+from lorakit.config import ALL_LINEAR, ConfigError, LoraConfig, TaskType
 from lorakit.quant.half import REDUCED_PRECISION
 
 # target_modules=None picks these, by transformers' model_type: the attention's query and value projections (or the
@@ -375,6 +376,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
         short = condensed(config.target_modules, [n for n, _ in model.named_modules()])
         if len(short) < len(config.target_modules):
             config.target_modules = short
+    if config.lora_bias:  # checked before anything is wrapped
+        _check_lora_bias(model, targets, parameters)
     layouts: list[bool] = []  # fan_in_fan_out of each wrapped Linear / Conv1D
     for name in targets:
         parent, child = _parent(model, name)
@@ -422,6 +425,29 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
     weight_tying.tie_modules_to_save(model, ties, adapter_name, ModulesToSaveWrapper)
     add_token_adapters(model, config, adapter_name, LoraLayer)  # trainable_token_indices (adapters.trainable_tokens)
     return targets
+
+
+def _check_lora_bias(model: nn.Module, targets: list[str], parameters: list[tuple[str, str]]) -> None:
+    """ConfigError naming the targets whose kind cannot hold a bias on B (lora_bias=True): embeddings (as PEFT),
+    reduced-precision bases, kinds whose update_layer takes no lora_bias, and target_parameters (as PEFT)."""
+    refused: dict[str, list[str]] = {}
+    for name in targets:
+        module = model.get_submodule(name)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        cls = type(module) if isinstance(module, LoraLayer) else kind_of(module).wrapper
+        params = inspect.signature(cls.update_layer).parameters
+        keywords = "lora_bias" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        takes = cls.supports_lora_bias and keywords
+        if not takes or isinstance(base, REDUCED_PRECISION):
+            refused.setdefault(type(base).__name__, []).append(name)
+    if parameters:
+        refused["nn.Parameter (target_parameters)"] = [f"{owner}.{p}" for owner, p in parameters]
+    if refused:
+        kind, names = next(iter(refused.items()))
+        raise ConfigError(
+            f"lora_bias=True is not supported for {kind} layers ({', '.join(names[:3])}"
+            f"{' ...' if len(names) > 3 else ''}): leave them out of the targets, or pass lora_bias=False"
+        )
 
 
 def unwrap(

@@ -35,6 +35,7 @@ class LoraLayer(nn.Module):
     fan_in_fan_out: bool = False  # True if base weight is stored (in, out) instead of (out, in)
     embedding = False  # True for kinds whose input is token ids (their own default initializer, no dropout)
     weight_tied_to: str | None = None  # ensure_weight_tying: the embedding whose weight (and LoRA) this layer shares
+    supports_lora_bias = True  # whether B can have a bias (lora_bias=True): see _create_lora_bias
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         super().__init__()
