@@ -285,3 +285,23 @@ def test_exports_refuse_what_they_would_drop():
     assert any("trainable_token_indices" in p.rule for p in gguf_adapter_problems(config, {}, "unknown"))
     plain = lorakit.LoraConfig(target_modules=["q_proj"])
     assert not any("trainable_token_indices" in p.rule for p in vllm_problems(plain))
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_training_step_equals_peft(tied, tmp_path):
+    """The same adapter (lorakit's, loaded into PEFT as trainable): equal loss and equal gradients of the rows."""
+    model = _made(lorakit, tied, IDS).train()
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(0, tied), tmp_path, is_trainable=True).train()
+    x = _ids()
+    results = []
+    for m in (model, theirs):
+        loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        results.append((loss.detach(), _rows(m, "model.embed_tokens").grad.clone()))
+    (ours_loss, ours_grad), (peft_loss, peft_grad) = results
+    torch.testing.assert_close(ours_loss, peft_loss, atol=1e-6, rtol=0)
+    assert ours_grad.abs().max() > 0
+    torch.testing.assert_close(ours_grad, peft_grad, atol=1e-6, rtol=0)
