@@ -413,3 +413,10 @@ def test_a_parametrized_parameter_gets_the_update_after_its_parametrization():
             model.merge_adapter()
         assert len(model.base_model.model.gate.base_layer.parametrizations["weight"]) == 1, "the update's is gone"
         torch.testing.assert_close(model.unload().gate(x), parametrized)
+
+
+def test_add_weighted_adapter_is_refused_as_in_peft():
+    model = _adapted()
+    with pytest.raises(ValueError, match="add_weighted_adapter does not support targeting nn.Parameter"):
+        model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
+    assert "combined" not in model.peft_config

@@ -306,6 +306,12 @@ class LoraModel(nn.Module):
         if len(adapters) != len(weights):
             raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights; give one weight per adapter")
         configs = [self.peft_config[a] for a in adapters]
+        with_parameters = [a for a, c in zip(adapters, configs) if c.target_parameters]
+        if with_parameters:
+            raise ValueError(
+                f"add_weighted_adapter does not support targeting nn.Parameter (adapter {with_parameters[0]!r} has "
+                "target_parameters), as in PEFT: an expert stack has no single (out, in) update to combine"
+            )
         combination_type, new_rank = combine.plan(combination_type, configs, svd_rank, density, majority_sign_method)
         layer_names = [n for n, m in self._lora_layers() if any(a in m.r for a in adapters)]
         for _, module in self._lora_layers():  # a kind whose factors cannot hold a combination refuses, first
