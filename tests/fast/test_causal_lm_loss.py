@@ -15,6 +15,9 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 import lorakit
 from lorakit.fast import causal_lm_loss as cl
 
+# every device torch reports (issue 19, goal 4): the fused loss runs its matmuls on the head's device
+DEVICES = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
+
 STANDARD = """
 @can_return_tuple
 @auto_docstring
@@ -81,10 +84,10 @@ def test_source_check_refuses_forwards_that_change_or_reuse_the_logits(name):
 
 
 # -- the loss against ForCausalLMLoss ----------------------------------------------------------------------------
-def _head_and_hidden(bias: bool, seed: int = 0) -> tuple[torch.nn.Linear, torch.Tensor]:
+def _head_and_hidden(bias: bool, seed: int = 0, device: str = "cpu") -> tuple[torch.nn.Linear, torch.Tensor]:
     torch.manual_seed(seed)
-    head = torch.nn.Linear(16, VOCAB, bias=bias)
-    hidden = torch.randn(3, 7, 16, requires_grad=True)  # (B, T, H)
+    head = torch.nn.Linear(16, VOCAB, bias=bias).to(device)
+    hidden = torch.randn(3, 7, 16).to(device).requires_grad_()  # (B, T, H)
     return head, hidden
 
 
@@ -105,14 +108,15 @@ LOSS_KWARGS = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("name", LOSS_KWARGS)
-def test_loss_equals_for_causal_lm_loss_in_value_and_gradients(name, bias):
+def test_loss_equals_for_causal_lm_loss_in_value_and_gradients(name, bias, device):
     kwargs = LOSS_KWARGS[name]
-    labels = _labels().masked_fill(_labels() == -100, kwargs.get("ignore_index", -100))
+    labels = _labels().masked_fill(_labels() == -100, kwargs.get("ignore_index", -100)).to(device)
     results = []
     for fused in (False, True):
-        head, hidden = _head_and_hidden(bias)
+        head, hidden = _head_and_hidden(bias, device=device)
         if fused:
             loss = cl.causal_lm_loss(cl.DeferredLogits(head, hidden), labels, VOCAB, linear=head, chunk=4, **kwargs)
         else:
