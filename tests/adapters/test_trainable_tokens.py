@@ -305,3 +305,22 @@ def test_training_step_equals_peft(tied, tmp_path):
     torch.testing.assert_close(ours_loss, peft_loss, atol=1e-6, rtol=0)
     assert ours_grad.abs().max() > 0
     torch.testing.assert_close(ours_grad, peft_grad, atol=1e-6, rtol=0)
+
+
+def test_rows_on_a_16_bit_embedding_train_in_its_compute_dtype():
+    """lorakit.quantize stores the embedding (and the tied lm_head) in bf16, computing in fp32: the rows are fp32
+    Parameters, looked up as they are; merging writes them rounded to bf16."""
+    model = lorakit.quantize(tiny_llama(0, tied=True), bits=4)
+    model = lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules=["q_proj"], trainable_token_indices=IDS))
+    rows = _rows(model, "model.embed_tokens")
+    assert rows.dtype == torch.float32
+    with torch.no_grad():
+        rows.add_(1e-3)  # below bf16's resolution near 1: lost if the rows were kept in bf16
+    emb = model.base_model.model.model.embed_tokens
+    torch.testing.assert_close(emb(torch.tensor([IDS])), rows.detach()[None], atol=0, rtol=0)
+    loss = model(input_ids=_ids(), labels=_ids()).loss
+    loss.backward()
+    assert rows.grad is not None and torch.isfinite(rows.grad).all()
+    merged = model.merge_and_unload()
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    torch.testing.assert_close(merged.model.embed_tokens.weight[IDS].float(), rows.detach(), atol=1e-2, rtol=1e-2)

@@ -113,7 +113,9 @@ class TrainableTokensLayer(nn.Module):
             raise TokenError(f"trainable_token_indices of adapter {name!r} lists a token id twice: {indices}")
         with torch.no_grad():
             original = weight[torch.tensor(indices, device=weight.device)].detach().clone()  # (k, d)
-            rows = original.clone() if init_weights else torch.randn_like(original)
+            # trained in the dtype the layer computes in (fp32 for a 16-bit embedding of lorakit.quantize)
+            rows = original.to(self._compute_dtype()).clone()
+            rows = rows if init_weights else torch.randn_like(rows)
         self.token_indices[name] = list(indices)
         self.trainable_tokens_delta[name] = nn.Parameter(rows)
         self.trainable_tokens_original[name] = original
@@ -127,10 +129,14 @@ class TrainableTokensLayer(nn.Module):
     def _index(self, name: str, device: torch.device) -> Tensor:
         return torch.tensor(self.token_indices[name], dtype=torch.long, device=device)
 
-    def merged_weight(self, names: list[str]) -> Tensor:
-        """The base weight (V, d) with the rows of adapters ``names`` in place (a new tensor unless ``names`` is
-        empty)."""
-        weight = self.base_layer.weight
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the base layer computes in: its weight's, or a reduced-precision layer's ``compute_dtype``."""
+        return getattr(self.base_layer, "compute_dtype", None) or self.base_layer.weight.dtype
+
+    def merged_weight(self, names: list[str], dtype: torch.dtype | None = None) -> Tensor:
+        """The base weight (V, d), in ``dtype`` if given, with the rows of adapters ``names`` in place (a new tensor
+        unless ``names`` is empty and no cast is asked for)."""
+        weight = self.base_layer.weight if dtype is None else self.base_layer.weight.to(dtype)
         for name in names:
             weight = with_rows(weight, self._index(name, weight.device), self.trainable_tokens_delta[name])
         return weight
@@ -144,7 +150,7 @@ class TrainableTokensLayer(nn.Module):
         base = self.base_layer
         if not names or self.disable_adapters or self.merged_adapters:
             return base(x, *args, **kwargs)
-        weight = self.merged_weight(names)
+        weight = self.merged_weight(names, self._compute_dtype())
         if isinstance(base, nn.Embedding):
             out = nn.functional.embedding(
                 x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
@@ -152,7 +158,8 @@ class TrainableTokensLayer(nn.Module):
             scale = getattr(base, "embed_scale", None)  # Gemma-style scaled embeddings scale in their forward
             return out if scale is None else out * scale.to(out.dtype)
         if isinstance(base, nn.Linear):  # an output layer tied to the embedding
-            return nn.functional.linear(x, weight, base.bias)
+            bias = None if base.bias is None else base.bias.to(weight.dtype)
+            return nn.functional.linear(x.to(weight.dtype), weight, bias)
         raise TypeError(f"trainable tokens wrap nn.Embedding (or an nn.Linear tied to one), not {type(base).__name__}")
 
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
