@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+import transformers
 from helpers import VOCAB, input_ids, tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
@@ -311,3 +312,13 @@ def test_a_class_forward_replaced_later_is_read_again():
     Patched.forward = forward
     assert "calls self.lm_head 0 times" in model.fused_loss_refusal(**_batch())
     assert "loss" in model(**_batch())
+
+
+@pytest.mark.parametrize("cls, refused", [
+    ("LlamaForCausalLM", False), ("Qwen2VLForConditionalGeneration", False), ("FalconForCausalLM", False),
+    ("CohereForCausalLM", True), ("Gemma2ForCausalLM", True), ("GraniteForCausalLM", True), ("Gemma3ForCausalLM", True),
+])
+def test_transformers_forwards_are_read_as_they_are(cls, refused):
+    """transformers 5's own forwards: Cohere's logit_scale, Gemma's soft-capping, Granite's logits_scaling refused."""
+    refusal = cl.forward_refusal(getattr(transformers, cls), "lm_head")
+    assert (refusal is not None) == refused, refusal
