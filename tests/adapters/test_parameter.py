@@ -420,3 +420,11 @@ def test_add_weighted_adapter_is_refused_as_in_peft():
     with pytest.raises(ValueError, match="add_weighted_adapter does not support targeting nn.Parameter"):
         model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
     assert "combined" not in model.peft_config
+
+
+def test_targeted_parameter_names_as_peft_s():
+    kwargs = dict(r=2, target_parameters=TARGETS)
+    ours = lorakit.get_peft_model(Net(), lorakit.LoraConfig(**kwargs))
+    theirs = peft.get_peft_model(Net(), peft.LoraConfig(**kwargs))
+    assert ours.targeted_parameter_names == theirs.targeted_parameter_names == [
+        "gate.weight", "experts.up", "experts.down"]

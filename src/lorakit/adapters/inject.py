@@ -16,7 +16,6 @@ from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.linear import LoraLinear
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.adapters.parameter import LoraParameter
-from lorakit.adapters import weight_tying
 from lorakit.adapters.trainable_tokens import TrainableTokensWrapper, add_token_adapters
 from lorakit.config import ALL_LINEAR, ConfigError, LoraConfig, TaskType
 from lorakit.quant.half import REDUCED_PRECISION
@@ -335,6 +334,19 @@ def _parameter_wrappers(model: nn.Module) -> Iterator[tuple[str, LoraParameter]]
         while isinstance(module, LoraParameter):
             yield name, module
             module = module.base_layer
+
+
+def targeted_parameters(model: nn.Module) -> list[str]:
+    """'<module>.<parameter>' of every parameter a LoraParameter adapts, in model order and, within a module, in the
+    order it registers them (the innermost wrapper first), as PEFT lists its targeted_parameter_names."""
+    names: list[str] = []
+    for name, module in plain_modules(model):
+        chain = []
+        while isinstance(module, LoraParameter):
+            chain.append(f"{name}.{module.parameter_name}")
+            module = module.base_layer
+        names += reversed(chain)
+    return names
 
 
 def _parameter_wrapper(model: nn.Module, owner: str, parameter: str) -> LoraParameter:

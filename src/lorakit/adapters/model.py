@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters import combine
-from lorakit.adapters.inject import inject, unwrap, wrappers
+from lorakit.adapters.inject import inject, targeted_parameters, unwrap, wrappers
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.adapters.parameter import LoraParameter
@@ -62,6 +62,11 @@ class LoraModel(nn.Module):
     @property
     def active_adapter(self) -> str:
         return self.active_adapters[0] if len(self.active_adapters) == 1 else self.active_adapters  # type: ignore
+
+    @property
+    def targeted_parameter_names(self) -> list[str]:
+        """'<module>.<parameter>' of each parameter adapted through target_parameters (PEFT's attribute)."""
+        return targeted_parameters(self.model)
 
     # -- adapters ------------------------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: LoraConfig, autocast_adapter_dtype: bool = True) -> None:
