@@ -4,15 +4,16 @@ For each (library, precision) a fresh subprocess loads the default model (SmolLM
 r=16 on all linear layers, dropout 0.05, and runs forward + backward + optimizer step on the same padded batch
 (4 x 256 random tokens, loss on every token). Both libraries compute the loss on the user's path,
 ``model(input_ids=ids, labels=ids).loss`` (what transformers.Trainer calls; lorakit's fused causal-LM loss,
-lorakit.fast.causal_lm_loss, and the step checks that it ran); ``--lorakit-loss train`` measures lorakit's own
-trainer loss (``lorakit.training.loss.lm_loss_sum``) instead. Memory is the peak resident set size above the loaded
+lorakit.fast.causal_lm_loss, and the step checks that it ran); ``--lorakit-loss unfused`` is the same call with
+``model.fused_loss = False`` (transformers' full logits), ``--lorakit-loss train`` lorakit's own trainer loss
+(``lorakit.training.loss.lm_loss_sum``). Memory is the peak resident set size above the loaded
 model (VmHWM after a reset, minus VmRSS before the steps). Times come from one more process per precision holding
 three copies of the model, taking a no-grad forward (the floor a LoRA step is compared with), a PEFT step and a
 lorakit step in turn: this virtual machine's speed drifts by up to ~30% between minutes, which sequential runs mistook
 for library differences (fp32 lorakit/PEFT 0.77 to 1.01 over four sequential runs). ``alone_step_s`` keeps each
 library's time from its own process.
 
-    .venv/bin/python benchmarks/train_step.py [--steps 5] [--batch 4] [--seq 256] [--lorakit-loss user|train]
+    .venv/bin/python benchmarks/train_step.py [--steps 5] [--batch 4] [--seq 256] [--lorakit-loss user|unfused|train]
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def _reset_peak() -> None:
 def _step_fn(library: str, model, ids, bf16: bool, lorakit_loss: str = "user"):
     """One timed unit of work on ``model`` (changed in place): a training step (forward, backward, AdamW) of PEFT or
     lorakit LoRA r=16 all-linear dropout 0.05, or for library "none" a no-grad forward of the plain model.
-    ``lorakit_loss``: "user" (``model(input_ids=, labels=).loss``, as PEFT's) or "train" (lorakit's trainer loss)."""
+    ``lorakit_loss``: "user" (``model(input_ids=, labels=).loss``, as PEFT's), "unfused" (the same with
+    ``fused_loss = False``) or "train" (lorakit's trainer loss)."""
     import torch
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
@@ -64,17 +66,18 @@ def _step_fn(library: str, model, ids, bf16: bool, lorakit_loss: str = "user"):
 
         def loss_fn() -> torch.Tensor:
             return wrapped(input_ids=ids, labels=ids).loss
-    elif lorakit_loss == "user":
+    elif lorakit_loss in ("user", "unfused"):
         import lorakit
         from lorakit.fast.causal_lm_loss import is_fused
 
         config = lorakit.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
         wrapped = lorakit.get_peft_model(model, config)
+        wrapped.fused_loss = lorakit_loss == "user"
 
         def loss_fn() -> torch.Tensor:
             out = wrapped(input_ids=ids, labels=ids)
-            if not is_fused(out):  # the path this benchmark is about
-                raise RuntimeError(f"lorakit ran the reference loss: {wrapped.fused_loss_refusal(labels=ids)}")
+            if is_fused(out) != wrapped.fused_loss:  # the path this benchmark is about
+                raise RuntimeError(f"lorakit took the other loss path: {wrapped.fused_loss_refusal(labels=ids)}")
             return out.loss
     else:
         import lorakit
@@ -205,8 +208,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--lorakit-loss", choices=("user", "train"), default="user",
-                        help="lorakit's loss: model(input_ids=, labels=).loss as PEFT's (default), or lorakit train's")
+    parser.add_argument("--lorakit-loss", choices=("user", "unfused", "train"), default="user",
+                        help="lorakit's loss: model(input_ids=, labels=).loss as PEFT's (default), the same with "
+                        "fused_loss = False, or lorakit train's")
     parser.add_argument("--one", nargs=2, metavar=("LIBRARY", "PRECISION"), help=argparse.SUPPRESS)
     parser.add_argument("--interleaved", metavar="PRECISION", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -217,7 +221,8 @@ def main() -> None:
         print(json.dumps(measure_interleaved(args.interleaved, args.steps, args.batch, args.seq, args.lorakit_loss)))
         return
     results = run(args.steps, args.batch, args.seq, args.lorakit_loss)
-    path = "model(input_ids=, labels=).loss on both sides" if args.lorakit_loss == "user" else "lorakit: lm_loss_sum"
+    path = {"user": "model(input_ids=, labels=).loss on both sides", "unfused": "the same, lorakit fused_loss = False",
+            "train": "lorakit: lm_loss_sum"}[args.lorakit_loss]
     print(f"\nbatch {args.batch} x {args.seq} tokens, r=16 all-linear, dropout 0.05, median of {args.steps} steps, "
           f"{path}\n")
     print(table(results))
