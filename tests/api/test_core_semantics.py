@@ -159,3 +159,13 @@ def test_push_to_hub_uploads_the_saved_folder(monkeypatch: pytest.MonkeyPatch) -
         "files": ["README.md", "adapter_config.json", "adapter_model.safetensors"],
         "upload": ("me/adapter", "Upload adapter"),
     }
+
+
+def test_set_adapter_in_inference_mode_freezes_it() -> None:
+    model = _model()
+    model.add_adapter("two", LoraConfig(target_modules=["q_proj"]))
+    model.set_adapter("two", inference_mode=True)
+    two = [p for n, p in model.named_parameters() if ".two." in n]
+    assert two and not any(p.requires_grad for p in two)
+    model.set_adapter("two")
+    assert all(p.requires_grad for p in two)

@@ -190,8 +190,11 @@ class PeftModel(nn.Module):
         config = self._prepare_config(self.get_base_model(), peft_config)
         self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate ``adapter_name``; it trains unless ``inference_mode`` (then its parameters are frozen), as PEFT."""
         self.base_model.set_adapter(adapter_name)
+        if inference_mode:
+            self.base_model.set_requires_grad(adapter_name, False)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
