@@ -27,6 +27,8 @@ if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_lay
         AutoPeftModelForTokenClassification,
     )
     from lorakit.api.functions import (
+        PEFT_TYPE_TO_CONFIG_MAPPING,
+        PEFT_TYPE_TO_TUNER_MAPPING,
         get_base_model_state_dict,
         get_peft_model_state_dict,
         inject_adapter_in_model,
@@ -73,7 +75,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "lorakit.api.auto": ("AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
                          "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM",
                          "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification"),
-    "lorakit.api.functions": ("get_base_model_state_dict", "get_peft_model_state_dict", "inject_adapter_in_model",
+    "lorakit.api.functions": ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING",
+                              "get_base_model_state_dict", "get_peft_model_state_dict", "inject_adapter_in_model",
                               "prepare_model_for_kbit_training", "set_base_model_state_dict",
                               "set_peft_model_state_dict"),
     "lorakit.api.peft_model": ("PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",

@@ -169,3 +169,23 @@ def test_set_adapter_in_inference_mode_freezes_it() -> None:
     assert two and not any(p.requires_grad for p in two)
     model.set_adapter("two")
     assert all(p.requires_grad for p in two)
+
+
+def test_low_cpu_mem_usage_injection_is_empty_until_a_state_dict_fills_it() -> None:
+    config = LoraConfig(target_modules=["q_proj", "v_proj"])
+    trained = lorakit.inject_adapter_in_model(
+        LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False), tiny_llama()
+    )
+    tensors = lorakit.get_peft_model_state_dict(trained)
+    model = lorakit.inject_adapter_in_model(config, tiny_llama(), low_cpu_mem_usage=True)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(p.is_meta for p in lora.values())
+    assert not any(p.is_meta for n, p in model.named_parameters() if "lora_" not in n)
+    lorakit.set_peft_model_state_dict(model, tensors)
+    assert not any(p.is_meta for p in model.parameters())
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids()).logits, trained(input_ids()).logits)
+    filled = lorakit.inject_adapter_in_model(config, tiny_llama(), low_cpu_mem_usage=True, state_dict=tensors)
+    assert not any(p.is_meta for p in filled.parameters())
+    assert lorakit.PEFT_TYPE_TO_TUNER_MAPPING["LORA"] is lorakit.LoraModel

@@ -37,6 +37,7 @@ class LoraModel(nn.Module):
     """The base model with LoRA wrappers; one entry in ``peft_config`` per adapter."""
 
     prefix = "lora_"  # what every adapter parameter's name contains (PEFT's attribute of the name)
+    uses_shared_state = False  # PEFT's attribute: no tensor shared by layers (as VeRA's): direct injection works
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
                  fast_mlp: bool = True, autocast_adapter_dtype: bool = True) -> None:

@@ -123,10 +123,31 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor], adapte
                 "it was made for a base model with other shapes; load it onto the base named in its "
                 "adapter_config.json"
             )
+    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
     with torch.no_grad():
         for fkey in order:
-            target = state[to_model.get(fkey, fkey)]
-            target.copy_(tensors[fkey].to(target.dtype))
+            mkey = to_model.get(fkey, fkey)
+            target = state[mkey]
+            if target.is_meta:  # made empty by low_cpu_mem_usage (to_meta): the file's tensor takes its place
+                _set_parameter(model, mkey, tensors[fkey].to(device=device, dtype=target.dtype))
+            else:
+                target.copy_(tensors[fkey].to(target.dtype))
+
+
+def to_meta(model: nn.Module, adapter_name: str) -> None:
+    """Replace adapter ``adapter_name``'s parameters by empty ones on the meta device (``low_cpu_mem_usage``: no
+    memory until load_adapter_state_dict puts the loaded tensors in their place)."""
+    for key in _owned_keys(model, adapter_name, "none"):
+        if _belongs(key, adapter_name):
+            old = model.get_parameter(key)
+            _set_parameter(model, key, torch.empty_like(old, device="meta"))
+
+
+def _set_parameter(model: nn.Module, key: str, value: Tensor) -> None:
+    """Make ``value`` the parameter ``key`` of ``model`` (a new Parameter, trainable as the old one was)."""
+    parent_name, _, leaf = key.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, leaf, nn.Parameter(value, requires_grad=getattr(parent, leaf).requires_grad))
 
 
 # -- folders -----------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from lorakit.adapters import base_state, state
 from lorakit.adapters.model import LoraModel
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, PeftType
 from lorakit.quant.half import REDUCED_PRECISION
 from lorakit.quant.linear import QuantLinear
 
@@ -78,7 +78,9 @@ def inject_adapter_in_model(
 ) -> nn.Module:
     """Wrap the target modules of ``model`` in place with adapter ``adapter_name`` and return ``model`` (no PeftModel):
     only the adapter's parameters train, and ``model.peft_config`` is ``{adapter_name: config}``. The adapter
-    verbs (set_adapter, merge, unload) need a PeftModel: use get_peft_model for those."""
+    verbs (set_adapter, merge, unload) need a PeftModel: use get_peft_model for those. ``low_cpu_mem_usage``: the
+    adapter's parameters are made on the meta device, taking no memory, for ``state_dict`` (or a later
+    set_peft_model_state_dict) to fill."""
     if not isinstance(peft_config, LoraConfig):
         raise TypeError(f"peft_config must be a lorakit.LoraConfig, not {type(peft_config).__name__}")
     if getattr(model, "peft_config", None) is not None:
@@ -86,9 +88,16 @@ def inject_adapter_in_model(
                          "get_peft_model and add_adapter to hold several")
     lora = LoraModel(model, peft_config, adapter_name, fast_mlp=False)  # no unload() here to undo a patch
     model.peft_config = lora.peft_config
+    if low_cpu_mem_usage:  # the adapter's weights stay empty (meta) until a state dict is loaded into them
+        state.to_meta(model, adapter_name)
     if state_dict is not None:
         set_peft_model_state_dict(model, state_dict, adapter_name)
     return model
+
+
+# PEFT's tables from a method to its tuner class and its config class; lorakit has one method
+PEFT_TYPE_TO_TUNER_MAPPING: dict[str, type[nn.Module]] = {PeftType.LORA: LoraModel}
+PEFT_TYPE_TO_CONFIG_MAPPING: dict[str, type[LoraConfig]] = {PeftType.LORA: LoraConfig}
 
 
 def _check_adapter(model: nn.Module, adapter_name: str, caller: str) -> None:

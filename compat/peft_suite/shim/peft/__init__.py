@@ -51,6 +51,8 @@ EQUIVALENTS: dict[str, dict[str, str]] = {
     "peft.mapping": {
         "get_peft_config": "lorakit:get_peft_config",
         "inject_adapter_in_model": "lorakit:inject_adapter_in_model",
+        "PEFT_TYPE_TO_TUNER_MAPPING": "lorakit:PEFT_TYPE_TO_TUNER_MAPPING",
+        "PEFT_TYPE_TO_CONFIG_MAPPING": "lorakit:PEFT_TYPE_TO_CONFIG_MAPPING",
     },
     "peft.mapping_func": {"get_peft_model": "lorakit:get_peft_model"},
     "peft.peft_model": {
