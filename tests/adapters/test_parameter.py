@@ -428,3 +428,14 @@ def test_targeted_parameter_names_as_peft_s():
     theirs = peft.get_peft_model(Net(), peft.LoraConfig(**kwargs))
     assert ours.targeted_parameter_names == theirs.targeted_parameter_names == [
         "gate.weight", "experts.up", "experts.down"]
+
+
+def test_exports_to_engines_refuse_lora_on_parameters_and_name_the_merged_export():
+    from lorakit.export.gguf_adapter import gguf_adapter_problems
+    from lorakit.export.vllm import vllm_problems
+
+    config = lorakit.LoraConfig(target_modules=[], target_parameters=["mlp.experts.gate_up_proj"])
+    (problem,) = vllm_problems(config)
+    assert "target_parameters" in problem.rule and "--to merged" in problem.fix
+    problems = [p for p in gguf_adapter_problems(config, {}, "no base named") if "target_parameters" in p.rule]
+    assert len(problems) == 1 and "merged-gguf" in problems[0].fix

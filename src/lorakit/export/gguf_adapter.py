@@ -67,6 +67,14 @@ def gguf_adapter_problems(config: LoraConfig, tensors: dict[str, Tensor], arch: 
                 _MERGED_GGUF,
             )
         )
+    if config.target_parameters:
+        problems.append(
+            Problem(
+                "llama.cpp's LoRA files adapt whole matrices, not parameters such as fused expert stacks "
+                f"(target_parameters={config.target_parameters})",
+                _MERGED_GGUF,
+            )
+        )
     if config.modules_to_save:
         problems.append(
             Problem(

@@ -81,6 +81,7 @@ def vllm_problems(
         _bias(config),
         _lora_bias(config),
         _token_rows(config),
+        _parameters(config),
         _modules_to_save(config),
         _initializer(config, initial_dir),
         _rank(config, tensors, converting=needs_conversion(config)),
@@ -151,6 +152,15 @@ def _token_rows(config: LoraConfig) -> Problem | None:
         return None
     return Problem(
         f"vLLM does not load trained embedding rows (trainable_token_indices={config.trainable_token_indices})", MERGED
+    )
+
+
+def _parameters(config: LoraConfig) -> Problem | None:
+    if not config.target_parameters:
+        return None
+    return Problem(
+        f"lorakit does not write vLLM's format for LoRA on parameters (target_parameters={config.target_parameters}: "
+        "e.g. fused MoE experts)", MERGED
     )
 
 
