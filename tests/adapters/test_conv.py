@@ -250,7 +250,7 @@ def test_grouped_conv_refuses_merge_and_a_rank_not_divisible_by_groups() -> None
     assert torch.equal(layer.base_layer.weight, W0) and not layer.merged
     with torch.no_grad():
         assert torch.allclose(model(x), before)
-    with pytest.raises(ValueError, match="r=3 is not a multiple of groups=2"):
+    with pytest.raises(ValueError, match="Targeting a Conv2d with groups=2 and rank 3"):
         adapted(2, dict(padding=1, groups=2), r=3)
 
 

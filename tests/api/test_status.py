@@ -49,5 +49,5 @@ def test_module_functions_and_a_model_without_adapters() -> None:
     model = lorakit.get_peft_model(tiny_llama(0), lorakit.LoraConfig(target_modules=["q_proj"]))
     assert lorakit.get_model_status(model) == model.get_model_status()
     assert [s.name for s in lorakit.get_layer_status(model)][:1] == ["model.model.layers.0.self_attn.q_proj"]
-    with pytest.raises(ValueError, match="no adapter layers"):
+    with pytest.raises(ValueError, match="No adapter layers"):
         lorakit.get_layer_status(tiny_llama(0))

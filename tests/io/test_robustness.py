@@ -79,7 +79,7 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
         (_train(w, "o", "--alpha", "0"), r"lora_alpha=0\.0 must be a positive number, e\.g\. 16"),
         (_train(w, "o", "--alpha", "-2"), r"lora_alpha=-2\.0 must be a positive number"),
         # a target that matches nothing
-        (_train(w, "o", "--targets", "q_prj,v_proj"), r"target module 'q_prj' matched nothing; did you mean 'q_proj'"),
+        (_train(w, "o", "--targets", "q_prj,v_proj"), r"'q_prj' matched nothing; did you mean 'q_proj'"),
         # an adapter for a base of other shapes: module and both shapes
         (["eval", "--adapter", str(w / "adapter"), "--model", str(w / "wide"), *eval_on],
          r"adapter_model\.safetensors: module 'model\.layers\.0\.self_attn\.q_proj' expects 'lora_A\.weight' of "

@@ -103,7 +103,7 @@ def test_orthogonal_starts_at_zero_with_nonzero_factors():
 
 
 def test_orthogonal_refuses_an_odd_rank():
-    with pytest.raises(ValueError, match=r"even rank, got r=3"):
+    with pytest.raises(ValueError, match=r"rank to be even, got 3 instead"):
         init.orthogonal(_weight(), 3, 1.0)
 
 

@@ -96,9 +96,9 @@ class LoraConv(LoraLayer):
         kind = self.conv_type.__name__
         if r % self.groups != 0:
             raise ValueError(
-                f"rank r={r} is not a multiple of groups={self.groups} of this {kind}: lora_B is grouped like the "
-                f"base, so r must be divisible by {self.groups}; choose another r (e.g. rank_pattern) or leave this "
-                "layer out of target_modules"
+                f"Targeting a {kind} with groups={self.groups} and rank {r}. Currently, support is limited to conv "
+                "layers where the rank is divisible by groups. Either choose a different rank or do not target this "
+                "specific layer (lora_B is grouped like the base; rank_pattern can give this layer its own r)"
             )
         init = args[2] if len(args) > 2 else kwargs.get("init_lora_weights", True)
         if not any(init is ok or (isinstance(ok, str) and init == ok) for ok in INITIALIZERS):

@@ -268,7 +268,10 @@ def _check_every_entry_matched(spec: list[str] | str, names: list[str]) -> None:
         if not hit:
             short = sorted({n.rsplit(".", 1)[-1] for n in names})
             close = difflib.get_close_matches(entry, short, n=3, cutoff=0.5) or short[:12]
-            raise TargetError(f"target module {entry!r} matched nothing; did you mean {' or '.join(map(repr, close))}?")
+            raise TargetError(  # PEFT's words first
+                f"Target modules {{{entry!r}}} not found in the base model: {entry!r} matched nothing; did you mean "
+                f"{' or '.join(map(repr, close))}?"
+            )
 
 
 def find_parameters(model: nn.Module, config: LoraConfig) -> list[tuple[str, str]]:

@@ -80,9 +80,9 @@ class LoraModel(nn.Module):
         with_bias = [name for name, c in self.peft_config.items() if c.bias != "none"]
         if config.bias != "none" and with_bias:  # two adapters would both own (and save) the same base biases
             raise AdapterError(
-                f"a model supports only 1 adapter with bias (adapter {with_bias[0]!r} has "
-                f"bias={self.peft_config[with_bias[0]].bias!r}); when using multiple adapters, set bias='none' for "
-                f"{adapter_name!r}"
+                f"LoraModel supports only 1 adapter with bias. When using multiple adapters, set bias to 'none' for "
+                f"all adapters but one (adapter {with_bias[0]!r} has bias={self.peft_config[with_bias[0]].bias!r}; "
+                f"add {adapter_name!r} with bias='none')"
             )
         config = dataclasses.replace(config)
         self.peft_config[adapter_name] = config

@@ -101,7 +101,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
         if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensLayer))
     ]
     if not layers:
-        raise ValueError("no adapter layers found in the model: is it a lorakit model, or were adapters injected?")
+        raise ValueError("No adapter layers found in the model: is it a lorakit model, or were adapters injected?")
     return layers
 
 

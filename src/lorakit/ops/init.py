@@ -94,7 +94,9 @@ def orthogonal(weight: Tensor, r: int, scaling: float) -> LoraInit:
     and the rows of B (out, r) in the span of its odd rows, which are orthogonal to them. Needs an even r. Draws from
     the global RNG in PEFT's order ((r, r), (in, r/2), (r/2, out)), so the same seed gives PEFT's values."""
     if r % 2:
-        raise ValueError(f"init_lora_weights='orthogonal' needs an even rank, got r={r}; use an even r, e.g. {r + 1}")
+        raise ValueError(  # PEFT's words first
+            f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead; use an even r, e.g. {r + 1}"
+        )
     out_f, in_f = weight.shape
     Q, _ = torch.linalg.qr(torch.randn(r, r))  # (r, r), orthonormal rows
     A = (torch.randn(in_f, r // 2) @ Q[0::2]).T / 10.0  # (in, r/2) @ (r/2, r) -> (r, in)
