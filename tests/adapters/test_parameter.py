@@ -439,3 +439,13 @@ def test_exports_to_engines_refuse_lora_on_parameters_and_name_the_merged_export
     assert "target_parameters" in problem.rule and "--to merged" in problem.fix
     problems = [p for p in gguf_adapter_problems(config, {}, "no base named") if "target_parameters" in p.rule]
     assert len(problems) == 1 and "merged-gguf" in problems[0].fix
+
+
+def test_info_names_the_parameters(tmp_path: Path):
+    from lorakit.commands import info
+
+    model = lorakit.get_peft_model(_mixtral(), lorakit.LoraConfig(r=2, target_modules="all-linear"))
+    model.save_pretrained(tmp_path)
+    report = info.adapter_info(tmp_path)
+    assert report["targets"]["experts"] == 4 and "base_layer" not in report["targets"]  # 2 layers x 2 parameters
+    assert "parameters      down_proj, gate.weight, gate_up_proj (target_parameters" in info.format_info(report)

@@ -63,7 +63,9 @@ def adapter_info(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "task_type": getattr(task, "value", task),
         "use_dora": config.use_dora,
         "target_modules": config.target_modules,
-        "targets": dict(Counter(name.rsplit(".", 1)[-1] for name in modules)),
+        # a second parameter of one module (target_parameters) is '<module>.base_layer': counted under the module
+        "targets": dict(Counter(name.replace(".base_layer", "").rsplit(".", 1)[-1] for name in modules)),
+        "target_parameters": config.target_parameters,
         "ranks": dict(Counter(m["r"] for m in modules.values())),
         "r": config.r,
         "lora_alpha": config.lora_alpha,
@@ -110,6 +112,9 @@ def format_info(info: dict[str, Any], modules: bool = False) -> str:
         f"rank            {rank}",
         f"targets         {len(info['modules'])} modules: {counts or 'none'} (target_modules: {configured})",
     ]
+    if info.get("target_parameters"):
+        lines.append(f"parameters      {', '.join(info['target_parameters'])} (target_parameters; a rank there counts "
+                     "r rows per expert)")
     if info["rank_pattern"]:
         lines.append(f"rank_pattern    {info['rank_pattern']}")
     if info["alpha_pattern"]:
