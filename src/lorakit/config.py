@@ -71,6 +71,77 @@ class LoftQConfig:
         return dataclasses.asdict(self)
 
 
+_VELORA_INIT_TYPES = ("batch_average_once", "batch_average", "random")  # lorakit.ops.velora.INIT_TYPES
+
+
+@dataclass
+class VeloraConfig:
+    """Settings of VeLoRA (Miles et al. 2024): A's backward pass keeps each input token as G rank-1 sub-token
+    coefficients instead of the token itself (lorakit.ops.velora), as PEFT's ``VeloraConfig``."""
+
+    num_groups: int = _help(
+        "Sub-tokens G per input token: more groups reconstruct the input better and keep more memory.", 64
+    )
+    scale: float = _help("Factor on the reconstructed input in the backward pass.", 1.0)
+    init_type: str = _help(
+        "The projection vector: 'batch_average' (mean sub-token of each training batch), 'batch_average_once' (of "
+        "the first one only), or 'random' (drawn once).",
+        "batch_average",
+    )
+
+    def __post_init__(self) -> None:  # PEFT's wording (its tests match it), then the fix
+        if isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int) or self.num_groups <= 0:
+            raise ConfigError(f"`num_groups` should be positive, got {self.num_groups}. Pass e.g. num_groups=64")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not self.scale > 0:
+            raise ConfigError(f"`scale` should be positive, got {self.scale}. Pass e.g. scale=1.0")
+        if self.init_type not in _VELORA_INIT_TYPES:
+            raise ConfigError(
+                f"Unsupported `init_type` {self.init_type!r}. Supported values are 'batch_average_once', "
+                "'batch_average', and 'random'."
+            )
+
+
+@dataclass
+class BdLoraConfig:
+    """Settings of BD-LoRA (block-diagonal LoRA): per target, A or B is block-diagonal with ``nblocks`` blocks, so
+    that a tensor-parallel engine with ``nblocks`` shards serves the adapter without extra communication (modules
+    sharded by rows, e.g. o_proj / down_proj: A; by columns, e.g. q/k/v/up/gate_proj: B). PEFT's ``BdLoraConfig``."""
+
+    target_modules_bd_a: list[str] | None = _help(
+        "Targets whose A is block-diagonal: a target matches when one of these strings is part of its name."
+    )
+    target_modules_bd_b: list[str] | None = _help(
+        "Targets whose B is block-diagonal: a target matches when one of these strings is part of its name."
+    )
+    nblocks: int = _help("Blocks of each block-diagonal factor (the serving engine's tensor-parallel degree).", 1)
+    match_strict: bool = _help(
+        "True: every target must match target_modules_bd_a or _bd_b (an error otherwise); False: the others get "
+        "plain LoRA.",
+        True,
+    )
+
+    def __post_init__(self) -> None:
+        overlap = set(self.target_modules_bd_a or []) & set(self.target_modules_bd_b or [])
+        if overlap:  # PEFT's wording (its tests match it), then the fix
+            raise ConfigError(
+                f"Found overlapping modules in target_modules_bd lists: {self.target_modules_bd_a} (A) and "
+                f"{self.target_modules_bd_b} (B). Name each module in one list only"
+            )
+        if isinstance(self.nblocks, bool) or not isinstance(self.nblocks, int) or self.nblocks <= 0:
+            raise ConfigError(f"nblocks={self.nblocks!r} must be a positive integer, e.g. 2")
+
+
+def _sub_config(name: str, value: Any, cls: type) -> Any:
+    """None, a ``cls``, or its dict (as adapter_config.json holds it) -> None or a ``cls``; keys ``cls`` lacks are
+    dropped, as PEFT does."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        own = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in value.items() if k in own})
+    raise TypeError(f"{name} must be a `{cls.__name__}`, a dict, or None, not {type(value).__name__}")
+
+
 @dataclass
 class LoraConfig:
     """A LoRA adapter: which modules it wraps, its rank and scaling, and how it starts (PEFT-compatible)."""
@@ -118,6 +189,15 @@ class LoraConfig:
         "and no DoRA.",
         False,
     )
+    velora_config: VeloraConfig | dict | None = _help(
+        "VeLoRA (a VeloraConfig, or its dict): A's backward pass keeps compressed inputs, to save activation memory; "
+        "the forward and the merged weight are plain LoRA's (lorakit.adapters.variant_velora). nn.Linear / Conv1D "
+        "targets only.",
+    )
+    use_bdlora: BdLoraConfig | dict | None = _help(
+        "BD-LoRA (a BdLoraConfig, or its dict): A or B block-diagonal per target, for tensor-parallel serving "
+        "(lorakit.adapters.variant_bdlora). nn.Linear / Conv1D targets only.",
+    )
     trainable_token_indices: list[int] | dict[str, list[int]] | None = _help(
         "Train only these rows of an embedding (token ids), the rest frozen: a list for the input embedding, or "
         "{module name: ids} for named embeddings (lorakit.adapters.trainable_tokens).",
@@ -149,6 +229,8 @@ class LoraConfig:
                 raise ConfigError(f"task_type={self.task_type!r} is unknown; use one of: {allowed}") from None
         if isinstance(self.loftq_config, LoftQConfig):
             self.loftq_config = self.loftq_config.to_dict()
+        self.velora_config = _sub_config("velora_config", self.velora_config, VeloraConfig)
+        self.use_bdlora = _sub_config("use_bdlora", self.use_bdlora, BdLoraConfig)
         self.validate()
 
     def validate(self) -> None:
@@ -194,6 +276,7 @@ class LoraConfig:
                 "lora_bias=False, or init_lora_weights=True and use_dora=False"
             )
         _check_token_indices(self.trainable_token_indices)
+        self.variant_names()  # at most one
         if isinstance(self.target_modules, list) and not self.target_modules and not self.target_parameters:
             raise ConfigError(
                 "target_modules=[] wraps nothing; list module names, use 'all-linear', or None (or name parameters "
@@ -203,6 +286,18 @@ class LoraConfig:
     @property
     def peft_type(self) -> PeftType:
         return PeftType.LORA
+
+    def variant_names(self) -> tuple[str, ...]:
+        """The config fields that choose a LoRA variant and are set (PEFT's names, sorted): () for plain LoRA, else
+        one of 'use_dora', 'velora_config', 'use_bdlora' (lorakit.adapters.variants.for_config builds it).
+        ConfigError for two at once, which neither PEFT nor lorakit combines."""
+        names = tuple(n for n in ("use_bdlora", "use_dora", "velora_config") if getattr(self, n))
+        if len(names) > 1:
+            raise ConfigError(  # PEFT's wording, then the fix
+                f"Invalid or unsupported variant combination: {names}: an adapter has one LoRA variant; keep one of "
+                f"{', '.join(names)} and unset the others"
+            )
+        return names
 
     def rank_for(self, module_name: str) -> int:
         """The rank of the module called ``module_name`` (rank_pattern first, then r)."""
@@ -220,6 +315,8 @@ class LoraConfig:
         out: dict[str, Any] = {"peft_type": self.peft_type.value, **_peft_file_keys()}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, (VeloraConfig, BdLoraConfig)):
+                value = dataclasses.asdict(value)
             out[f.name] = value.value if isinstance(value, TaskType) else value
         return out
 
@@ -295,12 +392,10 @@ _NEUTRAL_PEFT_KEYS: dict[str, Any] = {
     "eva_config": None,
     "corda_config": None,
     "lora_ga_config": None,
-    "velora_config": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
     "monteclora_config": None,
     "layer_replication": None,
-    "use_bdlora": None,
     "arrow_config": None,
     "kasa_config": None,
 }

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.linear import LoraLinear
+from lorakit.adapters.variant_lora import Lora
 
 
 class LoraMultiheadAttention(LoraLayer):
@@ -81,11 +82,17 @@ class LoraMultiheadAttention(LoraLayer):
         use_rslora: bool = False,
         init_options: dict[str, Any] | None = None,
         use_dora: bool = False,
+        variant: Lora | None = None,
     ) -> None:
-        if use_dora:
+        if use_dora or (variant is not None and variant.name == "dora"):
             raise ValueError(
                 "MultiheadAttention does not support DoRA (yet), please set use_dora to False, or leave this layer out "
                 "of target_modules"
+            )
+        if variant is not None and variant.name != "lora":  # PEFT's wording for VeLoRA, then the fix
+            raise ValueError(
+                f"MultiheadAttention does not support {variant.title}: leave this layer out of target_modules, or "
+                "adapt it with plain LoRA"
             )
         for layer in (super(), self.lora_out_proj):
             layer.update_layer(name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, init_options)

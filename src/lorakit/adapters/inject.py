@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from lorakit.adapters import moe, weight_tying
+from lorakit.adapters import moe, variants, weight_tying
 from lorakit.adapters.kinds import is_linear, is_wrappable, kind_names, kind_of, wrap
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.linear import LoraLinear
@@ -393,6 +393,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
             config.target_modules = short
     if config.lora_bias:  # checked before anything is wrapped
         _check_lora_bias(model, targets, parameters)
+    chosen = {name: variants.for_config(config, name) for name in targets}  # its errors come before any change
     layouts: list[bool] = []  # fan_in_fan_out of each wrapped Linear / Conv1D
     for name in targets:
         parent, child = _parent(model, name)
@@ -410,7 +411,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
             config.init_lora_weights,
             config.use_rslora,
             init_options=config.loftq_config,
-            use_dora=config.use_dora,
+            variant=chosen[name],  # plain LoRA, DoRA, VeLoRA, BD-LoRA (adapters.variants)
             **({"lora_bias": True} if config.lora_bias else {}),  # only then: a kind's update_layer may lack it
         )
     if layouts:  # record the detected layout (True for Conv1D), as PEFT does, so the saved config matches the model
@@ -420,7 +421,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
         wrapper = _parameter_wrapper(model, owner, parameter)
         key = f"{owner}.{parameter}"
         wrapper.update_layer(adapter_name, config.rank_for(key), config.alpha_for(key), config.lora_dropout,
-                             config.init_lora_weights, config.use_rslora, use_dora=config.use_dora)
+                             config.init_lora_weights, config.use_rslora, variant=variants.for_config(config, key))
     for entry in dict.fromkeys(config.modules_to_save or []):  # PEFT may list a SEQ_CLS head twice
         wrapped: list[str] = []
         for n, _ in plain_modules(model):  # parents before their children: a match inside a match is left to it

@@ -36,6 +36,7 @@ class LoraLayer(nn.Module):
     embedding = False  # True for kinds whose input is token ids (their own default initializer, no dropout)
     weight_tied_to: str | None = None  # ensure_weight_tying: the embedding whose weight (and LoRA) this layer shares
     supports_lora_bias = True  # whether B can have a bias (lora_bias=True): see _create_lora_bias
+    variants_supported: tuple[str, ...] = ("lora", "dora")  # the VARIANTS names this kind can run
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -164,11 +165,19 @@ class LoraLayer(nn.Module):
         init_options: dict[str, Any] | None = None,
         use_dora: bool = False,
         lora_bias: bool = False,
+        variant: Lora | None = None,
     ) -> None:
         """Add adapter ``name`` with rank ``r``, initialized by ``init_lora_weights`` (see lorakit.ops.init).
         ``init_options`` (a config's loftq_config) go to initializers that name them as keyword parameters.
-        ``use_dora`` makes it a DoRA adapter (its magnitude is taken after the initializer ran); ``lora_bias`` gives its
-        B a zero bias (see _create_lora_bias)."""
+        ``variant`` (lorakit.adapters.variants.for_config) is the adapter's variant, made after the initializer ran
+        (DoRA's magnitude is taken from the initialized factors); without it, ``use_dora`` chooses DoRA or plain
+        LoRA. ``lora_bias`` gives its B a zero bias (see _create_lora_bias)."""
+        variant = variant if variant is not None else VARIANTS["dora" if use_dora else "lora"]()
+        if variant.name not in self.variants_supported:
+            raise ConfigError(
+                f"{variant.title} does not support adapting {type(self.base_layer).__name__} layers (it runs on "
+                f"{variant.runs_on}, as in PEFT); leave this layer out of target_modules, or use plain LoRA for it"
+            )
         self.r[name], self.lora_alpha[name] = r, lora_alpha
         self.scaling[name] = scaling_for(lora_alpha, r, use_rslora)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -185,8 +194,8 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             if residual is not None:
                 self._set_base_weight(residual)
-        self.variants[name] = VARIANTS["dora" if use_dora else "lora"]()
-        self.variants[name].create(self, name)
+        self.variants[name] = variant
+        variant.create(self, name)
         if A.device != weight.device:
             self.to(weight.device)
         self._refresh()

@@ -5,20 +5,26 @@
 
 with ``lora_A[name]`` an ``nn.Linear(in, r)`` and ``lora_B[name]`` an ``nn.Linear(r, out)``, no biases (PEFT's
 layout, so that state-dict keys match); with ``lora_bias=True`` B has a bias b and the update is s * (B A x + b).
+A BD-LoRA adapter has one of them a ``BlockDiagonalLinear`` (lorakit.adapters.variant_bdlora).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from lorakit.adapters import mixed_batch
 from lorakit.adapters.layer import LoraLayer
+from lorakit.adapters.variant_bdlora import BlockDiagonalLinear
 from lorakit.fast import branch
+from lorakit.ops import block_diagonal
 from lorakit.quant.linear import QuantLinear
 
 
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear``, GPT-2's ``Conv1D`` or a ``QuantLinear``."""
+
+    variants_supported = ("lora", "dora", "velora", "bdlora")
 
     def __init__(self, base_layer: nn.Module) -> None:
         if isinstance(base_layer, QuantLinear):  # QLoRA: a quantized base, (out, in) like nn.Linear
@@ -41,7 +47,23 @@ class LoraLinear(LoraLayer):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
 
     def lora_weights(self, name: str) -> tuple[Tensor, Tensor]:
-        return self.lora_A[name].weight, self.lora_B[name].weight
+        """A (r, in) and B (out, r): the modules' weights, or the dense matrix of a BD-LoRA block-diagonal factor
+        (a new tensor: write it through ``load_factors``, which keeps its blocks)."""
+        return _matrix(self.lora_A[name]), _matrix(self.lora_B[name])
+
+    def load_factors(self, name: str, A: Tensor, B: Tensor) -> None:
+        """Set adapter ``name``'s factors to A (r, in) and B (out, r) (the diagonal blocks of a block-diagonal one)."""
+        with torch.no_grad():
+            for module, matrix in ((self.lora_A[name], A), (self.lora_B[name], B)):
+                if isinstance(module, BlockDiagonalLinear):
+                    matrix = block_diagonal.packed(matrix, module.nblocks)
+                module.weight.copy_(matrix)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """A's and B's weights (packed, for a block-diagonal one), B's bias with lora_bias, the variant's."""
+        b = self.lora_bias_of(name)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        return [A, B, *([] if b is None else [b]), *self.variants[name].parameters(self, name)]
 
     def _drop(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name]
@@ -77,6 +99,11 @@ class LoraLinear(LoraLayer):
         if plain and not self._disabled and not self.merged_adapters:
             name = active[0]
             self._fast = (name, self.lora_A[name]._parameters, self.lora_B[name]._parameters, self.lora_dropout[name])
+
+
+def _matrix(factor: nn.Module) -> Tensor:
+    """A LoRA factor module's matrix: an nn.Linear's weight, a BlockDiagonalLinear's dense block-diagonal matrix."""
+    return factor.dense_weight() if isinstance(factor, BlockDiagonalLinear) else factor.weight
 
 
 def _not_a_tensor(base: nn.Module, result: object) -> TypeError:

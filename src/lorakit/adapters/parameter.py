@@ -28,7 +28,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from lorakit.adapters.layer import LoraLayer
-from lorakit.adapters.variants import VARIANTS
+from lorakit.adapters.variants import VARIANTS, Lora
 from lorakit.config import scaling_for
 from lorakit.ops import param_delta
 from lorakit.ops.init import get_initializer
@@ -110,16 +110,23 @@ class LoraParameter(LoraLayer):
         use_rslora: bool = False,
         init_options: dict[str, Any] | None = None,
         use_dora: bool = False,
+        variant: Lora | None = None,
     ) -> None:
-        """Add adapter ``name``: rank r per expert, initialized from the parameter's shape only."""
+        """Add adapter ``name``: rank r per expert, initialized from the parameter's shape only. Plain LoRA only
+        (``variant`` from lorakit.adapters.variants.for_config: another one is refused)."""
         where = f"LoRA on parameter {self.parameter_name!r} of {type(self.get_base_layer()).__name__}"
         if lora_dropout:
             raise ParameterError(
                 f"{where} cannot use lora_dropout={lora_dropout}: the update is added to the weight, not computed "
                 "from an input, so there is no input to drop (PEFT refuses it too); set lora_dropout=0"
             )
-        if use_dora:
+        if use_dora or (variant is not None and variant.name == "dora"):
             raise ParameterError(f"{where} cannot use DoRA (PEFT has none there either); set use_dora=False")
+        if variant is not None and variant.name != "lora":
+            raise ParameterError(
+                f"{where} cannot use {variant.title} (PEFT has none there either): adapt the parameter with plain "
+                "LoRA, or leave it out of target_parameters"
+            )
         init_name = init_lora_weights.lower() if isinstance(init_lora_weights, str) else init_lora_weights
         if init_name not in SHAPE_ONLY_INITS:
             raise ParameterError(

@@ -32,7 +32,7 @@ def _owned_keys(model: nn.Module, adapter_name: str, bias: str) -> list[str]:
         if isinstance(module, LoraLayer):
             if adapter_name not in module.r:
                 continue
-            for pname, _ in module.named_parameters():
+            for pname in _tensor_names(module):
                 if not pname.startswith("base_layer.") and _belongs(pname, adapter_name):
                     keys.append(f"{prefix}{name}.{pname}")
             if bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
@@ -52,6 +52,19 @@ def _owned_keys(model: nn.Module, adapter_name: str, bias: str) -> list[str]:
             if k.endswith(".bias") and k not in keys and not any(_belongs(k, o) for o in others)
         ]
     return keys
+
+
+def _tensor_names(module: nn.Module) -> list[str]:
+    """``module``'s parameter names, then its persistent buffers' (VeLoRA's projection vectors), as the state dict
+    names them."""
+    names = [pname for pname, _ in module.named_parameters()]
+    for mname, sub in module.named_modules():
+        names += [
+            f"{mname}.{b}" if mname else b
+            for b, t in sub._buffers.items()
+            if t is not None and b not in sub._non_persistent_buffers_set
+        ]
+    return names
 
 
 _REQUIRED_ENDINGS = ("lora_embedding_A", "lora_embedding_B", ".trainable_tokens_delta")  # besides '.lora_' keys

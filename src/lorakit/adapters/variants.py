@@ -1,10 +1,14 @@
 """Variants: how one adapter of a layer turns its A and B into an output and a merged weight. One object per adapter,
-chosen by name from ``VARIANTS`` (``LoraLayer.update_layer``: "dora" with ``use_dora``, else "lora").
+registered by name in ``VARIANTS`` and built from a config by ``for_config`` (inject passes it to
+``LoraLayer.update_layer``; a direct caller of update_layer may pass ``use_dora`` instead).
 
 - ``lora``: plain LoRA (Hu et al. 2021, eq. 3): the layer's output plus ``B(A(dropout(x))) * s``; merging adds
-  ``s * B @ A`` to the base weight.
+  ``s * B @ A`` to the base weight (lorakit.adapters.variant_lora, the base class of the others).
 - ``dora``: weight-decomposed LoRA (Liu et al. 2024): a learned magnitude m (out,) per output row rescales the
   adapted weight, ``W' = m * (W + s * B @ A) / ||W + s * B @ A||_row`` (the maths: lorakit.ops.dora).
+- ``velora``: VeLoRA (Miles et al. 2024): plain LoRA whose A gets its gradient from compressed inputs
+  (lorakit.adapters.variant_velora).
+- ``bdlora``: BD-LoRA: A or B block-diagonal, for tensor-parallel serving (lorakit.adapters.variant_bdlora).
 
 A variant is called by the module kinds (lorakit.adapters.linear, .embedding) and by LoraLayer's merge / unmerge, and
 asked by the mixed-batch path for its row scale (``scale_args``). Weights are passed in the base weight's storage
@@ -16,60 +20,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lorakit.fast import branch
+from lorakit.adapters.variant_bdlora import BdLora, side_for
+from lorakit.adapters.variant_lora import Lora, LoraLayer
+from lorakit.adapters.variant_velora import Velora
+from lorakit.config import LoraConfig
 from lorakit.ops import dora
-
-LoraLayer = nn.Module  # in annotations: a lorakit.adapters.layer.LoraLayer (which imports this module)
-
-
-class Lora:
-    """Plain LoRA: no parameters beyond A and B."""
-
-    name = "lora"
-    plain = True  # its forward is base + s * B(A(dropout(x))): the layers' single-adapter fast path applies
-
-    def create(self, layer: LoraLayer, adapter: str) -> None:
-        """Called once A and B are initialized: nothing more to make."""
-
-    def parameters(self, layer: LoraLayer, adapter: str) -> list[nn.Parameter]:
-        return []
-
-    def delete(self, layer: LoraLayer, adapter: str) -> None:
-        pass
-
-    def linear_forward(self, layer: LoraLayer, adapter: str, x: Tensor, base: Tensor, result: Tensor) -> Tensor:
-        """``result + B(A(dropout(x))) * s``, computed by fast.branch.lora_add (equal to that composition, tested);
-        plus ``b * s`` for an adapter with a bias on B (lora_bias)."""
-        A, B = layer.lora_weights(adapter)
-        out = branch.lora_add(result, x, A, B, layer.scaling[adapter], layer.lora_dropout[adapter])
-        b = layer.lora_bias_of(adapter)
-        return out if b is None else out + (b * layer.scaling[adapter]).to(out.dtype)
-
-    def conv_forward(self, layer: LoraLayer, adapter: str, x: Tensor, base: Tensor, result: Tensor) -> Tensor:
-        """A conv's ``result + B(A(dropout(x))) * s`` (lora_A, lora_B convs: lorakit.adapters.conv)."""
-        A, B = layer.lora_A[adapter], layer.lora_B[adapter]
-        lora = B(A(layer.lora_dropout[adapter](x.to(A.weight.dtype)))) * layer.scaling[adapter]  # (N, out, *S')
-        return result + lora.to(result.dtype)
-
-    def embedding_output(self, layer: LoraLayer, adapter: str, embedded: Tensor, lora: Tensor) -> Tensor:
-        """What an embedding adds to its base output E[x]: the LoRA term ``s * A.T[x] @ B.T`` itself."""
-        return lora
-
-    def scale_args(self, layer: LoraLayer, adapter: str, weight: Tensor) -> tuple[Tensor, Tensor] | None:
-        """No row scale: the mixed-batch path adds the LoRA term as it is."""
-        return None
-
-    def merged(self, layer: LoraLayer, adapter: str, weight: Tensor) -> Tensor:
-        """``weight`` (storage layout) + s * B @ A."""
-        return weight + layer.delta_weight(adapter)
-
-    def unmerged(self, layer: LoraLayer, adapter: str, weight: Tensor) -> Tensor:
-        """``weight`` (storage layout) - s * B @ A."""
-        return weight - layer.delta_weight(adapter)
-
-    def merged_out_in(self, layer: LoraLayer, adapter: str, weight: Tensor, base: Tensor, delta: Tensor) -> Tensor:
-        """``weight`` (out, in) + ``delta`` (s * B @ A): the merge into a new full-precision weight."""
-        return weight + delta
 
 
 class Dora(Lora):
@@ -77,6 +32,8 @@ class Dora(Lora):
     backward pass (Liu et al. 2024, sec. 4.3). While merged, the norm the merge used is kept for the unmerge."""
 
     name = "dora"
+    title = "DoRA"
+    runs_on = "nn.Linear, GPT-2 Conv1D, nn.Embedding and nn.Conv1d / 2d / 3d layers"
     plain = False
 
     def __init__(self) -> None:
@@ -176,5 +133,22 @@ class Dora(Lora):
         return dora.merge_weight(weight, delta, m.detach().float(), norm)
 
 
-VARIANTS: dict[str, type[Lora]] = {"lora": Lora, "dora": Dora}
+VARIANTS: dict[str, type[Lora]] = {"lora": Lora, "dora": Dora, "velora": Velora, "bdlora": BdLora}
+
+
+def for_config(config: LoraConfig, module_name: str) -> Lora:
+    """The variant object of one adapter on target ``module_name``, with its options from ``config``: DoRA with
+    use_dora, VeLoRA with velora_config, BD-LoRA with use_bdlora (plain LoRA on a target that matches neither of its
+    lists, with match_strict=False), else plain LoRA. ConfigError for two variants at once or, with BD-LoRA, for a
+    target its lists do not place."""
+    names = config.variant_names()
+    if names == ("use_dora",):
+        return Dora()
+    if names == ("velora_config",):
+        return Velora(config.velora_config)
+    if names == ("use_bdlora",):
+        side = side_for(config.use_bdlora, module_name)
+        return Lora() if side is None else BdLora(config.use_bdlora.nblocks, side)
+    return Lora()
+
 
