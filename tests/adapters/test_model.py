@@ -324,3 +324,9 @@ def test_peft_names_prefix_and_get_delta_weight() -> None:
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     expected = (B @ A * layer.scaling["default"]).T  # Conv1D stores (in, out)
     torch.testing.assert_close(layer.get_delta_weight("default"), expected)
+
+
+def test_targeted_module_names_lists_the_wrapped_modules_in_model_order() -> None:
+    config = LoraConfig(target_modules=["v_proj", "q_proj"], exclude_modules=r".*layers\.1\..*")
+    model = get_peft_model(tiny_llama(), config)
+    assert model.targeted_module_names == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]

@@ -65,6 +65,12 @@ class LoraModel(nn.Module):
         return self.active_adapters[0] if len(self.active_adapters) == 1 else self.active_adapters  # type: ignore
 
     @property
+    def targeted_module_names(self) -> list[str]:
+        """The names of the modules LoRA wraps (target_modules), in model order (PEFT's attribute); a layer a wrapper
+        holds inside (MultiheadAttention's out_proj) and parameter targets (targeted_parameter_names) aside."""
+        return [name for name, m in self._lora_layers() if not isinstance(m, LoraParameter)]
+
+    @property
     def targeted_parameter_names(self) -> list[str]:
         """'<module>.<parameter>' of each parameter adapted through target_parameters (PEFT's attribute)."""
         return targeted_parameters(self.model)
