@@ -48,6 +48,7 @@ if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_lay
     )
     from lorakit.api.status import get_layer_status, get_model_status
     from lorakit.config import (
+        BdLoraConfig,
         ConfigError,
         LoftQConfig,
         LoraConfig,
@@ -55,6 +56,7 @@ if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_lay
         PeftType,
         PeftWarning,
         TaskType,
+        VeloraConfig,
         get_peft_config,
     )
     from lorakit.io.files import AdapterError, AdapterFileError
@@ -84,8 +86,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
                                "PeftModelForSequenceClassification",
                                "PeftModelForTokenClassification", "get_peft_model"),
     "lorakit.api.status": ("get_layer_status", "get_model_status"),
-    "lorakit.config": ("ConfigError", "LoftQConfig", "LoraConfig", "PeftConfig", "PeftType", "PeftWarning",
-                       "TaskType", "get_peft_config"),
+    "lorakit.config": ("BdLoraConfig", "ConfigError", "LoftQConfig", "LoraConfig", "PeftConfig", "PeftType",
+                       "PeftWarning", "TaskType", "VeloraConfig", "get_peft_config"),
     "lorakit.io.files": ("AdapterError", "AdapterFileError"),
     "lorakit.io.models": ("load_default_model",),
     "lorakit.training.args": ("TrainArgs",),

@@ -30,6 +30,8 @@ EQUIVALENTS: dict[str, dict[str, str]] = {
     "peft.tuners.lora": {
         "LoraConfig": "lorakit:LoraConfig",
         "LoftQConfig": "lorakit:LoftQConfig",
+        "VeloraConfig": "lorakit:VeloraConfig",
+        "BdLoraConfig": "lorakit:BdLoraConfig",
         "LoraModel": "lorakit:LoraModel",
         "LoraLayer": "lorakit:LoraLayer",
         "Linear": "lorakit:LoraLinear",
@@ -89,6 +91,9 @@ EQUIVALENTS["peft.tuners.trainable_tokens"] = {
     "TrainableTokensLayer": "lorakit.adapters.trainable_tokens:TrainableTokensLayer"
 }
 EQUIVALENTS["peft.tuners.trainable_tokens.layer"] = EQUIVALENTS["peft.tuners.trainable_tokens"]
+EQUIVALENTS["peft.tuners.lora.variants"] = {
+    "BlockDiagonalLinear": "lorakit.adapters.variant_bdlora:BlockDiagonalLinear"
+}
 
 
 def _available(package: str) -> Any:
