@@ -481,8 +481,9 @@ def unwrap(
     merged: dict[str, nn.Module] = {}
     if merge:  # merge everything first, so that a failing safe_merge leaves the wrappers in place
         merged = {n: merged_linear(m, adapter_names, safe_merge) for n, m in modules if _quantized_lora(m)}
-        for _, module in modules:
-            if isinstance(module, (LoraLayer, TrainableTokensWrapper)) and not _quantized_lora(module):
+        for name, module in modules:
+            inner = any(name.startswith(f"{n}.") for n, m in modules if getattr(m, "manages_inner", False))
+            if isinstance(module, (LoraLayer, TrainableTokensWrapper)) and not _quantized_lora(module) and not inner:
                 module.merge(adapter_names, safe_merge=safe_merge)
     for name, module in reversed(modules):  # children first: a wrapper inside a wrapper (MultiheadAttention's out_proj)
         parent, child = _parent(model, name)

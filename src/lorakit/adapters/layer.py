@@ -34,6 +34,7 @@ class LoraLayer(nn.Module):
 
     fan_in_fan_out: bool = False  # True if base weight is stored (in, out) instead of (out, in)
     embedding = False  # True for kinds whose input is token ids (their own default initializer, no dropout)
+    manages_inner = False  # True for kinds holding LoRA layers of their own that they pass every state change to
     weight_tied_to: str | None = None  # ensure_weight_tying: the embedding whose weight (and LoRA) this layer shares
     supports_lora_bias = True  # whether B can have a bias (lora_bias=True): see _create_lora_bias
     variants_supported: tuple[str, ...] = ("lora", "dora")  # the VARIANTS names this kind can run

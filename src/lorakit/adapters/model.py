@@ -284,13 +284,13 @@ class LoraModel(nn.Module):
                 yield name, module
 
     def _lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
-        """The LoRA layers, but for those inside another one (MultiheadAttention's out_proj), which it manages; a
-        LoraParameter around another parameter's wrapper manages only its own parameter."""
-        outer: list[str] = []
+        """The LoRA layers, but for those a layer around them manages (``manages_inner``: MultiheadAttention's
+        out_proj; a LoraParameter around another parameter's wrapper manages only its own parameter)."""
+        managers: list[str] = []
         for name, module in wrappers(self.model):
-            if isinstance(module, LoraLayer) and not any(name.startswith(f"{o}.") for o in outer):
-                if not isinstance(module, LoraParameter):
-                    outer.append(name)
+            if isinstance(module, LoraLayer) and not any(name.startswith(f"{o}.") for o in managers):
+                if module.manages_inner:
+                    managers.append(name)
                 yield name, module
 
     # -- combining -----------------------------------------------------------------------------------------------
