@@ -151,7 +151,8 @@ def to_meta(model: nn.Module, adapter_name: str) -> None:
     """Replace adapter ``adapter_name``'s parameters by empty ones on the meta device (``low_cpu_mem_usage``: no
     memory until load_adapter_state_dict puts the loaded tensors in their place)."""
     for key in _owned_keys(model, adapter_name, "none"):
-        if _belongs(key, adapter_name):
+        parent_name, _, leaf = key.rpartition(".")
+        if _belongs(key, adapter_name) and leaf in model.get_submodule(parent_name)._parameters:  # buffers stay
             old = model.get_parameter(key)
             _set_parameter(model, key, torch.empty_like(old, device="meta"))
 

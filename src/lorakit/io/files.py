@@ -379,13 +379,14 @@ def check_tensor_kinds(tensors: dict[str, tuple[str, list[int]]], source: str | 
                     f"{shape_a[0]}) and {key_b!r} of shape {tuple(shape_b)}; B's {shape_b[1]} input channels must "
                     "divide the rank (r / groups): the file is damaged; re-save it"
                 )
-        elif len(pair) == 2 and pair["A"][1][0] != pair["B"][1][1]:
+        elif len(pair) == 2 and (pair["B"][1][1] == 0 or pair["A"][1][0] % pair["B"][1][1] != 0):
+            # B (out, r), or a BD-LoRA block-diagonal B packed as (out, r / nblocks)
             (key_a, shape_a), (key_b, shape_b) = pair["A"], pair["B"]
             leaf_a, leaf_b = (k.rpartition(f"{module}.")[2] for k in (key_a, key_b))
             raise AdapterFileError(
                 f"{source}: module {module!r} holds {leaf_a!r} of shape {tuple(shape_a)} (rank {shape_a[0]}) and "
                 f"{leaf_b!r} of shape {tuple(shape_b)} (rank {shape_b[1]}); A (r, in) and B (out, r) share one "
-                "rank r: the file is damaged; re-save it"
+                "rank r (a BD-LoRA block-diagonal B: r / nblocks columns): the file is damaged; re-save it"
             )
 
 
