@@ -47,6 +47,11 @@ def plan(
             "add_weighted_adapter cannot combine DoRA adapters (use_dora=True): each rescales its rows by its own "
             "magnitude, which a sum of low-rank updates cannot express; merge_and_unload them instead"
         )
+    if any(c.use_bdlora for c in configs):
+        raise ValueError(
+            "add_weighted_adapter cannot combine BD-LoRA adapters (use_bdlora): a combination of block-diagonal "
+            "factors is no longer block-diagonal, so the new adapter could not hold it; merge_and_unload them instead"
+        )
     if _merge_name(combination_type) in PRUNING:
         merge_math.check_density(density, f"combination_type={combination_type!r}")
     if len(configs) == 1:
