@@ -289,9 +289,12 @@ class LoraConfig:
 
     def variant_names(self) -> tuple[str, ...]:
         """The config fields that choose a LoRA variant and are set (PEFT's names, sorted): () for plain LoRA, else
-        one of 'use_dora', 'velora_config', 'use_bdlora' (lorakit.adapters.variants.for_config builds it).
+        one of 'use_dora', 'velora_config', 'use_bdlora', 'mica' (init_lora_weights='mica'; the variant is built by
+        lorakit.adapters.variants.for_config).
         ConfigError for two at once, which neither PEFT nor lorakit combines."""
         names = tuple(n for n in ("use_bdlora", "use_dora", "velora_config") if getattr(self, n))
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() == "mica":
+            names = tuple(sorted(("mica", *names)))  # PEFT's name of the variant init_lora_weights='mica' makes
         if len(names) > 1:
             raise ConfigError(  # PEFT's wording, then the fix
                 f"Invalid or unsupported variant combination: {names}: an adapter has one LoRA variant; keep one of "

@@ -20,6 +20,7 @@ class LoraEmbedding(LoraLayer):
     fan_in_fan_out = True  # weight is (in=num_embeddings, out=dim)
     embedding = True
     supports_lora_bias = False  # B is a bare Parameter, as in PEFT, which refuses lora_bias here too
+    variants_supported = ("lora", "dora", "mica")
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)

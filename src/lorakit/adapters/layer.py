@@ -116,6 +116,12 @@ class LoraLayer(nn.Module):
         b = self.lora_bias_of(name)
         return [*self.lora_weights(name), *([] if b is None else [b]), *self.variants[name].parameters(self, name)]
 
+    def trainable_parameters(self, name: str) -> list[nn.Parameter]:
+        """The adapter parameters that train while adapter ``name`` does: all but its variant's frozen ones (MiCA's
+        B)."""
+        frozen = {id(p) for p in self.variants[name].frozen(self, name)}
+        return [p for p in self.adapter_parameters(name) if id(p) not in frozen]
+
     # -- lora_bias: a bias on B (PEFT's LoraConfig.lora_bias) ----------------------------------------------------
     # The generic part lives here; a kind takes part by having ``lora_B[name]`` a module with a ``bias`` slot whose
     # output is the layer's (nn.Linear, nn.ConvNd created with bias=False) and by calling lora_B as a module in its

@@ -167,7 +167,7 @@ class LoraModel(nn.Module):
                 continue
             for name in trainable:
                 if name in module.r:
-                    for p in module.adapter_parameters(name):
+                    for p in module.trainable_parameters(name):  # MiCA's B stays frozen
                         p.requires_grad_(True)
         modes = {c.bias for a, c in zip(self.active_adapters, configs) if a in trainable}
         for name, param in self.model.named_parameters():
@@ -200,6 +200,11 @@ class LoraModel(nn.Module):
             self._check_exists(name)
         for param in self._adapter_parameters(names):
             param.requires_grad_(requires_grad)
+        for _, module in self._lora_layers():  # what a variant freezes stays frozen (MiCA's B), as in PEFT
+            for name in names:
+                if name in module.r:
+                    for param in module.variants[name].frozen(module, name):
+                        param.requires_grad_(False)
 
     def _adapter_parameters(self, names: list[str]) -> Iterator[nn.Parameter]:
         """The parameters of adapters ``names`` in every wrapper: A, B, DoRA magnitudes, modules_to_save copies."""

@@ -29,6 +29,10 @@ class Lora:
     def delete(self, layer: LoraLayer, adapter: str) -> None:
         pass
 
+    def frozen(self, layer: LoraLayer, adapter: str) -> list[nn.Parameter]:
+        """The adapter's parameters that never train (MiCA's B); LoraLayer.trainable_parameters leaves them out."""
+        return []
+
     def linear_forward(self, layer: LoraLayer, adapter: str, x: Tensor, base: Tensor, result: Tensor) -> Tensor:
         """``result + B(A(dropout(x))) * s``, computed by fast.branch.lora_add (equal to that composition, tested);
         plus ``b * s`` for an adapter with a bias on B (lora_bias)."""

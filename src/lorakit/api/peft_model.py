@@ -464,8 +464,9 @@ def _target_error(
 def _init_for_loading(config: LoraConfig) -> bool | str:
     """How to initialize an adapter whose weights are about to be loaded: skip the work (True: cheap kaiming), except
     for initializers that change the base weight (PiSSA, OLoRA), whose adapters fit the residual base only: re-run
-    those to rebuild it, as PEFT does."""
-    return config.init_lora_weights if mutates_base(config.init_lora_weights) else True
+    those to rebuild it, as PEFT does, and for 'mica', which also chooses the adapter's variant (its B frozen)."""
+    keep = mutates_base(config.init_lora_weights) or "mica" in config.variant_names()
+    return config.init_lora_weights if keep else True
 
 
 class _ForwardWithBaseSignature:

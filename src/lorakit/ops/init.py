@@ -104,6 +104,20 @@ def orthogonal(weight: Tensor, r: int, scaling: float) -> LoraInit:
     return LoraInit(A.contiguous(), B.contiguous(), None)
 
 
+def mica(weight: Tensor, r: int, scaling: float) -> LoraInit:
+    """MiCA, minor component adaptation (arXiv 2604.01694): with the thin SVD W = U diag(S) V^T (S descending),
+    B = U[:, -r:] (the left singular vectors of the r smallest singular values, orthonormal columns) and A = 0, so the
+    adapter starts as the identity and the base is unchanged. Only A trains: the "mica" variant freezes B
+    (lorakit.adapters.variant_mica). For an embedding, W is its (dim, vocab) matrix, as PEFT takes it."""
+    if r > min(weight.shape):  # PEFT's words first (its tests match them)
+        raise ValueError(
+            f"MiCA requires `r` <= min(in_features, out_features) but got r={r} for a layer with weight shape "
+            f"{tuple(weight.shape)} (max usable r is {min(weight.shape)}); lower r (or set rank_pattern for it)"
+        )
+    U, _, _ = torch.linalg.svd(_fp32(weight, r, "mica"), full_matrices=False)  # U (out, k)
+    return LoraInit(weight.new_zeros(r, weight.shape[1], dtype=torch.float32), U[:, -r:].contiguous(), None)
+
+
 def _fp32(weight: Tensor, r: int, name: str) -> Tensor:
     """``weight`` in fp32 for the decompositions; ValueError if r exceeds its rank bound or its dtype is not a float."""
     if not weight.is_floating_point():
@@ -198,6 +212,7 @@ INITIALIZERS: dict[str, Initializer] = {
     "olora": olora,
     "orthogonal": orthogonal,
     "loftq": loftq,
+    "mica": mica,
 }
 
 
@@ -205,7 +220,7 @@ def get_initializer(init_lora_weights: bool | str, embedding: bool = False) -> I
     """The initializer named by a config's ``init_lora_weights`` (True -> kaiming, False -> random_nonzero)."""
     if init_lora_weights is False:
         return random_nonzero
-    if embedding:
+    if embedding and _lookup(init_lora_weights) is not mica:  # MiCA is the one an embedding takes by name, as PEFT
         return embedding_default
     if init_lora_weights is True:
         return kaiming
