@@ -116,6 +116,14 @@ class LoraLayer(nn.Module):
         b = self.lora_bias_of(name)
         return [*self.lora_weights(name), *([] if b is None else [b]), *self.variants[name].parameters(self, name)]
 
+    @property
+    def frozen_peft_weight_names(self) -> dict[str, tuple[str, ...]]:
+        """PEFT's attribute of the name, read from the variants: per adapter that has any, the names of the adapter
+        weights its variant keeps frozen (MiCA: ``{"default": ("lora_B",)}``)."""
+        where = {id(p): pname.split(".")[0] for pname, p in self.named_parameters()}
+        frozen = {a: tuple(where[id(p)] for p in v.frozen(self, a)) for a, v in self.variants.items()}
+        return {a: names for a, names in frozen.items() if names}
+
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
         """The adapter parameters that train while adapter ``name`` does: all but its variant's frozen ones (MiCA's
         B)."""
