@@ -228,3 +228,40 @@ def test_same_file_keys_and_config_as_peft(tmp_path):
     assert_same_adapter_config(tmp_path / "lorakit", tmp_path / "peft")
     loaded = lorakit.LoraConfig.from_pretrained(tmp_path / "peft")
     assert loaded.use_bdlora.nblocks == 2 and loaded.use_bdlora.target_modules_bd_a == ["o_proj"]
+
+
+# -- exports ----------------------------------------------------------------------------------------------------
+class _IdentityArch:
+    """A stand-in GgufArch: every module has a GGUF tensor of its own name, rows in PyTorch's order."""
+
+    def tensor_name(self, module: str) -> str:
+        return module
+
+    def to_gguf_rows(self, module: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+def _file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in lorakit.get_peft_model_state_dict(model).items()}
+
+
+def test_exports_expand_the_packed_factor_or_refuse():
+    from lorakit.adapters.variant_bdlora import dense_factors
+    from lorakit.export.gguf_adapter import gguf_lora_tensors
+    from lorakit.export.gguf_merged import merged_rows
+    from lorakit.export.vllm import vllm_problems
+
+    model = _model()
+    config, tensors = model.peft_config["default"], _file_tensors(model)
+    key = "base_model.model.{}.lora_{}.weight"
+    for name in ("lin0", "lin1"):
+        layer = getattr(model.base_model.model, name)
+        A, B = dense_factors(config.use_bdlora, name, tensors[key.format(name, "A")], tensors[key.format(name, "B")])
+        dense_A, dense_B = layer.lora_weights("default")
+        assert torch.equal(A, dense_A.detach()) and torch.equal(B, dense_B.detach())
+    rows = merged_rows(config, tensors, _IdentityArch())
+    assert torch.allclose(rows["lin0"], model.base_model.model.lin0.delta_out_in("default").detach(), atol=1e-6)
+    pairs = dict(gguf_lora_tensors(config, tensors, _IdentityArch()))
+    assert pairs["lin0.lora_a"].shape == (4, 10) and pairs["lin1.lora_b"].shape == (4, 4)
+    assert any("BD-LoRA" in p.rule for p in vllm_problems(config))
+    assert not any("BD-LoRA" in p.rule for p in vllm_problems(lorakit.LoraConfig(target_modules=["lin0"])))

@@ -61,6 +61,17 @@ def side_for(options: BdLoraConfig, module_name: str) -> Literal["A", "B"] | Non
     return "A" if in_a else "B" if in_b else None
 
 
+def dense_factors(options: BdLoraConfig | None, module_name: str, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """A module's (A, B) as an adapter file holds them -> the dense A (r, in) and B (out, r): the block-diagonal one
+    (per ``options``, the adapter's use_bdlora; None: plain LoRA) expanded from its packed form."""
+    side = None if options is None else side_for(options, module_name)
+    if side == "A":
+        return block_diagonal.dense(A, options.nblocks), B
+    if side == "B":
+        return A, block_diagonal.dense(B, options.nblocks)
+    return A, B
+
+
 class BdLora(Lora):
     """BD-LoRA: ``side`` ("A" or "B") of the adapter is a BlockDiagonalLinear of ``nblocks`` blocks."""
 

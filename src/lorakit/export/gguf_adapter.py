@@ -25,6 +25,7 @@ import gguf
 from torch import Tensor
 from transformers import AutoConfig
 
+from lorakit.adapters.variant_bdlora import dense_factors
 from lorakit.config import LoraConfig, base_model_id, read_config, scaling_for
 from lorakit.export.gguf_files import GgufTensor, encode, write_gguf
 from lorakit.export.gguf_names import GgufArch, UnsupportedArchitectureError, arch_of_gguf, gguf_arch
@@ -115,6 +116,7 @@ def gguf_lora_tensors(config: LoraConfig, tensors: dict[str, Tensor], arch: Gguf
     alpha = float(config.lora_alpha)
     out = []
     for name, (A, B) in files.lora_pairs(tensors).items():
+        A, B = dense_factors(config.use_bdlora, name, A, B)  # BD-LoRA's packed block-diagonal factor, expanded
         r = A.shape[0]
         target = arch.tensor_name(name)
         scaling = scaling_for(config.alpha_for(name), r, config.use_rslora)

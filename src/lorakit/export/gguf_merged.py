@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lorakit.adapters.variant_bdlora import dense_factors
 from lorakit.config import LoraConfig, base_model_id, read_config, scaling_for
 from lorakit.export.gguf_files import (
     GgufTensor,
@@ -70,6 +71,7 @@ def merged_rows(config: LoraConfig, tensors: dict[str, Tensor], arch: GgufArch) 
     with the adapter to ``name + ':replace'``."""
     out: dict[str, Tensor] = {}
     for module, (A, B) in files.lora_pairs(tensors).items():
+        A, B = dense_factors(config.use_bdlora, module, A, B)  # BD-LoRA's packed block-diagonal factor, expanded
         target = _named(arch, module)
         scaling = scaling_for(config.alpha_for(module), A.shape[0], config.use_rslora)
         delta = scaling * (B.detach().double() @ A.detach().double())

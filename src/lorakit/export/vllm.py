@@ -46,7 +46,6 @@ HEADS = ("classifier", "score")  # the only modules_to_save vLLM loads: a classi
 PEFT_ONLY_FEATURES = {
     "layer_replication": "layer_replication",
     "alora_invocation_tokens": "Activated LoRA (aLoRA, alora_invocation_tokens)",
-    "use_bdlora": "block-diagonal LoRA (BD-LoRA, use_bdlora)",
     "use_qalora": "QALoRA (use_qalora)",
 }
 TOKENIZER_FILES = (
@@ -80,6 +79,7 @@ def vllm_problems(
         _dora(config),
         _bias(config),
         _lora_bias(config),
+        _bdlora(config),
         _token_rows(config),
         _parameters(config),
         _modules_to_save(config),
@@ -93,7 +93,7 @@ def vllm_problems(
 
 def peft_feature_problems(config_json: dict[str, Any]) -> list[Problem]:
     """The vLLM problems of an adapter_config.json's PEFT features that lorakit has no LoraConfig field for (and
-    that read_config refuses): layer_replication, aLoRA, BD-LoRA, QALoRA."""
+    that read_config refuses): layer_replication, aLoRA, QALoRA."""
     return [
         Problem(
             f"vLLM does not support {name}",
@@ -144,6 +144,16 @@ def _lora_bias(config: LoraConfig) -> Problem | None:
         "vLLM does not support LoRA bias (lora_bias)",
         "export the merged model instead (--to merged: merge_and_unload adds s * b to the base layer's bias), or "
         "retrain without lora_bias",
+    )
+
+
+def _bdlora(config: LoraConfig) -> Problem | None:
+    if not config.use_bdlora:
+        return None
+    return Problem(
+        "vLLM does not support block-diagonal LoRA (BD-LoRA, use_bdlora): its file holds one factor per module "
+        "packed as (r, in / nblocks) or (out, r / nblocks)",
+        MERGED,
     )
 
 
