@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -117,12 +117,10 @@ class LoraLayer(nn.Module):
         return [*self.lora_weights(name), *([] if b is None else [b]), *self.variants[name].parameters(self, name)]
 
     @property
-    def frozen_peft_weight_names(self) -> dict[str, tuple[str, ...]]:
-        """PEFT's attribute of the name, read from the variants: per adapter that has any, the names of the adapter
-        weights its variant keeps frozen (MiCA: ``{"default": ("lora_B",)}``)."""
-        where = {id(p): pname.split(".")[0] for pname, p in self.named_parameters()}
-        frozen = {a: tuple(where[id(p)] for p in v.frozen(self, a)) for a, v in self.variants.items()}
-        return {a: names for a, names in frozen.items() if names}
+    def frozen_peft_weight_names(self) -> Mapping[str, tuple[str, ...]]:
+        """PEFT's attribute of the name, a live read-only view of the variants: per adapter that has any, the names
+        of the adapter weights its variant keeps frozen (MiCA: ``{"default": ("lora_B",)}``)."""
+        return _FrozenNames(self)
 
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
         """The adapter parameters that train while adapter ``name`` does: all but its variant's frozen ones (MiCA's
@@ -366,6 +364,27 @@ class LoraLayer(nn.Module):
             if safe_merge and not torch.isfinite(weight).all():
                 raise ValueError(f"merging adapters {names} gives NaN/inf weights; the adapter is broken")
         return weight
+
+
+class _FrozenNames(Mapping[str, tuple[str, ...]]):
+    """LoraLayer.frozen_peft_weight_names: read from the layer's variants at each access, so it never goes stale."""
+
+    def __init__(self, layer: LoraLayer) -> None:
+        self.layer = layer
+
+    def _names(self) -> dict[str, tuple[str, ...]]:
+        where = {id(p): pname.split(".")[0] for pname, p in self.layer.named_parameters()}  # 'lora_B.<name>.weight'
+        frozen = {a: tuple(where[id(p)] for p in v.frozen(self.layer, a)) for a, v in self.layer.variants.items()}
+        return {a: names for a, names in frozen.items() if names}
+
+    def __getitem__(self, adapter: str) -> tuple[str, ...]:
+        return self._names()[adapter]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
 
 
 def _accepted(init: Callable[..., object], options: dict[str, Any]) -> dict[str, Any]:
