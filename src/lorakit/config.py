@@ -226,12 +226,28 @@ class LoraConfig:
                 self.task_type = TaskType(self.task_type.upper())
             except ValueError:
                 allowed = ", ".join(t.value for t in TaskType)
-                raise ConfigError(f"task_type={self.task_type!r} is unknown; use one of: {allowed}") from None
+                raise ConfigError(  # PEFT's words
+                    f"Invalid task type: {self.task_type!r}. Must be one of the following task types: {allowed}. "
+                    f"(task_type={self.task_type!r})"
+                ) from None
         if isinstance(self.loftq_config, LoftQConfig):
             self.loftq_config = self.loftq_config.to_dict()
         self.velora_config = _sub_config("velora_config", self.velora_config, VeloraConfig)
         self.use_bdlora = _sub_config("use_bdlora", self.use_bdlora, BdLoraConfig)
         self.validate()
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.startswith(("pissa", "olora")) and self.use_rslora and (
+            self.rank_pattern or self.alpha_pattern
+        ):
+            warnings.warn(  # PEFT's words first: its tests match them
+                "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
+                "base weights (PiSSA, OLoRA) means that you won't be able to pass "
+                "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial values of "
+                "the base weights (the rank-2r adapter would change their scaling); save without conversion, or drop "
+                "use_rslora or the patterns",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid field and what it accepts."""

@@ -110,7 +110,7 @@ def test_pissa_is_convertible_given_the_initial_adapter_and_its_rank_counts_doub
 def test_pissa_that_lorakit_cannot_convert_says_merge() -> None:
     config = LoraConfig(init_lora_weights="pissa", use_rslora=True, alpha_pattern={"q_proj": 4})
     (problem,) = vllm_problems(config, initial_dir="runs/init")
-    assert "cannot convert an rsLoRA adapter with rank_pattern or alpha_pattern" in problem.rule
+    assert "not supported when using `rank_pattern` or `alpha_pattern` together with `use_rslora=True`" in problem.rule
     assert not problem.convertible and "--to merged" in problem.fix
 
 

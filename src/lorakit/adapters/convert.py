@@ -44,10 +44,10 @@ def converted_config(config: LoraConfig) -> LoraConfig:
         )
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         # rsLoRA's scaling alpha / sqrt(r) is not kept by doubling the patterns; PEFT refuses this case too
-        raise ValueError(
-            "path_initial_model_for_weight_conversion cannot convert an rsLoRA adapter with rank_pattern or "
-            "alpha_pattern (its scaling would change); save without conversion, or train with use_rslora=False or "
-            "without the patterns"
+        raise ValueError(  # PEFT's words first
+            "Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported when using "
+            "`rank_pattern` or `alpha_pattern` together with `use_rslora=True` (the rank-2r adapter would change "
+            "each module's scaling); save without conversion, or train with use_rslora=False or without the patterns"
         )
     data = config.to_dict()
     data.update(

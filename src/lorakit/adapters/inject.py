@@ -196,6 +196,8 @@ def condensed(targets: list[str], names: list[str]) -> list[str]:
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules ``config`` wraps, in model order. Raises TargetError if any target entry matches
     nothing (with the closest module names) or a match is a module type that cannot be wrapped."""
+    if config.target_modules in ("", []) and config.target_parameters:
+        return []  # parameters only
     spec = resolve_target_spec(model, config)
     modules = dict(plain_modules(model))
     saved = config.modules_to_save or []
@@ -312,9 +314,14 @@ def find_parameters(model: nn.Module, config: LoraConfig) -> list[tuple[str, str
     for entry in entries:
         if entry not in hit and not moe.generated(model, entry):
             close = difflib.get_close_matches(entry, sorted({n for n, _ in model.named_parameters()}), n=3, cutoff=0.3)
+            nothing = (  # PEFT's words when no module is targeted either
+                "No `target_modules` passed but also no `target_parameters` found. Please check the values for "
+                "these arguments. " if not config.target_modules else ""
+            )
             raise TargetError(
-                f"target parameter {entry!r} matched nothing; did you mean {' or '.join(map(repr, close)) or '?'}? "
-                "Give a parameter's name or its dotted suffix (e.g. 'experts.gate_up_proj')"
+                f"{nothing}target parameter {entry!r} matched nothing; did you mean "
+                f"{' or '.join(map(repr, close)) or '?'}? Give a parameter's name or its dotted suffix (e.g. "
+                "'experts.gate_up_proj')"
             )
     existing = {(n, w.parameter_name) for n, w in _parameter_wrappers(model) if w.r}
     if existing and found and set(found) != existing:
