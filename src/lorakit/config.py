@@ -131,6 +131,55 @@ class BdLoraConfig:
             raise ConfigError(f"nblocks={self.nblocks!r} must be a positive integer, e.g. 2")
 
 
+@dataclass
+class KasaConfig:
+    """Settings of KaSA (knowledge-aware singular-value adaptation, Wang et al. 2024, arXiv 2412.06071): the
+    coefficients of its two auxiliary losses, which ``LoraModel._get_kasa_loss`` returns for the caller to add to the
+    task loss (lorakit.ops.kasa.regularization). PEFT's ``KasaConfig``. Adding a KaSA adapter truncates the base
+    weight (its r smallest singular components removed): disabling or unloading the adapter does not undo that."""
+
+    beta: float = _help(
+        "Coefficient of the L2 penalty sum(lora_diag ** 2) on the learned singular values (paper eq. 9-10).", 1e-4
+    )
+    gamma: float = _help(
+        "Coefficient of the orthogonality penalty ||B^T B - I||_F + ||A A^T - I||_F (paper eq. 11).", 1e-3
+    )
+
+    def __post_init__(self) -> None:  # PEFT's wording (its tests match it), then the fix
+        for name in ("beta", "gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"`{name}` must be non-negative, got {value}. Pass e.g. {name}=0.0 to turn it off")
+
+
+@dataclass
+class MontecloraConfig:
+    """Settings of MonteCLoRA (Monte Carlo LoRA, Sengupta et al. 2024, arXiv 2411.04358): in training, A is the
+    mixture of ``num_samples`` noisy copies A + N_k (Gaussian noise whose per-rank variance is a Wishart-style draw
+    around learned scales), mixed by Dirichlet-style weights; evaluation and merging use A itself. Its variational loss
+    comes from ``LoraModel._get_monteclora_loss`` (lorakit.ops.monteclora). PEFT's ``MontecloraConfig``."""
+
+    num_samples: int = _help("Noisy copies of A mixed in each training forward.", 8)
+    use_entropy: bool = _help("Add the sum of the squared mixture weights to the variational loss.", False)
+    dirichlet_prior: float = _help("Concentration of the Dirichlet prior of the mixture weights (> 0).", 0.1)
+    sample_scaler: float = _help("Factor on the noise N_k (near 0: plain LoRA).", 1e-4)
+    kl_loss_weight: float = _help("Weight of the KL terms in the variational loss.", 1e-5)
+    buffer_size: int = _help("Training forwards whose random draws are made at once, ahead of time.", 150)
+
+    def __post_init__(self) -> None:  # PEFT's wording (its tests match it), then the fix
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples <= 0:
+            raise ConfigError(f"`num_samples` must be greater than 0, got {self.num_samples}. Pass e.g. num_samples=8")
+        if not isinstance(self.dirichlet_prior, (int, float)) or not self.dirichlet_prior > 0:
+            raise ConfigError(
+                f"`dirichlet_prior` must be greater than 0, got {self.dirichlet_prior}. Pass e.g. dirichlet_prior=0.1"
+            )
+        if isinstance(self.buffer_size, bool) or not isinstance(self.buffer_size, int) or self.buffer_size <= 0:
+            raise ConfigError(f"buffer_size={self.buffer_size!r} must be a positive integer, e.g. 150")
+
+
+_SUB_CONFIGS = (VeloraConfig, BdLoraConfig, KasaConfig, MontecloraConfig)  # written to adapter_config.json as dicts
+
+
 def _sub_config(name: str, value: Any, cls: type) -> Any:
     """None, a ``cls``, or its dict (as adapter_config.json holds it) -> None or a ``cls``; keys ``cls`` lacks are
     dropped, as PEFT does."""
@@ -139,7 +188,10 @@ def _sub_config(name: str, value: Any, cls: type) -> Any:
     if isinstance(value, dict):
         own = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in value.items() if k in own})
-    raise TypeError(f"{name} must be a `{cls.__name__}`, a dict, or None, not {type(value).__name__}")
+    raise TypeError(  # PEFT's wording first (its tests match it)
+        f"`{cls.__name__}` must be a `{cls.__name__}`, a dict, or None. Got {type(value).__name__}: {name} must be "
+        f"a `{cls.__name__}`, a dict, or None, e.g. {name}={cls.__name__}()"
+    )
 
 
 @dataclass
@@ -198,6 +250,16 @@ class LoraConfig:
         "BD-LoRA (a BdLoraConfig, or its dict): A or B block-diagonal per target, for tensor-parallel serving "
         "(lorakit.adapters.variant_bdlora). nn.Linear / Conv1D targets only.",
     )
+    kasa_config: KasaConfig | dict | None = _help(
+        "KaSA (a KasaConfig, or its dict): the base weight loses its r smallest singular components (once, when the "
+        "adapter is added) and the update is s * B @ diag(lora_diag) @ A, with lora_diag (r,) learned "
+        "(lorakit.adapters.variant_kasa). nn.Linear targets only; not combined with adapters without KaSA.",
+    )
+    monteclora_config: MontecloraConfig | dict | None = _help(
+        "MonteCLoRA (a MontecloraConfig, or its dict): in training, A is a learned mixture of noisy copies of itself, "
+        "with a variational loss (LoraModel._get_monteclora_loss); evaluation and merging are plain LoRA's "
+        "(lorakit.adapters.variant_monteclora). nn.Linear / Conv1D targets only.",
+    )
     trainable_token_indices: list[int] | dict[str, list[int]] | None = _help(
         "Train only these rows of an embedding (token ids), the rest frozen: a list for the input embedding, or "
         "{module name: ids} for named embeddings (lorakit.adapters.trainable_tokens).",
@@ -234,6 +296,8 @@ class LoraConfig:
             self.loftq_config = self.loftq_config.to_dict()
         self.velora_config = _sub_config("velora_config", self.velora_config, VeloraConfig)
         self.use_bdlora = _sub_config("use_bdlora", self.use_bdlora, BdLoraConfig)
+        self.kasa_config = _sub_config("kasa_config", self.kasa_config, KasaConfig)
+        self.monteclora_config = _sub_config("monteclora_config", self.monteclora_config, MontecloraConfig)
         self.validate()
         init = self.init_lora_weights
         if isinstance(init, str) and init.startswith(("pissa", "olora")) and self.use_rslora and (
@@ -269,12 +333,14 @@ class LoraConfig:
             allowed = ", ".join(["True", "False", *map(repr, init.INITIALIZERS), init.PISSA_NITER_HELP])
             raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} is unknown; use one of: {allowed}")
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("layers_pattern is set but layers_to_transform is not; set both, or neither")
+            raise ConfigError(
+                "When `layers_pattern` is specified, `layers_to_transform` must also be specified. Set both, or neither"
+            )
         if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
             # PEFT refuses this combination, so an adapter saved with it could not be loaded there
             raise ConfigError(
-                f"layers_to_transform / layers_pattern need target_modules as a list of names, not the string "
-                f"{self.target_modules!r}; list the module names, or put the layer index into the regex"
+                f"`layers_to_transform` cannot be used when `target_modules` is a str ({self.target_modules!r}); list "
+                "the module names, or put the layer index into the regex"
             )
         if self.target_parameters is not None and (
             not isinstance(self.target_parameters, list) or not all(isinstance(t, str) for t in self.target_parameters)
@@ -293,6 +359,13 @@ class LoraConfig:
             )
         _check_token_indices(self.trainable_token_indices)
         self.variant_names()  # at most one
+        if self.use_bdlora and init is not None and (init.mutates_base(self.init_lora_weights) or
+                                                     str(self.init_lora_weights).lower() == "loftq"):
+            raise ConfigError(  # PEFT takes it, and its block-diagonal factor then replaces half of the fitted pair
+                f"use_bdlora with init_lora_weights={self.init_lora_weights!r} is not supported: that initializer "
+                "moves part of the base weight into A and B, and BD-LoRA replaces one of them by a block-diagonal "
+                "factor, so the model would not start as the base model; use init_lora_weights=True or 'gaussian'"
+            )
         if isinstance(self.target_modules, list) and not self.target_modules and not self.target_parameters:
             raise ConfigError(
                 "target_modules=[] wraps nothing; list module names, use 'all-linear', or None (or name parameters "
@@ -305,10 +378,12 @@ class LoraConfig:
 
     def variant_names(self) -> tuple[str, ...]:
         """The config fields that choose a LoRA variant and are set (PEFT's names, sorted): () for plain LoRA, else
-        one of 'use_dora', 'velora_config', 'use_bdlora', 'mica' (init_lora_weights='mica'; the variant is built by
+        one of 'use_dora', 'velora_config', 'use_bdlora', 'kasa_config', 'monteclora_config', 'mica'
+        (init_lora_weights='mica'; the variant is built by
         lorakit.adapters.variants.for_config).
         ConfigError for two at once, which neither PEFT nor lorakit combines."""
-        names = tuple(n for n in ("use_bdlora", "use_dora", "velora_config") if getattr(self, n))
+        fields = ("kasa_config", "monteclora_config", "use_bdlora", "use_dora", "velora_config")
+        names = tuple(n for n in fields if getattr(self, n))
         if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() == "mica":
             names = tuple(sorted(("mica", *names)))  # PEFT's name of the variant init_lora_weights='mica' makes
         if len(names) > 1:
@@ -334,7 +409,7 @@ class LoraConfig:
         out: dict[str, Any] = {"peft_type": self.peft_type.value, **_peft_file_keys()}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, (VeloraConfig, BdLoraConfig)):
+            if isinstance(value, _SUB_CONFIGS):
                 value = dataclasses.asdict(value)
             out[f.name] = value.value if isinstance(value, TaskType) else value
         return out
@@ -413,10 +488,8 @@ _NEUTRAL_PEFT_KEYS: dict[str, Any] = {
     "lora_ga_config": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
-    "monteclora_config": None,
     "layer_replication": None,
     "arrow_config": None,
-    "kasa_config": None,
 }
 
 

@@ -159,6 +159,9 @@ def test_errors_name_the_fix_before_anything_is_wrapped():
         lorakit.get_peft_model(MLP(), lorakit.LoraConfig(target_modules=["lin0"], r=3, use_bdlora=odd))
     with pytest.raises(ConfigError, match="lora_bias=True is not supported there"):
         _model(bd_a=(), bd_b=("lin0", "lin1"), lora_bias=True)
+    for init_name in ("pissa", "olora", "loftq"):  # their pair fits W; replacing one factor would change the model
+        with pytest.raises(ConfigError, match=f"use_bdlora with init_lora_weights='{init_name}' is not supported"):
+            lorakit.LoraConfig(init_lora_weights=init_name, use_bdlora={"target_modules_bd_a": ["x"]})
     with pytest.raises(ConfigError, match=r"variant combination: \('use_bdlora', 'use_dora'\)"):
         lorakit.LoraConfig(use_dora=True, use_bdlora={"target_modules_bd_a": ["x"]})
 
