@@ -47,6 +47,11 @@ def plan(
             "add_weighted_adapter cannot combine DoRA adapters (use_dora=True): each rescales its rows by its own "
             "magnitude, which a sum of low-rank updates cannot express; merge_and_unload them instead"
         )
+    if any(c.kasa_config for c in configs):
+        raise ValueError(
+            "add_weighted_adapter cannot combine KaSA adapters (kasa_config): each update has its learned singular "
+            "values d between B and A, which the combined factors cannot keep apart; merge_and_unload them instead"
+        )
     if any(c.use_bdlora for c in configs):
         raise ValueError(
             "add_weighted_adapter cannot combine BD-LoRA adapters (use_bdlora): a combination of block-diagonal "

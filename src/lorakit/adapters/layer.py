@@ -255,8 +255,8 @@ class LoraLayer(nn.Module):
         return self.transpose(self.base_weight().detach())
 
     def delta_out_in(self, name: str) -> Tensor:
-        """s * B @ A as (out, in), in the adapter's dtype."""
-        A, B = self.lora_weights(name)
+        """s * B @ A as (out, in), in the adapter's dtype (A and B as its variant reads them: ``Lora.factors``)."""
+        A, B = self.variants[name].factors(self, name)
         return (B @ A) * self.scaling[name]  # (out, r) @ (r, in) -> (out, in)
 
     def delta_weight(self, name: str) -> Tensor:
@@ -358,7 +358,7 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             base = weight = self.weight_out_in().float()  # (out, in)
             for name in names:
-                A, B = self.lora_weights(name)
+                A, B = self.variants[name].factors(self, name)
                 delta = (B.float() @ A.float()) * self.scaling[name]  # (out, r) @ (r, in) -> (out, in)
                 weight = self.variants[name].merged_out_in(self, name, weight, base, delta)
             if safe_merge and not torch.isfinite(weight).all():

@@ -147,7 +147,7 @@ def check_names(adapter_names: object, loaded: Sequence[str]) -> list[str]:
     unknown = sorted({n for n in names if n != BASE and n not in loaded})
     if unknown:
         raise ValueError(
-            f"adapter_names names adapter(s) that are not loaded: {unknown}; loaded adapters: {list(loaded)} "
+            f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; loaded adapters: {list(loaded)} "
             f"(use '{BASE}' for rows that should run without an adapter)"
         )
     return names
@@ -158,8 +158,9 @@ def check_rows(routing: Routing, rows: int, module: nn.Module | None = None) -> 
     if rows != routing.batch_size:
         where = f"the input of {type(module).__name__}" if module is not None else "the input"
         raise ValueError(
-            f"adapter_names routes {routing.batch_size} rows but {where} has {rows} rows; give exactly one adapter "
-            f"name per batch row ('{BASE}' for rows without an adapter)"
+            f"Length of `adapter_names` should be the same as the number of inputs, but got {routing.batch_size} "
+            f"names and {rows} rows in {where}; give exactly one adapter name per batch row ('{BASE}' for rows "
+            "without an adapter)"
         )
 
 
@@ -190,17 +191,17 @@ def routed(
     """
     names = check_names(adapter_names, loaded)
     if training:
-        raise ValueError("adapter_names is for inference only and the model is in training mode; call model.eval()")
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode. Call model.eval() first")
     merged = sorted({a for m in wrappers for a in getattr(m, "merged_adapters", [])})
     if merged:
         raise ValueError(
-            f"adapter_names cannot be used while adapter(s) {merged} are merged into the base weights (every row would "
-            "get them); call model.unmerge_adapter() first"
+            "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first. "
+            f"(merged: {merged}; every row would get them)"
         )
     if rows is not None and rows != len(names):
         raise ValueError(
-            f"adapter_names has {len(names)} names but the input has {rows} rows; give exactly one adapter name per "
-            f"batch row ('{BASE}' for rows without an adapter)"
+            f"Length of `adapter_names` should be the same as the number of inputs, but got {len(names)} names and "
+            f"{rows} rows; give exactly one adapter name per batch row ('{BASE}' for rows without an adapter)"
         )
     routing = plan(names, repeat)
     previous = [m.routing for m in wrappers]
@@ -232,20 +233,21 @@ def _stack(layer: LoraLayer, adapters: Sequence[str]) -> _Stacks | None:
     present = [name for name in adapters if name in layer.r]
     if not present:
         return None
-    As: list[Tensor | None] = [layer.lora_weights(name)[0] if name in layer.r else None for name in adapters]
+    factors = {name: layer.variants[name].factors(layer, name) for name in set(present)}  # KaSA's B @ diag(d)
+    As: list[Tensor | None] = [factors[name][0] if name in layer.r else None for name in adapters]
     A0 = As[adapters.index(present[0])]
     ranks = {layer.r[name] for name in present}
     if len(present) == len(adapters) and len(ranks) == 1:  # the common case: one stack op each
         A_stack = torch.stack(As)  # type: ignore[arg-type]
         scales = torch.tensor([layer.scaling[name] for name in adapters], dtype=A0.dtype, device=A0.device)
-        sB_stack = torch.stack([layer.lora_weights(name)[1] for name in adapters]) * scales.view(-1, 1, 1)
+        sB_stack = torch.stack([factors[name][1] for name in adapters]) * scales.view(-1, 1, 1)
     else:  # adapters missing here or of different ranks: zeros pad them
         r = max(ranks)
         A_stack = A0.new_zeros(len(adapters), r, layer.in_features)
         sB_stack = A0.new_zeros(len(adapters), layer.out_features, r)
         for k, name in enumerate(adapters):
             if name in layer.r:
-                A, B = layer.lora_weights(name)
+                A, B = factors[name]
                 A_stack[k, : A.shape[0]] = A
                 sB_stack[k, :, : B.shape[1]] = B * layer.scaling[name]
     magnitude = norm = None

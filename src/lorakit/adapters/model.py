@@ -26,7 +26,7 @@ from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.adapters.parameter import LoraParameter
 from lorakit.adapters.trainable_tokens import TrainableTokensWrapper
-from lorakit.config import LoraConfig
+from lorakit.config import ConfigError, LoraConfig
 from lorakit.fast import swiglu
 from lorakit.io.files import AdapterError, check_adapter_name
 
@@ -82,7 +82,9 @@ class LoraModel(nn.Module):
         or, with ``autocast_adapter_dtype=False``, in the dtype of the layer they adapt."""
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise AdapterError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter it")
+            raise AdapterError(
+                f"Adapter with name {adapter_name!r} already exists; pick another name or delete_adapter it"
+            )
         with_bias = [name for name, c in self.peft_config.items() if c.bias != "none"]
         if config.bias != "none" and with_bias:  # two adapters would both own (and save) the same base biases
             raise AdapterError(
@@ -90,6 +92,7 @@ class LoraModel(nn.Module):
                 f"all adapters but one (adapter {with_bias[0]!r} has bias={self.peft_config[with_bias[0]].bias!r}; "
                 f"add {adapter_name!r} with bias='none')"
             )
+        _check_kasa_mix(self.peft_config, config)
         config = dataclasses.replace(config)
         self.peft_config[adapter_name] = config
         try:
@@ -298,6 +301,25 @@ class LoraModel(nn.Module):
                     managers.append(name)
                 yield name, module
 
+    # -- auxiliary losses of variants (PEFT's method names): the caller adds them to the task loss ------------------
+    def _get_kasa_loss(self, adapter_names: str | list[str] | None = None) -> torch.Tensor | float:
+        """KaSA's regularization summed over its layers, for ``adapter_names`` (default: the active adapters):
+        beta * sum(d ** 2) + gamma * (||B.T B - I||_F + ||A A.T - I||_F) with each adapter's KasaConfig
+        (lorakit.ops.kasa.regularization); 0.0 if no such layer. ``loss = task_loss + model._get_kasa_loss()``."""
+        names = self._names_or_active(adapter_names)
+        total: torch.Tensor | float = 0.0
+        for _, module in self._lora_layers():
+            for name in names:
+                if name in module.r and module.variants[name].name == "kasa":
+                    options = self.peft_config[name].kasa_config
+                    total = total + module.variants[name].regularization(module, name, options.beta, options.gamma)
+        return total
+
+    def _names_or_active(self, adapter_names: str | list[str] | None) -> list[str]:
+        if adapter_names is None:
+            return list(self.active_adapters)
+        return [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+
     # -- combining -----------------------------------------------------------------------------------------------
     def add_weighted_adapter(
         self,
@@ -317,7 +339,9 @@ class LoraModel(nn.Module):
         the new adapter is added inactive; call set_adapter to use it. The ``dare_*`` types are random: pass a
         seeded torch.Generator (an addition to PEFT's signature) or seed the global RNG to reproduce them."""
         if adapter_name in self.peft_config:
-            raise AdapterError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter it")
+            raise AdapterError(
+                f"Adapter with name {adapter_name!r} already exists; pick another name or delete_adapter it"
+            )
         for name in adapters:
             self._check_exists(name)
         if len(adapters) != len(weights):
@@ -359,6 +383,19 @@ class LoraModel(nn.Module):
             new_A.data[: A.shape[0], :] = A.to(new_A.dtype)
             new_B.data[:, : B.shape[1]] = B.to(new_B.dtype)
         self._set_trainable()
+
+
+def _check_kasa_mix(configs: dict[str, LoraConfig], config: LoraConfig) -> None:
+    """ConfigError, in PEFT's words (its tests match them), if a KaSA adapter would sit beside one without KaSA:
+    KaSA truncates the base weight every other adapter of the model computes with."""
+    new = config.kasa_config is not None
+    for name, other in configs.items():
+        if (other.kasa_config is not None) is not new:
+            raise ConfigError(
+                "KaSA cannot be combined with adapters that don't use KaSA, since KaSA modifies the base weights: the "
+                f"new adapter {'uses' if new else 'does not use'} KaSA but adapter '{name}' "
+                f"{'does not' if new else 'does'}. Give both a kasa_config, or use a model without KaSA adapters"
+            )
 
 
 def _mergeable(module: nn.Module) -> bool:

@@ -33,6 +33,11 @@ class Lora:
         """The adapter's parameters that never train (MiCA's B); LoraLayer.trainable_parameters leaves them out."""
         return []
 
+    def factors(self, layer: LoraLayer, adapter: str) -> tuple[Tensor, Tensor]:
+        """(A (r, in), B (out, r)) whose ``s * B @ A`` is the adapter's update (the merge, mixed batches): its factors
+        themselves; KaSA's are (A, B @ diag(d))."""
+        return layer.lora_weights(adapter)
+
     def linear_forward(self, layer: LoraLayer, adapter: str, x: Tensor, base: Tensor, result: Tensor) -> Tensor:
         """``result + B(A(dropout(x))) * s``, computed by fast.branch.lora_add (equal to that composition, tested);
         plus ``b * s`` for an adapter with a bias on B (lora_bias)."""

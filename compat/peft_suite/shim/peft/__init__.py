@@ -32,6 +32,8 @@ EQUIVALENTS: dict[str, dict[str, str]] = {
         "LoftQConfig": "lorakit:LoftQConfig",
         "VeloraConfig": "lorakit:VeloraConfig",
         "BdLoraConfig": "lorakit:BdLoraConfig",
+        "KasaConfig": "lorakit:KasaConfig",
+        "MontecloraConfig": "lorakit:MontecloraConfig",
         "LoraModel": "lorakit:LoraModel",
         "LoraLayer": "lorakit:LoraLayer",
         "Linear": "lorakit:LoraLinear",
