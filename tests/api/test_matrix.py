@@ -195,7 +195,7 @@ def test_every_model_type_of_peft_s_table_is_in_the_matrix():
 @pytest.mark.parametrize("case", [c for c in mm.CASES if c.model_type in NO_DEFAULT], ids=lambda c: c.name)
 def test_no_default_in_either_library(case):
     """Neither library has default targets for these model types: both ask for target_modules."""
-    with pytest.raises(lorakit.TargetError, match="pass target_modules explicitly"):
+    with pytest.raises(lorakit.TargetError, match="Please specify `target_modules`"):
         _lorakit_model(case, "default")
     with pytest.raises(ValueError):
         _peft_model(case, _config_kwargs(case, "default"))

@@ -161,8 +161,8 @@ def resolve_target_spec(model: nn.Module, config: LoraConfig) -> list[str] | str
             return []  # parameters only, as PEFT does for a model without a default
         if model_type not in DEFAULT_TARGETS:
             raise TargetError(
-                f"no default target_modules for model_type {model_type!r}; pass target_modules explicitly "
-                f"(e.g. ['q_proj', 'v_proj'] or 'all-linear')"
+                f"Please specify `target_modules` in `peft_config`: there is no default for model_type "
+                f"{model_type!r} (e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear')"
             )
         default = DEFAULT_TARGETS[model_type]
         return default if isinstance(default, str) else list(default)
