@@ -221,8 +221,9 @@ def test_converted_config_keeps_every_scaling():
 
 @pytest.mark.parametrize("pattern", [{"rank_pattern": {"q_proj": 2}}, {"alpha_pattern": {"q_proj": 2.0}}])
 def test_converted_config_refuses_rslora_with_patterns(pattern):
-    config = lorakit.LoraConfig(r=4, use_rslora=True, init_lora_weights="pissa", **pattern)
-    with pytest.raises(ValueError, match="rsLoRA adapter with rank_pattern or alpha_pattern"):
+    with pytest.warns(UserWarning, match="you won't be able to pass `path_initial_model_for_weight_conversion`"):
+        config = lorakit.LoraConfig(r=4, use_rslora=True, init_lora_weights="pissa", **pattern)
+    with pytest.raises(ValueError, match="together with `use_rslora=True`"):
         convert.converted_config(config)
 
 
