@@ -315,6 +315,20 @@ class LoraModel(nn.Module):
                     total = total + module.variants[name].regularization(module, name, options.beta, options.gamma)
         return total
 
+    def _get_monteclora_loss(self, adapter_names: str | list[str] | None = None) -> torch.Tensor | float:
+        """MonteCLoRA's variational loss for ``adapter_names`` (default: the active adapters): the mean over its
+        layers of kl_loss_weight * KL + entropy (lorakit.ops.monteclora), as PEFT; 0.0 if no such layer, and each
+        layer's term is 0 outside training mode. ``loss = task_loss + model._get_monteclora_loss()``."""
+        names = self._names_or_active(adapter_names)
+        total: torch.Tensor | float = 0.0
+        layers = 0
+        for _, module in self._lora_layers():
+            for name in names:
+                if name in module.r and module.variants[name].name == "monteclora":
+                    kl, entropy = module.variants[name].variational_loss(module, name)
+                    total, layers = total + kl + entropy, layers + 1
+        return total / layers if layers else 0.0
+
     def _names_or_active(self, adapter_names: str | list[str] | None) -> list[str]:
         if adapter_names is None:
             return list(self.active_adapters)

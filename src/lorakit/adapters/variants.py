@@ -11,6 +11,8 @@ registered by name in ``VARIANTS`` and built from a config by ``for_config`` (in
 - ``bdlora``: BD-LoRA: A or B block-diagonal, for tensor-parallel serving (lorakit.adapters.variant_bdlora).
 - ``kasa``: KaSA (Wang et al. 2024): the update s * B @ diag(d) @ A with learned singular values d; adding it
   truncates the base weight's r smallest singular components (lorakit.adapters.variant_kasa).
+- ``monteclora``: MonteCLoRA (Sengupta et al. 2024): in training, A is a learned mixture of noisy copies of itself
+  (lorakit.adapters.variant_monteclora); evaluation and merging are plain LoRA's.
 - ``mica``: MiCA: ``init_lora_weights="mica"`` starts B on W's minor singular vectors and A at 0; B stays frozen
   (lorakit.adapters.variant_mica).
 
@@ -28,6 +30,7 @@ from lorakit.adapters.variant_bdlora import BdLora, side_for
 from lorakit.adapters.variant_kasa import Kasa
 from lorakit.adapters.variant_lora import Lora, LoraLayer
 from lorakit.adapters.variant_mica import Mica
+from lorakit.adapters.variant_monteclora import Monteclora
 from lorakit.adapters.variant_velora import Velora
 from lorakit.config import LoraConfig
 from lorakit.ops import dora
@@ -140,13 +143,14 @@ class Dora(Lora):
 
 
 VARIANTS: dict[str, type[Lora]] = {"lora": Lora, "dora": Dora, "velora": Velora, "bdlora": BdLora, "mica": Mica,
-                                 "kasa": Kasa}
+                                 "kasa": Kasa, "monteclora": Monteclora}
 
 
 def for_config(config: LoraConfig, module_name: str) -> Lora:
     """The variant object of one adapter on target ``module_name``, with its options from ``config``: DoRA with
     use_dora, VeLoRA with velora_config, BD-LoRA with use_bdlora (plain LoRA on a target that matches neither of its
-    lists, with match_strict=False), MiCA with init_lora_weights="mica", KaSA with kasa_config, else plain LoRA.
+    lists, with match_strict=False), MiCA with init_lora_weights="mica", KaSA with kasa_config,
+    MonteCLoRA with monteclora_config, else plain LoRA.
     ConfigError for two variants at once or, with BD-LoRA, for a target its lists do not place."""
     names = config.variant_names()
     if names == ("use_dora",):
@@ -155,6 +159,8 @@ def for_config(config: LoraConfig, module_name: str) -> Lora:
         return Mica()
     if names == ("kasa_config",):
         return Kasa()
+    if names == ("monteclora_config",):
+        return Monteclora(config.monteclora_config)
     if names == ("velora_config",):
         return Velora(config.velora_config)
     if names == ("use_bdlora",):

@@ -93,6 +93,9 @@ EQUIVALENTS["peft.tuners.trainable_tokens"] = {
     "TrainableTokensLayer": "lorakit.adapters.trainable_tokens:TrainableTokensLayer"
 }
 EQUIVALENTS["peft.tuners.trainable_tokens.layer"] = EQUIVALENTS["peft.tuners.trainable_tokens"]
+EQUIVALENTS["peft.tuners.lora.monteclora"] = {
+    "MontecloraSampler": "lorakit.adapters.variant_monteclora:MontecloraSampler"
+}
 EQUIVALENTS["peft.tuners.lora.variants"] = {
     "BlockDiagonalLinear": "lorakit.adapters.variant_bdlora:BlockDiagonalLinear"
 }
