@@ -131,11 +131,9 @@ class LoraConv(LoraLayer):
             A_conv.copy_(A.reshape(A_conv.shape))
             B_conv.copy_(conv_math.dense_to_grouped(B, self.groups).reshape(B_conv.shape))
 
-    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        """A's and B's conv weights, B's bias with lora_bias, and the variant's (DoRA's magnitude)."""
-        b = self.lora_bias_of(name)
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        return [A, B, *([] if b is None else [b]), *self.variants[name].parameters(self, name)]
+    def factor_parameters(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """A's and B's conv kernels (``lora_weights`` gives them as matrices)."""
+        return self.lora_A[name].weight, self.lora_B[name].weight
 
     def _drop(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name]

@@ -111,10 +111,15 @@ class LoraLayer(nn.Module):
     def _drop(self, name: str) -> None:
         raise NotImplementedError
 
+    def factor_parameters(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """The Parameters that hold A and B (what ``lora_weights`` computes from, where a kind stores them in
+        another shape: a conv's kernels, BD-LoRA's packed blocks)."""
+        return self.lora_weights(name)
+
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """Every trainable parameter of adapter ``name``: A, B, B's bias (lora_bias), its variant's (DoRA's m)."""
         b = self.lora_bias_of(name)
-        return [*self.lora_weights(name), *([] if b is None else [b]), *self.variants[name].parameters(self, name)]
+        return [*self.factor_parameters(name), *([] if b is None else [b]), *self.variants[name].parameters(self, name)]
 
     @property
     def frozen_peft_weight_names(self) -> Mapping[str, tuple[str, ...]]:

@@ -59,11 +59,9 @@ class LoraLinear(LoraLayer):
                     matrix = block_diagonal.packed(matrix, module.nblocks)
                 module.weight.copy_(matrix)
 
-    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        """A's and B's weights (packed, for a block-diagonal one), B's bias with lora_bias, the variant's."""
-        b = self.lora_bias_of(name)
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        return [A, B, *([] if b is None else [b]), *self.variants[name].parameters(self, name)]
+    def factor_parameters(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """A's and B's weights (packed, for a block-diagonal one)."""
+        return self.lora_A[name].weight, self.lora_B[name].weight
 
     def _drop(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name]
