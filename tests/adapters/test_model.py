@@ -330,3 +330,10 @@ def test_targeted_module_names_lists_the_wrapped_modules_in_model_order() -> Non
     config = LoraConfig(target_modules=["v_proj", "q_proj"], exclude_modules=r".*layers\.1\..*")
     model = get_peft_model(tiny_llama(), config)
     assert model.targeted_module_names == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+
+
+def test_get_base_layer_is_the_wrapped_module() -> None:
+    base = tiny_llama()
+    q_proj = base.model.layers[0].self_attn.q_proj
+    model = get_peft_model(base, LoraConfig(target_modules=["q_proj"]))
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer() is q_proj

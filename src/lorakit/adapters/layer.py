@@ -245,6 +245,13 @@ class LoraLayer(nn.Module):
     def bias(self) -> Tensor | None:
         return self.base_layer.bias
 
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped module itself, under any nesting of LoRA wrappers (PEFT's method of the name)."""
+        base = self.base_layer
+        while isinstance(base, LoraLayer):
+            base = base.base_layer
+        return base
+
     # -- weights -------------------------------------------------------------------------------------------------
     def base_weight(self) -> nn.Parameter:
         return self.base_layer.weight
