@@ -237,3 +237,21 @@ def test_same_file_keys_and_config_as_peft(tmp_path):
     assert ours == theirs
     assert ours["base_model.model.model.layers.0.self_attn.q_proj.lora_diag"] == (4,)
     assert_same_adapter_config(tmp_path / "lorakit", tmp_path / "peft")
+
+
+def test_exports_refuse_kasa_with_the_merged_model_as_the_fix():
+    from lorakit.export.gguf_adapter import KASA, gguf_adapter_problems
+    from lorakit.export.vllm import vllm_problems
+
+    config = lorakit.LoraConfig(target_modules=["q_proj"], kasa_config={})
+    (problem,) = vllm_problems(config)
+    assert "vLLM does not support KaSA" in problem.rule and "--to merged" in problem.fix
+    assert KASA in gguf_adapter_problems(config, {}, "unknown") and "--to merged " in KASA.fix
+    assert not vllm_problems(lorakit.LoraConfig(target_modules=["q_proj"]))
+
+
+def test_conversion_onto_the_original_base_is_refused(tmp_path):
+    model = lorakit.get_peft_model(MLP(), _config(init_lora_weights="pissa"))
+    model.save_pretrained(tmp_path / "init")
+    with pytest.raises(ValueError, match="cannot convert a KaSA adapter.*save without conversion"):
+        model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "init")

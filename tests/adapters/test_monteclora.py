@@ -231,3 +231,20 @@ def test_same_file_keys_and_config_as_peft(tmp_path):
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_monteclora_sampler.gaussian_var_prior"
     assert ours[key] == (4, 4)
     assert_same_adapter_config(tmp_path / "lorakit", tmp_path / "peft")
+
+
+def test_vllm_gets_the_plain_lora_it_is_outside_training(tmp_path):
+    from lorakit.adapters import state
+    from lorakit.config import read_config
+    from lorakit.export.vllm import _served, vllm_problems
+    from lorakit.io import files
+
+    model = _llama(lorakit)
+    model.save_pretrained(tmp_path)
+    config, (tensors, _) = read_config(tmp_path), files.read_weights(tmp_path)
+    assert not vllm_problems(config, tensors)
+    served, served_config = _served(tensors, config, None)
+    assert served_config.monteclora_config is None and len(served) == 8 and len(tensors) == 24
+    plain = lorakit.get_peft_model(tiny_llama(0), served_config).eval()
+    state.load_adapter_state_dict(plain, served, "default", "served")
+    assert (_logits(plain) - _logits(model)).abs().max() < ATOL

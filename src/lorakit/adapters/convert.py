@@ -42,6 +42,11 @@ def converted_config(config: LoraConfig) -> LoraConfig:
             "path_initial_model_for_weight_conversion cannot convert a DoRA adapter (use_dora=True): its magnitudes "
             "belong to the changed base, not the original one; save without conversion"
         )
+    if config.kasa_config:
+        raise ValueError(
+            "path_initial_model_for_weight_conversion cannot convert a KaSA adapter (kasa_config): KaSA truncates the "
+            "base weight, so no LoRA on the original base equals it; save without conversion"
+        )
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         # rsLoRA's scaling alpha / sqrt(r) is not kept by doubling the patterns; PEFT refuses this case too
         raise ValueError(  # PEFT's words first

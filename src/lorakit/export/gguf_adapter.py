@@ -36,6 +36,12 @@ from lorakit.io.models import bundled_gguf, is_default_model, resolve_model
 
 ADAPTER_OUTTYPES = ("f32", "f16", "bf16")  # B has r columns: too few for q8_0's blocks of 32
 _MERGED_GGUF = "--to merged-gguf (the adapter merged into one GGUF model file)"
+KASA = Problem(  # also for --to merged-gguf (lorakit.export.gguf_merged), which merges into the untruncated base
+    "a KaSA adapter (kasa_config) has learned singular values between B and A and a truncated base weight, which "
+    "neither a llama.cpp LoRA file nor the base model's GGUF file holds",
+    "export --to merged (merge_and_unload: the truncated base with the update) and convert it with llama.cpp's "
+    "convert_hf_to_gguf.py",
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ def gguf_adapter_problems(config: LoraConfig, tensors: dict[str, Tensor], arch: 
         problems.append(Problem(f"llama.cpp's LoRA files carry no biases (bias={config.bias!r})", _MERGED_GGUF))
     if config.lora_bias:
         problems.append(Problem("llama.cpp's LoRA files carry no bias on B (lora_bias=True)", _MERGED_GGUF))
+    if config.kasa_config:
+        problems.append(KASA)
     if config.trainable_token_indices:
         problems.append(
             Problem(

@@ -80,6 +80,7 @@ def vllm_problems(
         _bias(config),
         _lora_bias(config),
         _bdlora(config),
+        _kasa(config),
         _token_rows(config),
         _parameters(config),
         _modules_to_save(config),
@@ -153,6 +154,16 @@ def _bdlora(config: LoraConfig) -> Problem | None:
     return Problem(
         "vLLM does not support block-diagonal LoRA (BD-LoRA, use_bdlora): its file holds one factor per module "
         "packed as (r, in / nblocks) or (out, r / nblocks)",
+        MERGED,
+    )
+
+
+def _kasa(config: LoraConfig) -> Problem | None:
+    if not config.kasa_config:
+        return None
+    return Problem(
+        "vLLM does not support KaSA (kasa_config): its update s * B @ diag(lora_diag) @ A has learned singular values "
+        "between B and A, and its base weight is truncated, while vLLM serves the base unchanged",
         MERGED,
     )
 
@@ -277,7 +288,8 @@ def _served(
     tensors: dict[str, Tensor], config: LoraConfig, initial_dir: str | os.PathLike | None
 ) -> tuple[dict[str, Tensor], LoraConfig]:
     """(tensors, config) as vLLM takes them: converted onto the original base if the initializer changed it; the
-    string 'kaiming' (lorakit's name for the default init, which vLLM refuses) written as True."""
+    string 'kaiming' (lorakit's name for the default init, which vLLM refuses) written as True; a MonteCLoRA adapter
+    as the plain LoRA it is outside training."""
     if needs_conversion(config):
         assert initial_dir is not None  # vllm_problems said so otherwise
         return to_original_base(tensors, config, initial_dir, "default")
@@ -289,6 +301,9 @@ def _served(
         )
     if isinstance(config.init_lora_weights, str) and config.init_lora_weights.lower() == "kaiming":
         config = dataclasses.replace(config, init_lora_weights=True)
+    if config.monteclora_config:  # outside training MonteCLoRA is its plain LoRA: its sampler's tensors stay behind
+        tensors = {k: v for k, v in tensors.items() if ".lora_monteclora_sampler." not in k}
+        config = dataclasses.replace(config, monteclora_config=None)
     return tensors, config
 
 
