@@ -337,3 +337,10 @@ def test_get_base_layer_is_the_wrapped_module() -> None:
     q_proj = base.model.layers[0].self_attn.q_proj
     model = get_peft_model(base, LoraConfig(target_modules=["q_proj"]))
     assert model.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer() is q_proj
+
+
+def test_wrappers_print_as_peft_names_them() -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "embed_tokens"]))
+    inner = model.base_model.model.model
+    assert repr(inner.layers[0].self_attn.q_proj).startswith("lora.Linear(\n  (base_layer): Linear(")
+    assert repr(inner.embed_tokens).startswith("lora.Embedding(")

@@ -31,6 +31,7 @@ from lorakit.adapters.variant_lora import Lora
 class LoraMultiheadAttention(LoraLayer):
     """LoRA on the packed q/k/v projection of ``nn.MultiheadAttention``, and on its ``out_proj``."""
 
+    module_type = "lora.MultiheadAttention"
     manages_inner = True  # out_proj's LoraLinear: model-wide merge / unmerge / unwrap leave it to this layer
 
     def __init__(self, base_layer: nn.MultiheadAttention) -> None:

@@ -81,10 +81,6 @@ class LoraConv(LoraLayer):
         """PEFT's name of the wrapper class ('lora.Conv2d'): the repr's and get_layer_status's."""
         return f"lora.{self.conv_type.__name__}"
 
-    def __repr__(self) -> str:
-        text = super().__repr__()  # 'LoraConv(...)'
-        return self.module_type + text[text.index("(") :]
-
     @property
     def magnitude_shape(self) -> tuple[int, ...]:
         """DoRA's magnitude as PEFT stores it for a conv: (1, out, 1, ...), broadcasting over (N, out, *S)."""

@@ -18,6 +18,7 @@ class LoraEmbedding(LoraLayer):
     """LoRA around ``nn.Embedding``; ``lora_embedding_A`` / ``lora_embedding_B`` are PEFT's names."""
 
     fan_in_fan_out = True  # weight is (in=num_embeddings, out=dim)
+    module_type = "lora.Embedding"
     embedding = True
     supports_lora_bias = False  # B is a bare Parameter, as in PEFT, which refuses lora_bias here too
     variants_supported = ("lora", "dora", "mica")

@@ -35,6 +35,7 @@ class LoraLayer(nn.Module):
     fan_in_fan_out: bool = False  # True if base weight is stored (in, out) instead of (out, in)
     embedding = False  # True for kinds whose input is token ids (their own default initializer, no dropout)
     manages_inner = False  # True for kinds holding LoRA layers of their own that they pass every state change to
+    module_type = "lora.Linear"  # PEFT's name of the wrapper class: the repr's and get_layer_status's
     weight_tied_to: str | None = None  # ensure_weight_tying: the embedding whose weight (and LoRA) this layer shares
     supports_lora_bias = True  # whether B can have a bias (lora_bias=True): see _create_lora_bias
     variants_supported: tuple[str, ...] = ("lora", "dora")  # the VARIANTS names this kind can run
@@ -244,6 +245,10 @@ class LoraLayer(nn.Module):
     @property
     def bias(self) -> Tensor | None:
         return self.base_layer.bias
+
+    def __repr__(self) -> str:
+        text = super().__repr__()  # 'LoraLinear(...)' -> PEFT's 'lora.Linear(...)'
+        return self.module_type + text[text.index("(") :]
 
     def get_base_layer(self) -> nn.Module:
         """The wrapped module itself, under any nesting of LoRA wrappers (PEFT's method of the name)."""

@@ -15,13 +15,11 @@ from typing import Any, Literal
 
 from torch import nn
 
-from lorakit.adapters.embedding import LoraEmbedding
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.adapters.trainable_tokens import TrainableTokensLayer
 
 Irregular = Literal["irregular"]
-MODULE_TYPES = {LoraEmbedding: "lora.Embedding"}  # every other LoraLayer: "lora.Linear"
 
 
 @dataclass
@@ -66,7 +64,7 @@ def _agree(values: list[Any]) -> Any:
 def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus:
     if isinstance(module, LoraLayer):
         adapters = {a: module.adapter_parameters(a) for a in module.adapter_names}
-        kind = getattr(module, "module_type", None) or MODULE_TYPES.get(type(module), "lora.Linear")
+        kind = module.module_type
         enabled, active = not module.disable_adapters, list(module.active_adapters)
         merged = list(module.merged_adapters)
         backend = "lorakit" if module.quantized else None
