@@ -344,3 +344,14 @@ def test_wrappers_print_as_peft_names_them() -> None:
     inner = model.base_model.model.model
     assert repr(inner.layers[0].self_attn.q_proj).startswith("lora.Linear(\n  (base_layer): Linear(")
     assert repr(inner.embed_tokens).startswith("lora.Embedding(")
+
+
+def test_modules_to_save_refuses_a_container() -> None:
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads = nn.ModuleDict({"a": nn.Linear(4, 4)})
+            self.lin = nn.Linear(4, 4)
+
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type .*ModuleDict"):
+        get_peft_model(Holder(), LoraConfig(target_modules=["lin"], modules_to_save=["heads"]))

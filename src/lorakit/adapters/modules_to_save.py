@@ -13,6 +13,12 @@ class ModulesToSaveWrapper(nn.Module):
     """Keeps ``original_module`` untouched and routes the forward through the active adapter's trainable copy."""
 
     def __init__(self, original_module: nn.Module) -> None:
+        containers = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+        if isinstance(original_module, containers):  # no forward of their own: a trained copy would never run
+            raise TypeError(
+                f"modules_to_save cannot be applied to modules of type {type(original_module)}: it holds modules "
+                "but has no forward; name the modules inside it in modules_to_save instead"
+            )
         super().__init__()
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
