@@ -172,8 +172,11 @@ def test_refusals_name_the_fix():
         lorakit.LoraConfig(target_modules=["lin0"], kasa_config=123)
     with pytest.raises(ConfigError, match=r"variant combination: \('kasa_config', 'use_dora'\)"):
         _config(use_dora=True)
-    with pytest.raises(ValueError, match=r"KaSA requires `r` \(10\)"):
-        lorakit.get_peft_model(MLP(), _config(r=10))
+    base = MLP()
+    W = base.lin0.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"KaSA requires `r` \(10\)"):  # lin1 (10 x 12); lin0 comes first
+        lorakit.get_peft_model(base, _config(r=10))
+    assert torch.equal(base.lin0.weight, W) and isinstance(base.lin0, nn.Linear)  # nothing changed before it
     model = lorakit.get_peft_model(MLP(), _config())
     with pytest.raises(
         ValueError, match="KaSA cannot be combined with adapters that don't use KaSA.*adapter 'default'"

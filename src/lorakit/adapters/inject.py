@@ -401,6 +401,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
     if config.lora_bias:  # checked before anything is wrapped
         _check_lora_bias(model, targets, parameters)
     chosen = {name: variants.for_config(config, name) for name in targets}  # its errors come before any change
+    for name in targets:  # so do a variant's checks of its targets (KaSA's rank)
+        chosen[name].check(model.get_submodule(name), config.rank_for(name))
     layouts: list[bool] = []  # fan_in_fan_out of each wrapped Linear / Conv1D
     for name in targets:
         parent, child = _parent(model, name)

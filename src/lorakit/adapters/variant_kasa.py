@@ -28,6 +28,12 @@ class Kasa(Lora):
     runs_on = "nn.Linear layers"
     plain = False  # its update has d between B and A: the layers' fused plain path stays off
 
+    def check(self, module: nn.Module, r: int) -> None:
+        """r < min(out, in) for an nn.Linear target (ops.kasa.check_rank), before any base weight is truncated."""
+        base = getattr(module, "base_layer", module)
+        if isinstance(base, nn.Linear):
+            kasa.check_rank(r, base.in_features, base.out_features)
+
     def create(self, layer: LoraLayer, adapter: str) -> None:
         """Make d ~ N(0, 1) (r,) and replace the base weight by its truncation (ops.kasa.truncate). Errors come before
         the base weight changes."""

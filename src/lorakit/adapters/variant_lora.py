@@ -20,6 +20,10 @@ class Lora:
     runs_on = "every module kind"  # for messages: the kinds whose ``variants_supported`` name it
     plain = True  # its forward is base + s * B(A(dropout(x))): the layers' single-adapter fast path applies
 
+    def check(self, module: nn.Module, r: int) -> None:
+        """Called by inject for each target ``module`` (a LoRA layer already, or the module to wrap) before anything
+        is wrapped: raise if this variant cannot adapt it with rank ``r``. Plain LoRA takes every target."""
+
     def create(self, layer: LoraLayer, adapter: str) -> None:
         """Called once A and B are initialized: nothing more to make."""
 

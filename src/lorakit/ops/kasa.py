@@ -19,16 +19,22 @@ import torch
 from torch import Tensor
 
 
-def truncate(weight: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """(W', W - W'): ``weight`` (out, in) without its r smallest singular components, and those components, both in
-    ``weight``'s dtype (the SVD itself in float32). ValueError if r >= min(out, in): nothing of W would be left."""
-    k = min(weight.shape)
+def check_rank(r: int, in_features: int, out_features: int) -> None:
+    """ValueError if r >= k = min(in, out): the truncation would leave nothing of W."""
+    k = min(in_features, out_features)
     if r >= k:
         raise ValueError(  # PEFT's wording (its tests match it), then the fix
             f"KaSA requires `r` ({r}) to be smaller than min(in_features, out_features) ({k}) so that at least one "
-            f"singular component of the base weight is preserved after truncation: pass r < {k}, or leave this "
-            "layer out of target_modules"
+            f"singular component of the base weight is preserved after truncation: pass r < {k} (rank_pattern for "
+            "this layer), or leave this layer out of target_modules"
         )
+
+
+def truncate(weight: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """(W', W - W'): ``weight`` (out, in) without its r smallest singular components, and those components, both in
+    ``weight``'s dtype (the SVD itself in float32). ValueError if r >= min(out, in) (check_rank)."""
+    check_rank(r, weight.shape[1], weight.shape[0])
+    k = min(weight.shape)
     U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)  # (out, k), (k,), (k, in); S descending
     kept = (U[:, : k - r] * S[: k - r]) @ Vh[: k - r]  # (out, in)
     dropped = (U[:, k - r :] * S[k - r :]) @ Vh[k - r :]  # (out, in): rank r
