@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import input_ids, perturb_, tiny_bert_cls, tiny_gpt2, tiny_llama
+from helpers import input_ids, perturb_, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_llama_cls
 from torch import nn
 
 from lorakit import (
@@ -355,3 +355,12 @@ def test_modules_to_save_refuses_a_container() -> None:
 
     with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type .*ModuleDict"):
         get_peft_model(Holder(), LoraConfig(target_modules=["lin"], modules_to_save=["heads"]))
+
+
+def test_two_active_adapters_with_a_copy_of_one_module_are_refused_before_anything_changes() -> None:
+    model = get_peft_model(tiny_llama_cls(), LoraConfig(target_modules=["q_proj"], modules_to_save=["score"]))
+    model.add_adapter("other", LoraConfig(target_modules=["q_proj"], modules_to_save=["score"]))
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
+        model.base_model.set_adapter(["default", "other"])
+    assert model.active_adapters == ["default"]
+    assert model.base_model.model.score.active_adapters == ["default"]

@@ -120,6 +120,9 @@ class LoraModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._check_exists(name)
+        for _, module in wrappers(self.model):  # before anything changes
+            if isinstance(module, ModulesToSaveWrapper):
+                module.check_names(names)
         self.active_adapters = names
         for _, module in wrappers(self.model):
             if isinstance(module, LoraLayer):

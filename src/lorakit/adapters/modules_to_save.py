@@ -33,9 +33,23 @@ class ModulesToSaveWrapper(nn.Module):
         module.requires_grad_(True)
         self.modules_to_save[name] = module
 
+    def check_names(self, names: list[str]) -> None:
+        """ValueError if two of ``names`` have a copy here: copies replace the module, they do not add up."""
+        mine = [n for n in names if n in self.modules_to_save]
+        if len(mine) > 1:
+            raise ValueError(  # PEFT's words first
+                f"Only one adapter can be set at a time for ModulesToSaveWrapper: adapters {mine} each have a trained "
+                "copy of this module; activate one of them, or give them modules_to_save on different modules"
+            )
+
     def set_adapter(self, names: list[str]) -> None:
-        """Make the first of ``names`` that has a copy the active one (None: the original)."""
+        """Make the one of ``names`` that has a copy the active one (None: the original); see check_names."""
+        self.check_names(names)
         self.active_adapter = next((n for n in names if n in self.modules_to_save), None)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [] if self.active_adapter is None else [self.active_adapter]
 
     def delete_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
