@@ -248,3 +248,23 @@ def test_vllm_gets_the_plain_lora_it_is_outside_training(tmp_path):
     plain = lorakit.get_peft_model(tiny_llama(0), served_config).eval()
     state.load_adapter_state_dict(plain, served, "default", "served")
     assert (_logits(plain) - _logits(model)).abs().max() < ATOL
+
+
+def test_trainer_mixin_adds_the_variational_loss(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from lorakit.api.helpers import MontecloraTrainerMixin
+
+    class MontecloraTrainer(MontecloraTrainerMixin, Trainer):
+        pass
+
+    model = _llama(lorakit).train()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no")
+    ids = input_ids(seed=2)
+    trainer = MontecloraTrainer(model=model, args=args)
+    total, outputs = trainer.compute_loss(model, {"input_ids": ids, "labels": ids.clone()}, return_outputs=True)
+    extra = model._get_monteclora_loss()  # of that forward's draws
+    assert extra > 1e-4 and torch.allclose(total, outputs.loss + extra, atol=1e-7)
+    total.backward()
+    sampler = model.base_model.model.model.layers[0].self_attn.q_proj.lora_monteclora_sampler["default"]
+    assert sampler.std_prior.grad is not None

@@ -93,6 +93,7 @@ EQUIVALENTS["peft.tuners.trainable_tokens"] = {
     "TrainableTokensLayer": "lorakit.adapters.trainable_tokens:TrainableTokensLayer"
 }
 EQUIVALENTS["peft.tuners.trainable_tokens.layer"] = EQUIVALENTS["peft.tuners.trainable_tokens"]
+EQUIVALENTS["peft.helpers"] = {"MontecloraTrainerMixin": "lorakit.api.helpers:MontecloraTrainerMixin"}
 EQUIVALENTS["peft.tuners.lora.monteclora"] = {
     "MontecloraSampler": "lorakit.adapters.variant_monteclora:MontecloraSampler"
 }
