@@ -364,3 +364,12 @@ def test_two_active_adapters_with_a_copy_of_one_module_are_refused_before_anythi
         model.base_model.set_adapter(["default", "other"])
     assert model.active_adapters == ["default"]
     assert model.base_model.model.score.active_adapters == ["default"]
+
+
+def test_parent_and_module() -> None:
+    from lorakit.adapters.inject import parent_and_module
+
+    model = tiny_llama()
+    attn = model.model.layers[0].self_attn
+    assert parent_and_module(model, "model.layers.0.self_attn.q_proj") == (attn, attn.q_proj, "q_proj")
+    assert parent_and_module(model, "lm_head") == (model, model.lm_head, "lm_head")

@@ -536,3 +536,10 @@ def wrappers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSaveW
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def parent_and_module(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module, str]:
+    """(the parent of module ``name``, the module, its attribute name in the parent): what code that replaces a module
+    needs (PEFT's ``_get_submodules``)."""
+    parent, child = _parent(model, name)
+    return parent, getattr(parent, child), child

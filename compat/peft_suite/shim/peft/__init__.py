@@ -50,6 +50,7 @@ EQUIVALENTS: dict[str, dict[str, str]] = {
         "ModulesToSaveWrapper": "lorakit.adapters.modules_to_save:ModulesToSaveWrapper",
         "TrainableTokensWrapper": "lorakit.adapters.trainable_tokens:TrainableTokensWrapper",
         "prepare_model_for_kbit_training": "lorakit:prepare_model_for_kbit_training",
+        "_get_submodules": "lorakit.adapters.inject:parent_and_module",
     },
     "peft.config": {"PeftConfig": "lorakit:PeftConfig"},
     "peft.mapping": {
