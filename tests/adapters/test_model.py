@@ -373,3 +373,4 @@ def test_parent_and_module() -> None:
     attn = model.model.layers[0].self_attn
     assert parent_and_module(model, "model.layers.0.self_attn.q_proj") == (attn, attn.q_proj, "q_proj")
     assert parent_and_module(model, "lm_head") == (model, model.lm_head, "lm_head")
+    assert parent_and_module(model, "") == (model, model, "")

@@ -542,4 +542,4 @@ def parent_and_module(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module
     """(the parent of module ``name``, the module, its attribute name in the parent): what code that replaces a module
     needs (PEFT's ``_get_submodules``)."""
     parent, child = _parent(model, name)
-    return parent, getattr(parent, child), child
+    return parent, model.get_submodule(name), child  # name '': (model, model, '')
