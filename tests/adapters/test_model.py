@@ -374,3 +374,9 @@ def test_parent_and_module() -> None:
     assert parent_and_module(model, "model.layers.0.self_attn.q_proj") == (attn, attn.q_proj, "q_proj")
     assert parent_and_module(model, "lm_head") == (model, model.lm_head, "lm_head")
     assert parent_and_module(model, "") == (model, model, "")
+
+
+def test_the_lora_model_calls_the_wrapped_model() -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], init_lora_weights=False)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.base_model(input_ids=input_ids()).logits, model(input_ids=input_ids()).logits)

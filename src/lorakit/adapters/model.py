@@ -60,6 +60,10 @@ class LoraModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
+    def forward(self, *args: object, **kwargs: object) -> object:
+        """The wrapped model's forward (``peft_model.base_model(**batch)`` works as in PEFT)."""
+        return self.model(*args, **kwargs)
+
     @property
     def active_adapter(self) -> str:
         return self.active_adapters[0] if len(self.active_adapters) == 1 else self.active_adapters  # type: ignore
