@@ -40,6 +40,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+import lorakit
 from lorakit import LoraConfig, get_peft_model
 
 VOCAB = 100
@@ -248,3 +249,21 @@ def assert_same_adapter_config(ours: Path, theirs: Path) -> None:
             assert CONFIG_KEYS_THAT_DIFFER[key](a, b), f"{key}: lorakit {a!r} vs PEFT {b!r}"
         else:
             assert a == b, f"{key}: lorakit {a!r} != PEFT {b!r}"
+
+
+# the two directions of an interop test: files written by one library, read by the other
+def _peft() -> Any:
+    import peft  # the reference library, imported only by the tests that use both_ways
+
+    return peft
+
+
+both_ways = pytest.mark.parametrize(
+    "writer, reader", [(lorakit, _peft()), (_peft(), lorakit)], ids=["lorakit-to-peft", "peft-to-lorakit"]
+)
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    """``model``'s logits for a fixed batch (input_ids(seed=1)), without gradients."""
+    with torch.no_grad():
+        return model(input_ids=input_ids(seed=1)).logits

@@ -9,7 +9,7 @@ import warnings
 import peft
 import pytest
 import torch
-from helpers import assert_same_adapter_config, input_ids, perturb_, tiny_llama
+from helpers import assert_same_adapter_config, both_ways, logits, perturb_, tiny_llama
 from safetensors.torch import load_file
 from torch import nn
 
@@ -200,26 +200,19 @@ def _llama(module: type, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def _logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=input_ids(seed=1)).logits
-
-
-@pytest.mark.parametrize(
-    "writer, reader", [(lorakit, peft), (peft, lorakit)], ids=["lorakit-to-peft", "peft-to-lorakit"]
-)
+@both_ways
 def test_files_load_both_ways_with_equal_outputs(writer, reader, tmp_path):
     model = _llama(writer)
-    expected = _logits(model)
+    expected = logits(model)
     with torch.no_grad():
-        assert (expected - _logits(tiny_llama(0))).abs().max() > 1e-3  # the adapter matters
+        assert (expected - logits(tiny_llama(0))).abs().max() > 1e-3  # the adapter matters
     model.save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = reader.PeftModel.from_pretrained(tiny_llama(0), tmp_path)
-    assert (_logits(loaded) - expected).abs().max() < ATOL
+    assert (logits(loaded) - expected).abs().max() < ATOL
     loaded.merge_adapter()
-    assert (_logits(loaded) - expected).abs().max() < ATOL
+    assert (logits(loaded) - expected).abs().max() < ATOL
 
 
 def test_same_file_keys_and_config_as_peft(tmp_path):

@@ -9,7 +9,7 @@ import warnings
 import peft
 import pytest
 import torch
-from helpers import assert_same_adapter_config, input_ids, perturb_, tiny_gpt2, tiny_llama
+from helpers import assert_same_adapter_config, both_ways, input_ids, perturb_, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
 from torch import nn
 
@@ -218,9 +218,7 @@ def test_same_truncated_base_and_loss_as_peft():
     assert (_logits(ours) - _logits(theirs)).abs().max() < ATOL
 
 
-@pytest.mark.parametrize(
-    "writer, reader", [(lorakit, peft), (peft, lorakit)], ids=["lorakit-to-peft", "peft-to-lorakit"]
-)
+@both_ways
 def test_files_load_both_ways_onto_the_original_base_with_equal_outputs(writer, reader, tmp_path):
     model = _llama(writer)
     model.save_pretrained(tmp_path)

@@ -9,7 +9,7 @@ import warnings
 import peft
 import pytest
 import torch
-from helpers import assert_same_adapter_config, input_ids, perturb_, tiny_llama
+from helpers import assert_same_adapter_config, both_ways, input_ids, perturb_, tiny_llama
 from safetensors.torch import load_file
 from torch import nn
 
@@ -141,9 +141,7 @@ def test_same_initial_B_and_trainable_parameters_as_peft():
         assert torch.allclose(ob[name] @ ob[name].T, tb[name] @ tb[name].T, atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "writer, reader", [(lorakit, peft), (peft, lorakit)], ids=["lorakit-to-peft", "peft-to-lorakit"]
-)
+@both_ways
 def test_files_load_both_ways_with_equal_outputs(writer, reader, tmp_path):
     model = _llama(writer)
     model.save_pretrained(tmp_path, save_embedding_layers=False)

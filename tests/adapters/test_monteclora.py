@@ -10,7 +10,7 @@ import warnings
 import peft
 import pytest
 import torch
-from helpers import assert_same_adapter_config, input_ids, perturb_, tiny_llama
+from helpers import assert_same_adapter_config, both_ways, input_ids, logits, perturb_, tiny_llama
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributions import Dirichlet, Wishart, kl_divergence
@@ -203,21 +203,14 @@ def _llama(module: type) -> nn.Module:
     return model.eval()
 
 
-def _logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=input_ids(seed=1)).logits
-
-
-@pytest.mark.parametrize(
-    "writer, reader", [(lorakit, peft), (peft, lorakit)], ids=["lorakit-to-peft", "peft-to-lorakit"]
-)
+@both_ways
 def test_files_load_both_ways_with_equal_outputs_and_variational_parameters(writer, reader, tmp_path):
     model = _llama(writer)
     model.save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = reader.PeftModel.from_pretrained(tiny_llama(0), tmp_path)
-    assert (_logits(loaded) - _logits(model)).abs().max() < ATOL
+    assert (logits(loaded) - logits(model)).abs().max() < ATOL
     saved = {k: v for k, v in model.state_dict().items() if "monteclora" in k}
     assert len(saved) == 16 and all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.items())
 
@@ -247,7 +240,7 @@ def test_vllm_gets_the_plain_lora_it_is_outside_training(tmp_path):
     assert served_config.monteclora_config is None and len(served) == 8 and len(tensors) == 24
     plain = lorakit.get_peft_model(tiny_llama(0), served_config).eval()
     state.load_adapter_state_dict(plain, served, "default", "served")
-    assert (_logits(plain) - _logits(model)).abs().max() < ATOL
+    assert (logits(plain) - logits(model)).abs().max() < ATOL
 
 
 def test_trainer_mixin_adds_the_variational_loss(tmp_path):

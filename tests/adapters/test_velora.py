@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_same_adapter_config, input_ids, perturb_, tiny_llama
+from helpers import assert_same_adapter_config, both_ways, input_ids, perturb_, tiny_llama
 from safetensors.torch import load_file
 from torch import nn
 
@@ -260,9 +260,7 @@ def _embeds(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if "lora_velora_embed" in k}
 
 
-@pytest.mark.parametrize(
-    "writer, reader", [(lorakit, peft), (peft, lorakit)], ids=["lorakit-to-peft", "peft-to-lorakit"]
-)
+@both_ways
 def test_files_load_both_ways_with_equal_outputs_and_projections(writer, reader, tmp_path):
     model = _llama(writer)
     model.save_pretrained(tmp_path)
