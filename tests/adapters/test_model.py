@@ -380,3 +380,15 @@ def test_the_lora_model_calls_the_wrapped_model() -> None:
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], init_lora_weights=False)).eval()
     with torch.no_grad():
         torch.testing.assert_close(model.base_model(input_ids=input_ids()).logits, model(input_ids=input_ids()).logits)
+
+
+def test_a_modules_to_save_wrapper_answers_with_the_module_that_runs() -> None:
+    model = get_peft_model(tiny_llama_cls(), LoraConfig(target_modules=["q_proj"], modules_to_save=["score"]))
+    model.add_adapter("other", LoraConfig(target_modules=["q_proj"], modules_to_save=["score"]))
+    score = model.base_model.model.score
+    assert score.weight is score.modules_to_save["default"].weight
+    assert score.in_features == score.original_module.in_features
+    model.set_adapter("other")
+    assert score.weight is score.modules_to_save["other"].weight
+    with model.disable_adapter():
+        assert score.weight is score.original_module.weight

@@ -63,9 +63,15 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
-    @property
-    def weight(self):  # noqa: ANN201 - mirrors the wrapped module (e.g. tied or inspected heads)
-        return self.current.weight
+    def __getattr__(self, name: str) -> object:
+        """What code reads from the wrapped module (``weight``, ``bias``, ``in_features``, ...): the module that runs
+        now (the active trained copy, else the original), as PEFT's wrapper answers."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save") or "original_module" not in self._modules:
+                raise
+            return getattr(self.current, name)
 
     def forward(self, *args: object, **kwargs: object) -> object:
         if self.routing is not None:  # a mixed-adapter batch: one adapter per row
