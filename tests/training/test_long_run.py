@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from lorakit.training import checkpoint
 from lorakit.training.args import TrainArgs
 
 MAX_MEMORY_GROWTH = 0.05  # of the resident memory at the end of warm-up
-MAX_TIME_GROWTH = 1.5  # median step time of the last window / of the first window after warm-up
+MAX_TIME_GROWTH = 1.5  # fastest step of the last window / of the first window after warm-up
 # Step time is the process's CPU time (all its threads): other processes on the machine do not change it, and a cost
 # that grows with the run (e.g. rewriting metrics.jsonl whole per row, as lorakit did) does.
 
@@ -34,7 +33,7 @@ MAX_TIME_GROWTH = 1.5  # median step time of the last window / of the first wind
 class Size:
     steps: int
     warmup: int  # steps before the reference measurement
-    window: int  # steps whose median step time is compared
+    window: int  # steps whose fastest step time is compared
     eval_steps: int
     save_steps: int
 
@@ -95,13 +94,15 @@ def test_a_long_run_stays_flat(size: str, tmp_path: Path, monkeypatch: pytest.Mo
 
     # resident memory: flat after warm-up
     growth = (memory[-1] - memory[s.warmup]) / memory[s.warmup]
-    # step time: the median of a window of steps, after warm-up and at the end
+    # step time: the fastest step of a window, after warm-up and at the end. Work that grows with the step count (a
+    # file rewritten whole, a list scanned) slows every step, the fastest too; another process sharing the CPU (the
+    # other pytest worker) slows some steps, and with medians it failed this check at random (11.4 vs 6.3 ms once).
     times = [b - a for a, b in zip(starts, starts[1:])]  # of steps 0 .. N-2
-    first = statistics.median(times[s.warmup : s.warmup + s.window])
-    last = statistics.median(times[-s.window :])
+    first = min(times[s.warmup : s.warmup + s.window])
+    last = min(times[-s.window :])
     print(f"\n{size}: {s.steps} steps in {summary['wall_time_s']:.1f} s; resident {memory[s.warmup] / 2**20:.1f} MB "
           f"at step {s.warmup}, {memory[-1] / 2**20:.1f} MB at step {s.steps} ({growth:+.2%}; "
-          f"{(memory[-1] - memory[s.warmup]) / (s.steps - s.warmup):+.0f} bytes / step); median step "
+          f"{(memory[-1] - memory[s.warmup]) / (s.steps - s.warmup):+.0f} bytes / step); fastest step "
           f"{first * 1e3:.2f} ms CPU after warm-up, {last * 1e3:.2f} ms in the last {s.window} steps")  # fmt: skip
     assert growth < MAX_MEMORY_GROWTH
     assert last < MAX_TIME_GROWTH * first
