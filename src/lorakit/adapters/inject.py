@@ -6,7 +6,7 @@ import difflib
 import inspect
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from torch import nn
 
@@ -490,9 +490,8 @@ def unwrap(
     merged: dict[str, nn.Module] = {}
     if merge:  # merge everything first, so that a failing safe_merge leaves the wrappers in place
         merged = {n: merged_linear(m, adapter_names, safe_merge) for n, m in modules if _quantized_lora(m)}
-        for name, module in modules:
-            inner = any(name.startswith(f"{n}.") for n, m in modules if getattr(m, "manages_inner", False))
-            if isinstance(module, (LoraLayer, TrainableTokensWrapper)) and not _quantized_lora(module) and not inner:
+        for _, module in unmanaged(modules):
+            if isinstance(module, (LoraLayer, TrainableTokensWrapper)) and not _quantized_lora(module):
                 module.merge(adapter_names, safe_merge=safe_merge)
     for name, module in reversed(modules):  # children first: a wrapper inside a wrapper (MultiheadAttention's out_proj)
         parent, child = _parent(model, name)
@@ -530,6 +529,17 @@ def wrappers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSaveW
     """(name, wrapper) of every LoRA layer, modules_to_save wrapper and trainable-token wrapper, parents first."""
     for name, module in model.named_modules():
         if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
+            yield name, module
+
+
+def unmanaged(found: Iterable[tuple[str, nn.Module]]) -> Iterator[tuple[str, nn.Module]]:
+    """The (name, wrapper) pairs of ``found`` (parents first) but for those inside a LoRA layer that manages the
+    layers it holds (``manages_inner``: MultiheadAttention's out_proj), whose merges and state changes it makes."""
+    managers: list[str] = []
+    for name, module in found:
+        if not any(name.startswith(f"{m}.") for m in managers):
+            if getattr(module, "manages_inner", False):
+                managers.append(name)
             yield name, module
 
 

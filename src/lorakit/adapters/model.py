@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters import combine
-from lorakit.adapters.inject import inject, targeted_parameters, unwrap, wrappers
+from lorakit.adapters.inject import inject, targeted_parameters, unmanaged, unwrap, wrappers
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.adapters.parameter import LoraParameter
@@ -301,11 +301,8 @@ class LoraModel(nn.Module):
     def _lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
         """The LoRA layers, but for those a layer around them manages (``manages_inner``: MultiheadAttention's
         out_proj; a LoraParameter around another parameter's wrapper manages only its own parameter)."""
-        managers: list[str] = []
-        for name, module in wrappers(self.model):
-            if isinstance(module, LoraLayer) and not any(name.startswith(f"{o}.") for o in managers):
-                if module.manages_inner:
-                    managers.append(name)
+        for name, module in unmanaged(wrappers(self.model)):
+            if isinstance(module, LoraLayer):
                 yield name, module
 
     # -- auxiliary losses of variants (PEFT's method names): the caller adds them to the task loss ------------------
