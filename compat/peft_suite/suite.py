@@ -116,9 +116,12 @@ def baseline(source: Path, deps: Path, cache: Path, ids: list[str], workers: int
     return {t: known[t] for t in ids}
 
 
-def run(source: Path, deps: Path, cache: Path, ids: list[str], *, shim: bool, workers: int) -> dict[str, dict]:
+def run(
+    source: Path, deps: Path, cache: Path, ids: list[str], *, shim: bool, workers: int, log: Path | None = None
+) -> dict[str, dict]:
+    """Each test's result; pytest's output goes to ``log`` (default: run-<who>.log in the cache)."""
     who = "lorakit" if shim else "PEFT"
-    log = cache / f"run-{who.lower()}.log"
+    log = log or cache / f"run-{who.lower()}.log"
     print(f"peft-suite: running {len(ids)} tests under {who} (log: {log}) ...", file=sys.stderr)
     start = time.monotonic()
     files = sorted({t.split("::")[0].removeprefix("tests/") for t in ids})
@@ -200,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     peft = baseline(source, deps, cache, sliced, args.workers, args.refresh)
     ran = [t for t in sliced if not report.needs_hub(peft[t])]  # a hub test fails offline under lorakit too
-    ours = run(source, deps, cache, ran, shim=True, workers=args.workers)
+    # With --json, the log goes beside the report, so that runs side by side keep their own logs.
+    log = args.json.with_suffix(".log") if args.json else None
+    ours = run(source, deps, cache, ran, shim=True, workers=args.workers, log=log)
     ours |= {t: {"outcome": "not run", "message": "needs the hub", "used": []} for t in sliced if t not in ours}
     label = "" if len(sliced) == len(ids) else f" (a slice: {len(sliced)} of the {len(ids)} selected tests)"
     summary = report.summarize(sliced, peft, ours, label)
