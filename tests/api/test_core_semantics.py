@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,14 @@ def test_low_cpu_mem_usage_injection_is_empty_until_a_state_dict_fills_it() -> N
     filled = lorakit.inject_adapter_in_model(config, tiny_llama(), low_cpu_mem_usage=True, state_dict=tensors)
     assert not any(p.is_meta for p in filled.parameters())
     assert lorakit.PEFT_TYPE_TO_TUNER_MAPPING["LORA"] is lorakit.LoraModel
+
+
+def test_get_peft_model_on_a_model_already_holding_lora_layers_warns() -> None:
+    base = torch.nn.Sequential(torch.nn.Linear(10, 2), torch.nn.Linear(2, 10))
+    first = get_peft_model(base, LoraConfig(target_modules=["0"]))
+    with pytest.warns(UserWarning, match="for a second time.*unload"):
+        get_peft_model(base, LoraConfig(target_modules=["1"]))
+    first.unload()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_peft_model(base, LoraConfig(target_modules=["0"]))  # unloaded: a base model again, no warning

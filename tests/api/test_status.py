@@ -6,6 +6,7 @@ import dataclasses
 
 import peft
 import pytest
+import torch
 from helpers import tiny_llama
 
 import lorakit
@@ -51,3 +52,17 @@ def test_module_functions_and_a_model_without_adapters() -> None:
     assert [s.name for s in lorakit.get_layer_status(model)][:1] == ["model.model.layers.0.self_attn.q_proj"]
     with pytest.raises(ValueError, match="No adapter layers"):
         lorakit.get_layer_status(tiny_llama(0))
+
+
+def test_base_model_type_is_the_class_name_of_a_custom_model_as_peft_names_it() -> None:
+    class SmallModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin0 = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin0(x)
+
+    ours = lorakit.get_peft_model(SmallModel(), lorakit.LoraConfig(target_modules=["lin0"]))
+    theirs = peft.get_peft_model(SmallModel(), peft.LoraConfig(target_modules=["lin0"]))
+    assert ours.get_model_status().base_model_type == theirs.get_model_status().base_model_type == "SmallModel"

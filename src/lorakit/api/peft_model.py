@@ -23,6 +23,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from lorakit.adapters import convert, mixed_batch, state
 from lorakit.adapters.inject import QA_HEADS, SEQ_CLS_HEADS, TargetError, wrappers
+from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.model import LoraModel
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.api import hf_trainer, model_card, status
@@ -554,6 +555,14 @@ def get_peft_model(
         raise TypeError(f"peft_config must be a lorakit.LoraConfig, not {type(peft_config).__name__}")
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter")
+    if any(isinstance(module, LoraLayer) for module in model.modules()):
+        warnings.warn(
+            "You are trying to modify a model with PEFT for a second time: it already holds LoRA layers (an earlier "
+            "get_peft_model changed it in place), which the new adapter joins. To start again from the base model, "
+            "call .unload() on the earlier PeftModel first; to add an adapter, use its add_adapter(name, config)",
+            UserWarning,
+            stacklevel=2,
+        )
     unknown = set(kwargs) - {"mixed", "autocast_adapter_dtype", "revision", "low_cpu_mem_usage"}
     if unknown:
         warnings.warn(f"get_peft_model ignored arguments: {sorted(unknown)}", stacklevel=2)

@@ -126,7 +126,8 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
             devices[adapter].update(kinds)
     backends = {s.quantization_backend for s in layers}
     return TunerModelStatus(
-        base_model_type=type(base).__name__ if hasattr(base, "config") else "other",
+        # PEFT's rule: the base's class name for a PeftModel or a transformers model, else "other"
+        base_model_type=type(base).__name__ if peft_config or hasattr(base, "config") else "other",
         adapter_model_type=type(getattr(model, "base_model", model)).__name__ if peft_config else "None",
         peft_types={name: "LORA" for name in peft_config},
         trainable_params=trainable,
