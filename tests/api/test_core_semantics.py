@@ -201,3 +201,82 @@ def test_get_peft_model_on_a_model_already_holding_lora_layers_warns() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         get_peft_model(base, LoraConfig(target_modules=["0"]))  # unloaded: a base model again, no warning
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.Linear(6, 6)
+
+
+class _OldLayout(torch.nn.Module):  # an older module layout: visual at the top, the language model as .model
+    def __init__(self) -> None:
+        super().__init__()
+        self.visual = torch.nn.ModuleDict({"blocks": torch.nn.ModuleList([_Block(), _Block()])})
+        self.model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([_Block()])})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in [*self.visual["blocks"], *self.model["layers"]]:
+            x = block.attn(x)
+        return x
+
+
+class _NewLayout(torch.nn.Module):  # the same weights under model.visual / model.language_model, with the renames
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = torch.nn.ModuleDict({
+            "visual": torch.nn.ModuleDict({"blocks": torch.nn.ModuleList([_Block(), _Block()])}),
+            "language_model": torch.nn.ModuleDict({"layers": torch.nn.ModuleList([_Block()])}),
+        })
+        self._checkpoint_conversion_mapping = {
+            "^visual": "model.visual", "^model(?!\\.(language_model|visual))": "model.language_model",
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in [*self.model["visual"]["blocks"], *self.model["language_model"]["layers"]]:
+            x = block.attn(x)
+        return x
+
+
+def _new_layout_like(old: dict[str, torch.Tensor]) -> _NewLayout:
+    """A _NewLayout holding the base weights ``old`` of an _OldLayout."""
+    new = _NewLayout()
+    rename = {"visual.": "model.visual.", "model.": "model.language_model."}
+    new.load_state_dict({
+        next(to + k[len(frm):] for frm, to in rename.items() if k.startswith(frm)): v for k, v in old.items()
+    })
+    return new
+
+
+def test_an_adapter_saved_on_an_old_module_layout_loads_into_the_new_one(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    old = _OldLayout()
+    old_state = {k: v.clone() for k, v in old.state_dict().items()}
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(_new_layout_like(old_state)(x), old(x))  # the same base model
+    trained = get_peft_model(old, LoraConfig(target_modules=["attn"], init_lora_weights=False)).eval()
+    trained.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(_new_layout_like(old_state), tmp_path)
+    second = get_peft_model(_new_layout_like(old_state), LoraConfig(target_modules=["attn"]), "first")
+    second.load_adapter(tmp_path, "saved")
+    second.set_adapter("saved")
+    with torch.no_grad():
+        for model in (loaded, second):
+            torch.testing.assert_close(model(x), trained(x))
+    with pytest.raises(lorakit.io.untrusted.AdapterFileError):  # no renames: the file's keys do not fit this layout
+        PeftModel.from_pretrained(_new_layout_like(old_state), tmp_path, key_mapping={})
+
+
+def test_remap_keys_applies_the_first_matching_pattern_past_the_prefix() -> None:
+    from lorakit.adapters.state import remap_keys
+
+    t = torch.zeros(1)
+    mapping = {"^visual": "model.visual", "^model(?!\\.(language_model|visual))": "model.language_model"}
+    keys = ["base_model.model.visual.a.lora_A.weight", "base_model.model.model.layers.0.lora_B.weight",
+            "base_model.model.model.visual.b.lora_A.weight", "other.key"]
+    assert list(remap_keys(dict.fromkeys(keys, t), mapping)) == [
+        "base_model.model.model.visual.a.lora_A.weight", "base_model.model.model.language_model.layers.0.lora_B.weight",
+        "base_model.model.model.visual.b.lora_A.weight", "other.key"]
+    with pytest.raises(lorakit.io.untrusted.AdapterFileError, match="renames two tensors"):
+        remap_keys({"base_model.model.x.w": t, "base_model.model.y.w": t}, {"^x": "y"})

@@ -166,6 +166,31 @@ def _set_parameter(model: nn.Module, key: str, value: Tensor) -> None:
 
 # -- folders -----------------------------------------------------------------------------------------------------
 
+def remap_keys(tensors: dict[str, Tensor], key_mapping: dict[str, str] | None) -> dict[str, Tensor]:
+    """A file's tensors with their keys renamed by ``key_mapping`` ({regex: replacement}, the first pattern that
+    matches wins), applied to the key past its ``base_model.model.`` / ``base_model.`` prefix: how an adapter saved on
+    a model's old module layout loads into its new one (transformers models list the renames in
+    ``_checkpoint_conversion_mapping``, e.g. ``{"^visual": "model.visual"}``). Keys without either prefix are kept."""
+    if not key_mapping:
+        return tensors
+    renamed = {}
+    for key, value in tensors.items():
+        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), "")
+        rest = key[len(prefix):]
+        if prefix:
+            for pattern, replacement in key_mapping.items():
+                rest, count = re.subn(pattern, replacement, rest)
+                if count:
+                    break
+        if prefix + rest in renamed:
+            raise AdapterFileError(
+                f"key_mapping {key_mapping!r} renames two tensors of the file to {prefix + rest!r}: "
+                "fix the mapping (or pass key_mapping={} to load the file's keys as they are)"
+            )
+        renamed[prefix + rest] = value
+    return renamed
+
+
 def check_ranks(config: LoraConfig, tensors: dict[str, Tensor], source: str) -> None:
     """Every ``lora_A`` in the file must have the rank the config gives its module (checked before any adapter is
     built, so that a config with a wrong or absurd ``r`` fails here, naming the file, not in an allocation)."""

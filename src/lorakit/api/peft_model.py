@@ -355,13 +355,14 @@ class PeftModel(nn.Module):
         """Wrap ``model`` with the adapter saved in folder ``model_id``: frozen and in eval mode (dropout off) unless
         ``is_trainable``, as PEFT does. A ``config`` given is the one the model keeps (``peft_config[adapter_name] is
         config``). PEFT's other keyword arguments (``low_cpu_mem_usage``, ``torch_device``, ...) are accepted and
-        unused."""
+        unused. ``key_mapping`` ({regex: replacement}) renames the file's keys, by default with the base model's
+        ``_checkpoint_conversion_mapping`` (an adapter saved on a model's older module layout), as PEFT does."""
         check_adapter_name(adapter_name)
         config = config or read_config(model_id)
         config.inference_mode = not is_trainable
         model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
         config_copy = LoraConfig.from_dict({**config.to_dict(), "init_lora_weights": _init_for_loading(config)})
-        tensors, source = files.read_weights(model_id)
+        tensors, source = _read_weights(model, model_id, kwargs.get("key_mapping"))
         state.check_ranks(config_copy, tensors, source)
         try:
             peft_model = model_cls(model, config_copy, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -389,8 +390,9 @@ class PeftModel(nn.Module):
         model is put in eval mode, as PEFT does. Returns PEFT's load result: lorakit loads all or nothing (a missing
         or surplus tensor raises), so both of its lists are empty."""
         loaded = _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+        key_mapping = kwargs.get("key_mapping")
         if adapter_name in self.peft_config:
-            tensors, source = files.read_weights(model_id)
+            tensors, source = _read_weights(self.get_base_model(), model_id, key_mapping)
             state.check_ranks(self.peft_config[adapter_name], tensors, source)
             state.load_adapter_state_dict(self, tensors, adapter_name, source)
             if not is_trainable:
@@ -399,7 +401,7 @@ class PeftModel(nn.Module):
         config = read_config(model_id)
         config.inference_mode = not is_trainable
         config.init_lora_weights = _init_for_loading(config)
-        tensors, source = files.read_weights(model_id)
+        tensors, source = _read_weights(self.get_base_model(), model_id, key_mapping)
         state.check_ranks(config, tensors, source)
         try:
             self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -460,6 +462,17 @@ def _target_error(
         f"({B.shape[0]} x {A.shape[1]}) is not in this {type(model).__name__}{f' ({name!r})' if name else ''}; "
         "load it onto its own base (lorakit: leave out --model) or train an adapter for this model"
     )
+
+
+def _read_weights(
+    model: nn.Module, model_id: str | os.PathLike, key_mapping: dict[str, str] | None
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The adapter file's tensors, keys renamed by ``key_mapping`` (default: the model's
+    ``_checkpoint_conversion_mapping``), and the file's name for messages."""
+    tensors, source = files.read_weights(model_id)
+    if key_mapping is None:
+        key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
+    return state.remap_keys(tensors, key_mapping), source
 
 
 def _init_for_loading(config: LoraConfig) -> bool | str:
