@@ -280,3 +280,33 @@ def test_remap_keys_applies_the_first_matching_pattern_past_the_prefix() -> None
         "base_model.model.model.visual.b.lora_A.weight", "other.key"]
     with pytest.raises(lorakit.io.untrusted.AdapterFileError, match="renames two tensors"):
         remap_keys({"base_model.model.x.w": t, "base_model.model.y.w": t}, {"^x": "y"})
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["embed_tokens"]])
+def test_adapter_layer_names_hold_each_adapters_weights(targets: list[str]) -> None:
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=targets, use_dora="q_proj" in targets), "one")
+    model.add_adapter("two", LoraConfig(target_modules=targets))
+    model.base_model.set_requires_grad("two", True)
+    layers = [m for m in model.modules() if isinstance(m, lorakit.LoraLayer)]
+    for layer in layers:
+        held = {id(p) for name in layer.adapter_layer_names for p in _params(getattr(layer, name), "two")}
+        assert held and held == {id(p) for p in layer.adapter_parameters("two")}
+        assert all(hasattr(layer, name) for name in layer.other_param_names)
+
+
+def _params(container: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:
+    if adapter not in container:
+        return []
+    value = container[adapter]
+    return list(value.parameters()) if isinstance(value, torch.nn.Module) else [value]
+
+
+def test_modules_to_save_names_those_of_the_adapters_held() -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), "a")
+    model.add_adapter("b", LoraConfig(target_modules=["q_proj"]))
+    assert model.modules_to_save == {"lm_head"}
+    wrapper = model.base_model.model.lm_head
+    assert [name for name in wrapper.adapter_layer_names] == ["modules_to_save"] and "a" in wrapper.modules_to_save
+    model.delete_adapter("a")
+    assert model.modules_to_save is None

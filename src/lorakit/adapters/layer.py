@@ -123,6 +123,19 @@ class LoraLayer(nn.Module):
         return [*self.factor_parameters(name), *([] if b is None else [b]), *self.variants[name].parameters(self, name)]
 
     @property
+    def adapter_layer_names(self) -> tuple[str, ...]:
+        """PEFT's attribute of the name: this layer's containers of adapter weights, each a dict adapter name ->
+        module or parameter (``lora_A``, ``lora_B``, or an embedding's ``lora_embedding_A`` / ``_B``,
+        ``lora_magnitude_vector``, a variant's own such as KaSA's ``lora_diag``); ``lora_dropout`` holds none."""
+        return tuple(
+            name
+            for name, child in self.named_children()
+            if isinstance(child, (nn.ModuleDict, nn.ParameterDict)) and name != "lora_dropout"
+        )
+
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")  # PEFT's: per-adapter settings, by name
+
+    @property
     def frozen_peft_weight_names(self) -> Mapping[str, tuple[str, ...]]:
         """PEFT's attribute of the name, a live read-only view of the variants: per adapter that has any, the names
         of the adapter weights its variant keeps frozen (MiCA: ``{"default": ("lora_B",)}``)."""

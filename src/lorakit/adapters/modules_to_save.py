@@ -12,6 +12,8 @@ from lorakit.adapters import mixed_batch
 class ModulesToSaveWrapper(nn.Module):
     """Keeps ``original_module`` untouched and routes the forward through the active adapter's trainable copy."""
 
+    adapter_layer_names = ("modules_to_save",)  # PEFT's attribute: the container of the adapters' weights
+
     def __init__(self, original_module: nn.Module) -> None:
         containers = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
         if isinstance(original_module, containers):  # no forward of their own: a trained copy would never run

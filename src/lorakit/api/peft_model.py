@@ -173,6 +173,12 @@ class PeftModel(nn.Module):
         return self.base_model.active_adapter
 
     @property
+    def modules_to_save(self) -> set[str] | None:
+        """PEFT's attribute: the modules_to_save names of the adapters the model holds (None if they name none)."""
+        names = set().union(*(config.modules_to_save or [] for config in self.peft_config.values()))
+        return names or None
+
+    @property
     def peft_type(self) -> PeftType:
         return self.active_peft_config.peft_type
 
