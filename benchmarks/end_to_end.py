@@ -3,7 +3,8 @@ speed target 2: wall time <= 0.5x at equal or lower eval loss).
 
 The data is synthetic chat, made here from a seed: four task kinds whose exact answers the default model does not
 know (a date rewritten as ISO 8601, a number written in words or in digits, a list sorted, a question about made-up
-records, some with a follow-up turn), 20 to ~300 tokens each. The loss is on assistant turns only.
+records, some with a follow-up turn), 20 to ~300 tokens each; `--data short`: made-up definitions, dates and
+numbers in words, 49 to 86 tokens (median 56) with the chat template. The loss is on assistant turns only.
 
 Each side runs in a fresh subprocess with the same hyperparameters (r, alpha, dropout, all-linear targets, AdamW,
 learning rate, cosine schedule without warmup -- the two warmup formulas differ, HF's first step has lr 0 --,
@@ -31,7 +32,7 @@ every saved adapter is loaded onto the base by one function in a last subprocess
 default (``--threads``); about 7 minutes per seed on 2 shared cores (``--levers``: about 20).
 
     HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/end_to_end.py [--steps 10] [--batch 8] [--levers]
-        [--lorakit-bf16] [--trainer-bf16] [--threads 1] [--seeds 0 1 2] [--data-seed 0]
+        [--lorakit-bf16] [--trainer-bf16] [--threads 1] [--seeds 0 1 2] [--data-seed 0] [--data chat|short]
 """
 
 from __future__ import annotations
@@ -130,14 +131,34 @@ def _records_task(rng: random.Random) -> list[dict[str, str]]:
     return messages
 
 
+def _definition_task(rng: random.Random) -> list[dict[str, str]]:
+    """A made-up word and its made-up one-sentence definition (short: ~50-100 tokens with the chat template)."""
+    word = _name(rng).lower()
+    thing = f"{rng.choice(WORDS)} {rng.choice(['tool', 'dish', 'song', 'boat', 'game', 'cloth', 'tax', 'dance'])}"
+    made_of = " and ".join(rng.sample(WORDS, 2))
+    return _turn(f"Define '{word}' in two sentences.",
+                 f"A {word} is a {thing} that {rng.choice(PROFESSIONS)}s of {rng.choice(CITIES)} use in winter. "
+                 f"It is made of {made_of}, and it is named after {_name(rng)}.")
+
+
+def _small_number_task(rng: random.Random) -> list[dict[str, str]]:
+    numbers = [rng.randrange(10, 10_000) for _ in range(2)]
+    return _turn(f"Write {numbers[0]} and {numbers[1]} in words, separated by a semicolon.",
+                 "; ".join(number_words(n) for n in numbers))
+
+
 TASKS = [_date_task, _number_task, _sort_task, _records_task]
+SHORT_TASKS = [_definition_task, _date_task, _small_number_task]  # issue 19 goal 2b: short examples, batch 8
+DATA_KINDS = {"chat": TASKS, "short": SHORT_TASKS}
 
 
-def make_records(n: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` chat records ``{"messages": [system, user, assistant, ...]}``, task kinds in equal shares."""
+def make_records(n: int, seed: int, data: str = "chat") -> list[dict[str, Any]]:
+    """``n`` chat records ``{"messages": [system, user, assistant, ...]}``, the task kinds of ``data`` ("chat":
+    20 to ~300 tokens; "short": ~50-100) in equal shares."""
     rng = random.Random(seed)
+    tasks = DATA_KINDS[data]
     return [
-        {"messages": [{"role": "system", "content": rng.choice(SYSTEMS)}, *TASKS[i % len(TASKS)](rng)]}
+        {"messages": [{"role": "system", "content": rng.choice(SYSTEMS)}, *tasks[i % len(tasks)](rng)]}
         for i in range(n)
     ]
 
@@ -291,6 +312,7 @@ def run(
     threads: int = 1,
     seeds: tuple[int, ...] = (0,),
     data_seed: int = 0,
+    data: str = "chat",
 ) -> dict[str, Any]:
     """Train both sides on ``steps * batch`` examples (one epoch, so both see every example once), score both.
 
@@ -298,14 +320,15 @@ def run(
     lorakit with the other lever combinations (padded fp32, padded bf16, padding-free bf16) and the Trainer with
     ``bf16=True``, which shows what bf16 costs in eval loss on either side. ``threads``: OMP_NUM_THREADS of the
     jobs (0: torch's default). ``seeds``: every side is trained once per seed (module docstring), on the data made
-    from ``data_seed``. Returns the settings, the data statistics, the base model's eval loss and one result per
-    seed and side (``results[seed][label]``).
+    from ``data_seed`` (``data``: "chat", or "short" for ~50-100-token examples). Returns the settings, the data
+    statistics, the base model's eval loss and one result per seed and side (``results[seed][label]``).
     """
-    records = make_records(steps * batch + n_eval, data_seed)
+    records = make_records(steps * batch + n_eval, data_seed, data)
     train, held_out = records[:-n_eval], records[-n_eval:]
     data_stats = check_same_tokens(train, max_length)
     settings = {"steps": steps, "batch": batch, "lr": lr, "n_train": len(train), "n_eval": n_eval,
-                "max_length": max_length, "threads": threads or "torch default", "data_seed": data_seed}  # fmt: skip
+                "max_length": max_length, "threads": threads or "torch default", "data_seed": data_seed,
+                "data": data}  # fmt: skip
     sides: list[tuple[str, str, dict[str, Any]]] = [("trainer", REFERENCE, {"bf16": trainer_bf16})]
     if levers:
         sides += [("trainer", "Trainer + PEFT, bf16=True", {"bf16": True}),
@@ -420,6 +443,8 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train every side once per seed")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train and eval data")
+    parser.add_argument("--data", choices=sorted(DATA_KINDS), default="chat",
+                        help="chat: 20 to ~300 tokens per example; short: ~50-100 (issue 19 goal 2b)")
     args = parser.parse_args()
     if args.job:
         kind, job_file, result_file = args.job
@@ -428,7 +453,7 @@ def main() -> None:
         return
     start = time.perf_counter()
     report = run(args.steps, args.batch, args.lr, args.n_eval, args.max_length, args.lorakit_bf16, args.trainer_bf16,
-                 args.levers, args.threads, tuple(args.seeds), args.data_seed)  # fmt: skip
+                 args.levers, args.threads, tuple(args.seeds), args.data_seed, args.data)  # fmt: skip
     print(table(report))
     print(f"benchmark total: {time.perf_counter() - start:.0f} s")
 
