@@ -269,6 +269,12 @@ class LoraConfig:
         "modules_to_save copy or trainable token rows shared between the two).",
         False,
     )
+    alora_invocation_tokens: list[int] | None = _help(
+        "Activated LoRA (aLoRA, arXiv 2504.12397): the token ids of the invocation sequence. Each row gets the update "
+        "from the last occurrence of this sequence on; earlier tokens see the base model, so its KV cache of the "
+        "prefix can be reused (lorakit.adapters.variant_alora). Needs input_ids in forward / generate (the offsets "
+        "are found there); no merging, no beam search. nn.Linear / Conv1D targets only.",
+    )
     auto_mapping: dict[str, str] | None = _help(
         "Without a task_type: the base model's class and module (set on save, as PEFT does; PEFT's AutoPeftModel "
         "reads them to choose the class to load)."
@@ -358,6 +364,7 @@ class LoraConfig:
                 "lora_bias=False, or init_lora_weights=True and use_dora=False"
             )
         _check_token_indices(self.trainable_token_indices)
+        _check_invocation(self.alora_invocation_tokens)
         self.variant_names()  # at most one
         if self.use_bdlora and init is not None and (init.mutates_base(self.init_lora_weights) or
                                                      str(self.init_lora_weights).lower() == "loftq"):
@@ -378,11 +385,13 @@ class LoraConfig:
 
     def variant_names(self) -> tuple[str, ...]:
         """The config fields that choose a LoRA variant and are set (PEFT's names, sorted): () for plain LoRA, else
-        one of 'use_dora', 'velora_config', 'use_bdlora', 'kasa_config', 'monteclora_config', 'mica'
+        one of 'use_dora', 'velora_config', 'use_bdlora', 'kasa_config', 'monteclora_config',
+        'alora_invocation_tokens', 'mica'
         (init_lora_weights='mica'; the variant is built by
         lorakit.adapters.variants.for_config).
         ConfigError for two at once, which neither PEFT nor lorakit combines."""
-        fields = ("kasa_config", "monteclora_config", "use_bdlora", "use_dora", "velora_config")
+        fields = ("alora_invocation_tokens", "kasa_config", "monteclora_config", "use_bdlora", "use_dora",
+                  "velora_config")
         names = tuple(n for n in fields if getattr(self, n))
         if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() == "mica":
             names = tuple(sorted(("mica", *names)))  # PEFT's name of the variant init_lora_weights='mica' makes
@@ -486,7 +495,6 @@ _NEUTRAL_PEFT_KEYS: dict[str, Any] = {
     "eva_config": None,
     "corda_config": None,
     "lora_ga_config": None,
-    "alora_invocation_tokens": None,
     "use_qalora": False,
     "layer_replication": None,
     "arrow_config": None,
@@ -531,6 +539,17 @@ def _check_token_indices(indices: Any) -> None:
                 f"{where}={ids!r} must be a non-empty list of token ids (integers >= 0), e.g. [0, 5]; or give "
                 "{embedding module name: [ids]}"
             )
+
+
+def _check_invocation(tokens: Any) -> None:
+    """alora_invocation_tokens: None, or a non-empty list of token ids (int >= 0)."""
+    if tokens is not None and (not isinstance(tokens, list) or not tokens or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens
+    )):
+        raise ConfigError(
+            f"alora_invocation_tokens={tokens!r} must be a non-empty list of token ids (integers >= 0), e.g. "
+            "tokenizer.encode('<|assistant|>', add_special_tokens=False); or None for plain LoRA"
+        )
 
 
 def _check_alpha(name: str, alpha: Any) -> None:

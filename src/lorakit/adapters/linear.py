@@ -24,7 +24,7 @@ from lorakit.quant.linear import QuantLinear
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear``, GPT-2's ``Conv1D`` or a ``QuantLinear``."""
 
-    variants_supported = ("lora", "dora", "velora", "bdlora", "mica", "kasa", "monteclora")
+    variants_supported = ("lora", "dora", "velora", "bdlora", "mica", "kasa", "monteclora", "alora")
 
     def __init__(self, base_layer: nn.Module) -> None:
         if isinstance(base_layer, QuantLinear):  # QLoRA: a quantized base, (out, in) like nn.Linear

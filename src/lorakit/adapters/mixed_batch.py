@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lorakit.adapters.variant_alora import ALora
 from lorakit.ops import dora
 
 # In annotations (the wrappers import this module, so it names their classes only here): a LoRA layer
@@ -337,12 +338,31 @@ def _add_updates(
         if routing.keep is not None:
             base = (base.view(n_seg, slots, -1) * routing.on("keep", x.device)).view(updates.shape)
         updates = dora.linear_output(base, updates, stacks.magnitude, stacks.norm)
+    active = _alora_positions(layer, routing, x)
+    if active is not None:  # aLoRA segments: only the positions from their rows' invocation on
+        updates = updates * active.to(updates.dtype)
     updates = updates.view(n_seg * slots, *result.shape[1:]).to(result.dtype)  # (n_seg * L, ..., out)
     if padded is None:
         result[: n_seg * slots] += updates
     else:
         result.index_add_(0, padded, updates)
     return result
+
+
+def _alora_positions(layer: LoraLayer, routing: Routing, x: Tensor) -> Tensor | None:
+    """(n_seg, L * T, 1): 1 where a segment's rows get their update, 0 elsewhere, T the positions of a row: an aLoRA
+    adapter's segment has its rows' activated positions (lorakit.adapters.variant_alora), the others all ones; None
+    when no segment's adapter is an aLoRA one in ``layer``."""
+    kinds = [layer.variants.get(name) for name in routing.segment_adapters]
+    if not any(isinstance(v, ALora) for v in kinds):
+        return None
+    length = x[0].numel() // x.shape[-1]  # positions per row: T of (B, T, in), 1 of (B, in)
+    active = torch.ones(len(kinds), routing.slots, length, dtype=torch.bool, device=x.device)
+    padded = routing.on("padded", x.device).view(len(kinds), routing.slots)  # the batch rows of each segment
+    for k, variant in enumerate(kinds):
+        if isinstance(variant, ALora):
+            active[k] = variant.positions(routing.batch_size, length, x.device).index_select(0, padded[k])
+    return active.view(len(kinds), -1, 1)
 
 
 def modules_to_save_forward(wrapper: ModulesToSaveWrapper, x: Tensor, *args: object, **kwargs: object) -> Tensor:

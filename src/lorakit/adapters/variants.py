@@ -13,6 +13,9 @@ registered by name in ``VARIANTS`` and built from a config by ``for_config`` (in
   truncates the base weight's r smallest singular components (lorakit.adapters.variant_kasa).
 - ``monteclora``: MonteCLoRA (Sengupta et al. 2024): in training, A is a learned mixture of noisy copies of itself
   (lorakit.adapters.variant_monteclora); evaluation and merging are plain LoRA's.
+- ``alora``: Activated LoRA (Greenewald et al. 2025): plain LoRA applied from the last occurrence of the adapter's
+  invocation tokens on, the earlier positions computing as the base model; not mergeable
+  (lorakit.adapters.variant_alora).
 - ``mica``: MiCA: ``init_lora_weights="mica"`` starts B on W's minor singular vectors and A at 0; B stays frozen
   (lorakit.adapters.variant_mica).
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lorakit.adapters.variant_alora import ALora
 from lorakit.adapters.variant_bdlora import BdLora, side_for
 from lorakit.adapters.variant_kasa import Kasa
 from lorakit.adapters.variant_lora import Lora, LoraLayer
@@ -143,14 +147,14 @@ class Dora(Lora):
 
 
 VARIANTS: dict[str, type[Lora]] = {"lora": Lora, "dora": Dora, "velora": Velora, "bdlora": BdLora, "mica": Mica,
-                                 "kasa": Kasa, "monteclora": Monteclora}
+                                 "kasa": Kasa, "monteclora": Monteclora, "alora": ALora}
 
 
 def for_config(config: LoraConfig, module_name: str) -> Lora:
     """The variant object of one adapter on target ``module_name``, with its options from ``config``: DoRA with
     use_dora, VeLoRA with velora_config, BD-LoRA with use_bdlora (plain LoRA on a target that matches neither of its
     lists, with match_strict=False), MiCA with init_lora_weights="mica", KaSA with kasa_config,
-    MonteCLoRA with monteclora_config, else plain LoRA.
+    MonteCLoRA with monteclora_config, aLoRA with alora_invocation_tokens, else plain LoRA.
     ConfigError for two variants at once or, with BD-LoRA, for a target its lists do not place."""
     names = config.variant_names()
     if names == ("use_dora",):
@@ -161,6 +165,8 @@ def for_config(config: LoraConfig, module_name: str) -> Lora:
         return Kasa()
     if names == ("monteclora_config",):
         return Monteclora(config.monteclora_config)
+    if names == ("alora_invocation_tokens",):
+        return ALora(config.alora_invocation_tokens)
     if names == ("velora_config",):
         return Velora(config.velora_config)
     if names == ("use_bdlora",):

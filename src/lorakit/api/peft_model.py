@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from lorakit.adapters import convert, mixed_batch, state
+from lorakit.adapters import convert, mixed_batch, state, variant_alora
 from lorakit.adapters.inject import QA_HEADS, SEQ_CLS_HEADS, TargetError, wrappers
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.model import LoraModel
@@ -98,8 +98,12 @@ class PeftModel(nn.Module):
         """The base model's forward. ``adapter_names`` (one per batch row, ``"__base__"`` for none) runs each row
         with its own adapter, in eval mode (see lorakit.adapters.mixed_batch). A causal LM in training mode with
         ``labels`` runs lorakit's fused output layer + cross-entropy (equal loss and gradients, no full logits;
-        ``outputs.logits`` computed on first read) unless ``fused_loss_refusal`` names a reason not to."""
-        with self._adapter_per_row(adapter_names, args, kwargs):
+        ``outputs.logits`` computed on first read) unless ``fused_loss_refusal`` names a reason not to. aLoRA
+        adapters get their offsets from ``input_ids``, or from ``alora_offsets=`` (see ``_activated``)."""
+        alora_offsets = kwargs.pop("alora_offsets", None)
+        with self._adapter_per_row(adapter_names, args, kwargs), self._activated(
+            alora_offsets, adapter_names, args, kwargs
+        ):
             base = self.get_base_model()
             if adapter_names is None and self.fused_loss_refusal(**kwargs) is None:
                 return causal_lm_loss.forward(base, _head_linear(base), base, args, kwargs)
@@ -116,9 +120,42 @@ class PeftModel(nn.Module):
     forward = _declaring_labels(_forward, "labels")
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        """The base model's generate; ``adapter_names`` as in ``forward``, one per prompt, held for every step."""
-        with self._adapter_per_row(adapter_names, args, kwargs, generating=True):
+        """The base model's generate; ``adapter_names`` as in ``forward``, one per prompt, held for every step, and
+        aLoRA offsets found in the prompts (or ``alora_offsets=``), held for every step too."""
+        alora_offsets = kwargs.pop("alora_offsets", None)
+        with self._adapter_per_row(adapter_names, args, kwargs, generating=True), self._activated(
+            alora_offsets, adapter_names, args, kwargs, generating=True
+        ):
             return self.get_base_model().generate(*args, **kwargs)
+
+    def _activated(
+        self,
+        offsets: list[int | None] | None,
+        adapter_names: list[str] | None,
+        args: tuple,
+        kwargs: dict[str, Any],
+        generating: bool = False,
+    ) -> contextlib.AbstractContextManager:
+        """The aLoRA context of a forward / generate call: ``offsets`` (one per row), else those found in its
+        input_ids, held by the aLoRA layers for the call (lorakit.adapters.variant_alora); nothing to do when no row
+        uses an aLoRA adapter and no offsets are given. ValueError for beam search and gradient checkpointing."""
+        active = next(iter(self.active_adapters), "")  # the first active adapter, as PEFT's active_adapter
+        if offsets is None:
+            if not variant_alora.in_batch(self.peft_config, active, adapter_names):
+                return contextlib.nullcontext()
+            ids = next((kwargs[k] for k in ("input_ids", "inputs") if kwargs.get(k) is not None), None)
+            if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+                ids = args[0]
+            offsets = variant_alora.call_offsets(
+                self.peft_config, active, ids, kwargs.get("inputs_embeds"), adapter_names, generating
+            )
+        base = self.get_base_model()
+        config = getattr(base, "generation_config", None) if generating else None
+        variant_alora.check_call(offsets, kwargs.get("num_beams", getattr(config, "num_beams", None)), base)
+        repeat = mixed_batch.rows_per_prompt(kwargs, config) if generating else 1
+        prompts = kwargs.get("input_ids", args[0] if args else None)
+        steps = (base, prompts.shape[-1]) if generating and isinstance(prompts, torch.Tensor) else None
+        return variant_alora.offsets_held([module for _, module in wrappers(base)], offsets, repeat, steps)
 
     def _adapter_per_row(
         self, adapter_names: list[str] | None, args: tuple, kwargs: dict[str, Any], generating: bool = False

@@ -99,7 +99,12 @@ EQUIVALENTS["peft.tuners.lora.monteclora"] = {
     "MontecloraSampler": "lorakit.adapters.variant_monteclora:MontecloraSampler"
 }
 EQUIVALENTS["peft.tuners.lora.variants"] = {
-    "BlockDiagonalLinear": "lorakit.adapters.variant_bdlora:BlockDiagonalLinear"
+    "BlockDiagonalLinear": "lorakit.adapters.variant_bdlora:BlockDiagonalLinear",
+    "ALoraLinearVariant": "lorakit.adapters.variant_alora:ALora",
+    **{
+        name: f"lorakit.adapters.variant_alora:{name}"
+        for name in ("calculate_alora_offsets", "get_alora_offsets_for_forward", "get_alora_offsets_for_generate")
+    },
 }
 
 
