@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import lorakit
 from lorakit.adapters import combine
 from lorakit.config import LoraConfig
 from lorakit.ops import merge_math
@@ -316,3 +317,20 @@ def test_ties_output_follows_the_elected_sign_and_stays_in_range(n, size, densit
     assert torch.equal(out.sign()[nonzero], elected[nonzero])
     weighted = stacked * torch.tensor(weights)[:, None]
     assert (out.abs() <= weighted.abs().max(dim=0).values + 1e-6).all()  # a mean of kept values
+
+
+def test_a_combination_keeps_its_one_sources_trained_modules_to_save_copy_and_refuses_two() -> None:
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model = lorakit.get_peft_model(base, lorakit.LoraConfig(target_modules=["0"]), "plain")
+    model.add_adapter("saves", lorakit.LoraConfig(target_modules=["0"], modules_to_save=["1"]))
+    head = model.base_model.model[1]
+    with torch.no_grad():
+        head.modules_to_save["saves"].weight.add_(1.0)  # "trained"
+    model.add_weighted_adapter(["plain", "saves"], [1.0, 1.0], "merged", combination_type="cat")
+    torch.testing.assert_close(head.modules_to_save["merged"].weight, head.modules_to_save["saves"].weight)
+    assert model.peft_config["merged"].modules_to_save == ["1"]
+    model.add_adapter("saves_too", lorakit.LoraConfig(target_modules=["0"], modules_to_save=["1"]))
+    with pytest.raises(ValueError, match="target the same module with modules_to_save"):
+        model.add_weighted_adapter(["saves", "saves_too"], [1.0, 1.0], "both")
+    assert "both" not in model.peft_config

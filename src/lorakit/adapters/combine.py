@@ -79,7 +79,8 @@ def plan(
 
 def combined_config(configs: list[LoraConfig], new_rank: int, layer_names: list[str]) -> LoraConfig:
     """The new adapter's config: the first source's settings with rank ``new_rank``, scaling 1, and the union of
-    the sources' targets (a list of module names when the sources were not all lists or all regexes)."""
+    the sources' targets (a list of module names when the sources were not all lists or all regexes) and of their
+    modules_to_save."""
     specs = [c.target_modules for c in configs]
     if all(isinstance(s, list) for s in specs):
         targets: list[str] | str = sorted({t for s in specs for t in s})  # type: ignore[union-attr]
@@ -88,11 +89,13 @@ def combined_config(configs: list[LoraConfig], new_rank: int, layer_names: list[
     else:
         targets = list(layer_names)
     alpha = math.sqrt(new_rank) if configs[0].use_rslora else new_rank  # scaling alpha/sqrt(r) or alpha/r == 1
+    saved = sorted({name for c in configs for name in c.modules_to_save or []})  # each from the one source with it
     return dataclasses.replace(
         configs[0],
         r=new_rank,
         lora_alpha=alpha,
         target_modules=targets,
+        modules_to_save=saved or None,
         rank_pattern={},
         alpha_pattern={},
         layers_to_transform=None,

@@ -371,12 +371,24 @@ class LoraModel(nn.Module):
                 f"add_weighted_adapter does not support targeting nn.Parameter (adapter {with_parameters[0]!r} has "
                 "target_parameters), as in PEFT: an expert stack has no single (out, in) update to combine"
             )
+        saved = [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
+        shared = [m for m in saved if sum(a in m.modules_to_save for a in adapters) > 1]
+        if shared:  # PEFT's words first
+            raise ValueError(
+                f"Cannot add weighted adapters if they target the same module with modules_to_save, but found "
+                f"{len(shared)} such instance(s). Trained copies of one module cannot be combined: combine adapters "
+                "that save different modules, or delete_adapter the copies' adapters you do not need"
+            )
         combination_type, new_rank = combine.plan(combination_type, configs, svd_rank, density, majority_sign_method)
         layer_names = [n for n, m in self._lora_layers() if any(a in m.r for a in adapters)]
         for _, module in self._lora_layers():  # a kind whose factors cannot hold a combination refuses, first
             if any(a in module.r for a in adapters) and hasattr(module, "check_combinable"):
                 module.check_combinable(combination_type)
         self.add_adapter(adapter_name, combine.combined_config(configs, new_rank, layer_names))
+        for wrapper in saved:  # the new adapter's copy of a saved module is its one source's trained copy
+            source = next((a for a in adapters if a in wrapper.modules_to_save), None)
+            if source is not None and adapter_name in wrapper.modules_to_save:
+                wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[source].state_dict())
         for _, module in self._lora_layers():
             if adapter_name not in module.r:
                 continue
