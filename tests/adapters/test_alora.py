@@ -127,6 +127,17 @@ def test_offsets_are_held_for_one_call_only_errors_included():
         assert torch.equal(layer(x), layer.base_layer(x))
 
 
+def test_each_targeted_layer_holds_an_alora_variant_as_peft_names_it():
+    model = _model()
+    torch.manual_seed(2)
+    model.add_adapter("plain", lorakit.LoraConfig(r=4, target_modules=TARGETS))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 6  # 3 targets x 2 decoder layers
+    for layer in layers:
+        assert list(layer.lora_variant) == ["default"] and isinstance(layer.lora_variant["default"], ALora)
+        assert layer.lora_variant["default"].invocation_tokens == INVOCATION  # plain LoRA has no entry, as in PEFT
+
+
 def test_explicit_offsets_override_the_input_ids():
     model = _model()
     ours = _logits(model, alora_offsets=[2, 8, 1])

@@ -141,6 +141,12 @@ class LoraLayer(nn.Module):
         of the adapter weights its variant keeps frozen (MiCA: ``{"default": ("lora_B",)}``)."""
         return _FrozenNames(self)
 
+    @property
+    def lora_variant(self) -> dict[str, Lora]:
+        """PEFT's attribute of the name: the variant object of each adapter that has one other than plain LoRA
+        (DoRA, aLoRA, ...); a copy of ``variants`` without the plain ones."""
+        return {name: v for name, v in self.variants.items() if v.name != "lora"}
+
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
         """The adapter parameters that train while adapter ``name`` does: all but its variant's frozen ones (MiCA's
         B)."""

@@ -101,6 +101,11 @@ EQUIVALENTS["peft.tuners.lora.monteclora"] = {
 EQUIVALENTS["peft.tuners.lora.variants"] = {
     "BlockDiagonalLinear": "lorakit.adapters.variant_bdlora:BlockDiagonalLinear",
     "ALoraLinearVariant": "lorakit.adapters.variant_alora:ALora",
+    "KasaLinearVariant": "lorakit.adapters.variant_kasa:Kasa",
+    **{
+        f"Dora{kind}Variant": "lorakit.adapters.variants:Dora"  # one DoRA class for every module kind
+        for kind in ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d")
+    },
     **{
         name: f"lorakit.adapters.variant_alora:{name}"
         for name in ("calculate_alora_offsets", "get_alora_offsets_for_forward", "get_alora_offsets_for_generate")
