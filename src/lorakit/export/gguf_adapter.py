@@ -30,7 +30,7 @@ from lorakit.config import LoraConfig, base_model_id, read_config, scaling_for
 from lorakit.export.gguf_files import GgufTensor, encode, write_gguf
 from lorakit.export.gguf_names import GgufArch, UnsupportedArchitectureError, arch_of_gguf, gguf_arch
 from lorakit.export.output import check_output_file
-from lorakit.export.problems import ExportError, Problem
+from lorakit.export.problems import ALORA, ExportError, Problem
 from lorakit.io import files
 from lorakit.io.models import bundled_gguf, is_default_model, resolve_model
 
@@ -42,8 +42,6 @@ KASA = Problem(  # also for --to merged-gguf (lorakit.export.gguf_merged), which
     "export --to merged (merge_and_unload: the truncated base with the update) and convert it with llama.cpp's "
     "convert_hf_to_gguf.py",
 )
-
-
 @dataclass(frozen=True)
 class GgufAdapterExport:
     """What was written: the file, its architecture, its alpha and how many module pairs it holds."""
@@ -68,6 +66,8 @@ def gguf_adapter_problems(config: LoraConfig, tensors: dict[str, Tensor], arch: 
         problems.append(Problem("llama.cpp's LoRA files carry no bias on B (lora_bias=True)", _MERGED_GGUF))
     if config.kasa_config:
         problems.append(KASA)
+    if config.alora_invocation_tokens:
+        problems.append(ALORA)
     if config.trainable_token_indices:
         problems.append(
             Problem(

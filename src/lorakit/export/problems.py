@@ -36,3 +36,11 @@ class ExportError(ValueError):
         self.engine, self.problems = engine, list(problems)
         listed = " ".join(f"{i}. {p}." for i, p in enumerate(self.problems, 1))
         super().__init__(f"cannot export {source} for {engine}: {listed}")  # one line: the CLI's error line
+
+
+# an aLoRA adapter: refused by the GGUF exporters (lorakit.export.gguf_adapter, .gguf_merged) and --to merged
+ALORA = Problem(
+    "an aLoRA adapter (alora_invocation_tokens) adds its update only from its invocation tokens on; lorakit writes it "
+    "into no llama.cpp file (the update would apply to every token there), and no merged weight computes it",
+    "serve it unmerged with lorakit or PEFT (PeftModel.generate finds the invocation in each prompt)",
+)

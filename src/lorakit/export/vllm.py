@@ -45,7 +45,6 @@ HEADS = ("classifier", "score")  # the only modules_to_save vLLM loads: a classi
 # PEFT features vLLM refuses that have no LoraConfig field (read_config refuses them too): found in the JSON itself
 PEFT_ONLY_FEATURES = {
     "layer_replication": "layer_replication",
-    "alora_invocation_tokens": "Activated LoRA (aLoRA, alora_invocation_tokens)",
     "use_qalora": "QALoRA (use_qalora)",
 }
 TOKENIZER_FILES = (
@@ -81,6 +80,7 @@ def vllm_problems(
         _lora_bias(config),
         _bdlora(config),
         _kasa(config),
+        _alora(config),
         _token_rows(config),
         _parameters(config),
         _modules_to_save(config),
@@ -165,6 +165,16 @@ def _kasa(config: LoraConfig) -> Problem | None:
         "vLLM does not support KaSA (kasa_config): its update s * B @ diag(lora_diag) @ A has learned singular values "
         "between B and A, and its base weight is truncated, while vLLM serves the base unchanged",
         MERGED,
+    )
+
+
+def _alora(config: LoraConfig) -> Problem | None:
+    if not config.alora_invocation_tokens:
+        return None
+    return Problem(
+        "lorakit exports no Activated LoRA (aLoRA, alora_invocation_tokens) adapter for vLLM: its update applies only "
+        "from the invocation tokens on, which vLLM's plain LoRA does not do, and no merged model computes it",
+        "serve it unmerged with lorakit or PEFT (PeftModel.generate finds the invocation in each prompt)",
     )
 
 
