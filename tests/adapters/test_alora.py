@@ -242,11 +242,44 @@ def test_merging_is_refused_and_leaves_the_weights():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_gradient_checkpointing_in_training_is_refused():
-    model = _model()
-    model.gradient_checkpointing_enable()
+def _lora_grads(model: nn.Module, checkpointing_kwargs: dict | None) -> dict[str, torch.Tensor]:
+    if checkpointing_kwargs is not None:
+        model.gradient_checkpointing_enable(checkpointing_kwargs)
     model.train()
-    with pytest.raises(ValueError, match="gradient_checkpointing_disable"):
+    loss = model(input_ids=IDS).logits[:, 2:].square().mean()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_gradient_checkpointing_recomputes_with_the_calls_offsets():
+    reference = _lora_grads(_model(), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' deprecation of the older name
+        ours = _lora_grads(_model(), {"use_reentrant": False})
+    assert reference.keys() == ours.keys() and len(ours) == 12
+    assert all(torch.allclose(ours[k], reference[k], atol=1e-6) and ours[k].any() for k in ours)
+
+
+def test_two_checkpointed_forwards_before_one_backward_keep_their_own_offsets():
+    model = _model()
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    first = model(input_ids=IDS).logits.sum()
+    second = model(input_ids=IDS, alora_offsets=[8, 8, 8]).logits.sum()  # every position activated
+    (first + second).backward()
+    reference = _model()
+    reference.train()
+    (reference(input_ids=IDS).logits.sum() + reference(input_ids=IDS, alora_offsets=[8, 8, 8]).logits.sum()).backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        if "lora_" in name:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+
+
+def test_reentrant_gradient_checkpointing_is_refused():
+    model = _model()
+    model.gradient_checkpointing_enable({"use_reentrant": True})
+    model.train()
+    with pytest.raises(ValueError, match="needs non-reentrant checkpointing.*'use_reentrant': False"):
         model(input_ids=IDS)
 
 

@@ -5,14 +5,16 @@ positions compute as the base model (the maths: lorakit.ops.alora). Not mergeabl
 How the offsets reach the layers: PeftModel.forward / generate find one offset per row in ``input_ids``
 (``call_offsets``, or take the caller's ``alora_offsets=``) and hold them in every aLoRA variant of the model for that
 one call (``offsets_held``, restored in a ``finally``, errors included). Outside such a call a variant has no offsets
-and its layer computes as the base model, as PEFT's does without offsets (so A and B get no gradient).
+and its layer computes as the base model, as PEFT's does without offsets (so A and B get no gradient). Under
+gradient checkpointing, each checkpointed layer's recomputation in backward holds the offsets of the forward it
+replays (``recomputed_with_offsets``: torch's ``context_fn``, non-reentrant checkpointing only).
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -167,22 +169,57 @@ def _with_offsets(
     return kwargs
 
 
-def check_call(offsets: Offsets | None, num_beams: object, model: nn.Module) -> None:
-    """ValueError for a call aLoRA cannot run: beam search (``num_beams`` > 1), or a training forward under gradient
-    checkpointing (the checkpointed layers recompute in backward, after the call's offsets are gone)."""
-    if offsets is None:
-        return
-    if isinstance(num_beams, int) and num_beams > 1:
+def check_call(offsets: Offsets | None, num_beams: object) -> None:
+    """ValueError for a call aLoRA cannot run: beam search (``num_beams`` > 1)."""
+    if offsets is not None and isinstance(num_beams, int) and num_beams > 1:
         raise ValueError(
             f"Beam search not yet supported for aLoRA. (num_beams={num_beams}: use num_beams=1, greedy or sampling)"
         )
-    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-    if checkpointed and model.training and torch.is_grad_enabled():
-        raise ValueError(
-            "aLoRA with gradient checkpointing is not supported by lorakit yet: the checkpointed layers would "
-            "recompute in backward without the call's offsets. Call model.gradient_checkpointing_disable() to train "
-            "an aLoRA adapter"
-        )
+
+
+@contextlib.contextmanager
+def recomputed_with_offsets(model: nn.Module, offsets: Offsets | None) -> Iterator[None]:
+    """Within the block, every gradient-checkpointed layer of ``model`` (transformers' layers with
+    ``gradient_checkpointing`` on) recomputes in backward with this call's offsets: its checkpoint function is given
+    torch's ``context_fn``, whose recompute context holds them for the layers inside it (``offsets_held``, entered
+    during backward, after this call). Restored on exit. Nothing to do outside a training forward.
+
+    ValueError for a checkpoint function that takes no ``context_fn``: reentrant checkpointing (use_reentrant=True)
+    or one that is not ``torch.utils.checkpoint.checkpoint`` with keyword arguments."""
+    blocks = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
+              and callable(m.__dict__.get("_gradient_checkpointing_func"))]
+    if offsets is None or not blocks or not (model.training and torch.is_grad_enabled()):
+        yield
+        return
+    for block in blocks:
+        keywords = getattr(block._gradient_checkpointing_func, "keywords", None)
+        if keywords is None or keywords.get("use_reentrant", True) or "context_fn" in keywords:
+            raise ValueError(
+                f"aLoRA with gradient checkpointing needs non-reentrant checkpointing (its recomputation in backward "
+                f"gets the call's offsets through torch's context_fn); {type(block).__name__} checkpoints with "
+                f"{keywords if keywords is not None else block._gradient_checkpointing_func!r}. Enable it with "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
+            )
+    held = list(offsets)
+    originals = [block._gradient_checkpointing_func for block in blocks]
+    for block, checkpoint in zip(blocks, originals):
+        layers = [m for m in block.modules() if isinstance(getattr(m, "variants", None), dict)]
+        block._gradient_checkpointing_func = _with_recompute_offsets(checkpoint, layers, held)
+    try:
+        yield
+    finally:
+        for block, checkpoint in zip(blocks, originals):
+            block._gradient_checkpointing_func = checkpoint
+
+
+def _with_recompute_offsets(checkpoint: Callable, layers: list[nn.Module], held: Offsets) -> Callable:
+    """``checkpoint`` whose recomputation runs inside ``offsets_held(layers, held)``."""
+
+    def run(function: Callable, *args: object, **kwargs: object) -> object:
+        contexts = lambda: (contextlib.nullcontext(), offsets_held(layers, held))  # noqa: E731 (forward, recompute)
+        return checkpoint(function, *args, context_fn=contexts, **kwargs)
+
+    return run
 
 
 @contextlib.contextmanager
@@ -226,3 +263,17 @@ def offsets_held(
             handle.remove()
         for v, previous in zip(variants, before):
             v.offsets = previous
+
+
+@contextlib.contextmanager
+def held_for_call(
+    model: nn.Module,
+    wrappers: Sequence[nn.Module],
+    offsets: Offsets | None,
+    repeat: int = 1,
+    generating: tuple[nn.Module, int] | None = None,
+) -> Iterator[None]:
+    """The offsets of one PeftModel call: held by ``wrappers`` (``offsets_held``) and by the recomputation of
+    ``model``'s gradient-checkpointed layers (``recomputed_with_offsets``)."""
+    with recomputed_with_offsets(model, offsets), offsets_held(wrappers, offsets, repeat, generating):
+        yield

@@ -138,7 +138,8 @@ class PeftModel(nn.Module):
     ) -> contextlib.AbstractContextManager:
         """The aLoRA context of a forward / generate call: ``offsets`` (one per row), else those found in its
         input_ids, held by the aLoRA layers for the call (lorakit.adapters.variant_alora); nothing to do when no row
-        uses an aLoRA adapter and no offsets are given. ValueError for beam search and gradient checkpointing."""
+        uses an aLoRA adapter and no offsets are given. ValueError for beam search and reentrant gradient
+        checkpointing."""
         active = next(iter(self.active_adapters), "")  # the first active adapter, as PEFT's active_adapter
         if offsets is None:
             if not variant_alora.in_batch(self.peft_config, active, adapter_names):
@@ -151,11 +152,11 @@ class PeftModel(nn.Module):
             )
         base = self.get_base_model()
         config = getattr(base, "generation_config", None) if generating else None
-        variant_alora.check_call(offsets, kwargs.get("num_beams", getattr(config, "num_beams", None)), base)
+        variant_alora.check_call(offsets, kwargs.get("num_beams", getattr(config, "num_beams", None)))
         repeat = mixed_batch.rows_per_prompt(kwargs, config) if generating else 1
         prompts = kwargs.get("input_ids", args[0] if args else None)
         steps = (base, prompts.shape[-1]) if generating and isinstance(prompts, torch.Tensor) else None
-        return variant_alora.offsets_held([module for _, module in wrappers(base)], offsets, repeat, steps)
+        return variant_alora.held_for_call(base, [module for _, module in wrappers(base)], offsets, repeat, steps)
 
     def _adapter_per_row(
         self, adapter_names: list[str] | None, args: tuple, kwargs: dict[str, Any], generating: bool = False
