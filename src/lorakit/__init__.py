@@ -11,6 +11,7 @@ import importlib
 import typing
 
 if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_layout.py's import graph
+    from lorakit.adapters.corda import preprocess_corda
     from lorakit.adapters.embedding import LoraEmbedding
     from lorakit.adapters.inject import TargetError
     from lorakit.adapters.layer import LoraLayer
@@ -50,6 +51,8 @@ if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_lay
     from lorakit.config import (
         BdLoraConfig,
         ConfigError,
+        CordaConfig,
+        EvaConfig,
         KasaConfig,
         LoftQConfig,
         LoraConfig,
@@ -70,6 +73,7 @@ __version__ = "0.1.0"
 
 # the module that defines each public name
 _MODULES: dict[str, tuple[str, ...]] = {
+    "lorakit.adapters.corda": ("preprocess_corda",),
     "lorakit.adapters.embedding": ("LoraEmbedding",),
     "lorakit.adapters.inject": ("TargetError",),
     "lorakit.adapters.layer": ("LoraLayer",),
@@ -88,8 +92,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
                                "PeftModelForSequenceClassification",
                                "PeftModelForTokenClassification", "get_peft_model"),
     "lorakit.api.status": ("get_layer_status", "get_model_status"),
-    "lorakit.config": ("BdLoraConfig", "ConfigError", "KasaConfig", "LoftQConfig", "LoraConfig", "MontecloraConfig",
-                       "PeftConfig", "PeftType", "PeftWarning", "TaskType", "VeloraConfig", "get_peft_config"),
+    "lorakit.config": ("BdLoraConfig", "ConfigError", "CordaConfig", "EvaConfig", "KasaConfig", "LoftQConfig",
+                       "LoraConfig", "MontecloraConfig", "PeftConfig", "PeftType", "PeftWarning", "TaskType",
+                       "VeloraConfig", "get_peft_config"),
     "lorakit.io.files": ("AdapterError", "AdapterFileError"),
     "lorakit.io.models": ("load_default_model",),
     "lorakit.training.args": ("TrainArgs",),

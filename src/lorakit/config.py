@@ -177,7 +177,83 @@ class MontecloraConfig:
             raise ConfigError(f"buffer_size={self.buffer_size!r} must be a positive integer, e.g. 150")
 
 
-_SUB_CONFIGS = (VeloraConfig, BdLoraConfig, KasaConfig, MontecloraConfig)  # written to adapter_config.json as dicts
+_CORDA_METHODS = ("ipm", "kpm")  # lorakit.ops.corda.METHODS
+
+
+@dataclass
+class CordaConfig:
+    """Settings of CorDA (context-oriented decomposition, Yang et al. 2024, arXiv 2406.05223), used with
+    init_lora_weights='corda': lorakit.preprocess_corda collects each target's input covariance C from sample data
+    and the adapter starts from the SVD of W @ C (lorakit.ops.corda); the base keeps the residual. PEFT's
+    ``CordaConfig``."""
+
+    cache_file: str | None = _help(
+        "File of the decompositions (U, S, V per target, after the rank cut): written by preprocess_corda when it is "
+        "missing, read instead of collecting when it exists; much smaller than the residual model, which it rebuilds "
+        "from the original weights."
+    )
+    covariance_file: str | None = _help(
+        "File of the input covariances (one (in, in) matrix per target): written when missing, read instead of "
+        "running the model when it exists, so that adapters of other ranks can be made from the same data. About the "
+        "size of the model."
+    )
+    corda_method: str = _help(
+        "'ipm' (instruction-previewed): the adapter takes the r largest components, for the fastest fine-tuning; "
+        "'kpm' (knowledge-preserved): the r smallest, run on the knowledge to keep, to limit forgetting it.",
+        "ipm",
+    )
+    verbose: bool = _help("Print the progress of the decompositions.", False)
+    use_float16_for_covariance: bool = _help(
+        "Accumulate the covariances in the inputs' own dtype (half the memory for a half-precision model, less "
+        "accurate) instead of fp32.",
+        False,
+    )
+    prune_temporary_fields: bool = _help(
+        "Delete the covariance_matrix and sample_count preprocess_corda leaves on each target module.", True
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("cache_file", "covariance_file"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))  # a path as JSON saves it
+            elif value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name}={value!r} must be a file path or None, e.g. {name}='corda/{name}.pt'")
+        if self.corda_method not in _CORDA_METHODS:
+            raise ConfigError(f"corda_method={self.corda_method!r} is unknown; use 'ipm' or 'kpm'")
+
+
+@dataclass
+class EvaConfig:
+    """Settings of EVA (explained variance adaptation, Paischer et al. 2024, arXiv 2410.07170), used with
+    init_lora_weights='eva': lorakit.initialize_lora_eva_weights sets each A to the top right-singular vectors of its
+    layer's inputs (an incremental SVD over batches) and moves rank between layers by explained variance
+    (lorakit.ops.eva). PEFT's ``EvaConfig``."""
+
+    rho: float = _help(
+        "Rank redistribution (>= 1): a layer may get up to round(r * rho) components; 1 keeps r everywhere.", 2.0
+    )
+    tau: float = _help(
+        "Convergence threshold in [0, 1]: a layer stops when the cosine similarity of its components between two "
+        "consecutive batches reaches tau.",
+        0.99,
+    )
+    use_label_mask: bool = _help("Leave out the token positions whose label is label_mask_value.", True)
+    label_mask_value: int = _help("The label of ignored positions (with use_label_mask).", -100)
+    whiten: bool = _help("Divide each component by the square root of its singular value.", False)
+    adjust_scaling_factors: bool = _help(
+        "Scale lora_alpha with a layer's new rank (alpha * new_r / r), so that its scaling stays alpha / r.", True
+    )
+
+    def __post_init__(self) -> None:  # PEFT's wording (its tests match it), then the fix
+        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not self.rho >= 1.0:
+            raise ConfigError(f"`rho` must be >= 1.0, got {self.rho!r}; pass e.g. rho=2.0 (1.0: no redistribution)")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0.0 <= self.tau <= 1.0:
+            raise ConfigError(f"`tau` must be between 0.0 and 1.0. Got {self.tau!r}; pass e.g. tau=0.99")
+
+
+# written to adapter_config.json as dicts
+_SUB_CONFIGS = (VeloraConfig, BdLoraConfig, KasaConfig, MontecloraConfig, CordaConfig, EvaConfig)
 
 
 def _sub_config(name: str, value: Any, cls: type) -> Any:
@@ -260,6 +336,14 @@ class LoraConfig:
         "with a variational loss (LoraModel._get_monteclora_loss); evaluation and merging are plain LoRA's "
         "(lorakit.adapters.variant_monteclora). nn.Linear / Conv1D targets only.",
     )
+    corda_config: CordaConfig | dict | None = _help(
+        "CorDA settings (a CordaConfig, or its dict), used with init_lora_weights='corda' after "
+        "lorakit.preprocess_corda.",
+    )
+    eva_config: EvaConfig | dict | None = _help(
+        "EVA settings (an EvaConfig, or its dict), used with init_lora_weights='eva' and "
+        "lorakit.initialize_lora_eva_weights.",
+    )
     trainable_token_indices: list[int] | dict[str, list[int]] | None = _help(
         "Train only these rows of an embedding (token ids), the rest frozen: a list for the input embedding, or "
         "{module name: ids} for named embeddings (lorakit.adapters.trainable_tokens).",
@@ -304,14 +388,25 @@ class LoraConfig:
         self.use_bdlora = _sub_config("use_bdlora", self.use_bdlora, BdLoraConfig)
         self.kasa_config = _sub_config("kasa_config", self.kasa_config, KasaConfig)
         self.monteclora_config = _sub_config("monteclora_config", self.monteclora_config, MontecloraConfig)
+        self.corda_config = _sub_config("corda_config", self.corda_config, CordaConfig)
+        self.eva_config = _sub_config("eva_config", self.eva_config, EvaConfig)
         self.validate()
+        for method, title, cls in (("eva", "EVA", EvaConfig), ("corda", "CorDA", CordaConfig)):  # PEFT's words
+            field_name, chosen = f"{method}_config", str(self.init_lora_weights).lower() == method
+            if chosen and getattr(self, field_name) is None:
+                warnings.warn(f"`init_lora_weights` is '{method}' but `{field_name}` is not specified. Using default "
+                              f"{title} config.", UserWarning, stacklevel=3)
+                setattr(self, field_name, cls())
+            elif not chosen and getattr(self, field_name) is not None:
+                warnings.warn(f"`{field_name}` specified but will be ignored when `init_lora_weights` is not "
+                              f"'{method}'.", UserWarning, stacklevel=3)
         init = self.init_lora_weights
-        if isinstance(init, str) and init.startswith(("pissa", "olora")) and self.use_rslora and (
+        if isinstance(init, str) and init.startswith(("pissa", "olora", "corda")) and self.use_rslora and (
             self.rank_pattern or self.alpha_pattern
         ):
             warnings.warn(  # PEFT's words first: its tests match them
                 "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
-                "base weights (PiSSA, OLoRA) means that you won't be able to pass "
+                "base weights (PiSSA, OLoRA, CorDA) means that you won't be able to pass "
                 "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial values of "
                 "the base weights (the rank-2r adapter would change their scaling); save without conversion, or drop "
                 "use_rslora or the patterns",
@@ -492,8 +587,6 @@ def _lorakit_version() -> str:
 # Keys PEFT writes for features lorakit does not implement, with the value that means "feature off".
 _NEUTRAL_PEFT_KEYS: dict[str, Any] = {
     "megatron_config": None,
-    "eva_config": None,
-    "corda_config": None,
     "lora_ga_config": None,
     "use_qalora": False,
     "layer_replication": None,

@@ -7,6 +7,7 @@ import inspect
 import re
 import warnings
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from torch import nn
 
@@ -18,6 +19,7 @@ from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.adapters.parameter import LoraParameter
 from lorakit.adapters.trainable_tokens import TrainableTokensWrapper, add_token_adapters
 from lorakit.config import ALL_LINEAR, ConfigError, LoraConfig, TaskType
+from lorakit.ops.corda import CordaEigens
 from lorakit.quant.half import REDUCED_PRECISION
 
 # target_modules=None picks these, by transformers' model_type: the attention's query and value projections (or the
@@ -419,7 +421,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
             config.lora_dropout,
             config.init_lora_weights,
             config.use_rslora,
-            init_options=config.loftq_config,
+            init_options={**(config.loftq_config or {}), **_layer_data(module, config)},
             variant=chosen[name],  # plain LoRA, DoRA, VeLoRA, BD-LoRA (adapters.variants)
             **({"lora_bias": True} if config.lora_bias else {}),  # only then: a kind's update_layer may lack it
         )
@@ -450,6 +452,19 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
     weight_tying.tie_modules_to_save(model, ties, adapter_name, ModulesToSaveWrapper)
     add_token_adapters(model, config, adapter_name, LoraLayer)  # trainable_token_indices (adapters.trainable_tokens)
     return targets
+
+
+def _layer_data(module: LoraLayer, config: LoraConfig) -> dict[str, Any]:
+    """What a data-driven initializer reads from the layer: for init_lora_weights='corda', the decomposition
+    lorakit.preprocess_corda left on the base module as ``eigens`` (taken off it: it is used once, as in PEFT)."""
+    if str(config.init_lora_weights).lower() != "corda":
+        return {}
+    base = module.get_base_layer()
+    eigens = getattr(base, "eigens", None)
+    if not isinstance(eigens, CordaEigens):
+        return {}  # the initializer says to run preprocess_corda
+    del base.eigens
+    return {"eigens": eigens}
 
 
 def _check_lora_bias(model: nn.Module, targets: list[str], parameters: list[tuple[str, str]]) -> None:

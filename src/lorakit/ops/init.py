@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lorakit.ops.corda import CordaEigens, factors
 from lorakit.quant.formats import BITS, dequantize, quantize_weight
 
 
@@ -118,6 +119,44 @@ def mica(weight: Tensor, r: int, scaling: float) -> LoraInit:
     return LoraInit(weight.new_zeros(r, weight.shape[1], dtype=torch.float32), U[:, -r:].contiguous(), None)
 
 
+def corda(weight: Tensor, r: int, scaling: float, eigens: CordaEigens | None = None) -> LoraInit:
+    """The ``init_lora_weights="corda"`` initializer: (A, B, residual) from the layer's cropped ``eigens`` (set
+    on its base module by lorakit.preprocess_corda, taken off it when the adapter is made)."""
+    if eigens is None:
+        raise ValueError(
+            "init_lora_weights='corda' needs the layer's decomposition: run lorakit.preprocess_corda(model, config, "
+            "run_model=...) on the base model with this config before get_peft_model (and before loading a CorDA "
+            "adapter saved without path_initial_model_for_weight_conversion)"
+        )
+    if not weight.is_floating_point():
+        raise TypeError(
+            f"init_lora_weights='corda' needs a floating-point base weight, not {weight.dtype}; initialize on the "
+            "fp32/fp16/bf16 model, then quantize the residual base"
+        )
+    out_f, in_f = weight.shape
+    expected = ((r,), (out_f, r), (in_f, r))
+    if tuple(tuple(t.shape) for t in eigens) != expected:
+        raise ValueError(
+            f"CorDA decomposition of shapes S {tuple(eigens.S_WC.shape)}, U {tuple(eigens.U_WC.shape)}, V "
+            f"{tuple(eigens.V_WC.shape)} does not fit a ({out_f}, {in_f}) layer of rank {r} (needs {expected}); run "
+            "preprocess_corda with the same model and config (r, rank_pattern) as get_peft_model, and rebuild a "
+            "cache_file made for another rank"
+        )
+    if not all(torch.isfinite(t).all() for t in eigens):
+        raise ValueError("CorDA decomposition holds inf / NaN; rebuild it (delete cache_file) from finite inputs")
+    A, B = factors(eigens, scaling)
+    A, B = A.to(weight.device), B.to(weight.device)
+    residual = weight.detach().float() - scaling * (B @ A)  # (out, in)
+    return LoraInit(A, B, residual.to(weight.dtype))
+
+
+def eva(weight: Tensor, r: int, scaling: float) -> LoraInit:
+    """EVA's starting point (init_lora_weights='eva', Paischer et al. 2024, arXiv 2410.07170): as 'kaiming' (B = 0,
+    an identity at start) until lorakit.initialize_lora_eva_weights replaces A with the top right-singular vectors
+    of the layer's inputs (lorakit.ops.eva), as PEFT does."""
+    return kaiming(weight, r, scaling)
+
+
 def _fp32(weight: Tensor, r: int, name: str) -> Tensor:
     """``weight`` in fp32 for the decompositions; ValueError if r exceeds its rank bound or its dtype is not a float."""
     if not weight.is_floating_point():
@@ -213,6 +252,8 @@ INITIALIZERS: dict[str, Initializer] = {
     "orthogonal": orthogonal,
     "loftq": loftq,
     "mica": mica,
+    "corda": corda,
+    "eva": eva,
 }
 
 
@@ -243,10 +284,10 @@ def is_known(init_lora_weights: object) -> bool:
 
 
 def mutates_base(init_lora_weights: object) -> bool:
-    """True for initializers that move part of the base weight into the adapter (PiSSA, OLoRA): their adapters only
-    fit the residual base, unless saved with ``path_initial_model_for_weight_conversion``."""
+    """True for initializers that move part of the base weight into the adapter (PiSSA, OLoRA, CorDA): their adapters
+    only fit the residual base, unless saved with ``path_initial_model_for_weight_conversion``."""
     init = _lookup(init_lora_weights)
-    return getattr(init, "func", init) in (pissa, olora)
+    return getattr(init, "func", init) in (pissa, olora, corda)
 
 
 def _lookup(name: object) -> Initializer | None:

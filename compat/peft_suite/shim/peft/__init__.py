@@ -34,6 +34,8 @@ EQUIVALENTS: dict[str, dict[str, str]] = {
         "BdLoraConfig": "lorakit:BdLoraConfig",
         "KasaConfig": "lorakit:KasaConfig",
         "MontecloraConfig": "lorakit:MontecloraConfig",
+        "CordaConfig": "lorakit:CordaConfig",
+        "EvaConfig": "lorakit:EvaConfig",
         "LoraModel": "lorakit:LoraModel",
         "LoraLayer": "lorakit:LoraLayer",
         "Linear": "lorakit:LoraLinear",
@@ -95,6 +97,7 @@ EQUIVALENTS["peft.tuners.trainable_tokens"] = {
 }
 EQUIVALENTS["peft.tuners.trainable_tokens.layer"] = EQUIVALENTS["peft.tuners.trainable_tokens"]
 EQUIVALENTS["peft.helpers"] = {"MontecloraTrainerMixin": "lorakit.api.helpers:MontecloraTrainerMixin"}
+EQUIVALENTS["peft.tuners.lora.corda"] = {"preprocess_corda": "lorakit:preprocess_corda"}
 EQUIVALENTS["peft.tuners.lora.monteclora"] = {
     "MontecloraSampler": "lorakit.adapters.variant_monteclora:MontecloraSampler"
 }
