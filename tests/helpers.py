@@ -15,7 +15,6 @@ fixture of ``conftest.py`` (``tiny.llama(seed=1)``, ``tiny.input_ids()``).
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import os
 import random
@@ -232,8 +231,6 @@ CONFIG_KEYS_THAT_DIFFER: dict[str, Any] = {
     # a set in PEFT too (a list for the MoE models of transformers 5 whose config it converts, [] if no expert is
     # targeted; None elsewhere), in arbitrary order
     "target_parameters": lambda a, b: sorted(a) == sorted(b) if isinstance(b, list) else a == b,
-    # the writer: PEFT's version, or PEFT's format version and lorakit ("<version>@<build>", PEFT's dev-build form)
-    "peft_version": lambda a, b: a.partition("@") == (b, "@", f"lorakit-{importlib.metadata.version('lorakit')}"),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib.metadata
+import json
 import math
 import os
 import re
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit.io.untrusted import AdapterFileError
+from lorakit.io.untrusted import AdapterFileError, read_small_text
 
 # lorakit.io.files and lorakit.ops.init import torch; a LoraConfig is made and checked without it (``lorakit train``
 # checks its options before torch loads), so ``_files()`` / ``_init()`` import them where a file is read or an
@@ -48,6 +49,10 @@ class PeftType(str, enum.Enum):
 
 class ConfigError(ValueError):
     """A LoraConfig field holds a value lorakit cannot use; the message names the field and the allowed values."""
+
+
+class NotAPeftConfigError(AdapterFileError, TypeError):
+    """A JSON object that is no PEFT config: no ``peft_type`` and keys no config has (a TypeError, as PEFT's)."""
 
 
 class PeftWarning(UserWarning):
@@ -363,6 +368,15 @@ class LoraConfig:
         "Without a task_type: the base model's class and module (set on save, as PEFT does; PEFT's AutoPeftModel "
         "reads them to choose the class to load)."
     )
+    peft_type: PeftType | str = _help(
+        "The method, as adapter_config.json names it: always 'LORA' for a LoraConfig (another value given here is "
+        "replaced, with a warning; a file naming another method is refused).",
+        PeftType.LORA,
+    )
+    peft_version: str | None = _help(
+        "The PEFT version whose adapter_config.json format the file follows; None (the default) fills in the one "
+        "lorakit writes, lorakit.config.__version__. A loaded file keeps its own.",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -390,6 +404,12 @@ class LoraConfig:
         self.monteclora_config = _sub_config("monteclora_config", self.monteclora_config, MontecloraConfig)
         self.corda_config = _sub_config("corda_config", self.corda_config, CordaConfig)
         self.eva_config = _sub_config("eva_config", self.eva_config, EvaConfig)
+        if self.peft_type != PeftType.LORA:
+            warnings.warn(f"LoraConfig(peft_type={self.peft_type!r}): a LoraConfig is always peft_type 'LORA'; the "
+                          "value was replaced (leave peft_type out)", PeftWarning, stacklevel=3)
+        self.peft_type = PeftType.LORA
+        if self.peft_version is None:
+            self.peft_version = _peft_version()
         self.validate()
         for method, title, cls in (("eva", "EVA", EvaConfig), ("corda", "CorDA", CordaConfig)):  # PEFT's words
             field_name, chosen = f"{method}_config", str(self.init_lora_weights).lower() == method
@@ -433,15 +453,16 @@ class LoraConfig:
         if init is not None and not init.is_known(self.init_lora_weights):
             allowed = ", ".join(["True", "False", *map(repr, init.INITIALIZERS), init.PISSA_NITER_HELP])
             raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} is unknown; use one of: {allowed}")
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            # PEFT refuses this combination, so an adapter saved with it could not be loaded there
+            which = "layers_to_transform" if self.layers_to_transform is not None else "layers_pattern"
+            raise ConfigError(
+                f"`{which}` cannot be used when `target_modules` is a str ({self.target_modules!r}); list "
+                "the module names, or put the layer index into the regex"
+            )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError(
                 "When `layers_pattern` is specified, `layers_to_transform` must also be specified. Set both, or neither"
-            )
-        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
-            # PEFT refuses this combination, so an adapter saved with it could not be loaded there
-            raise ConfigError(
-                f"`layers_to_transform` cannot be used when `target_modules` is a str ({self.target_modules!r}); list "
-                "the module names, or put the layer index into the regex"
             )
         if self.target_parameters is not None and (
             not isinstance(self.target_parameters, list) or not all(isinstance(t, str) for t in self.target_parameters)
@@ -473,10 +494,6 @@ class LoraConfig:
                 "target_modules=[] wraps nothing; list module names, use 'all-linear', or None (or name parameters "
                 "in target_parameters)"
             )
-
-    @property
-    def peft_type(self) -> PeftType:
-        return PeftType.LORA
 
     def variant_names(self) -> tuple[str, ...]:
         """The config fields that choose a LoRA variant and are set (PEFT's names, sorted): () for plain LoRA, else
@@ -510,12 +527,12 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict with every key PEFT writes: ``peft_type``, the fields, and PEFT's own keys (its
         features lorakit lacks, at their "off" value, and the keys that describe the file)."""
-        out: dict[str, Any] = {"peft_type": self.peft_type.value, **_peft_file_keys()}
+        out: dict[str, Any] = dict(_peft_file_keys())
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, _SUB_CONFIGS):
                 value = dataclasses.asdict(value)
-            out[f.name] = value.value if isinstance(value, TaskType) else value
+            out[f.name] = value.value if isinstance(value, enum.Enum) else value
         return out
 
     @classmethod
@@ -533,22 +550,61 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
-        """Build from a PEFT-style dict. Unknown keys (a newer PEFT) are ignored with a warning; keys naming
-        PEFT features lorakit lacks raise ConfigError unless they hold their neutral value."""
+        """Build from a PEFT-style dict. Unknown keys (a newer PEFT) are ignored with a warning, as PEFT does; a dict
+        with unknown keys and no ``peft_type`` is no PEFT config (NotAPeftConfigError); keys naming PEFT features
+        lorakit lacks raise ConfigError unless they hold their neutral value."""
         data = dict(data)
-        peft_type = data.pop("peft_type", "LORA")
-        if peft_type != "LORA":
-            raise ConfigError(f"peft_type={peft_type!r}: lorakit loads LoRA adapters only (peft_type 'LORA')")
         own = {f.name for f in dataclasses.fields(cls)}
+        known = own | _NEUTRAL_PEFT_KEYS.keys() | _INFORMATIONAL_PEFT_KEYS
+        unknown = sorted(k for k in data if k not in known)
+        if unknown and "peft_type" not in data:
+            raise NotAPeftConfigError(  # PEFT's words first (its tests match them)
+                f"The {cls.__name__} config that is trying to be loaded is missing required keys: {{'peft_type'}}. "
+                f"It holds keys no PEFT config has ({', '.join(unknown)}): pass an adapter_config.json that "
+                "save_pretrained wrote"
+            )
+        if data.get("peft_type", "LORA") != "LORA":
+            raise ConfigError(f"peft_type={data['peft_type']!r}: lorakit loads LoRA adapters only (peft_type 'LORA')")
         unsupported = {k: v for k, v in data.items() if k in _NEUTRAL_PEFT_KEYS and not _neutral(k, v)}
         if unsupported:
             names = ", ".join(f"{k}={v!r}" for k, v in unsupported.items())
             raise ConfigError(f"this adapter uses PEFT features lorakit does not support yet: {names}")
-        known = own | _NEUTRAL_PEFT_KEYS.keys() | _INFORMATIONAL_PEFT_KEYS
-        unknown = sorted(k for k in data if k not in known)
         if unknown:
-            warnings.warn(f"adapter config keys unknown to lorakit were ignored: {', '.join(unknown)}", stacklevel=2)
+            warnings.warn(  # PEFT's words first (its tests match them)
+                f"Unexpected keyword arguments {unknown} for class {cls.__name__}, these are ignored. The adapter "
+                "config was probably saved by a newer PEFT; lorakit writes PEFT "
+                f"{PEFT_FORMAT_VERSION}'s format and loads the rest of it",
+                PeftWarning,
+                stacklevel=2,
+            )
         return cls(**{k: v for k, v in data.items() if k in own})
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> LoraConfig:
+        """A config from keyword arguments, PEFT's ``PeftConfig.from_peft_type``: the class is the one ``peft_type``
+        names (lorakit has LoRA only: another one is a ConfigError) and unknown keywords are dropped with a
+        warning, as ``from_dict``."""
+        return cls.from_dict(kwargs)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """The JSON object of a config file (not a LoraConfig: ``from_dict`` makes one), as PEFT's method of the
+        name; a ``runtime_config`` key (PEFT's settings of one session, never meant for a file) is dropped with
+        PEFT's warning. AdapterFileError if the file is too big to be a config, not JSON or not an object."""
+        path = Path(path_json_file)
+        try:
+            data = json.loads(read_small_text(path, path.parent))
+        except (ValueError, RecursionError) as e:
+            if isinstance(e, AdapterFileError):
+                raise
+            raise AdapterFileError(f"{path} is not valid JSON ({e}); re-save the adapter") from None
+        if not isinstance(data, dict):
+            raise AdapterFileError(f"{path} must hold a JSON object, not {type(data).__name__}")
+        if "runtime_config" in data:
+            warnings.warn("The configuration file contains a `runtime_config` key. This is ignored. Runtime "
+                          "configurations are only valid at runtime.", PeftWarning, stacklevel=2)
+            del data["runtime_config"]
+        return data
 
 
 PeftConfig = LoraConfig  # PEFT's base class of configs; every lorakit adapter is a LoRA one
@@ -560,29 +616,54 @@ def get_peft_config(config_dict: dict[str, Any]) -> LoraConfig:
 
 
 # Keys PEFT writes that only describe the file (ignored silently, whatever their value).
-_INFORMATIONAL_PEFT_KEYS = {"peft_version", "megatron_core", "qalora_group_size"}
+_INFORMATIONAL_PEFT_KEYS = {"megatron_core", "qalora_group_size"}
 
 # The PEFT version whose adapter_config.json lorakit writes, key for key (tests/api/test_interop.py compares them).
 PEFT_FORMAT_VERSION = "0.21.2"
+# What a new config's peft_version reads, as PEFT's peft.config.__version__: the format version (the file is PEFT
+# 0.21.2's, key for key, so it says so, as PEFT 0.21.2 writes it). Not lorakit's own version: PEFT reads the part
+# after an "@" as a commit of PEFT's (its dev builds write "<version>@<commit>"), which lorakit has none of.
+__version__ = PEFT_FORMAT_VERSION
+
+
+def _peft_version() -> str:
+    """``__version__``, as PEFT's ``_get_peft_version``; a dev version (a format lorakit never ships, e.g. set by a
+    test) gets "@<commit>" of the code that wrote the file (lorakit's, installed from git), or "@UNKNOWN"."""
+    version = __version__
+    if ".dev" not in version:  # PEP 440 dev releases: "0.15.0.dev7"
+        return version
+    try:
+        commit = _get_commit_hash("lorakit")
+    except Exception:  # noqa: BLE001 - a version string never breaks making a config (PEFT's rule)
+        warnings.warn("A dev version of PEFT is used but there was an error while trying to determine the commit "
+                      "hash; peft_version records '@UNKNOWN'", PeftWarning, stacklevel=4)
+        commit = None
+    return f"{version}@{commit or 'UNKNOWN'}"
+
+
+def _get_commit_hash(package: str) -> str | None:
+    """The git commit ``package`` was installed from (pip's direct_url.json), None if it was not (PEFT's name)."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in dist.files or []:
+        if file.name == "direct_url.json":
+            commit = json.loads(dist.locate_file(file).read_text()).get("vcs_info", {}).get("commit_id")
+            return commit if isinstance(commit, str) else None
+    return None
 
 
 def _peft_file_keys() -> dict[str, Any]:
     """The keys of PEFT's adapter_config.json that are no LoraConfig field, with the values PEFT writes for a LoRA
-    adapter. ``peft_version`` names the PEFT version of the format and lorakit as the writer, in PEFT's own
-    "<version>@<build>" form (PEFT's dev builds write "<version>@<commit>"; PEFT reads the part before the "@")."""
+    adapter (``peft_version`` is a field: see ``__version__``)."""
     return {
         **_NEUTRAL_PEFT_KEYS,
         "megatron_core": "megatron.core",
         "qalora_group_size": 16,
-        "peft_version": f"{PEFT_FORMAT_VERSION}@lorakit-{_lorakit_version()}",
     }
 
 
-def _lorakit_version() -> str:
-    try:
-        return importlib.metadata.version("lorakit")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
-        return "unknown"
 
 # Keys PEFT writes for features lorakit does not implement, with the value that means "feature off".
 _NEUTRAL_PEFT_KEYS: dict[str, Any] = {
@@ -670,6 +751,8 @@ def read_config(folder: str | os.PathLike) -> LoraConfig:
     _check_json_types(path, data)
     try:
         return LoraConfig.from_dict(data)
+    except NotAPeftConfigError as e:
+        raise NotAPeftConfigError(f"{path}: {e}") from None
     except (ConfigError, TypeError) as e:
         raise AdapterFileError(f"{path}: {e}") from None
 

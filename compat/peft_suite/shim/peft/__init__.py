@@ -54,7 +54,6 @@ EQUIVALENTS: dict[str, dict[str, str]] = {
         "prepare_model_for_kbit_training": "lorakit:prepare_model_for_kbit_training",
         "_get_submodules": "lorakit.adapters.inject:parent_and_module",
     },
-    "peft.config": {"PeftConfig": "lorakit:PeftConfig"},
     "peft.mapping": {
         "get_peft_config": "lorakit:get_peft_config",
         "inject_adapter_in_model": "lorakit:inject_adapter_in_model",
@@ -114,6 +113,13 @@ EQUIVALENTS["peft.tuners.lora.variants"] = {
         for name in ("calculate_alora_offsets", "get_alora_offsets_for_forward", "get_alora_offsets_for_generate")
     },
 }
+
+
+# PEFT modules that are one lorakit module as a whole: the module itself is lorakit's, so that a test setting one of
+# its attributes (monkeypatching peft.config.__version__, PEFT's format version) changes what lorakit reads.
+MODULE_EQUIVALENTS = {"peft.config": "lorakit.config"}
+for _module, _target in MODULE_EQUIVALENTS.items():
+    sys.modules[_module] = importlib.import_module(_target)
 
 
 def _available(package: str) -> Any:
