@@ -392,3 +392,25 @@ def test_a_modules_to_save_wrapper_answers_with_the_module_that_runs() -> None:
     assert score.weight is score.modules_to_save["other"].weight
     with model.disable_adapter():
         assert score.weight is score.original_module.weight
+
+
+def test_get_model_config_is_a_dict_whatever_the_model_holds() -> None:
+    import dataclasses
+
+    from lorakit import LoraModel
+
+    @dataclasses.dataclass
+    class Settings:
+        hidden: int = 4
+
+    class Holder(nn.Module):
+        def __init__(self, config: object) -> None:
+            super().__init__()
+            self.config = config
+
+    assert LoraModel.get_model_config(nn.Linear(2, 2)) == {"model_type": "custom"}
+    assert LoraModel.get_model_config(Holder(Settings())) == {"hidden": 4}
+    assert LoraModel.get_model_config(Holder({"a": 1})) == {"a": 1}
+    llama = tiny_llama()
+    assert LoraModel.get_model_config(llama) == llama.config.to_dict()
+    assert LoraModel.get_model_config(nn.Linear(2, 2)) is not LoraModel.get_model_config(nn.Linear(2, 2))  # a copy

@@ -310,3 +310,22 @@ def test_modules_to_save_names_those_of_the_adapters_held() -> None:
     assert [name for name in wrapper.adapter_layer_names] == ["modules_to_save"] and "a" in wrapper.modules_to_save
     model.delete_adapter("a")
     assert model.modules_to_save is None
+
+
+def test_a_new_adapter_names_its_base_model_and_warns_when_it_replaces_another_name() -> None:
+    class Custom(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no name given: nothing replaced, no warning
+        unnamed = get_peft_model(Custom(), LoraConfig(target_modules=["lin"]))
+    assert unnamed.peft_config["default"].base_model_name_or_path is None
+    kept = get_peft_model(Custom(), LoraConfig(target_modules=["lin"], base_model_name_or_path="mine"))
+    assert kept.peft_config["default"].base_model_name_or_path == "mine"  # a model without a name keeps the config's
+    named = Custom()
+    named.name_or_path = "foobar"
+    with pytest.warns(UserWarning, match="was renamed from 'mine' to 'foobar'"):
+        model = get_peft_model(named, LoraConfig(target_modules=["lin"], base_model_name_or_path="mine"))
+    assert model.peft_config["default"].base_model_name_or_path == "foobar"

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +32,9 @@ from lorakit.fast import swiglu
 from lorakit.io.files import AdapterError, check_adapter_name
 
 logger = logging.getLogger(__name__)
+
+
+CUSTOM_MODEL_CONFIG = {"model_type": "custom"}  # get_model_config of a model without a config (PEFT's)
 
 
 class LoraModel(nn.Module):
@@ -67,6 +71,19 @@ class LoraModel(nn.Module):
     @property
     def active_adapter(self) -> str:
         return self.active_adapters[0] if len(self.active_adapters) == 1 else self.active_adapters  # type: ignore
+
+    @staticmethod
+    def get_model_config(model: nn.Module) -> dict[str, Any]:
+        """``model.config`` as a dict, as PEFT's ``BaseTuner.get_model_config``: its ``to_dict()`` (a transformers
+        config), a dataclass's fields, a dict as it is, and ``{"model_type": "custom"}`` for a model without one."""
+        config = getattr(model, "config", None)
+        if config is None:
+            return dict(CUSTOM_MODEL_CONFIG)
+        if hasattr(config, "to_dict"):
+            return config.to_dict()
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            return dataclasses.asdict(config)
+        return config
 
     @property
     def targeted_module_names(self) -> list[str]:

@@ -95,6 +95,7 @@ EQUIVALENTS["peft.tuners.trainable_tokens"] = {
     "TrainableTokensLayer": "lorakit.adapters.trainable_tokens:TrainableTokensLayer"
 }
 EQUIVALENTS["peft.tuners.trainable_tokens.layer"] = EQUIVALENTS["peft.tuners.trainable_tokens"]
+EQUIVALENTS["peft.utils.constants"] = {"DUMMY_MODEL_CONFIG": "lorakit.adapters.model:CUSTOM_MODEL_CONFIG"}
 EQUIVALENTS["peft.helpers"] = {"MontecloraTrainerMixin": "lorakit.api.helpers:MontecloraTrainerMixin"}
 EQUIVALENTS["peft.tuners.lora.corda"] = {"preprocess_corda": "lorakit:preprocess_corda"}
 EQUIVALENTS["peft.tuners.lora.monteclora"] = {
