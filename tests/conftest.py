@@ -8,6 +8,10 @@ Usage in a test::
 
 Factories: ``tiny.llama``, ``tiny.gpt2``, ``tiny.bert_cls``, ``tiny.llama_cls``, ``tiny.input_ids``, ``tiny.perturb_``
 (or import them directly: ``from helpers import tiny_llama, input_ids``).
+
+``device``: a test taking it runs once per device torch reports available (``helpers.DEVICES``: cpu always, cuda and
+mps when present), with the ``torch.device`` as its value; the fast paths' equality tests take it (lorakit.fast's
+device rule).
 """
 
 from __future__ import annotations
@@ -23,6 +27,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: 2 workers x 
 
 import helpers  # noqa: E402
 import pytest  # noqa: E402
+
+
+@pytest.fixture(params=helpers.DEVICES)
+def device(request: pytest.FixtureRequest) -> object:
+    """Each device torch reports available, as a ``torch.device`` (see the module docstring)."""
+    import torch
+
+    return torch.device(request.param)
 
 
 @pytest.fixture

@@ -46,6 +46,8 @@ VOCAB = 100
 HIDDEN = 32
 LAYERS = 2
 PAD_ID = 0  # pad token of tiny_llama_cls; input_ids() never produces it
+# the devices torch reports available: the ``device`` fixture of conftest.py runs a test on each
+DEVICES = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
 
 
 def _llama_config(**overrides: object) -> LlamaConfig:

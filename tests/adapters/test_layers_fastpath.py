@@ -1,6 +1,7 @@
 """LoraLinear's fast path (its one plain adapter looked up once per state, ``fast.branch.linear_with_lora``) against
 the textbook forward, which reads every piece of state on each call: outputs equal after each state change, made
-after a forward has built the plan (a stale plan would show as a difference)."""
+after a forward has built the plan (a stale plan would show as a difference); on every device torch reports available
+(the ``device`` fixture)."""
 
 from __future__ import annotations
 
@@ -56,19 +57,19 @@ def _config(family: str = "llama", **overrides: object) -> LoraConfig:
     return LoraConfig(**{**options, **overrides})
 
 
-def _model(family: str = "llama"):
+def _model(family: str = "llama", device: object = "cpu"):
     base = tiny_llama(0) if family == "llama" else tiny_gpt2(0)
     torch.manual_seed(1)
     model = get_peft_model(base, _config(family), adapter_name="a")
     torch.manual_seed(2)
     model.add_adapter("b", _config(family, r=2, lora_alpha=3))
     perturb_([p for n, p in model.named_parameters() if "lora_B" in n], seed=3)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def _check(model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Planned logits (no grad and inference mode) equal the textbook ones; returns them."""
-    ids = input_ids() if ids is None else ids
+    ids = (input_ids() if ids is None else ids).to(next(model.parameters()).device)
     with torch.no_grad():
         planned = model(input_ids=ids).logits
         with _textbook():
@@ -79,26 +80,26 @@ def _check(model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
     return planned
 
 
-def _base_logits(family: str = "llama") -> torch.Tensor:
+def _base_logits(family: str = "llama", device: object = "cpu") -> torch.Tensor:
     with torch.no_grad():
-        return (tiny_llama(0) if family == "llama" else tiny_gpt2(0))(input_ids()).logits
+        return (tiny_llama(0) if family == "llama" else tiny_gpt2(0)).to(device)(input_ids().to(device)).logits
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_planned_forward_equals_textbook_and_takes_the_lean_path(family, monkeypatch):
-    model = _model(family)
+def test_planned_forward_equals_textbook_and_takes_the_lean_path(family, monkeypatch, device):
+    model = _model(family, device)
     calls = []
     lean = branch.lora_add_no_grad
     monkeypatch.setattr(branch, "lora_add_no_grad", lambda *a: calls.append(1) or lean(*a))
     logits = _check(model)
     assert len(calls) == 2 * len(_layers(model))  # every layer, in both the no_grad and the inference_mode pass
-    assert not torch.allclose(logits, _base_logits(family), atol=1e-3)  # the adapter changes the output
+    assert not torch.allclose(logits, _base_logits(family, device), atol=1e-3)  # the adapter changes the output
     assert all(layer._fast is not None and layer._fast[0] == "a" for layer in _layers(model))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_every_state_change_is_picked_up(family):
-    model = _model(family)
+def test_every_state_change_is_picked_up(family, device):
+    model = _model(family, device)
     layers = _layers(model)
     a = _check(model)
     model.set_adapter("b")
@@ -118,13 +119,13 @@ def test_every_state_change_is_picked_up(family):
     torch.testing.assert_close(_check(model), a, **TOL)
 
     with model.disable_adapter():
-        torch.testing.assert_close(_check(model), _base_logits(family), **TOL)
+        torch.testing.assert_close(_check(model), _base_logits(family, device), **TOL)
     torch.testing.assert_close(_check(model), a, atol=0, rtol=0)
 
     model.merge_adapter()
     torch.testing.assert_close(_check(model), a, atol=1e-5, rtol=1e-5)
     with model.disable_adapter():  # merged: unmerged inside, merged back after
-        torch.testing.assert_close(_check(model), _base_logits(family), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_check(model), _base_logits(family, device), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_check(model), a, atol=1e-5, rtol=1e-5)
     model.unmerge_adapter()
     torch.testing.assert_close(_check(model), a, atol=1e-5, rtol=1e-5)
@@ -136,7 +137,7 @@ def test_every_state_change_is_picked_up(family):
     assert all(layer._fast[0] == "a" for layer in layers)
 
     torch.manual_seed(4)
-    model.add_adapter("c", _config(family, r=3, target_modules=TARGETS[family][:1]))
+    model.add_adapter("c", _config(family, r=3, target_modules=TARGETS[family][:1]))  # made on the layers' device
     perturb_([p for n, p in model.named_parameters() if "lora_B.c" in n], seed=5)
     model.set_adapter("c")  # only some layers hold "c": the others give their base output
     c = _check(model)
@@ -199,10 +200,10 @@ def test_a_replaced_base_layer_is_picked_up():
         torch.testing.assert_close(layer(x), want, **TOL)
 
 
-def test_mixed_adapter_batch_after_the_plan_and_back():
-    model = _model()
+def test_mixed_adapter_batch_after_the_plan_and_back(device):
+    model = _model(device=device)
     a = _check(model)
-    ids = input_ids()
+    ids = input_ids().to(device)
     with torch.no_grad():
         mixed = model(input_ids=ids, adapter_names=["b", "a"]).logits
     model.set_adapter("b")
@@ -214,7 +215,7 @@ def test_mixed_adapter_batch_after_the_plan_and_back():
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_training_through_the_plan_equals_the_general_loop(bf16):
+def test_training_through_the_plan_equals_the_general_loop(bf16, device):
     """With gradients (and dropout in train mode) the plan saves lookups and, in fp32, runs each frozen Linear and its
     branch as one node (branch.LinearBranch): same dropout draws and loss as the general loop, gradients up to the
     order of a sum. Under bf16 autocast it also shares one cast of each input (lorakit.fast.shared_cast): the loss to
@@ -223,13 +224,13 @@ def test_training_through_the_plan_equals_the_general_loop(bf16):
     seeds 0-11 the largest relative difference (norm) of a parameter's gradient was 0.9% to 3.7%."""
     runs = []
     for general in (False, True):
-        model = _model().train()
+        model = _model(device=device).train()
         if general:
             for layer in _layers(model):
                 layer._fast = None  # the general loop (the next state change would plan again)
         torch.manual_seed(7)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=input_ids()).logits.float().square().mean()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=input_ids().to(device)).logits.float().square().mean()
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         runs.append((loss.detach(), grads))
@@ -244,26 +245,27 @@ def test_training_through_the_plan_equals_the_general_loop(bf16):
             torch.testing.assert_close(grads[name], grads_ref[name], atol=atol, rtol=1e-5)  # gradient in another order
 
 
-def test_eval_under_autocast_equals_the_general_loop():
-    model = _model()
+def test_eval_under_autocast_equals_the_general_loop(device):
+    model = _model(device=device)
     outs = []
     for general in (False, True):
         for layer in _layers(model):
             layer._refresh()
             if general:
                 layer._fast = None
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            outs.append(model(input_ids=input_ids()).logits)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            outs.append(model(input_ids=input_ids().to(device)).logits)
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4096])
-def test_lora_add_no_grad_equals_reference(rows):
+def test_lora_add_no_grad_equals_reference(rows, device):
     """Both of its forms (a few rows: three ops; many rows: one addmm), on 2-d, 3-d and non-contiguous inputs."""
     torch.manual_seed(0)
-    A, B = torch.randn(4, 24), torch.randn(16, 4)
-    for x in (torch.randn(rows, 24), torch.randn(1, rows, 24), torch.randn(24, rows).T):
-        base = torch.randn(*x.shape[:-1], 16)
+    A, B = torch.randn(4, 24, device=device), torch.randn(16, 4, device=device)
+    xs = (torch.randn(rows, 24), torch.randn(1, rows, 24), torch.randn(24, rows).T)
+    for x in (x.to(device) for x in xs):  # .to keeps the transposed one non-contiguous
+        base = torch.randn(*x.shape[:-1], 16, device=device)
         want = branch.reference(base, x, A, B, 0.75, nn.Identity())
         got = branch.lora_add_no_grad(base, x, A, B, 0.75)
         assert got.shape == base.shape

@@ -1,4 +1,5 @@
-"""fast.branch: the lean LoRA branch equals the textbook composition (outputs and gradients), dropout included."""
+"""fast.branch: the lean LoRA branch equals the textbook composition (outputs and gradients), dropout included, on
+every device torch reports available (the ``device`` fixture); on others it steps aside (test_fast_devices.py)."""
 
 from __future__ import annotations
 
@@ -9,30 +10,35 @@ from torch import nn
 from lorakit.fast import branch
 
 
-def _inputs(dtype=torch.float32, shape=(3, 5), n_in=6, n_out=7, r=4, seed=0):
+def _inputs(dtype=torch.float32, shape=(3, 5), n_in=6, n_out=7, r=4, seed=0, device="cpu"):
+    """x, W (stands for the base layer), A, B: leaves requiring grad, drawn on the CPU (same values everywhere)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, n_in, generator=g, dtype=dtype, requires_grad=True)
-    W = torch.randn(n_out, n_in, generator=g, dtype=dtype, requires_grad=True)  # stands for the base layer
-    A = torch.randn(r, n_in, generator=g, dtype=dtype, requires_grad=True)
-    B = torch.randn(n_out, r, generator=g, dtype=dtype, requires_grad=True)
-    return x, W, A, B
+    draws = [(*shape, n_in), (n_out, n_in), (r, n_in), (n_out, r)]
+    return tuple(torch.randn(d, generator=g, dtype=dtype).to(device).requires_grad_() for d in draws)
 
 
 def _grads(out, tensors, seed=1):
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-    return torch.autograd.grad(out, tensors, upstream)
+    return torch.autograd.grad(out, tensors, upstream.to(out.device))
+
+
+def _no_float64(device):
+    if device.type == "mps":
+        pytest.skip("MPS has no float64 (the fast branch's dropout steps aside there)")
 
 
 def _keep_mask(shape, dropped):
     """The 0 / 1 float mask with 0 at the flat positions ``dropped``: what reference_with_mask takes."""
-    mask = torch.ones(shape)
+    mask = torch.ones(shape, device=dropped.device)
     mask.view(-1)[dropped.long()] = 0.0
     return mask
 
 
 @pytest.mark.parametrize("with_dropout", [False, True])
-def test_branch_equals_autograd_composition_values_and_gradients(with_dropout):
-    x, W, A, B = _inputs()
+def test_branch_equals_autograd_composition_values_and_gradients(with_dropout, device):
+    if with_dropout:
+        _no_float64(device)
+    x, W, A, B = _inputs(device=device)
     torch.manual_seed(2)
     dropped = branch.dropped_positions(x.numel(), 0.3, x.device) if with_dropout else None
     mask, keep = (_keep_mask(x.shape, dropped), 1 / 0.7) if with_dropout else (None, 1.0)
@@ -44,13 +50,13 @@ def test_branch_equals_autograd_composition_values_and_gradients(with_dropout):
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (15,)])
-def test_branch_drops_by_position_on_a_non_contiguous_input(shape):
+def test_branch_drops_by_position_on_a_non_contiguous_input(shape, device):
     """Positions index x's row-major order when x is a transposed view: a 3-d one (reshaped to rows by a copy) and
     a 2-d one (its rows are x itself)."""
-    x, W, A, B = _inputs(shape=shape)
+    x, W, A, B = _inputs(shape=shape, device=device)
     xt = x.transpose(0, 1) if len(shape) == 2 else x.detach().T.contiguous().T.requires_grad_()
     assert not xt.is_contiguous()
-    dropped = torch.tensor([0, 7, 8, 40, 89], dtype=torch.int32)
+    dropped = torch.tensor([0, 7, 8, 40, 89], dtype=torch.int32, device=device)
     fast = branch.LoraBranch.apply(xt @ W.T, xt, A, B, 0.5, dropped, 2.0)
     ref = branch.reference_with_mask(xt @ W.T, xt, A, B, 0.5, _keep_mask(xt.shape, dropped), 2.0)
     torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
@@ -58,14 +64,15 @@ def test_branch_drops_by_position_on_a_non_contiguous_input(shape):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_backward_leaves_saved_tensors_untouched():
+def test_backward_leaves_saved_tensors_untouched(device):
     """A second backward through the same graph gives the same gradients, and x and the positions are unchanged."""
-    x, W, A, B = _inputs()
+    _no_float64(device)
+    x, W, A, B = _inputs(device=device)
     torch.manual_seed(2)
     dropped = branch.dropped_positions(x.numel(), 0.3, x.device)
     x_before, dropped_before = x.detach().clone(), dropped.clone()
     out = branch.LoraBranch.apply(x @ W.T, x, A, B, 0.5, dropped, 1 / 0.7)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
     first = torch.autograd.grad(out, (x, A, B), upstream, retain_graph=True)
     second = torch.autograd.grad(out, (x, A, B), upstream)
     for a, b in zip(first, second, strict=True):
@@ -74,17 +81,19 @@ def test_backward_leaves_saved_tensors_untouched():
 
 
 @pytest.mark.parametrize("with_dropout", [False, True])
-def test_branch_gradcheck_float64(with_dropout):
-    x, W, A, B = _inputs(torch.float64, shape=(2, 3), n_in=4, n_out=3, r=2)
+def test_branch_gradcheck_float64(with_dropout, device):
+    _no_float64(device)
+    x, W, A, B = _inputs(torch.float64, shape=(2, 3), n_in=4, n_out=3, r=2, device=device)
     base = (x @ W.T).detach().requires_grad_()
-    dropped = torch.tensor([1, 5, 9, 13, 17, 21], dtype=torch.int32) if with_dropout else None  # column 1 of each row
+    column_1 = torch.tensor([1, 5, 9, 13, 17, 21], dtype=torch.int32, device=device)  # column 1 of each row
+    dropped = column_1 if with_dropout else None
     assert torch.autograd.gradcheck(
         lambda b, x_, a, b_: branch.LoraBranch.apply(b, x_, a, b_, 0.75, dropped, 2.0), (base, x, A, B)
     )
 
 
-def test_lora_add_without_dropout_equals_reference_in_every_mode():
-    x, W, A, B = _inputs()
+def test_lora_add_without_dropout_equals_reference_in_every_mode(device):
+    x, W, A, B = _inputs(device=device)
     ident = nn.Identity()
     want = branch.reference(x @ W.T, x, A, B, 2.0, ident)
     torch.testing.assert_close(branch.lora_add(x @ W.T, x, A, B, 2.0, ident), want, rtol=1e-6, atol=1e-6)
@@ -94,9 +103,10 @@ def test_lora_add_without_dropout_equals_reference_in_every_mode():
     torch.testing.assert_close(branch.lora_add(x @ W.T, x, A, B, 2.0, dropout_eval), want, rtol=1e-6, atol=1e-6)
 
 
-def test_lora_add_with_dropout_uses_the_drawn_positions():
+def test_lora_add_with_dropout_uses_the_drawn_positions(device):
     """Same RNG state: lora_add equals the masked reference with the positions dropped_positions draws."""
-    x, W, A, B = _inputs(shape=(4, 9))
+    _no_float64(device)
+    x, W, A, B = _inputs(shape=(4, 9), device=device)
     torch.manual_seed(5)
     fast = branch.lora_add(x @ W.T, x, A, B, 0.5, nn.Dropout(0.25).train())
     torch.manual_seed(5)
@@ -109,10 +119,12 @@ def test_lora_add_with_dropout_uses_the_drawn_positions():
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
-def test_dropped_positions_drop_each_element_with_probability_p_independently(p):
+def test_dropped_positions_drop_each_element_with_probability_p_independently(p, device):
+    _no_float64(device)
     torch.manual_seed(0)
     n = 10**6
-    dropped = branch.dropped_positions(n, p, torch.device("cpu"))
+    dropped = branch.dropped_positions(n, p, device)
+    assert dropped.device.type == device.type
     assert dropped.dtype == torch.int32 and dropped.dim() == 1
     assert bool((dropped[1:] > dropped[:-1]).all()) and 0 <= int(dropped[0]) and int(dropped[-1]) < n
     sd = (n * p * (1 - p)) ** 0.5
@@ -159,11 +171,12 @@ def test_dropped_positions_rejects_p_outside_0_1(p):
         branch.dropped_positions(3, p, torch.device("cpu"))
 
 
-def test_branch_under_bf16_autocast_is_close_to_fp32_and_grads_are_fp32():
-    x, W, A, B = _inputs(shape=(8, 16), n_in=32, n_out=24, r=8)
+def test_branch_under_bf16_autocast_is_close_to_fp32_and_grads_are_fp32(device):
+    """Autocast of x's device (not only the CPU's): the branch computes in bf16 there."""
+    x, W, A, B = _inputs(shape=(8, 16), n_in=32, n_out=24, r=8, device=device)
     dropout = nn.Identity()
     ref = branch.reference(x @ W.T, x, A, B, 0.5, dropout)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         base = x @ W.T
         fast = branch.lora_add(base, x, A, B, 0.5, dropout)
     assert fast.dtype == torch.bfloat16
@@ -175,7 +188,7 @@ def test_branch_under_bf16_autocast_is_close_to_fp32_and_grads_are_fp32():
         assert (got - exp).norm() / exp.norm() < 2e-2
 
 
-def test_lora_layer_training_step_matches_reference_layer():
+def test_lora_layer_training_step_matches_reference_layer(device):
     """A LoraLinear in train mode with dropout 0 gives the same output and gradients as the composition."""
     from lorakit.adapters.linear import LoraLinear
 
@@ -184,8 +197,8 @@ def test_lora_layer_training_step_matches_reference_layer():
     layer.update_layer("a", 3, 6.0, 0.0, "gaussian")
     layer.active_adapters = ["a"]
     nn.init.normal_(layer.lora_B["a"].weight)
-    layer.train()
-    x = torch.randn(2, 4, 6, requires_grad=True)
+    layer.to(device).train()
+    x = torch.randn(2, 4, 6).to(device).requires_grad_()
     out = layer(x)
     A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
     ref = branch.reference(layer.base_layer(x), x, A, B, layer.scaling["a"], nn.Identity())
@@ -197,12 +210,14 @@ def test_lora_layer_training_step_matches_reference_layer():
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("with_dropout", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_linear_branch_equals_linear_plus_composition(bias, with_dropout, layout):
+def test_linear_branch_equals_linear_plus_composition(bias, with_dropout, layout, device):
     """The frozen Linear and its branch as one node: values and gradients of x, A, B equal F.linear + the masked
     composition."""
-    x, W, A, B = _inputs()
+    if with_dropout:
+        _no_float64(device)
+    x, W, A, B = _inputs(device=device)
     W = W.detach()
-    b = torch.randn(W.shape[0], generator=torch.Generator().manual_seed(3)) if bias else None
+    b = torch.randn(W.shape[0], generator=torch.Generator().manual_seed(3)).to(device) if bias else None
     if layout == "transposed":  # (5, 3, in) view of x: not contiguous
         x = x.detach().transpose(0, 1).requires_grad_()
         assert not x.is_contiguous()
@@ -216,19 +231,21 @@ def test_linear_branch_equals_linear_plus_composition(bias, with_dropout, layout
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_linear_branch_gradcheck_float64():
-    x, W, A, B = _inputs(torch.float64, shape=(2, 3), n_in=4, n_out=3, r=2)
-    W, bias = W.detach(), torch.randn(3, dtype=torch.float64)
-    dropped = torch.tensor([1, 5, 9, 13, 17, 21], dtype=torch.int32)
+def test_linear_branch_gradcheck_float64(device):
+    _no_float64(device)
+    x, W, A, B = _inputs(torch.float64, shape=(2, 3), n_in=4, n_out=3, r=2, device=device)
+    W, bias = W.detach(), torch.randn(3, dtype=torch.float64, device=device)
+    dropped = torch.tensor([1, 5, 9, 13, 17, 21], dtype=torch.int32, device=device)
     assert torch.autograd.gradcheck(
         lambda x_, a, b_: branch.LinearBranch.apply(x_, W, bias, a, b_, 0.75, dropped, 2.0), (x, A, B)
     )
 
 
-def test_linear_lora_add_draws_as_lora_add_does():
+def test_linear_lora_add_draws_as_lora_add_does(device):
     """Same RNG state: the fused node equals the layer's output + lora_add, dropout included."""
-    x, _, A, B = _inputs(shape=(4, 9))
-    linear = nn.Linear(6, 7).requires_grad_(False)
+    _no_float64(device)
+    x, _, A, B = _inputs(shape=(4, 9), device=device)
+    linear = nn.Linear(6, 7).requires_grad_(False).to(device)
     dropout = nn.Dropout(0.25).train()
     torch.manual_seed(5)
     fast = branch.linear_lora_add(linear, x, A, B, 0.5, dropout)
@@ -245,7 +262,7 @@ def test_linear_lora_add_refuses_a_trainable_base():
         branch.linear_lora_add(nn.Linear(6, 7), x, A, B, 0.5, nn.Identity())
 
 
-def _wrapped_linear(bias=True):
+def _wrapped_linear(bias=True, device="cpu"):
     from lorakit.adapters.linear import LoraLinear
 
     torch.manual_seed(0)
@@ -253,13 +270,14 @@ def _wrapped_linear(bias=True):
     layer.update_layer("a", 3, 6.0, 0.1, "gaussian")
     layer.active_adapters = ["a"]
     nn.init.normal_(layer.lora_B["a"].weight)
-    return layer.train()
+    return layer.to(device).train()
 
 
-def test_lora_linear_fuses_a_frozen_linear_and_falls_back_when_it_must():
+def test_lora_linear_fuses_a_frozen_linear_and_falls_back_when_it_must(device):
     """Training a LoraLinear on a frozen nn.Linear runs one LinearBranch node; a hook on the base layer or a trainable
     bias take the two-node path (the hook is called) with the same output."""
-    layer, x = _wrapped_linear(), torch.randn(2, 4, 6, requires_grad=True)
+    _no_float64(device)  # its adapter has dropout
+    layer, x = _wrapped_linear(device=device), torch.randn(2, 4, 6).to(device).requires_grad_()
     torch.manual_seed(1)
     fused = layer(x)
     assert type(fused.grad_fn).__name__ == "LinearBranchBackward"
@@ -277,17 +295,19 @@ def test_lora_linear_fuses_a_frozen_linear_and_falls_back_when_it_must():
         assert layer(x).grad_fn is None
 
 
-def test_lora_linear_fused_under_bf16_autocast_equals_the_two_node_path(monkeypatch):
-    """Under CPU autocast the fused node computes in bf16 as F.linear + lora_add do: same output to the bit (same
-    casts, same products), gradients of A and B in fp32 and equal within bf16 rounding of the summation order."""
+def test_lora_linear_fused_under_bf16_autocast_equals_the_two_node_path(monkeypatch, device):
+    """Under autocast of x's device the fused node computes in bf16 as F.linear + lora_add do: same output to the bit
+    (same casts, same products), gradients of A and B in fp32 and equal within bf16 rounding of the summation
+    order."""
+    _no_float64(device)  # its adapter has dropout
     runs = []
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(branch, "_fusable", lambda *a: False)
-        layer = _wrapped_linear()
-        x = torch.randn(2, 8, 6, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        layer = _wrapped_linear(device=device)
+        x = torch.randn(2, 8, 6, generator=torch.Generator().manual_seed(4)).to(device).requires_grad_()
         torch.manual_seed(1)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = layer(x)
         assert (type(out.grad_fn).__name__ == "LinearBranchBackward") == fused and out.dtype == torch.bfloat16
         A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
@@ -301,14 +321,14 @@ def test_lora_linear_fused_under_bf16_autocast_equals_the_two_node_path(monkeypa
 
 @pytest.mark.parametrize("node", ["LoraBranch", "LinearBranch"])
 @pytest.mark.parametrize("shape", [(3, 5), (15,), (2, 3, 5)])
-def test_output_may_be_modified_in_place(node, shape):
+def test_output_may_be_modified_in_place(node, shape, device):
     """Models modify a layer's output in place (Falcon: ``mlp_output += attention_output``): the node's output is no
     view made inside it (autograd refuses in-place changes of those), and the gradients are those of the
     composition with the same in-place add."""
-    x, W, A, B = _inputs(shape=shape)
+    x, W, A, B = _inputs(shape=shape, device=device)
     W = W.detach()
-    other = torch.randn(*shape, W.shape[0], generator=torch.Generator().manual_seed(4), requires_grad=True)
-    dropped = torch.tensor([0, 7, 8, 40], dtype=torch.int32)
+    other = torch.randn(*shape, W.shape[0], generator=torch.Generator().manual_seed(4)).to(device).requires_grad_()
+    dropped = torch.tensor([0, 7, 8, 40], dtype=torch.int32, device=device)
     fast = (branch.LoraBranch.apply(x @ W.T, x, A, B, 0.5, dropped, 2.0) if node == "LoraBranch"
             else branch.LinearBranch.apply(x, W, None, A, B, 0.5, dropped, 2.0))
     assert fast.is_contiguous() and fast.shape == (*shape, W.shape[0])

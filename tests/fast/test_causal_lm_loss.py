@@ -16,9 +16,6 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 import lorakit
 from lorakit.fast import causal_lm_loss as cl
 
-# every device torch reports (issue 19, goal 4): the fused loss runs its matmuls on the head's device
-DEVICES = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
-
 STANDARD = """
 @can_return_tuple
 @auto_docstring
@@ -109,10 +106,10 @@ LOSS_KWARGS = {
 }
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("name", LOSS_KWARGS)
 def test_loss_equals_for_causal_lm_loss_in_value_and_gradients(name, bias, device):
+    """On every device torch reports (the ``device`` fixture): the fused loss runs its matmuls on the head's."""
     kwargs = LOSS_KWARGS[name]
     labels = _labels().masked_fill(_labels() == -100, kwargs.get("ignore_index", -100)).to(device)
     results = []
@@ -148,17 +145,17 @@ def test_loss_refuses_labels_that_do_not_match_the_head_input():
 
 
 # -- the wrapped model: decision and deferred logits -------------------------------------------------------------
-def _model(seed: int = 0, **config: object) -> lorakit.PeftModel:
+def _model(seed: int = 0, device: torch.device | str = "cpu", **config: object) -> lorakit.PeftModel:
     base = tiny_llama(seed) if not config else LlamaForCausalLM(LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=64, max_position_embeddings=64, **config))
     model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    return model.train()
+    return model.to(device).train()
 
 
-def _batch() -> dict[str, torch.Tensor]:
+def _batch(device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     ids = input_ids(batch=3, seq=8)
-    return {"input_ids": ids, "labels": _labels_for(ids)}
+    return {"input_ids": ids.to(device), "labels": _labels_for(ids).to(device)}
 
 
 def _labels_for(ids: torch.Tensor) -> torch.Tensor:
@@ -167,9 +164,9 @@ def _labels_for(ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def test_outputs_hold_deferred_logits_equal_to_the_reference_ones():
-    model = _model()
-    batch = _batch()
+def test_outputs_hold_deferred_logits_equal_to_the_reference_ones(device):
+    model = _model(device=device)
+    batch = _batch(device)
     with torch.no_grad():
         model.fused_loss = False
         ref = model(**batch)
@@ -185,14 +182,14 @@ def test_outputs_hold_deferred_logits_equal_to_the_reference_ones():
     torch.testing.assert_close(out.loss, ref.loss)
 
 
-def test_deferred_logits_carry_gradients_and_the_forwards_autocast():
-    model = _model()
-    batch = _batch()
+def test_deferred_logits_carry_gradients_and_the_forwards_autocast(device):
+    model = _model(device=device)
+    batch = _batch(device)
     losses = []
     for fused in (False, True):
         model.fused_loss = fused
         model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model(**batch)
         logits = out.logits  # read outside autocast: computed as under the forward's autocast
         assert logits.dtype == torch.bfloat16 and logits.requires_grad
@@ -256,7 +253,7 @@ def test_lora_on_the_head_runs_the_reference():
 
 
 @pytest.mark.parametrize("setup", ["tied", "modules_to_save_head", "checkpointing", "bf16_weights"])
-def test_fused_loss_and_gradients_equal_the_reference(setup):
+def test_fused_loss_and_gradients_equal_the_reference(setup, device):
     """Tied embeddings, a head trained in full (modules_to_save: its copy's weight gets a gradient), gradient
     checkpointing, a model in bf16 without autocast (the head's matmul in bf16, its softmax in fp32, as the
     reference's ``logits.float()``)."""
@@ -276,8 +273,8 @@ def test_fused_loss_and_gradients_equal_the_reference(setup):
             config = lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, lora_dropout=0.1)
             base = tiny_llama(0).to(torch.bfloat16)
             model = lorakit.get_peft_model(base, config, autocast_adapter_dtype=False).train()
-        model.fused_loss = fused
-        out = model(**_batch())
+        model.to(device).fused_loss = fused
+        out = model(**_batch(device))
         assert cl.is_fused(out) == fused
         out.loss.backward()
         grads.append((out.loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))

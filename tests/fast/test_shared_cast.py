@@ -1,4 +1,5 @@
-"""fast.shared_cast: one autocast copy of an input for every reader, never stale, never keeping anything alive."""
+"""fast.shared_cast: one autocast copy of an input for every reader, never stale, never keeping anything alive; with
+the autocast of the input's own device (the ``device`` fixture: every device torch reports available)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from lorakit.fast.shared_cast import _state, shared_cast
 AUTOCAST = dict(device_type="cpu", dtype=torch.bfloat16)
 
 
-def test_one_cast_for_an_unchanged_input_with_autocast_values():
-    x = torch.randn(4, 6, requires_grad=True) * 1.0
-    with torch.autocast(**AUTOCAST):
+def test_one_cast_for_an_unchanged_input_with_autocast_values(device):
+    x = torch.randn(4, 6, device=device, requires_grad=True) * 1.0
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         a, b = shared_cast(x), shared_cast(x)
         with torch.no_grad():
             c = shared_cast(x)
@@ -23,14 +24,14 @@ def test_one_cast_for_an_unchanged_input_with_autocast_values():
     assert torch.equal(a, x.to(torch.bfloat16))
 
 
-def test_identity_without_autocast_or_for_non_fp32():
-    x = torch.randn(3)
+def test_identity_without_autocast_or_for_non_fp32(device):
+    x = torch.randn(3, device=device)
     assert shared_cast(x) is x
-    with torch.autocast(**AUTOCAST):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         y = x.to(torch.bfloat16)
         assert shared_cast(y) is y
         with torch.inference_mode():
-            z = torch.randn(3)
+            z = torch.randn(3, device=device)
             assert shared_cast(z) is z
 
 
@@ -68,16 +69,16 @@ def test_holds_no_graph_and_only_the_last_cast():
         assert cast_ref() is None
 
 
-def test_readers_gradients_are_summed_in_fp32_exactly_as_with_autocasts_own_casts():
+def test_readers_gradients_are_summed_in_fp32_exactly_as_with_autocasts_own_casts(device):
     """Three readers (as q, k, v): x's gradient equals the one autocast gives with a cast per reader, to the bit
     (a cast shared in the graph would sum the three bf16 gradients in bf16)."""
     gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn(5, 6, generator=gen) for _ in range(3)]
-    upstream = [torch.randn(4, 5, generator=gen) for _ in range(3)]
+    weights = [torch.randn(5, 6, generator=gen).to(device) for _ in range(3)]
+    upstream = [torch.randn(4, 5, generator=gen).to(device) for _ in range(3)]
     grads = []
     for share in (True, False):
-        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), requires_grad=True)
-        with torch.autocast(**AUTOCAST):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             h = x * 1.5
             outs = [torch.nn.functional.linear(shared_cast(h) if share else h, w) for w in weights]
         torch.autograd.backward(outs, [u.to(torch.bfloat16) for u in upstream])

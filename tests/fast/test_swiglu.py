@@ -1,5 +1,6 @@
 """lorakit.fast.swiglu: the lean gated-MLP activation equals autograd's composition (values and gradients), keeps one
-tensor less for backward, and is patched into Llama-family MLPs while a model is wrapped, and only there."""
+tensor less for backward, and is patched into Llama-family MLPs while a model is wrapped, and only there; on every
+device torch reports available (the ``device`` fixture)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from lorakit import LoraConfig, get_peft_model
 from lorakit.fast import swiglu
 
 
-def _pair(dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(
+    dtype: torch.dtype = torch.float32, seed: int = 0, device: object = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    g = (torch.randn(3, 5, 24, generator=gen) * 3).to(dtype).requires_grad_()
-    u = torch.randn(3, 5, 24, generator=gen).to(dtype).requires_grad_()
+    g = (torch.randn(3, 5, 24, generator=gen) * 3).to(device, dtype).requires_grad_()
+    u = torch.randn(3, 5, 24, generator=gen).to(device, dtype).requires_grad_()
     return g, u
 
 
@@ -28,9 +31,9 @@ def _grads(fn, g: torch.Tensor, u: torch.Tensor, upstream: torch.Tensor) -> tupl
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_values_and_gradients_equal_autograd(dtype: torch.dtype) -> None:
-    g, u = _pair(dtype)
-    upstream = torch.randn(g.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+def test_values_and_gradients_equal_autograd(dtype: torch.dtype, device: torch.device) -> None:
+    g, u = _pair(dtype, device=device)
+    upstream = torch.randn(g.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     ours = _grads(swiglu.SwiGLU.apply, g, u, upstream)
     ref = _grads(swiglu.reference, g, u, upstream)
     for a, b in zip(ours, ref):
@@ -38,8 +41,10 @@ def test_values_and_gradients_equal_autograd(dtype: torch.dtype) -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # same kernels: equal in bf16 too
 
 
-def test_gradcheck_float64() -> None:
-    g, u = _pair(torch.float64)
+def test_gradcheck_float64(device: torch.device) -> None:
+    if device.type == "mps":
+        pytest.skip("MPS has no float64")
+    g, u = _pair(torch.float64, device=device)
     assert torch.autograd.gradcheck(swiglu.SwiGLU.apply, (g, u))
 
 
@@ -87,7 +92,7 @@ def _patched(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if "forward" in m.__dict__ and swiglu.is_gated_mlp(m)]
 
 
-def test_wrapped_llama_training_step_equals_unpatched() -> None:
+def test_wrapped_llama_training_step_equals_unpatched(device: torch.device) -> None:
     """Same seed, dropout 0.1, B made non-zero (so every A has a gradient): loss and every LoRA gradient of the
     patched model (lean activation, recomputed down input) equal the class's own forward."""
     results = []
@@ -98,9 +103,9 @@ def test_wrapped_llama_training_step_equals_unpatched() -> None:
         if not patch:
             swiglu.unpatch_mlps(model)
             assert not _patched(model)
-        model.train()
+        model.to(device).train()
         torch.manual_seed(3)
-        ids = input_ids()
+        ids = input_ids().to(device)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
@@ -133,9 +138,9 @@ def _small() -> dict:
     return {k: getattr(config, k) for k in keys}
 
 
-def _mlp_with_lora(dropout: float = 0.1) -> tuple[nn.Module, torch.Tensor]:
-    model = _lora(tiny_llama(seed=0), dropout).train()
-    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4), requires_grad=True)
+def _mlp_with_lora(dropout: float = 0.1, device: object = "cpu") -> tuple[nn.Module, torch.Tensor]:
+    model = _lora(tiny_llama(seed=0), dropout).to(device).train()
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4)).to(device).requires_grad_()
     return model.base_model.model.model.layers[0].mlp, x
 
 
@@ -157,12 +162,12 @@ def test_down_projection_input_is_recomputed_not_kept():
     assert torch.equal(kept, h)  # ... bit for bit
 
 
-def test_recompute_hands_its_silu_to_the_activation_backward_once():
+def test_recompute_hands_its_silu_to_the_activation_backward_once(device):
     """Unpacking down's saved input recomputes h and leaves silu(g) on SwiGLU's node; that node's backward takes it
     (the attribute is gone afterwards) and the MLP's gradients equal those of the unpatched forward."""
     grads = []
     for patch in (True, False):
-        mlp, x = _mlp_with_lora()
+        mlp, x = _mlp_with_lora(device=device)
         if not patch:
             del mlp.forward  # the class's own forward: silu(g) * u by autograd, no recompute
         h, out = _down_input_and_output(mlp, x)
@@ -171,7 +176,7 @@ def test_recompute_hands_its_silu_to_the_activation_backward_once():
             kept = out.grad_fn.saved_tensors[0]  # down's backward unpacks this way: the recompute runs
             g, u = node.saved_tensors
             assert torch.equal(node.silu_g, nn.functional.silu(g)) and torch.equal(kept, h)
-        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(6)))
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(device))
         if patch:
             assert "silu_g" not in node.__dict__
         grads.append([x.grad] + [p.grad for p in mlp.parameters() if p.requires_grad])
@@ -189,15 +194,15 @@ def test_other_saved_tensor_hooks_take_precedence():
     assert out.grad_fn.saved_tensors[0].data_ptr() == h.data_ptr()
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients(device):
     grads = []
     for checkpointing in (False, True):
-        model = _lora(tiny_llama(seed=0))
+        model = _lora(tiny_llama(seed=0)).to(device)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         torch.manual_seed(3)
-        ids = input_ids()
+        ids = input_ids().to(device)
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()

@@ -137,16 +137,19 @@ def isolates_packed_rows(model: nn.Module, atol: float = 1e-3) -> bool:
     first = [(7 * i + 3) % vocab for i in range(5)]
     second = [(5 * i + 11) % vocab for i in range(4)]
     was_training = model.training
+    device = model.get_input_embeddings().weight.device
     model.eval()
     try:
-        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
             packed = model(
-                input_ids=torch.tensor([first + second]),
-                position_ids=torch.tensor([list(range(len(first))) + list(range(len(second)))]),
+                input_ids=torch.tensor([first + second], device=device),
+                position_ids=torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device),
                 use_cache=False,
             ).logits[0, len(first) :]  # (4, V)
             alone = model(
-                input_ids=torch.tensor([second]), position_ids=torch.tensor([list(range(len(second)))]), use_cache=False
+                input_ids=torch.tensor([second], device=device),
+                position_ids=torch.tensor([list(range(len(second)))], device=device),
+                use_cache=False,
             ).logits[0]  # (4, V)
     except TypeError:  # no position_ids argument (e.g. ALiBi models): packed rows cannot be told apart
         return False

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
+from lorakit.fast.devices import AutocastState, has_float64, runs_fast
 from lorakit.fast.shared_cast import shared_cast
 
 _INT32_POSITIONS = 2**31 - 1  # tensors with more elements keep int64 positions
@@ -90,7 +91,6 @@ class LoraBranch(torch.autograd.Function):
     (None: no dropout); gradients as in the module doc."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropped: Tensor | None,
                 keep_scale: float) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
@@ -100,11 +100,16 @@ class LoraBranch(torch.autograd.Function):
         torch.addmm(base.reshape(-1, base.shape[-1]), u.to(base.dtype), B.T.to(base.dtype), out=_rows(out))
         ctx.save_for_backward(x, A, B, u, dropped)
         ctx.s = s
+        ctx.autocast = AutocastState.of(x)  # backward runs under it, as torch.amp.custom_bwd would, on x's device
         return out
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        with ctx.autocast.replay():
+            return LoraBranch._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, A, B, u, dropped = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         g_u, dropped, grad_A, grad_B = _low_rank_backward(g, x, A, B, u, dropped, ctx.s, *ctx.needs_input_grad[2:4])
@@ -176,9 +181,10 @@ def _low_rank_backward(g: Tensor, x: Tensor, A: Tensor, B: Tensor, u: Tensor, dr
 
 def linear_lora_add(linear: nn.Linear, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: nn.Module) -> Tensor:
     """``linear(x) + s * B(A(dropout(x)))`` as one ``LinearBranch`` node, for a frozen ``nn.Linear`` (weight and bias
-    not requiring grad). Outside autocast x, the weight, A and B share one dtype. Under CPU autocast the node runs in
-    autocast's dtype, as ``linear`` and ``lora_add`` would: the weight, bias, A, B (and x, unless LoraLinear passed
-    its shared cast) are cast to it, A's and B's casts in the graph so that their gradients return in their dtype."""
+    not requiring grad). Outside autocast x, the weight, A and B share one dtype. Under autocast (x's device's) the
+    node runs in autocast's dtype, as ``linear`` and ``lora_add`` would: the weight, bias, A, B (and x, unless
+    LoraLinear passed its shared cast) are cast to it, A's and B's casts in the graph so that their gradients return
+    in their dtype."""
     if linear.weight.requires_grad or (linear.bias is not None and linear.bias.requires_grad):
         raise ValueError("linear_lora_add takes a frozen base layer: its weight and bias get no gradient here; "
                          "call the layer and lora_add instead")
@@ -204,10 +210,13 @@ def _drop(t: Tensor, dropped: Tensor | None, in_place: bool = False) -> Tensor:
 
 
 def lora_add(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: nn.Module) -> Tensor:
-    """``base + s * B(A(dropout(x)))`` for one adapter; ``dropout`` is the adapter's nn.Dropout or nn.Identity."""
+    """``base + s * B(A(dropout(x)))`` for one adapter; ``dropout`` is the adapter's nn.Dropout or nn.Identity. On a
+    device the fast paths do not run on (``_steps_aside``) the reference computes it."""
     p = _dropout_p(dropout)
+    if _steps_aside(x, p):
+        return reference(base, x, A, B, scaling, dropout)
     same_dtype = x.dtype == A.dtype == B.dtype == base.dtype
-    if not same_dtype and not torch.is_autocast_enabled("cpu"):
+    if not same_dtype and not torch.is_autocast_enabled(x.device.type):
         return reference(base, x, A, B, scaling, dropout)  # mixed storage dtypes: let the casts be explicit
     if p == 0.0 and not torch.is_grad_enabled():  # inference: two small matmuls, the scale and the add fused in
         if same_dtype:
@@ -216,6 +225,12 @@ def lora_add(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, drop
         u, B = u.to(base.dtype), B.to(base.dtype)  # autocast: the matmul ran in its dtype; meet the base output's
         return torch.addmm(base.reshape(-1, base.shape[-1]), u, B.T, alpha=scaling).view(base.shape)
     return LoraBranch.apply(base, x, A, B, scaling, *_draw(x, p))
+
+
+def _steps_aside(x: Tensor, p: float) -> bool:
+    """Whether the reference runs instead of the fast paths (the rule of lorakit.fast.devices): x on a device they do
+    not run on, or a dropout draw (float64 uniforms) on a device without float64 (MPS)."""
+    return not runs_fast(x) or (p > 0.0 and not has_float64(x))
 
 
 def _dropout_p(dropout: nn.Module) -> float:
@@ -246,10 +261,13 @@ def linear_with_lora(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor, sca
                      dropout: nn.Module) -> Tensor:
     """``base_layer(x) + s * B(A(dropout(x)))`` for one plain adapter, by the leanest path that applies: with
     gradients and a plain frozen ``nn.Linear``, one ``LinearBranch`` node (``linear_lora_add``); with gradients,
-    dropout or mixed dtypes, the base layer then ``lora_add``; else ``lora_add_no_grad``. Under CPU autocast an
+    dropout or mixed dtypes, the base layer then ``lora_add``; else ``lora_add_no_grad``. Under autocast an
     ``nn.Linear``'s input is cast once for it, its branch and the layers beside it reading the same input (q, k, v:
-    lorakit.fast.shared_cast), instead of once per layer and branch."""
-    if isinstance(base_layer, nn.Linear) and torch.is_autocast_enabled("cpu"):
+    lorakit.fast.shared_cast), instead of once per layer and branch. Where the fast paths step aside
+    (``_steps_aside``: another device) the layer runs, then the reference branch."""
+    if _steps_aside(x, _dropout_p(dropout)):
+        return reference(base_layer(x), x, A, B, scaling, dropout)
+    if isinstance(base_layer, nn.Linear) and torch.is_autocast_enabled(x.device.type):
         x = shared_cast(x)
     if torch.is_grad_enabled() and _fusable(base_layer, x, A, B):
         return linear_lora_add(base_layer, x, A, B, scaling, dropout)
@@ -262,7 +280,7 @@ def linear_with_lora(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor, sca
 def _fusable(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
     """Whether the base layer and the LoRA branch may run as one autograd node (``linear_lora_add``): a plain frozen
     ``nn.Linear`` (not a subclass with its own forward), no hooks that expect it to be called, and x, W, A and B of
-    one dtype, or under CPU autocast fp32 parameters and x fp32 or already cast (lorakit.fast.shared_cast). The node
+    one dtype, or under autocast fp32 parameters and x fp32 or already cast (lorakit.fast.shared_cast). The node
     never calls the layer, so a hook on it would not run: torch has no public query for hooks, hence the look at its
     hook tables (module and global); any hook at all sends the call down the layer's own path."""
     if type(base_layer) is not nn.Linear:
@@ -271,9 +289,9 @@ def _fusable(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return False
     if torch.is_autocast_enabled(x.device.type):
-        if x.device.type != "cpu" or not weight.dtype == A.dtype == B.dtype == torch.float32:
+        if not weight.dtype == A.dtype == B.dtype == torch.float32:
             return False
-        if x.dtype not in (torch.float32, torch.get_autocast_dtype("cpu")):
+        if x.dtype not in (torch.float32, torch.get_autocast_dtype(x.device.type)):
             return False
     elif not x.dtype == weight.dtype == A.dtype == B.dtype:
         return False

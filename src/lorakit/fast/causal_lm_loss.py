@@ -17,7 +17,8 @@ to the output; ``forward_refusal`` proves that from the forward's source (``ast`
 ``logits`` never reassigned (Gemma 2/3's soft-capping, Cohere's ``logit_scale`` reassign it) and read only as
 ``loss_function``'s logits and the output's ``logits=`` field. ``call_refusal`` checks the call: training mode,
 ``labels`` given, a dict output, no ``logits_to_keep``, the standard ``ForCausalLMLoss``, a plain ``nn.Linear`` head
-without hooks. Any refusal means the caller runs the reference (the model's own forward).
+without hooks, on a device the fast paths run on (lorakit.fast.devices). Any refusal means the caller runs the
+reference (the model's own forward).
 
 ``outputs.logits`` of a fused call are computed on first read (``outputs.logits``, ``outputs["logits"]``,
 ``outputs.get("logits")``, integer indexing, ``to_tuple()``) from the kept head input, under the grad mode and
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lorakit.fast.devices import runs_fast
 from lorakit.fast.fused_ce import DEFAULT_CHUNK, linear_cross_entropy
 
 IGNORE_INDEX = -100
@@ -175,6 +177,8 @@ def call_refusal(model: nn.Module, linear: nn.Module | None, kwargs: dict[str, A
         return "the output layer has hooks or a replaced forward"
     if linear is None or type(linear) is not nn.Linear:
         return f"the output layer {type(head).__name__} is not a plain nn.Linear"
+    if not runs_fast(linear.weight):
+        return f"the output layer is on {linear.weight.device}, where the fast paths do not run (lorakit.fast.devices)"
     if "_loss_function" in vars(model) or not _is_causal_lm_loss(getattr(model, "loss_function", None)):
         return f"{type(model).__name__}'s loss function is not transformers' ForCausalLMLoss"
     return forward_refusal(type(model), head_attr)

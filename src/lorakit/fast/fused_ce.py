@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lorakit.fast.devices import runs_fast
+
 # Rows per chunk. SmolLM2-135M (V = 49,152), N = 1,020, fp32, CPU: chunk 128 / 256 / 512 / 1024 took 3.1 / 2.4 / 2.2 /
 # 2.1 s of CPU for loss + backward (unfused: 2.6 s) at 25 / 50 / 98 / 196 MB peak (unfused: 574 MB). Small chunks
 # re-read W once per chunk; 512 is near the fastest at a sixth of the memory.
@@ -127,6 +129,13 @@ def linear_cross_entropy_chunks(
     return loss, grads
 
 
+def reference(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The definition: ``F.cross_entropy`` of the full (N, V) logits, upcast to fp32 (at least), summed."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)  # (N, V)
+    return torch.nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target,
+                                             reduction="sum")
+
+
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, chunk: int = DEFAULT_CHUNK
 ) -> Tensor:
@@ -135,6 +144,7 @@ def linear_cross_entropy(
 
     ``hidden`` (N, H), ``weight`` (V, H), ``bias`` (V,) or None, ``target`` (N,) class indices -- positions to ignore
     must already be removed. Under ``torch.autocast`` the matmuls run in the autocast dtype (see the module docstring).
+    On a device the fast paths do not run on (lorakit.fast.devices) ``reference`` computes it, with the logits.
 
     >>> h, w, t = torch.randn(5, 4), torch.randn(7, 4), torch.tensor([0, 6, 2, 2, 1])
     >>> ref = torch.nn.functional.cross_entropy(h @ w.T, t, reduction="sum")
@@ -145,6 +155,8 @@ def linear_cross_entropy(
         raise ValueError(f"chunk={chunk} must be a positive number of rows")
     if target.shape != hidden.shape[:1]:
         raise ValueError(f"target shape {tuple(target.shape)} must be (N,) for hidden {tuple(hidden.shape)}")
+    if not runs_fast(hidden):  # the device rule (lorakit.fast.devices)
+        return reference(hidden, weight, target, bias)
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
         compute_dtype = torch.get_autocast_dtype(device)

@@ -1,11 +1,13 @@
 """One autocast copy of a layer input, shared by the LoRA layers that read it.
 
-Under CPU autocast every ``nn.Linear`` casts its fp32 input to the autocast dtype (bf16) itself. In a transformer
-q, k and v read the same normalized hidden state (gate and up another), and each of them casts it again, and so does
-each LoRA branch: up to six passes over one tensor per attention block. ``shared_cast(x)`` makes the cast once: it
-remembers the last (input, cast) pair and reuses the cast while the input is the same tensor and both are unchanged
-(same ``_version``), under the same autocast dtype. The values are autocast's (it casts inputs the same way), and
-the LoRA branch keeps the bf16 copy for backward, as autocast's own matmul would.
+Under autocast every ``nn.Linear`` casts its fp32 input to the autocast dtype (bf16 on CPU; fp16 or bf16 on CUDA)
+itself. In a transformer q, k and v read the same normalized hidden state (gate and up another), and each of them
+casts it again, and so does each LoRA branch: up to six passes over one tensor per attention block.
+``shared_cast(x)`` makes the cast once: it remembers the last (input, cast) pair and reuses the cast while the input
+is the same tensor and both are unchanged (same ``_version``), under the same autocast dtype. The values are
+autocast's (it casts inputs the same way), and the LoRA branch keeps the bf16 copy for backward, as autocast's own
+matmul would. Autocast is read for x's device (lorakit.fast.devices.autocast_dtype); on a device the fast paths do
+not run on, x is returned as it is.
 
 Gradients stay as autocast makes them: each reader gets its own graph node (``_Cast``) whose backward turns the
 reader's bf16 gradient into x's dtype, so the readers' gradients are summed in fp32 at x, not in bf16 at a shared
@@ -21,15 +23,10 @@ import weakref
 import torch
 from torch import Tensor
 
+from lorakit.fast.devices import autocast_dtype
+
 _state = threading.local()  # .last: (input weakref, input _version, dtype, cast, cast _version)
-
-
-def autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype CPU autocast would cast the fp32 tensor ``x`` to for a matmul, or None (autocast off, or ``x`` not
-    an fp32 CPU tensor: autocast leaves it alone)."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
-        return None
-    return torch.get_autocast_dtype("cpu")
+__all__ = ["autocast_dtype", "shared_cast"]
 
 
 class _Cast(torch.autograd.Function):

@@ -21,7 +21,8 @@ other saved-tensor hooks are active (activation checkpointing, ``save_on_cpu``):
 
 ``patch_mlps(model)`` makes each gated MLP of a known class use it, on the module instances (their class is not
 touched); ``unpatch_mlps(model)`` restores them. lorakit's LoraModel patches when adapters are added and unpatches
-when the model is unloaded; the values are the same either way (tests/test_swiglu.py).
+when the model is unloaded; the values are the same either way (tests/test_swiglu.py). On a device the fast paths
+do not run on (lorakit.fast.devices) a patched MLP runs its class's forward.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import types
 
 import torch
 from torch import Tensor, nn
+
+from lorakit.fast.devices import runs_fast
 
 # transformers MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
 GATED_MLP_CLASSES = frozenset(
@@ -72,6 +75,8 @@ def swiglu(g: Tensor, u: Tensor) -> Tensor:
 
 
 def _gated_forward(self: nn.Module, x: Tensor) -> Tensor:
+    if not runs_fast(x):  # the device rule (lorakit.fast.devices): the class's own forward, the reference
+        return type(self).forward(self, x)
     g, u = self.gate_proj(x), self.up_proj(x)
     h = swiglu(g, u)
     if h.grad_fn is None or _other_saved_tensor_hooks():

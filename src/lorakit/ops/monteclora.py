@@ -24,7 +24,7 @@ EPS_VARIANCE = 1e-3  # floor of the noise variances v (and NaN stand-in of the n
 EPS = 1e-6
 
 
-def wishart_diagonal(r: int, device: torch.device | str = "cpu") -> Tensor:
+def wishart_diagonal(r: int, device: torch.device | str | None = None) -> Tensor:
     """diag(Z_w) (r,) of one draw Z_w ~ Wishart(df=r, I_r), float32, by Bartlett's decomposition Z_w = L @ L.T: L lower
     triangular, L_ii = sqrt(chi2(r - i)), L_ij ~ N(0, 1) below the diagonal, drawn in torch's Wishart order (PEFT's
     draws, for a seed)."""

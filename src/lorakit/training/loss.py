@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.data.pack import collate
+from lorakit.fast.devices import runs_fast
 from lorakit.fast.fused_ce import DEFAULT_CHUNK, linear_cross_entropy
 from lorakit.io.progress import progress as show_progress
 
@@ -98,7 +99,7 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, Tensor], chunk: int = DEFAULT
         return lm_loss_sum_reference(model, batch)
     body, head = parts
     linear = _plain_linear(head)
-    if linear is None:
+    if linear is None or not runs_fast(linear.weight):  # runs_fast: the device rule of lorakit.fast.devices
         return _head_loss(body, head, batch)
     hidden, target = _labelled(body, batch)
     return linear_cross_entropy(hidden, linear.weight, target, linear.bias, chunk), len(target)
@@ -123,7 +124,7 @@ def loss_over_examples(
     try:
         with (
             torch.inference_mode() if loss_sum is None else torch.no_grad(),
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
             show_progress(progress or "", n_batches, unit="batch", show=progress is not None) as bar,
         ):
             for i in range(0, len(rows), batch_size):

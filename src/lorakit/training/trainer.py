@@ -317,9 +317,10 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     indices = run.plan.rows_for_step(step)
     n_global = sum(n_labels(rows[i]) for i in indices)
     loss_sum, n_tokens = 0.0, 0
+    device = run.params[0].device if run.params else torch.device("cpu")  # batches and autocast: the model's
     for micro in micro_batches(rows, indices[run.rank :: run.world], args.batch_size):
-        batch = micro_batch_tensors(micro, run.pad_id, run.padding_free)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16):
+        batch = {k: v.to(device) for k, v in micro_batch_tensors(micro, run.pad_id, run.padding_free).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16):
             loss, _ = run.loss_sum(batch)
         (loss / max(n_global, 1)).backward()
         loss_sum += loss.item()
