@@ -13,6 +13,7 @@ import typing
 if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_layout.py's import graph
     from lorakit.adapters.corda import preprocess_corda
     from lorakit.adapters.embedding import LoraEmbedding
+    from lorakit.adapters.eva import get_eva_state_dict, initialize_lora_eva_weights
     from lorakit.adapters.inject import TargetError
     from lorakit.adapters.layer import LoraLayer
     from lorakit.adapters.linear import LoraLinear
@@ -75,6 +76,7 @@ __version__ = "0.1.0"
 _MODULES: dict[str, tuple[str, ...]] = {
     "lorakit.adapters.corda": ("preprocess_corda",),
     "lorakit.adapters.embedding": ("LoraEmbedding",),
+    "lorakit.adapters.eva": ("get_eva_state_dict", "initialize_lora_eva_weights"),
     "lorakit.adapters.inject": ("TargetError",),
     "lorakit.adapters.layer": ("LoraLayer",),
     "lorakit.adapters.linear": ("LoraLinear",),

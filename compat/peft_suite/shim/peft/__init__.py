@@ -98,6 +98,11 @@ EQUIVALENTS["peft.tuners.trainable_tokens.layer"] = EQUIVALENTS["peft.tuners.tra
 EQUIVALENTS["peft.utils.constants"] = {"DUMMY_MODEL_CONFIG": "lorakit.adapters.model:CUSTOM_MODEL_CONFIG"}
 EQUIVALENTS["peft.helpers"] = {"MontecloraTrainerMixin": "lorakit.api.helpers:MontecloraTrainerMixin"}
 EQUIVALENTS["peft.tuners.lora.corda"] = {"preprocess_corda": "lorakit:preprocess_corda"}
+EQUIVALENTS["peft.tuners.lora.eva"] = {
+    name: f"lorakit.adapters.eva:{name}"
+    for name in ("get_eva_state_dict", "initialize_lora_eva_weights", "forward_fn_dict",
+                 "prepare_model_inputs_fn_language_modeling", "prepare_layer_inputs_fn_language_modeling")
+}
 EQUIVALENTS["peft.tuners.lora.monteclora"] = {
     "MontecloraSampler": "lorakit.adapters.variant_monteclora:MontecloraSampler"
 }
