@@ -410,6 +410,7 @@ class LoraConfig:
         self.peft_type = PeftType.LORA
         if self.peft_version is None:
             self.peft_version = _peft_version()
+        self._custom_modules: dict[type, type] = {}  # _register_custom_module's; not a field: never saved
         self.validate()
         for method, title, cls in (("eva", "EVA", EvaConfig), ("corda", "CorDA", CordaConfig)):  # PEFT's words
             field_name, chosen = f"{method}_config", str(self.init_lora_weights).lower() == method
@@ -433,6 +434,18 @@ class LoraConfig:
                 UserWarning,
                 stacklevel=3,
             )
+
+    def _register_custom_module(self, mapping: dict[type, type]) -> None:
+        """Wrap modules of your own classes with LoRA layers of your own: ``mapping`` is {module class: LoraLayer
+        subclass, built as ``cls(base_layer)``}, e.g. ``{MyLinearLike: MyLora}`` with ``class MyLora(LoraLinear)``
+        (PEFT's experimental API of the name; lorakit.adapters.kinds says what such a layer needs). Registered
+        classes are matched before lorakit's own kinds. This config object holds the mapping: it is not saved, so
+        register it again on the config you pass to ``PeftModel.from_pretrained(..., config=config)``."""
+        bad = {k: v for k, v in mapping.items() if not (isinstance(k, type) and isinstance(v, type))}
+        if bad:
+            raise ConfigError(f"_register_custom_module({bad!r}): map module classes to LoRA layer classes, e.g. "
+                              "{MyModule: MyLora} with class MyLora(lorakit.LoraLinear)")
+        self._custom_modules.update(mapping)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid field and what it accepts."""

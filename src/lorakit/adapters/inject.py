@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from lorakit.adapters import moe, variants, weight_tying
-from lorakit.adapters.kinds import is_linear, is_wrappable, kind_names, kind_of, wrap
+from lorakit.adapters.kinds import CustomKinds, is_linear, is_wrappable, kind_names, kind_of, wrap
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.linear import LoraLinear
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
@@ -232,10 +232,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 f"target module {name!r} has LoRA on its parameter {module.parameter_name!r} "
                 "(target_parameters); a module target cannot wrap it. Leave it out of target_modules"
             )
-        if not is_wrappable(module) and not isinstance(module, LoraLayer):
+        if not is_wrappable(module, config._custom_modules) and not isinstance(module, LoraLayer):
             raise TargetError(
                 f"target module {name!r} is a {type(module).__name__}; lorakit wraps {kind_names()}. Name its "
-                "linear sub-layers instead"
+                "linear sub-layers instead, or register a LoRA layer for its class: "
+                "config._register_custom_module({its class: a LoraLayer subclass}) (lorakit.adapters.kinds)"
             )
         found.append(name)
     if not _is_default(model, config.target_modules):
@@ -401,7 +402,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
         if len(short) < len(config.target_modules):
             config.target_modules = short
     if config.lora_bias:  # checked before anything is wrapped
-        _check_lora_bias(model, targets, parameters)
+        _check_lora_bias(model, targets, parameters, config._custom_modules)
     chosen = {name: variants.for_config(config, name) for name in targets}  # its errors come before any change
     for name in targets:  # so do a variant's checks of its targets (KaSA's rank)
         chosen[name].check(model.get_submodule(name), config.rank_for(name))
@@ -410,7 +411,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
         parent, child = _parent(model, name)
         module = getattr(parent, child)
         if not isinstance(module, LoraLayer):
-            module = wrap(module)
+            module = wrap(module, config._custom_modules)
             setattr(parent, child, module)
         if isinstance(module, LoraLinear):  # a quantized Conv1D is (out, in) now; the model file keeps (in, out)
             layouts.append(module.fan_in_fan_out or getattr(module.base_layer, "from_conv1d", False))
@@ -467,14 +468,15 @@ def _layer_data(module: LoraLayer, config: LoraConfig) -> dict[str, Any]:
     return {"eigens": eigens}
 
 
-def _check_lora_bias(model: nn.Module, targets: list[str], parameters: list[tuple[str, str]]) -> None:
+def _check_lora_bias(model: nn.Module, targets: list[str], parameters: list[tuple[str, str]],
+                     custom: CustomKinds | None = None) -> None:
     """ConfigError naming the targets whose kind cannot hold a bias on B (lora_bias=True): embeddings (as PEFT),
     reduced-precision bases, kinds whose update_layer takes no lora_bias, and target_parameters (as PEFT)."""
     refused: dict[str, list[str]] = {}
     for name in targets:
         module = model.get_submodule(name)
         base = module.base_layer if isinstance(module, LoraLayer) else module
-        cls = type(module) if isinstance(module, LoraLayer) else kind_of(module).wrapper
+        cls = type(module) if isinstance(module, LoraLayer) else kind_of(module, custom).wrapper
         params = inspect.signature(cls.update_layer).parameters
         keywords = "lora_bias" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         takes = cls.supports_lora_bias and keywords

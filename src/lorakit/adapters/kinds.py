@@ -3,11 +3,20 @@ module wraps it; ``linear`` says whether ``target_modules="all-linear"`` include
 
 To add a kind: write its wrapper (a LoraLayer subclass with ``_create``, ``lora_weights``, ``_drop`` and ``forward``,
 as lorakit.adapters.linear) and add a row here.
+
+A user's own module class, without changing lorakit (PEFT's experimental "dynamic dispatch"): register it on the
+config, ``config._register_custom_module({MyModule: MyLora})``, with ``MyLora`` a LoraLayer subclass built as
+``MyLora(base_layer)`` like the kinds above (subclassing LoraLinear is enough for a module that computes
+``x @ weight.T`` with ``weight`` (out, in)). Registered classes are matched first (a registered ``nn.Linear`` takes
+the place of LoraLinear), each as a kind named "custom <class>"; wrapping a class none of the kinds above takes
+warns, in PEFT's words (its tests compare them whole). The mapping is
+the config object's, not saved with the adapter: register it again on the config given to ``from_pretrained``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from torch import nn
@@ -39,13 +48,24 @@ MODULE_KINDS: tuple[ModuleKind, ...] = (
 )
 
 
-def kind_of(module: nn.Module) -> ModuleKind | None:
-    """The kind that wraps ``module``, or None if lorakit cannot wrap it."""
-    return next((kind for kind in MODULE_KINDS if kind.accepts(module)), None)
+# a config's registered classes (LoraConfig._register_custom_module): {module class: its LoraLayer subclass}
+CustomKinds = Mapping[type, type[LoraLayer]]
 
 
-def is_wrappable(module: nn.Module) -> bool:
-    return kind_of(module) is not None
+def kind_of(module: nn.Module, custom: CustomKinds | None = None) -> ModuleKind | None:
+    """The kind that wraps ``module``: a registered custom class first, then the table; None if lorakit cannot wrap
+    it. A custom kind is part of all-linear where the module is a built-in linear kind (a registered nn.Linear)."""
+    builtin = next((kind for kind in MODULE_KINDS if kind.accepts(module)), None)
+    for cls, wrapper in (custom or {}).items():
+        if isinstance(module, cls):
+            accepts = lambda m, cls=cls: isinstance(m, cls)  # noqa: E731
+            linear = builtin is not None and builtin.linear
+            return ModuleKind(f"custom {cls.__qualname__}", accepts, wrapper, linear=linear)
+    return builtin
+
+
+def is_wrappable(module: nn.Module, custom: CustomKinds | None = None) -> bool:
+    return kind_of(module, custom) is not None
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -60,11 +80,16 @@ def kind_names() -> str:
     return f"{', '.join(names[:-1])} and {names[-1]}"
 
 
-def wrap(module: nn.Module) -> LoraLayer:
-    """The LoRA wrapper for ``module``; TypeError if lorakit cannot wrap its type."""
-    kind = kind_of(module)
+def wrap(module: nn.Module, custom: CustomKinds | None = None) -> LoraLayer:
+    """The LoRA wrapper for ``module`` (``custom``: a config's registered classes, see above); TypeError if lorakit
+    cannot wrap its type."""
+    kind = kind_of(module, custom)
     if kind is None:
         raise TypeError(
-            f"lorakit can wrap {kind_names()}, not {type(module).__name__}; choose target_modules that name such layers"
+            f"lorakit can wrap {kind_names()}, not {type(module).__name__}; choose target_modules that name such "
+            "layers, or register a wrapper for it: config._register_custom_module({its class: a LoraLayer subclass})"
         )
+    if kind.name.startswith("custom ") and kind_of(module) is None:  # a class lorakit has no kind of: PEFT's words
+        warnings.warn(f"Unsupported layer type '{type(module)}' encountered, proceed at your own risk.", UserWarning,
+                      stacklevel=3)
     return kind.wrapper(module)

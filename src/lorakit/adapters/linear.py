@@ -18,7 +18,7 @@ from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.variant_bdlora import BlockDiagonalLinear
 from lorakit.fast import branch
 from lorakit.ops import block_diagonal
-from lorakit.quant.linear import QuantLinear
+from lorakit.quant.linear import QuantLinear, is_conv1d
 
 
 class LoraLinear(LoraLayer):
@@ -31,7 +31,7 @@ class LoraLinear(LoraLayer):
             fan_in_fan_out, in_f, out_f = False, base_layer.in_features, base_layer.out_features
         else:
             weight = base_layer.weight
-            fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # transformers' Conv1D stores (in, out)
+            fan_in_fan_out = is_conv1d(base_layer)  # transformers' Conv1D stores (in, out); others (out, in)
             in_f, out_f = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
         super().__init__(base_layer, in_f, out_f)
         self.fan_in_fan_out = fan_in_fan_out

@@ -114,7 +114,8 @@ class LoraModel(nn.Module):
                 f"add {adapter_name!r} with bias='none')"
             )
         _check_kasa_mix(self.peft_config, config)
-        config = dataclasses.replace(config)
+        config, given = dataclasses.replace(config), config
+        config._register_custom_module(given._custom_modules)  # the caller's custom kinds (not a field: not copied)
         self.peft_config[adapter_name] = config
         try:
             inject(self.model, config, adapter_name)

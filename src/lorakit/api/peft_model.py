@@ -406,6 +406,7 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
         config_copy = LoraConfig.from_dict({**config.to_dict(), "init_lora_weights": _init_for_loading(config)})
+        config_copy._register_custom_module(config._custom_modules)  # the caller's custom kinds, which no file holds
         tensors, source = _read_weights(model, model_id, kwargs.get("key_mapping"))
         state.check_ranks(config_copy, tensors, source)
         try:
