@@ -59,10 +59,30 @@ class PeftWarning(UserWarning):
     """A warning about an adapter's setup that still works but may not do what was meant (PEFT's class of the name)."""
 
 
-def _help(text: str, default: Any = None, factory: Any = None) -> Any:
+def _help(text: str, default: Any = None, factory: Any = None, **metadata: Any) -> Any:
+    """A field with its help text (and ``metadata``: PEFT's variant tags, see ``requested_variants``)."""
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+        return field(default_factory=factory, metadata={"help": text, **metadata})
+    return field(default=default, metadata={"help": text, **metadata})
+
+
+_VARIANT = {"is_lora_variant": True}  # metadata of a field that chooses a LoRA variant when set (PEFT's tag)
+
+
+def requested_variants(config: Any) -> dict[str, bool]:
+    """{variant name: whether ``config`` asks for it}, read from the tags of its dataclass fields, as PEFT's
+    ``resolve_lora_variant`` reads them: a field tagged ``is_lora_variant`` names a variant that is on when the field
+    is set; the values ``init_lora_weights``'s ``lora_variants`` metadata lists are variants of their own
+    (init_lora_weights='mica')."""
+    requested: dict[str, bool] = {}
+    for f in dataclasses.fields(config):
+        if f.name == "init_lora_weights":
+            value = config.init_lora_weights
+            for option in f.metadata.get("lora_variants", ()):
+                requested[option] = isinstance(value, str) and value.lower() == option.lower()
+        elif f.metadata.get("is_lora_variant"):
+            requested[f.name] = bool(getattr(config, f.name))
+    return requested
 
 
 @dataclass
@@ -302,6 +322,7 @@ class LoraConfig:
         "True: Kaiming-uniform A, zero B (identity at start); 'gaussian': normal A (std 1/r), zero B; "
         "False: random A and B (not an identity, for tests); see lorakit.ops.init for the full list.",
         True,
+        lora_variants=("mica",),  # init_lora_weights='mica' is MiCA, a variant (lorakit.adapters.variant_mica)
     )
     layers_to_transform: list[int] | int | None = _help("Only wrap modules in these layer indices.")
     layers_pattern: list[str] | str | None = _help("Name of the layer list that layers_to_transform indexes.")
@@ -315,6 +336,7 @@ class LoraConfig:
     use_dora: bool = _help(
         "Weight-decomposed LoRA (DoRA, Liu et al. 2024): a learned magnitude per output row rescales W + s * B @ A.",
         False,
+        **_VARIANT,
     )
     lora_bias: bool = _help(
         "Give each adapter's B a trainable bias b (out,): the update is s * (B @ A @ x + b), merged into the base "
@@ -326,20 +348,24 @@ class LoraConfig:
         "VeLoRA (a VeloraConfig, or its dict): A's backward pass keeps compressed inputs, to save activation memory; "
         "the forward and the merged weight are plain LoRA's (lorakit.adapters.variant_velora). nn.Linear / Conv1D "
         "targets only.",
+        **_VARIANT,
     )
     use_bdlora: BdLoraConfig | dict | None = _help(
         "BD-LoRA (a BdLoraConfig, or its dict): A or B block-diagonal per target, for tensor-parallel serving "
         "(lorakit.adapters.variant_bdlora). nn.Linear / Conv1D targets only.",
+        **_VARIANT,
     )
     kasa_config: KasaConfig | dict | None = _help(
         "KaSA (a KasaConfig, or its dict): the base weight loses its r smallest singular components (once, when the "
         "adapter is added) and the update is s * B @ diag(lora_diag) @ A, with lora_diag (r,) learned "
         "(lorakit.adapters.variant_kasa). nn.Linear targets only; not combined with adapters without KaSA.",
+        **_VARIANT,
     )
     monteclora_config: MontecloraConfig | dict | None = _help(
         "MonteCLoRA (a MontecloraConfig, or its dict): in training, A is a learned mixture of noisy copies of itself, "
         "with a variational loss (LoraModel._get_monteclora_loss); evaluation and merging are plain LoRA's "
         "(lorakit.adapters.variant_monteclora). nn.Linear / Conv1D targets only.",
+        **_VARIANT,
     )
     corda_config: CordaConfig | dict | None = _help(
         "CorDA settings (a CordaConfig, or its dict), used with init_lora_weights='corda' after "
@@ -363,6 +389,7 @@ class LoraConfig:
         "from the last occurrence of this sequence on; earlier tokens see the base model, so its KV cache of the "
         "prefix can be reused (lorakit.adapters.variant_alora). Needs input_ids in forward / generate (the offsets "
         "are found there); no merging, no beam search. nn.Linear / Conv1D targets only.",
+        **_VARIANT,
     )
     auto_mapping: dict[str, str] | None = _help(
         "Without a task_type: the base model's class and module (set on save, as PEFT does; PEFT's AutoPeftModel "
@@ -509,17 +536,12 @@ class LoraConfig:
             )
 
     def variant_names(self) -> tuple[str, ...]:
-        """The config fields that choose a LoRA variant and are set (PEFT's names, sorted): () for plain LoRA, else
+        """The variants this config asks for (``requested_variants``: PEFT's names, sorted): () for plain LoRA, else
         one of 'use_dora', 'velora_config', 'use_bdlora', 'kasa_config', 'monteclora_config',
-        'alora_invocation_tokens', 'mica'
-        (init_lora_weights='mica'; the variant is built by
-        lorakit.adapters.variants.for_config).
+        'alora_invocation_tokens', 'mica' (init_lora_weights='mica'); the variant is built by
+        lorakit.adapters.variants.for_config.
         ConfigError for two at once, which neither PEFT nor lorakit combines."""
-        fields = ("alora_invocation_tokens", "kasa_config", "monteclora_config", "use_bdlora", "use_dora",
-                  "velora_config")
-        names = tuple(n for n in fields if getattr(self, n))
-        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() == "mica":
-            names = tuple(sorted(("mica", *names)))  # PEFT's name of the variant init_lora_weights='mica' makes
+        names = tuple(sorted(name for name, on in requested_variants(self).items() if on))
         if len(names) > 1:
             raise ConfigError(  # PEFT's wording, then the fix
                 f"Invalid or unsupported variant combination: {names}: an adapter has one LoRA variant; keep one of "

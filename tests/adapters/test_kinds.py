@@ -108,3 +108,45 @@ def test_inject_adapter_in_model_leaves_the_mlps_alone():
     model = lorakit.inject_adapter_in_model(lorakit.LoraConfig(target_modules=["q_proj"]), tiny_llama(0))
     assert all("forward" not in m.__dict__ for m in model.modules() if type(m).__name__ == "LlamaMLP")
     assert model(input_ids()).logits.shape[-1] == model.config.vocab_size
+
+
+def test_peft_constructor_form_adds_the_adapter_with_the_dense_lora_output() -> None:
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(6, 5), "default", lorakit.LoraConfig(r=8, init_lora_weights=False), r=2, lora_alpha=4)
+    assert layer.r == {"default": 2} and layer.active_adapters == ["default"] and layer.scaling["default"] == 2.0
+    x = torch.randn(3, 6)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (2, 6), (5, 2)
+    base = layer.base_layer
+    torch.testing.assert_close(layer(x), x @ (base.weight + 2.0 * B @ A).T + base.bias)
+    with pytest.raises(TypeError, match="needs the adapter's LoraConfig"):
+        LoraLinear(nn.Linear(6, 5), "default")
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"use_dora": True}, {"init_lora_weights": "mica"}, {"kasa_config": {}},
+                {"velora_config": {"num_groups": 2}}, {"alora_invocation_tokens": [3]}]
+)
+def test_a_layer_resolves_the_variant_injection_picks(options: dict) -> None:
+    from lorakit.adapters.variants import for_config
+
+    config = lorakit.LoraConfig(**options)
+    layer = LoraLinear(nn.Linear(6, 5))
+    assert type(layer.resolve_lora_variant(config=config)) is type(for_config(config, "x"))
+
+
+def test_variant_resolution_errors_name_the_table_problem() -> None:
+    embedding = LoraEmbedding(nn.Embedding(10, 4))
+    with pytest.raises(ValueError, match=r"Invalid or unsupported variant combination: \('kasa_config',\)"):
+        embedding.resolve_lora_variant(config=lorakit.LoraConfig(kasa_config={}))
+
+    class Unsorted(LoraLinear):
+        lora_variants = {("use_dora", "use_bdlora"): Dora}  # type: ignore[assignment]
+
+    with pytest.raises(ValueError, match="must be sorted tuples"):
+        Unsorted(nn.Linear(2, 2)).resolve_lora_variant(config=lorakit.LoraConfig())
+
+    class Untagged(LoraLinear):
+        lora_variants = {(): Lora, ("no_such_field",): Dora}  # type: ignore[assignment]
+
+    with pytest.raises(ValueError, match=r"\['no_such_field'\] found in lora_variants"):
+        Untagged(nn.Linear(2, 2)).resolve_lora_variant(config=lorakit.LoraConfig())

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.adapters import mixed_batch
-from lorakit.adapters.variants import VARIANTS, Lora
-from lorakit.config import ConfigError, PeftWarning, scaling_for
+from lorakit.adapters.variants import CONFIG_KEYS, VARIANTS, Lora, build
+from lorakit.config import ConfigError, PeftWarning, requested_variants, scaling_for
 from lorakit.ops.init import get_initializer
 from lorakit.quant.half import REDUCED_PRECISION
 from lorakit.quant.linear import QuantizedBaseError, QuantLinear
@@ -40,10 +40,12 @@ class LoraLayer(nn.Module):
     supports_lora_bias = True  # whether B can have a bias (lora_bias=True): see _create_lora_bias
     variants_supported: tuple[str, ...] = ("lora", "dora")  # the VARIANTS names this kind can run
 
-    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
+    def __init__(self, base_layer: nn.Module, in_features: int | None = None, out_features: int | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = in_features, out_features
+        # a kind passes its sizes; a user's subclass may leave them to the base's own in_features / out_features
+        self.in_features = getattr(base_layer, "in_features", None) if in_features is None else in_features
+        self.out_features = getattr(base_layer, "out_features", None) if out_features is None else out_features
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -192,6 +194,55 @@ class LoraLayer(nn.Module):
         return sorted(self.r)
 
     # -- adapters ------------------------------------------------------------------------------------------------
+    # -- variants ------------------------------------------------------------------------------------------------
+    @property
+    def lora_variants(self) -> dict[tuple[str, ...], Any]:
+        """PEFT's table of the variants this kind runs: {sorted tuple of the names a config asks for them by
+        (lorakit.config.requested_variants): variant class}, () for plain LoRA; made from ``variants_supported``."""
+        table: dict[tuple[str, ...], Any] = {(): Lora}
+        for name in self.variants_supported:
+            if name in CONFIG_KEYS:
+                table[(CONFIG_KEYS[name],)] = VARIANTS[name]
+        return table
+
+    def resolve_lora_variant(self, *, config: Any, target_name: str = "", **kwargs: Any) -> Any:
+        """The variant object ``config`` (a LoraConfig, or any dataclass tagged as it) asks for on this layer, from
+        ``lora_variants`` (PEFT's method of the name; lorakit's own injection picks the same object by
+        lorakit.adapters.variants.for_config). None where the table maps the request to None. ValueError, in PEFT's
+        words, for a table whose keys are not sorted tuples or name a variant the config has no tag for, and for a
+        request the table lacks."""
+        table = self.lora_variants
+        if any(tuple(sorted(key)) != key for key in table):
+            raise ValueError("Keys in lora_variants must be sorted tuples (e.g ('a', 'b'), not ('b', 'a')); sort them")
+        requested = requested_variants(config)
+        missing = sorted({name for key in table for name in key} - requested.keys())
+        if missing:
+            raise ValueError(
+                f"variant(s) {missing} found in lora_variants but neither tagged with 'is_lora_variant' in LoraConfig, "
+                "nor declared as a LoRA variant in init_lora_weights: tag the config field, or drop the table entry"
+            )
+        key = tuple(sorted(name for name, on in requested.items() if on))
+        if key not in table:
+            raise ValueError(
+                f"Invalid or unsupported variant combination: {key}; this {type(self).__name__} runs "
+                f"{sorted(table)}: unset the others, or leave this layer out of the targets"
+            )
+        cls = table[key]
+        if cls is None:
+            return None
+        return build(cls, config, target_name) if isinstance(cls, type) and issubclass(cls, Lora) else cls()
+
+    def _add_from_config(self, name: str, config: Any, r: int | None, lora_alpha: float | None) -> None:
+        """PEFT's constructor form, ``Linear(base_layer, adapter_name, config, r=..., lora_alpha=...)``: add adapter
+        ``name`` with the config's settings (r and alpha as given, else the config's) and make it active."""
+        r = config.r if r is None else r
+        alpha = config.lora_alpha if lora_alpha is None else lora_alpha
+        variant = self.resolve_lora_variant(config=config)
+        self.update_layer(name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora,
+                          init_options=config.loftq_config, variant=variant,
+                          **({"lora_bias": True} if config.lora_bias else {}))
+        self.set_adapter(name)
+
     def update_layer(
         self,
         name: str,

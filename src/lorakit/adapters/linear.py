@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from lorakit.adapters import mixed_batch
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.variant_bdlora import BlockDiagonalLinear
+from lorakit.config import LoraConfig
 from lorakit.fast import branch
 from lorakit.ops import block_diagonal
 from lorakit.quant.linear import QuantLinear, is_conv1d
@@ -26,7 +27,10 @@ class LoraLinear(LoraLayer):
 
     variants_supported = ("lora", "dora", "velora", "bdlora", "mica", "kasa", "monteclora", "alora")
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str | None = None, config: LoraConfig | None = None, *,
+                 r: int | None = None, lora_alpha: float | None = None) -> None:
+        """Wrap ``base_layer``; with ``adapter_name`` and ``config`` (PEFT's constructor), also add that adapter, active
+        (``r`` / ``lora_alpha`` as given, else the config's)."""
         if isinstance(base_layer, QuantLinear):  # QLoRA: a quantized base, (out, in) like nn.Linear
             fan_in_fan_out, in_f, out_f = False, base_layer.in_features, base_layer.out_features
         else:
@@ -41,6 +45,11 @@ class LoraLinear(LoraLayer):
         # an nn.Linear subclass with a forward of its own (a MoE router's returns a tuple): its output is checked to be
         # a tensor the update can be added to
         self._own_forward = isinstance(base_layer, nn.Linear) and type(base_layer).forward is not nn.Linear.forward
+        if adapter_name is not None:
+            if config is None:
+                raise TypeError(f"LoraLinear(base_layer, {adapter_name!r}) needs the adapter's LoraConfig too: "
+                                f"LoraLinear(base_layer, {adapter_name!r}, config)")
+            self._add_from_config(adapter_name, config, r, lora_alpha)
 
     def _create(self, name: str, r: int) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)

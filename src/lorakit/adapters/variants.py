@@ -150,6 +150,13 @@ VARIANTS: dict[str, type[Lora]] = {"lora": Lora, "dora": Dora, "velora": Velora,
                                  "kasa": Kasa, "monteclora": Monteclora, "alora": ALora}
 
 
+# The name under which a config asks for each variant (lorakit.config.requested_variants: a tagged field, or the
+# init_lora_weights value 'mica'); a layer's ``lora_variants`` table is keyed by these, as PEFT's.
+CONFIG_KEYS: dict[str, str] = {"dora": "use_dora", "velora": "velora_config", "bdlora": "use_bdlora", "mica": "mica",
+                               "kasa": "kasa_config", "monteclora": "monteclora_config",
+                               "alora": "alora_invocation_tokens"}
+
+
 def for_config(config: LoraConfig, module_name: str) -> Lora:
     """The variant object of one adapter on target ``module_name``, with its options from ``config``: DoRA with
     use_dora, VeLoRA with velora_config, BD-LoRA with use_bdlora (plain LoRA on a target that matches neither of its
@@ -157,21 +164,21 @@ def for_config(config: LoraConfig, module_name: str) -> Lora:
     MonteCLoRA with monteclora_config, aLoRA with alora_invocation_tokens, else plain LoRA.
     ConfigError for two variants at once or, with BD-LoRA, for a target its lists do not place."""
     names = config.variant_names()
-    if names == ("use_dora",):
-        return Dora()
-    if names == ("mica",):
-        return Mica()
-    if names == ("kasa_config",):
-        return Kasa()
-    if names == ("monteclora_config",):
+    cls = next((VARIANTS[name] for name, key in CONFIG_KEYS.items() if names == (key,)), Lora)
+    return build(cls, config, module_name)
+
+
+def build(cls: type[Lora], config: LoraConfig, module_name: str) -> Lora:
+    """A ``cls`` variant object for target ``module_name``, with the options ``config`` holds for it."""
+    if cls is Monteclora:
         return Monteclora(config.monteclora_config)
-    if names == ("alora_invocation_tokens",):
+    if cls is ALora:
         return ALora(config.alora_invocation_tokens)
-    if names == ("velora_config",):
+    if cls is Velora:
         return Velora(config.velora_config)
-    if names == ("use_bdlora",):
+    if cls is BdLora:
         side = side_for(config.use_bdlora, module_name)
         return Lora() if side is None else BdLora(config.use_bdlora.nblocks, side)
-    return Lora()
+    return cls()
 
 

@@ -269,6 +269,9 @@ class _ShimFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if not fullname.startswith("peft."):
             return None
+        parent, _, leaf = fullname.rpartition(".")
+        if leaf in EQUIVALENTS.get(parent, {}):  # a class or function of its parent ("peft.tuners.lora.layer.Linear",
+            return None  # as mock.patch's name resolution tries it), not a module
         return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
