@@ -13,7 +13,12 @@ lorakit step in turn: this virtual machine's speed drifts by up to ~30% between 
 for library differences (fp32 lorakit/PEFT 0.77 to 1.01 over four sequential runs). ``alone_step_s`` keeps each
 library's time from its own process.
 
+``--device cuda`` (``run(device="cuda")``; or mps) runs the models and batches there, autocast on that device, timers
+read after ``torch.cuda.synchronize()``, memory as the allocator's peak above the loaded model
+(``torch.cuda.max_memory_allocated``; benchmarks/bench_device.py).
+
     .venv/bin/python benchmarks/train_step.py [--steps 5] [--batch 4] [--seq 256] [--lorakit-loss user|unfused|train]
+                                              [--device cpu]
 """
 
 from __future__ import annotations
@@ -23,22 +28,10 @@ import json
 import statistics
 import subprocess
 import sys
-import time
+
+from bench_device import PeakMemory, check, timed
 
 LIBRARIES = ("none", "peft", "lorakit")  # "none": the no-grad forward of the plain model
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
-        f.write("5")
 
 
 def _step_fn(library: str, model, ids, bf16: bool, lorakit_loss: str = "user"):
@@ -48,7 +41,7 @@ def _step_fn(library: str, model, ids, bf16: bool, lorakit_loss: str = "user"):
     ``fused_loss = False``) or "train" (lorakit's trainer loss)."""
     import torch
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16)  # the batch's (model's) device
     if library == "none":  # the floor: no-grad forward
         model.eval()
 
@@ -105,7 +98,7 @@ def _step_fn(library: str, model, ids, bf16: bool, lorakit_loss: str = "user"):
     return step
 
 
-def _setup(batch: int, seq: int):
+def _setup(batch: int, seq: int, device: str = "cpu"):
     import torch
 
     from lorakit.io.models import load_model
@@ -113,31 +106,32 @@ def _setup(batch: int, seq: int):
     torch.manual_seed(0)
     model = load_model()
     model.config.use_cache = False
-    return model, torch.randint(0, model.config.vocab_size, (batch, seq))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))  # drawn on the CPU: the same batch on any device
+    return model.to(device), ids.to(device)
 
 
 def measure(
-    library: str, precision: str, steps: int, batch: int, seq: int, lorakit_loss: str = "user"
+    library: str, precision: str, steps: int, batch: int, seq: int, lorakit_loss: str = "user", device: str = "cpu"
 ) -> dict[str, float]:
     """Memory (and time) of one library alone, in this process (run it in a fresh subprocess so that peaks do not
     mix)."""
-    model, ids = _setup(batch, seq)
+    model, ids = _setup(batch, seq, device)
     step = _step_fn(library, model, ids, precision == "bf16", lorakit_loss)
-    before = _rss_kb("VmRSS")
-    _reset_peak()
+    memory = PeakMemory(device)
+    memory.start()
     times = []
     for _ in range(steps + 1):
-        start = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - start)
+        seconds, loss = timed(device, step)
+        times.append(seconds)
     result = {"step_s": statistics.median(times[1:]), "loss": loss}
     if library != "none":
-        result["train_mem_mb"] = (_rss_kb("VmHWM") - before) / 1024
+        peak = memory.peak_mb()
+        result["train_mem_mb"] = float("nan") if peak is None else peak  # None: no peak counter (MPS)
     return result
 
 
 def measure_interleaved(
-    precision: str, steps: int, batch: int, seq: int, lorakit_loss: str = "user"
+    precision: str, steps: int, batch: int, seq: int, lorakit_loss: str = "user", device: str = "cpu"
 ) -> dict[str, float]:
     """Median times of the no-grad forward, the PEFT step and the lorakit step taken in turn in one process (each on
     its own copy of the model), so that a slow minute of the (virtual) machine falls on all three alike."""
@@ -146,29 +140,29 @@ def measure_interleaved(
     torch.manual_seed(0)
     fns = {}
     for library in LIBRARIES:
-        model, ids = _setup(batch, seq)
+        model, ids = _setup(batch, seq, device)
         fns[library] = _step_fn(library, model, ids, precision == "bf16", lorakit_loss)
     times: dict[str, list[float]] = {library: [] for library in LIBRARIES}
     for _ in range(steps + 1):
         for library, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[library].append(time.perf_counter() - start)
+            times[library].append(timed(device, fn)[0])
     return {library: statistics.median(t[1:]) for library, t in times.items()}
 
 
-def run(steps: int = 5, batch: int = 4, seq: int = 256, lorakit_loss: str = "user") -> dict[str, dict[str, float]]:
+def run(
+    steps: int = 5, batch: int = 4, seq: int = 256, lorakit_loss: str = "user", device: str = "cpu"
+) -> dict[str, dict[str, float]]:
     """{"<library> <precision>": {"step_s", "train_mem_mb"}} for library none (no-grad forward) / peft / lorakit, fp32
-    and bf16. Memory comes from each library alone in a fresh process; time from one process per precision that
-    takes the three in turn (``measure_interleaved``), since this machine's speed drifts by tens of percent between
-    minutes."""
+    and bf16, on ``device`` (cpu, cuda, mps). Memory comes from each library alone in a fresh process; time from one
+    process per precision that takes the three in turn (``measure_interleaved``), since this machine's speed drifts
+    by tens of percent between minutes."""
+    check(device)
     results: dict[str, dict[str, float]] = {}
+    common = ["--lorakit-loss", lorakit_loss, "--device", device]
     for precision in ("fp32", "bf16"):
         for library in LIBRARIES:
-            results[f"{library} {precision}"] = _subprocess(
-                ["--one", library, precision, "--lorakit-loss", lorakit_loss], steps, batch, seq
-            )
-        times = _subprocess(["--interleaved", precision, "--lorakit-loss", lorakit_loss], steps, batch, seq)
+            results[f"{library} {precision}"] = _subprocess(["--one", library, precision, *common], steps, batch, seq)
+        times = _subprocess(["--interleaved", precision, *common], steps, batch, seq)
         for library in LIBRARIES:
             results[f"{library} {precision}"]["alone_step_s"] = results[f"{library} {precision}"]["step_s"]
             results[f"{library} {precision}"]["step_s"] = times[library]
@@ -211,20 +205,23 @@ def main() -> None:
     parser.add_argument("--lorakit-loss", choices=("user", "unfused", "train"), default="user",
                         help="lorakit's loss: model(input_ids=, labels=).loss as PEFT's (default), the same with "
                         "fused_loss = False, or lorakit train's")
+    parser.add_argument("--device", default="cpu", help="torch device of the models and batches: cpu, cuda, mps")
     parser.add_argument("--one", nargs=2, metavar=("LIBRARY", "PRECISION"), help=argparse.SUPPRESS)
     parser.add_argument("--interleaved", metavar="PRECISION", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    check(args.device)
     if args.one:
-        print(json.dumps(measure(*args.one, args.steps, args.batch, args.seq, args.lorakit_loss)))
+        print(json.dumps(measure(*args.one, args.steps, args.batch, args.seq, args.lorakit_loss, args.device)))
         return
     if args.interleaved:
-        print(json.dumps(measure_interleaved(args.interleaved, args.steps, args.batch, args.seq, args.lorakit_loss)))
+        print(json.dumps(measure_interleaved(args.interleaved, args.steps, args.batch, args.seq, args.lorakit_loss,
+                                             args.device)))
         return
-    results = run(args.steps, args.batch, args.seq, args.lorakit_loss)
+    results = run(args.steps, args.batch, args.seq, args.lorakit_loss, args.device)
     path = {"user": "model(input_ids=, labels=).loss on both sides", "unfused": "the same, lorakit fused_loss = False",
             "train": "lorakit: lm_loss_sum"}[args.lorakit_loss]
     print(f"\nbatch {args.batch} x {args.seq} tokens, r=16 all-linear, dropout 0.05, median of {args.steps} steps, "
-          f"{path}\n")
+          f"{path}, on {args.device}\n")
     print(table(results))
 
 
