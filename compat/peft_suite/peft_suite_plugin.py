@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import types
@@ -62,9 +63,46 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         return
     with open(os.environ["PEFT_SUITE_SELECT"]) as f:
         wanted = set(f.read().split("\n"))
-    keep = [item for item in items if item.nodeid in wanted]
-    config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in wanted])
+    _align_positional_ids(items, wanted)
+    keep = [item for item in items if _peft_id(item) in wanted]
+    config.hook.pytest_deselected(items=[item for item in items if _peft_id(item) not in wanted])
     items[:] = keep
+
+
+def _positional(item: pytest.Item) -> str:
+    """The node id with each pytest auto-id ``<argname><index>`` (a value pytest cannot name, numbered by its position
+    in the parameter list) reduced to ``<argname>#``."""
+    names = getattr(getattr(item, "callspec", None), "params", {})
+    if not names:
+        return item.nodeid
+    return re.sub(r"(?<=[\[-])(" + "|".join(map(re.escape, names)) + r")\d+(?=[\]-])", r"\1#", item.nodeid)
+
+
+def _align_positional_ids(items: list[pytest.Item], wanted: set[str]) -> None:
+    """Give PEFT's node id to a test whose auto-id index differs under the shim only because its parameter list was
+    filtered on PEFT's own classes (test_config's LAYER_INDEXING_CONFIG_CLASSES keeps the configs whose signature has
+    layers_to_transform: under PEFT LoraConfig is the 14th, under the shim, whose other configs are placeholders, the
+    first). Only a one-to-one match is renamed: the same test function and the same named parameters. The PEFT id
+    goes into the item's stash; its reports carry it (``peft_suite_id``, back from xdist workers too)."""
+    ids = {item.nodeid for item in items}
+    free: dict[str, list[str]] = {}
+    for test_id in wanted - ids:
+        key = re.sub(r"(?<=[\[-])([A-Za-z_]\w*?)\d+(?=[\]-])", r"\1#", test_id)
+        free.setdefault(key, []).append(test_id)
+    strays: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        if item.nodeid not in wanted and (key := _positional(item)) != item.nodeid:
+            strays.setdefault(key, []).append(item)
+    for key, group in strays.items():
+        if len(group) == 1 and len(free.get(key, [])) == 1:
+            group[0].stash[PEFT_ID] = free[key][0]
+
+
+PEFT_ID = pytest.StashKey[str]()  # an item's node id under PEFT, where it differs (_align_positional_ids)
+
+
+def _peft_id(item: pytest.Item) -> str:
+    return item.stash.get(PEFT_ID, item.nodeid)
 
 
 def _write(row: dict[str, Any]) -> None:
@@ -85,6 +123,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     shim = sys.modules.get("peft")
     used = getattr(shim, "USED", None) if MODE == "run" else None
     outcome = yield
+    if PEFT_ID in item.stash:
+        outcome.get_result().user_properties.append(("peft_suite_id", item.stash[PEFT_ID]))
     if used:
         outcome.get_result().user_properties.append(("peft_suite_used", list(dict.fromkeys(used))))
         used.clear()
@@ -104,7 +144,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         message = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
     used = [name for key, names in report.user_properties if key == "peft_suite_used" for name in names]
     outcome = "xfailed" if hasattr(report, "wasxfail") and report.skipped else report.outcome
-    row = {"id": report.nodeid, "when": report.when, "outcome": outcome, "message": message[:2000]}
+    test_id = next((value for key, value in report.user_properties if key == "peft_suite_id"), report.nodeid)
+    row = {"id": test_id, "when": report.when, "outcome": outcome, "message": message[:2000]}
     _write(row | {"errors": text[-4000:], "used": used, "seconds": round(report.duration, 3)})
 
 

@@ -99,3 +99,25 @@ def test_counting_n_m_k_and_causes(tmp_path: Path) -> None:
 )
 def test_needs_hub_reads_the_error(message: str, hub: bool) -> None:
     assert report.needs_hub({"outcome": "failed", "message": message}) is hub
+
+
+def _item(node_id: str, **params: object) -> object:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(nodeid=node_id, callspec=SimpleNamespace(params=params), stash=pytest.Stash())
+
+
+def test_an_auto_id_numbered_by_a_filtered_list_gets_peft_s_id() -> None:
+    """A parametrize list filtered on PEFT's own classes numbers LoraConfig 13 under PEFT and 0 under the shim: the
+    run keeps the test under PEFT's id; an ambiguous or unrelated id is left alone."""
+    import peft_suite_plugin as plugin
+
+    base = "t.py::T::test_zero"
+    ours = _item(f"{base}[LoraConfig-mandatory_kwargs0]", config_class=1, mandatory_kwargs={})
+    named = _item("t.py::T::test_x[LoraConfig-mandatory_kwargs18]", config_class=1, mandatory_kwargs={})
+    twins = [_item(f"t.py::T::test_two[p{i}]", p=i) for i in (0, 1)]
+    wanted = {f"{base}[LoraConfig-mandatory_kwargs13]", named.nodeid, "t.py::T::test_two[p5]", "t.py::T::test_two[p6]"}
+    plugin._align_positional_ids([ours, named, *twins], wanted)
+    assert plugin._peft_id(ours) == f"{base}[LoraConfig-mandatory_kwargs13]"
+    assert plugin._peft_id(named) == named.nodeid
+    assert [plugin._peft_id(t) for t in twins] == [t.nodeid for t in twins]  # two candidates each: no guess
