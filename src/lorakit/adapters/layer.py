@@ -144,10 +144,11 @@ class LoraLayer(nn.Module):
         return _FrozenNames(self)
 
     @property
-    def lora_variant(self) -> dict[str, Lora]:
+    def lora_variant(self) -> Mapping[str, Lora]:
         """PEFT's attribute of the name: the variant object of each adapter that has one other than plain LoRA
-        (DoRA, aLoRA, ...); a copy of ``variants`` without the plain ones."""
-        return {name: v for name, v in self.variants.items() if v.name != "lora"}
+        (DoRA, aLoRA, ...); a live read-only view of ``variants`` without the plain ones, so a view taken before
+        ``delete_adapter`` no longer holds the deleted adapter."""
+        return _SpecialVariants(self)
 
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
         """The adapter parameters that train while adapter ``name`` does: all but its variant's frozen ones (MiCA's
@@ -472,6 +473,28 @@ class _FrozenNames(Mapping[str, tuple[str, ...]]):
 
     def __len__(self) -> int:
         return len(self._names())
+
+
+class _SpecialVariants(Mapping[str, Lora]):
+    """LoraLayer.lora_variant: the layer's variants other than plain LoRA, read at each access."""
+
+    def __init__(self, layer: LoraLayer) -> None:
+        self.layer = layer
+
+    def _special(self) -> dict[str, Lora]:
+        return {name: v for name, v in self.layer.variants.items() if v.name != "lora"}
+
+    def __getitem__(self, adapter: str) -> Lora:
+        return self._special()[adapter]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._special())
+
+    def __len__(self) -> int:
+        return len(self._special())
+
+    def __repr__(self) -> str:
+        return repr(self._special())
 
 
 def _accepted(init: Callable[..., object], options: dict[str, Any]) -> dict[str, Any]:

@@ -49,6 +49,8 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
+        for param in model.parameters():  # the base model is frozen once, here: a weight the user unfreezes later
+            param.requires_grad_(False)  # keeps its requires_grad through add / set / load of adapters (as PEFT)
         self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.fast_mlps = swiglu.patch_mlps(model) if fast_mlp else 0
         if self.fast_mlps:
@@ -124,7 +126,13 @@ class LoraModel(nn.Module):
             raise
         if not autocast_adapter_dtype:
             self._to_base_dtype(adapter_name)
-        self.set_adapter(self.active_adapters or [adapter_name])
+        if not self.active_adapters:  # the first adapter: active, and it trains unless inference_mode
+            self.set_adapter([adapter_name])
+            return
+        # a further adapter: inactive and frozen; what trains already (adapters, base weights) stays as it is (PEFT)
+        self._activate(self.active_adapters)
+        for param in self._adapter_parameters([adapter_name]):
+            param.requires_grad_(False)
 
     def _to_base_dtype(self, adapter_name: str) -> None:
         """Cast adapter ``adapter_name``'s parameters to the floating dtype of each wrapped layer's weight (a
@@ -138,8 +146,14 @@ class LoraModel(nn.Module):
                     module._refresh()
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate ``adapter_name`` (or several, whose updates add up); only active adapters train."""
+        """Activate ``adapter_name`` (or several, whose updates add up); of the adapters, only active ones train
+        (the ones not loaded for inference)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._activate(names)
+        self._set_trainable()
+
+    def _activate(self, names: list[str]) -> None:
+        """Make ``names`` the active adapters of the model and of every wrapper; trainability is left as it is."""
         for name in names:
             self._check_exists(name)
         for _, module in wrappers(self.model):  # before anything changes
@@ -151,7 +165,6 @@ class LoraModel(nn.Module):
                 module.active_adapters = names  # names it lacks are kept and ignored, as in PEFT (layer.set_adapter)
             else:
                 module.set_adapter(names)
-        self._set_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove adapter ``adapter_name`` everywhere; if it was active, the first remaining adapter becomes active.
@@ -162,6 +175,11 @@ class LoraModel(nn.Module):
                 f"Cannot delete adapter(s) [{adapter_name!r}] while they are merged. Please unmerge them first. "
                 "model.unmerge_adapter() unmerges them"
             )
+        if self.peft_config[adapter_name].bias != "none":  # the base biases it trained are frozen again
+            owned = self._owned_parameters()
+            for name, param in self.model.named_parameters():
+                if name.endswith("bias") and id(param) not in owned:
+                    param.requires_grad_(False)
         for _, module in wrappers(self.model):
             if isinstance(module, LoraLayer) and adapter_name not in module.r:
                 continue
@@ -178,10 +196,13 @@ class LoraModel(nn.Module):
             raise AdapterError(f"Adapter {name} does not exist; existing adapters: {list(self.peft_config)}")
 
     def _set_trainable(self) -> None:
-        """Exactly the active adapters' parameters train (plus biases per the config's ``bias`` mode)."""
+        """Of the adapters' parameters, exactly the active adapters' train; the base model's biases follow the
+        active configs' ``bias`` mode where an adapter has one. Other base parameters keep their requires_grad
+        (frozen by the constructor; one the user unfroze stays trainable, as in PEFT)."""
         configs = [self.peft_config[a] for a in self.active_adapters]
         trainable = [a for a, c in zip(self.active_adapters, configs) if not c.inference_mode]
-        for param in self.model.parameters():
+        owned = self._owned_parameters()
+        for param in owned.values():
             param.requires_grad_(False)
         for _, module in wrappers(self.model):
             if isinstance(module, ModulesToSaveWrapper):
@@ -197,12 +218,22 @@ class LoraModel(nn.Module):
                 if name in module.r:
                     for p in module.trainable_parameters(name):  # MiCA's B stays frozen
                         p.requires_grad_(True)
+        if all(c.bias == "none" for c in self.peft_config.values()):
+            return  # no adapter trains base biases: they are the user's
         modes = {c.bias for a, c in zip(self.active_adapters, configs) if a in trainable}
         for name, param in self.model.named_parameters():
-            if not name.endswith("bias"):
+            if not name.endswith("bias") or id(param) in owned:
                 continue
-            if "all" in modes or ("lora_only" in modes and name.endswith("base_layer.bias")):
-                param.requires_grad_(True)
+            param.requires_grad_("all" in modes or ("lora_only" in modes and name.endswith("base_layer.bias")))
+
+    def _owned_parameters(self) -> dict[int, nn.Parameter]:
+        """{id: parameter} of every parameter the adapters own (not the base model's): each adapter's own
+        (_adapter_parameters) and anything else a LoRA layer holds beside its ``base_layer``."""
+        owned = {id(p): p for p in self._adapter_parameters(list(self.peft_config))}
+        for _, module in wrappers(self.model):
+            if isinstance(module, LoraLayer):
+                owned.update({id(p): p for n, p in module.named_parameters() if not n.startswith("base_layer.")})
+        return owned
 
     def disable_adapter_layers(self) -> None:
         """Adapters off until ``enable_adapter_layers()``: the model computes as the base model, merged adapters are

@@ -13,6 +13,7 @@ class ModulesToSaveWrapper(nn.Module):
     """Keeps ``original_module`` untouched and routes the forward through the active adapter's trainable copy."""
 
     adapter_layer_names = ("modules_to_save",)  # PEFT's attribute: the container of the adapters' weights
+    other_param_names: tuple[str, ...] = ()  # PEFT's attribute: no per-adapter settings besides the copies
 
     def __init__(self, original_module: nn.Module) -> None:
         containers = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)

@@ -211,6 +211,10 @@ class TrainableTokensWrapper(nn.Module):
     attributes (``num_embeddings``, ``embedding_dim``, ...) are the wrapped layer's; ``weight`` is the weight with
     the active adapter's rows in place, as modeling code and tied layers read it."""
 
+    # PEFT's attributes: where the per-adapter rows and settings are, as dotted paths from the wrapper
+    adapter_layer_names: tuple[str, ...] = ("token_adapter.trainable_tokens_delta",)
+    other_param_names: tuple[str, ...] = ("token_adapter.token_indices", "token_adapter.trainable_tokens_original")
+
     def __init__(self, module: nn.Module, tied_to: TrainableTokensLayer | None = None) -> None:
         super().__init__()
         self.token_adapter = TrainableTokensLayer(module, tied_to)

@@ -431,9 +431,10 @@ class PeftModel(nn.Module):
     ) -> _IncompatibleKeys:
         """Add the adapter saved in ``model_id`` under ``adapter_name`` (inactive; use set_adapter). If
         ``adapter_name`` exists, its weights are replaced by the saved ones (shapes must match), as PEFT does: what
-        transformers.Trainer does on resume_from_checkpoint and load_best_model_at_end. Unless ``is_trainable``, the
-        model is put in eval mode, as PEFT does. Returns PEFT's load result: lorakit loads all or nothing (a missing
-        or surplus tensor raises), so both of its lists are empty."""
+        transformers.Trainer does on resume_from_checkpoint and load_best_model_at_end. With ``is_trainable`` a new
+        adapter's parameters train though it is inactive; without, the model is put in eval mode, as PEFT does. What
+        trains already (other adapters, base weights the user unfroze) is left as it is. Returns PEFT's load result:
+        lorakit loads all or nothing (a missing or surplus tensor raises), so both of its lists are empty."""
         loaded = _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
         key_mapping = kwargs.get("key_mapping")
         if adapter_name in self.peft_config:
@@ -457,7 +458,9 @@ class PeftModel(nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
-        if not is_trainable:
+        if is_trainable:  # asked for: it trains though inactive, as in PEFT (the next set_adapter decides again)
+            self.base_model.set_requires_grad(adapter_name, True)
+        else:
             self.eval()
         return loaded
 
