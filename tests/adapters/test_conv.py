@@ -131,7 +131,7 @@ def test_merge_unmerge_round_trip(case: tuple, use_dora: bool) -> None:
     model = adapted(dims, conv, use_dora=use_dora)
     if use_dora:  # a magnitude away from ||W + dW||, so that DoRA's rescaling shows
         with torch.no_grad():
-            layer_of(model).lora_magnitude_vector["default"].mul_(1.5)
+            layer_of(model).lora_magnitude_vector["default"].weight.mul_(1.5)
     layer = layer_of(model)
     x = inputs(dims)
     W0 = layer.base_layer.weight.detach().clone()
@@ -158,7 +158,7 @@ def test_dora_forward_is_the_rescaled_conv(dims: int) -> None:
     """DoRA: y = conv(x, (m / ||W + dW||_row) * (W + dW)) + b, the norm over (in, *k) of each output channel."""
     model = adapted(dims, dict(padding=1), use_dora=True)
     layer = layer_of(model)
-    m = layer.lora_magnitude_vector["default"]
+    m = layer.lora_magnitude_vector["default"].weight
     assert m.shape == (1, 8, *(1,) * dims)  # PEFT's shape
     with torch.no_grad():
         m.mul_(torch.linspace(0.5, 1.5, 8).view(m.shape))

@@ -39,7 +39,7 @@ def _adapted(base: nn.Module, dropout: float = 0.0, init: bool | str = False, se
     layer.update_layer("default", 4, 8, dropout, init_lora_weights=init, use_dora=True)
     layer.active_adapters = ["default"]
     if init is False:
-        perturb_([layer.lora_magnitude_vector["default"]], seed=seed + 1, scale=0.5)
+        perturb_([layer.lora_magnitude_vector["default"].weight], seed=seed + 1, scale=0.5)
     return layer
 
 
@@ -64,7 +64,7 @@ def _embedding(seed: int = 0) -> nn.Embedding:
 def _reference(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
     """The dense DoRA forward of a Linear / Conv1D / Embedding wrapper."""
     A, B = layer.lora_weights("default")
-    m = layer.lora_magnitude_vector["default"]
+    m = layer.lora_magnitude_vector["default"].weight
     if isinstance(layer.base_layer, nn.Embedding):
         W = layer.base_layer.weight.T  # (dim, vocab): "out" is the embedding dimension
         return nn.functional.embedding(x, _dora_weight(W, SCALING * B @ A, m).T)
@@ -116,7 +116,7 @@ def test_forward_equals_dense_reference(factory):
 def test_default_init_is_an_identity_with_magnitude_the_row_norms(factory):
     layer = _adapted(factory(), init=True)
     W = layer.weight_out_in()
-    torch.testing.assert_close(layer.lora_magnitude_vector["default"].detach(), W.norm(dim=1))
+    torch.testing.assert_close(layer.lora_magnitude_vector["default"].weight.detach(), W.norm(dim=1))
     x = _input(factory)
     torch.testing.assert_close(layer(x), layer.base_layer(x), atol=1e-6, rtol=1e-6)
 
@@ -141,7 +141,7 @@ def test_merge_after_a_merged_plain_adapter_uses_the_unmerged_norm():
     layer = _adapted(_linear())
     layer.update_layer("plain", 2, 4, 0.0, init_lora_weights=False)
     original = layer.base_weight().detach().clone()
-    m = layer.lora_magnitude_vector["default"].detach()
+    m = layer.lora_magnitude_vector["default"].weight.detach()
     A, B = layer.lora_weights("default")
     A2, B2 = layer.lora_weights("plain")
     layer.merge(["plain", "default"])
@@ -158,7 +158,7 @@ def test_gradients_reach_magnitude_and_factors(factory):
     x = _input(factory)
     layer(x).pow(2).sum().backward()
     params = layer.adapter_parameters("default")
-    assert len(params) == 3 and params[2] is layer.lora_magnitude_vector["default"]
+    assert len(params) == 3 and params[2] is layer.lora_magnitude_vector["default"].weight
     for p in params:
         assert p.grad is not None and p.grad.abs().sum() > 0
 
@@ -169,7 +169,7 @@ def test_norm_is_detached_in_the_backward():
     x = _input(_linear)
     layer(x).sum().backward()
     A, B = layer.lora_weights("default")
-    m = layer.lora_magnitude_vector["default"].detach()
+    m = layer.lora_magnitude_vector["default"].weight.detach()
     A_ref, B_ref = A.detach().clone().requires_grad_(True), B.detach().clone().requires_grad_(True)
     W = layer.weight_out_in()
     n = (W + SCALING * B_ref @ A_ref).norm(dim=1).detach()
@@ -187,7 +187,7 @@ def test_dropout_computes_the_base_term_on_the_dropped_input():
     h = layer.lora_dropout["default"](x)  # the same mask
     A, B = layer.lora_weights("default")
     W, b = layer.base_layer.weight, layer.base_layer.bias
-    m = layer.lora_magnitude_vector["default"]
+    m = layer.lora_magnitude_vector["default"].weight
     scale = m / (W + SCALING * B @ A).norm(dim=1)
     expected = x @ W.T + b + (scale - 1) * (h @ W.T) + scale * (h @ (SCALING * B @ A).T)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -210,7 +210,7 @@ def test_delete_adapter_drops_the_magnitude():
 def test_model_trains_the_magnitude_and_config_accepts_dora():
     model = lorakit.get_peft_model(tiny_llama(0), lorakit.LoraConfig(target_modules=["q_proj"], use_dora=True))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert any(n.endswith("q_proj.lora_magnitude_vector.default") for n in trainable)
+    assert any(n.endswith("q_proj.lora_magnitude_vector.default.weight") for n in trainable)
     base = tiny_llama(0)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids()).logits, base(input_ids()).logits, atol=1e-5, rtol=1e-5)
@@ -289,13 +289,38 @@ def test_dora_file_keys_match_peft(factory, kwargs, tmp_path):
     assert _keys(tmp_path / "lorakit") == _keys(tmp_path / "peft")
 
 
+@pytest.mark.parametrize("factory, kwargs", INTEROP)
+def test_model_keys_and_magnitude_layout_match_peft(factory, kwargs):
+    """The magnitude is a module holding ``weight``, as PEFT's: the model's state-dict keys and shapes are PEFT's."""
+    ours, theirs = _lorakit(factory, kwargs), _peft(factory, kwargs)
+    shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    magnitudes = [k for k in shapes if ".lora_magnitude_vector.default.weight" in k]
+    assert magnitudes and all(k.endswith(".lora_magnitude_vector.default.weight") for k in magnitudes)
+    layer = next(m for m in ours.modules() if isinstance(m, LoraLayer))
+    assert isinstance(layer.lora_magnitude_vector["default"].weight, nn.Parameter)
+
+
+def test_magnitude_file_key_for_any_adapter_name(tmp_path):
+    """The file key drops the adapter name and '.weight', even for an adapter named 'weight'; the file reloads."""
+    for name in ("default", "weight"):
+        config = lorakit.LoraConfig(target_modules=["q_proj"], use_dora=True, init_lora_weights=False)
+        model = _trained(lorakit.get_peft_model(tiny_llama(0), config, adapter_name=name))
+        model.save_pretrained(tmp_path / name)
+        folder = tmp_path / name if name == "default" else tmp_path / name / name  # PEFT's subfolder per adapter
+        keys = [k for k in _keys(folder) if "magnitude" in k]
+        assert keys and all(k.endswith(".q_proj.lora_magnitude_vector") for k in keys)
+        loaded = lorakit.PeftModel.from_pretrained(tiny_llama(0), folder, adapter_name=name)
+        torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-6, rtol=0)
+
+
 def test_dropout_training_forward_matches_peft():
     """In train mode with dropout, PEFT computes DoRA's base term on the dropped input; the same RNG gives the same
     masks in both libraries, so the logits agree."""
     kwargs = dict(target_modules=["q_proj", "v_proj"], lora_dropout=0.3)
     theirs = _peft(tiny_llama, kwargs).train()
     ours = _lorakit(tiny_llama, kwargs)
-    ours.load_state_dict(_peft_state_for_lorakit(theirs))
+    ours.load_state_dict(theirs.state_dict())  # same keys: '<layer>.lora_magnitude_vector.<name>.weight'
     ours.train()
     torch.manual_seed(5)
     a = theirs(input_ids=input_ids()).logits
@@ -318,18 +343,10 @@ def test_merge_and_unload_matches_peft():
     kwargs = dict(target_modules=["q_proj", "v_proj", "embed_tokens"])
     theirs = _peft(tiny_llama, kwargs)
     ours = _lorakit(tiny_llama, kwargs)
-    ours.load_state_dict(_peft_state_for_lorakit(theirs))
+    ours.load_state_dict(theirs.state_dict())  # same keys: '<layer>.lora_magnitude_vector.<name>.weight'
     torch.testing.assert_close(_logits(ours), _logits(theirs), atol=1e-5, rtol=0)
     expected = _logits(theirs.merge_and_unload())
     torch.testing.assert_close(_logits(ours.merge_and_unload()), expected, atol=1e-5, rtol=0)
-
-
-def _peft_state_for_lorakit(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT's state dict under lorakit's names: its magnitude 'lora_magnitude_vector.<name>.weight' loses '.weight'."""
-    return {
-        k.replace("lora_magnitude_vector.default.weight", "lora_magnitude_vector.default"): v
-        for k, v in model.state_dict().items()
-    }
 
 
 def test_combining_or_converting_dora_adapters_is_refused():

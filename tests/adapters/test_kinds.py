@@ -59,7 +59,7 @@ def test_each_adapter_gets_its_own_variant_object():
     layer.update_layer("d2", 2, 4, 0.0, init_lora_weights=False, use_dora=True)
     assert type(layer.variants["plain"]) is Lora and VARIANTS["lora"] is Lora
     assert type(layer.variants["d1"]) is Dora and layer.variants["d1"] is not layer.variants["d2"]
-    assert layer.adapter_parameters("d1")[2] is layer.lora_magnitude_vector["d1"]
+    assert layer.adapter_parameters("d1")[2] is layer.lora_magnitude_vector["d1"].weight
     layer.delete_adapter("d1")
     assert "d1" not in layer.variants and "d1" not in layer.lora_magnitude_vector
 

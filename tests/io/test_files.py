@@ -165,3 +165,10 @@ def test_file_key_strips_adapter_name_only_at_its_place():
     assert lio.file_key("a.default.q.lora_A.default.weight", "default") == "a.default.q.lora_A.weight"
     assert lio.file_key("m.embed.lora_embedding_A.default", "default") == "m.embed.lora_embedding_A"
     assert lio.file_key("m.score.modules_to_save.default.weight", "default") == "m.score.weight"
+
+
+def test_file_key_of_dora_magnitude_drops_name_and_weight():
+    """PEFT's file keeps the magnitude's old key: 'lora_magnitude_vector.<name>.weight' -> 'lora_magnitude_vector'."""
+    assert lio.file_key("m.q.lora_magnitude_vector.default.weight", "default") == "m.q.lora_magnitude_vector"
+    assert lio.file_key("m.q.lora_magnitude_vector.weight.weight", "weight") == "m.q.lora_magnitude_vector"
+    assert lio.file_key("m.q.lora_A.weight.weight", "weight") == "m.q.lora_A.weight"

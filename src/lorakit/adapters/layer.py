@@ -50,7 +50,7 @@ class LoraLayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: m (out,) per adapter (PEFT's name)
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only: m (out,) as .weight per adapter (PEFT's)
         self.variants: dict[str, Lora] = {}  # one variant object per adapter (lorakit.adapters.variants)
         self.lora_bias: dict[str, bool] = {}  # lora_bias=True: B has a bias b (out,), the update is s * (B A x + b)
         self.merged_adapters: list[str] = []

@@ -40,9 +40,19 @@ from lorakit.config import LoraConfig
 from lorakit.ops import dora
 
 
+class Magnitude(nn.Module):
+    """DoRA's learned magnitude m of one adapter, held as ``weight`` (out,) (a conv's (1, out, 1, ...)): PEFT's layout,
+    so the model's key is ``<layer>.lora_magnitude_vector.<adapter>.weight`` as in PEFT (the file drops both the
+    adapter name and ``.weight``: lorakit.io.files.file_key)."""
+
+    def __init__(self, m: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(m)
+
+
 class Dora(Lora):
-    """DoRA: one magnitude m (out,) in ``layer.lora_magnitude_vector[adapter]``; the row norm is a constant for the
-    backward pass (Liu et al. 2024, sec. 4.3). While merged, the norm the merge used is kept for the unmerge."""
+    """DoRA: one magnitude m (out,) in ``layer.lora_magnitude_vector[adapter].weight``; the row norm is a constant for
+    the backward pass (Liu et al. 2024, sec. 4.3). While merged, the norm the merge used is kept for the unmerge."""
 
     name = "dora"
     title = "DoRA"
@@ -59,7 +69,7 @@ class Dora(Lora):
         with torch.no_grad():
             norm = dora.weight_norm(weight.float(), delta.to(weight.device, torch.float32))  # (out,)
         shape = getattr(layer, "magnitude_shape", (-1,))  # a conv keeps PEFT's (1, out, 1, ...)
-        layer.lora_magnitude_vector[adapter] = nn.Parameter(norm.to(A.dtype).reshape(shape))
+        layer.lora_magnitude_vector[adapter] = Magnitude(norm.to(A.dtype).reshape(shape))
 
     def norm_terms(self, layer: LoraLayer, adapter: str) -> tuple[Tensor, Tensor]:
         """(W, s * B @ A) as (out, in) matrices, whose sum's row norms DoRA takes; a grouped conv gives PEFT's
@@ -69,7 +79,7 @@ class Dora(Lora):
         return layer.weight_out_in(), layer.delta_out_in(adapter)
 
     def parameters(self, layer: LoraLayer, adapter: str) -> list[nn.Parameter]:
-        return [layer.lora_magnitude_vector[adapter]]
+        return [layer.lora_magnitude_vector[adapter].weight]
 
     def delete(self, layer: LoraLayer, adapter: str) -> None:
         del layer.lora_magnitude_vector[adapter]
@@ -77,7 +87,7 @@ class Dora(Lora):
     def scale_args(self, layer: LoraLayer, adapter: str, weight: Tensor) -> tuple[Tensor, Tensor]:
         """(m, ||weight + s * B @ A||_row), ``weight`` (out, in) the unmerged base; the norm detached."""
         delta = layer.delta_out_in(adapter).detach().to(weight.dtype)
-        return layer.lora_magnitude_vector[adapter].reshape(-1), dora.weight_norm(weight, delta).detach()
+        return layer.lora_magnitude_vector[adapter].weight.reshape(-1), dora.weight_norm(weight, delta).detach()
 
     def linear_forward(self, layer: LoraLayer, adapter: str, x: Tensor, base: Tensor, result: Tensor) -> Tensor:
         """``result + (m / n - 1) * x @ W.T + (m / n) * B(A(dropout(x))) * s`` (lorakit.ops.dora.linear_output). Its
@@ -110,7 +120,7 @@ class Dora(Lora):
             x_w = conv._conv_forward(h, conv.weight.to(h.dtype), None)  # (N, out, *S'), the base's padding mode
         lora = B(A(h)) * layer.scaling[adapter]  # (N, out, *S')
         weight, delta = self.norm_terms(layer, adapter)  # (out, in * prod(k))
-        m = layer.lora_magnitude_vector[adapter].reshape(-1)  # (out,)
+        m = layer.lora_magnitude_vector[adapter].weight.reshape(-1)  # (out,)
         norm = dora.weight_norm(weight.to(h.dtype), delta.detach().to(h.dtype)).detach()  # a constant (sec. 4.3)
         update = dora.linear_output(x_w.to(h.dtype), lora, m.view(channels), norm.view(channels))
         return result + update.to(result.dtype)
@@ -135,7 +145,7 @@ class Dora(Lora):
 
     def unmerged(self, layer: LoraLayer, adapter: str, weight: Tensor) -> Tensor:
         """The inverse of ``merged`` with the norm the merge used."""
-        m = layer.lora_magnitude_vector[adapter].detach().reshape(-1)
+        m = layer.lora_magnitude_vector[adapter].weight.detach().reshape(-1)
         delta = layer.delta_out_in(adapter).to(weight.dtype)
         unmerged = dora.unmerge_weight(layer.transpose(weight), delta, m, self.merged_norm)  # (out, in)
         return layer.transpose(unmerged).to(weight.dtype)

@@ -105,7 +105,12 @@ def _pickle_bytes(tensors: dict[str, Tensor]) -> bytes:
 # -- key naming --------------------------------------------------------------------------------------------------
 def file_key(model_key: str, adapter_name: str) -> str:
     """Model parameter name -> name in the file: drop the adapter name ('lora_A.default.weight' -> 'lora_A.weight',
-    'lora_embedding_A.default' -> 'lora_embedding_A', 'score.modules_to_save.default.weight' -> 'score.weight')."""
+    'lora_embedding_A.default' -> 'lora_embedding_A', 'score.modules_to_save.default.weight' -> 'score.weight'). DoRA's
+    magnitude drops its '.weight' too ('lora_magnitude_vector.default.weight' -> 'lora_magnitude_vector'): PEFT's file
+    kept the key of the time its magnitude was a bare parameter."""
+    magnitude = f".lora_magnitude_vector.{adapter_name}.weight"
+    if model_key.endswith(magnitude):
+        return model_key[: -len(magnitude)] + ".lora_magnitude_vector"
     key = model_key.replace(f".modules_to_save.{adapter_name}.", ".")
     if key.endswith(f".{adapter_name}"):
         return key[: -len(adapter_name) - 1]
