@@ -198,3 +198,22 @@ def test_peft_adds_the_out_proj_update_twice() -> None:
         x = _x()
         torch.testing.assert_close(theirs(x), doubled(x), atol=1e-5, rtol=1e-5)
         assert (theirs(x) - ours(x)).abs().max() > 1e-3
+
+
+def test_a_base_weight_the_user_unfroze_trains_through_the_forward() -> None:
+    """The forward never replaces the base parameters (PEFT's merge-unmerge forward did, hence its _restore_weights,
+    here a no-op): a base weight the user unfroze stays the same Parameter, trainable, and gets the dense gradient."""
+    base = _base()
+    model = _adapted(base).train()
+    layer = model.base_model.model.mha
+    in_proj = layer.base_layer.in_proj_weight
+    in_proj.requires_grad_(True)
+    x = _x()
+    model(x).square().sum().backward()
+    layer._restore_weights()
+    assert layer.base_layer.in_proj_weight is in_proj and in_proj.requires_grad
+    assert not layer.out_proj.weight.requires_grad
+    ref = _reference(base, layer, ["default"]).train()
+    ref.mha.in_proj_weight.requires_grad_(True)
+    ref(x).square().sum().backward()
+    torch.testing.assert_close(in_proj.grad, ref.mha.in_proj_weight.grad)  # d/dW of W + s*B@A is d/dW'

@@ -57,6 +57,11 @@ class LoraMultiheadAttention(LoraLayer):
     def out_proj(self) -> nn.Module:
         return self.base_layer.out_proj.base_layer
 
+    def _restore_weights(self) -> None:
+        """PEFT's method of the name, which re-registers the base weights its merge-unmerge forward removes. Nothing
+        to do here: this forward swaps the updated weights in for one call (functional_call) and never touches the
+        base parameters, whose requires_grad is the user's."""
+
     def merge_masks(self, *args: Any, **kwargs: Any) -> tuple[Tensor | None, int | None]:
         return self.base_layer.merge_masks(*args, **kwargs)
 

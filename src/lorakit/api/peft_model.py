@@ -399,9 +399,11 @@ class PeftModel(nn.Module):
         """Wrap ``model`` with the adapter saved in folder ``model_id``: frozen and in eval mode (dropout off) unless
         ``is_trainable``, as PEFT does. A ``config`` given is the one the model keeps (``peft_config[adapter_name] is
         config``). PEFT's other keyword arguments (``low_cpu_mem_usage``, ``torch_device``, ...) are accepted and
-        unused. ``key_mapping`` ({regex: replacement}) renames the file's keys, by default with the base model's
+        unused, but ``ignore_mismatched_sizes=True``, which is refused (see _refuse_mismatched_sizes).
+        ``key_mapping`` ({regex: replacement}) renames the file's keys, by default with the base model's
         ``_checkpoint_conversion_mapping`` (an adapter saved on a model's older module layout), as PEFT does."""
         check_adapter_name(adapter_name)
+        _refuse_mismatched_sizes(kwargs)
         config = config or read_config(model_id)
         config.inference_mode = not is_trainable
         model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
@@ -435,6 +437,7 @@ class PeftModel(nn.Module):
         adapter's parameters train though it is inactive; without, the model is put in eval mode, as PEFT does. What
         trains already (other adapters, base weights the user unfroze) is left as it is. Returns PEFT's load result:
         lorakit loads all or nothing (a missing or surplus tensor raises), so both of its lists are empty."""
+        _refuse_mismatched_sizes(kwargs)
         loaded = _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
         key_mapping = kwargs.get("key_mapping")
         if adapter_name in self.peft_config:
@@ -469,6 +472,17 @@ class PeftModel(nn.Module):
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
         return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+
+def _refuse_mismatched_sizes(kwargs: dict[str, Any]) -> None:
+    """ValueError for PEFT's ``ignore_mismatched_sizes=True``, which loads an adapter with the tensors that do not fit
+    left out (their modules keep their initial values, with a warning); lorakit loads all of an adapter or nothing."""
+    if kwargs.get("ignore_mismatched_sizes"):
+        raise ValueError(
+            "ignore_mismatched_sizes=True is not supported: lorakit loads an adapter only onto modules of the shapes "
+            "it was made for (a resized embedding: resize the base as it was when the adapter was saved, or train "
+            "the adapter again); load it onto the base model named in its config"
+        )
 
 
 def _head_linear(model: nn.Module) -> nn.Module | None:
