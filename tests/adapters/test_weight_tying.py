@@ -70,11 +70,13 @@ def test_output_layer_stays_tied_through_training_and_merging(kwargs):
     torch.testing.assert_close(head, emb, atol=1e-6, rtol=0)
     model.eval()
     expected = _logits(model)
-    model.merge_adapter()  # the shared weight gets the update once
-    torch.testing.assert_close(_logits(model), expected, atol=ATOL, rtol=0)
+    # the shared weight gets the update once (twice would be off by the update itself); rtol: the embedding's
+    # init_lora_weights=False factors are N(0, 1), as PEFT's, and the logits reach ~140, where an fp32 ulp is 1.5e-5
+    model.merge_adapter()
+    torch.testing.assert_close(_logits(model), expected, atol=ATOL, rtol=1e-5)
     model.unmerge_adapter()
     merged = model.merge_and_unload()
-    torch.testing.assert_close(_logits(merged), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(_logits(merged), expected, atol=ATOL, rtol=1e-5)
     if kwargs is LORA:
         assert merged.lm_head.weight is merged.model.embed_tokens.weight
 

@@ -194,3 +194,25 @@ def test_unconverted_peft_adapter_loads_in_lorakit(name, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = lorakit.PeftModel.from_pretrained(tiny_llama(0), tmp_path)
     assert _max_diff(_logits(loaded), _logits(model)) < ATOL
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_embedding_factors_equal_peft_s_from_the_same_seed(init):
+    """An embedding's adapter: A = 0, B ~ N(0, 1), the same values as PEFT's from the same seed (the factors are
+    created from N(0, 1) draws as PEFT creates them, so B is the same next draw); the linear target after it too."""
+    kwargs = dict(target_modules=["embed_tokens", "q_proj"], init_lora_weights=init)
+    ours, theirs = _build(lorakit, tiny_llama, **kwargs).state_dict(), _build(peft, tiny_llama, **kwargs).state_dict()
+    factors = [k for k in ours if "lora_" in k]
+    assert any("lora_embedding_B" in k for k in factors) and any("lora_A" in k for k in factors)
+    for key in factors:
+        torch.testing.assert_close(ours[key], theirs[key], atol=0, rtol=0)
+
+
+def test_embedding_without_init_is_random_normal_as_in_peft():
+    """init_lora_weights=False on an embedding: both A and B ~ N(0, 1), as PEFT (not Kaiming-uniform, which a linear
+    target gets): mean ~0 and std ~1 over 8 x 1000 draws each."""
+    model = _build(lorakit, lambda seed: nn.Sequential(nn.Embedding(1000, 1000)), target_modules=["0"],
+                   init_lora_weights=False)
+    A, B = model.base_model.model[0].lora_weights("default")
+    for factor in (A, B):
+        assert abs(factor.mean().item()) < 0.05 and abs(factor.std().item() - 1) < 0.05

@@ -43,8 +43,10 @@ class LoraEmbedding(LoraLayer):
         return self.base_layer.padding_idx
 
     def _create(self, name: str, r: int) -> None:
-        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, self.in_features))
-        self.lora_embedding_B[name] = nn.Parameter(torch.zeros(self.out_features, r))
+        """A (r, vocab) and B (dim, r) drawn from N(0, 1) before the initializer sets them, as PEFT creates them: the
+        global RNG then moves as in PEFT, so a seed gives PEFT's factors (B of the default init is the next draw)."""
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, self.in_features))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, r))
 
     def lora_weights(self, name: str) -> tuple[Tensor, Tensor]:
         return self.lora_embedding_A[name], self.lora_embedding_B[name]

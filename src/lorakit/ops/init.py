@@ -62,6 +62,13 @@ def embedding_default(weight: Tensor, r: int, scaling: float) -> LoraInit:
     return LoraInit(torch.zeros(r, in_f), torch.randn(out_f, r), None)
 
 
+def embedding_random(weight: Tensor, r: int, scaling: float) -> LoraInit:
+    """For Embedding targets with init_lora_weights=False: A, B ~ N(0, 1), both random (PEFT's: it keeps the normal
+    draws it created them with): NOT an identity at start."""
+    out_f, in_f = weight.shape
+    return LoraInit(torch.randn(r, in_f), torch.randn(out_f, r), None)
+
+
 def pissa(weight: Tensor, r: int, scaling: float, niter: int | None = None) -> LoraInit:
     """PiSSA (Meng et al. 2024, arXiv:2404.02948): the adapter takes W's principal part. With W ~ U_r diag(S_r)
     V_r^T (top-r singular triplets), A = diag(sqrt(S_r / s)) V_r^T and B = U_r diag(sqrt(S_r / s)), so that s * B @ A
@@ -258,9 +265,10 @@ INITIALIZERS: dict[str, Initializer] = {
 
 
 def get_initializer(init_lora_weights: bool | str, embedding: bool = False) -> Initializer:
-    """The initializer named by a config's ``init_lora_weights`` (True -> kaiming, False -> random_nonzero)."""
+    """The initializer named by a config's ``init_lora_weights`` (True -> kaiming, False -> random_nonzero; for an
+    embedding: embedding_default, False -> embedding_random)."""
     if init_lora_weights is False:
-        return random_nonzero
+        return embedding_random if embedding else random_nonzero
     if embedding and _lookup(init_lora_weights) is not mica:  # MiCA is the one an embedding takes by name, as PEFT
         return embedding_default
     if init_lora_weights is True:
