@@ -38,6 +38,12 @@ if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_lay
         set_base_model_state_dict,
         set_peft_model_state_dict,
     )
+    from lorakit.api.hotswap import (
+        check_hotswap_configs_compatible,
+        hotswap_adapter,
+        hotswap_adapter_from_state_dict,
+        prepare_model_for_compiled_hotswap,
+    )
     from lorakit.api.peft_model import (
         PeftModel,
         PeftModelForCausalLM,
@@ -89,6 +95,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
                               "get_base_model_state_dict", "get_peft_model_state_dict", "inject_adapter_in_model",
                               "prepare_model_for_kbit_training", "set_base_model_state_dict",
                               "set_peft_model_state_dict"),
+    "lorakit.api.hotswap": ("check_hotswap_configs_compatible", "hotswap_adapter", "hotswap_adapter_from_state_dict",
+                            "prepare_model_for_compiled_hotswap"),
     "lorakit.api.peft_model": ("PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
                                "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
                                "PeftModelForSequenceClassification",

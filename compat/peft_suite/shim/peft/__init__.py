@@ -96,6 +96,11 @@ EQUIVALENTS["peft.tuners.trainable_tokens"] = {
 }
 EQUIVALENTS["peft.tuners.trainable_tokens.layer"] = EQUIVALENTS["peft.tuners.trainable_tokens"]
 EQUIVALENTS["peft.utils.constants"] = {"DUMMY_MODEL_CONFIG": "lorakit.adapters.model:CUSTOM_MODEL_CONFIG"}
+EQUIVALENTS["peft.utils.hotswap"] = {
+    name: f"lorakit:{name}"
+    for name in ("hotswap_adapter", "hotswap_adapter_from_state_dict", "prepare_model_for_compiled_hotswap",
+                 "check_hotswap_configs_compatible")
+}
 EQUIVALENTS["peft.helpers"] = {"MontecloraTrainerMixin": "lorakit.api.helpers:MontecloraTrainerMixin"}
 EQUIVALENTS["peft.tuners.lora.corda"] = {"preprocess_corda": "lorakit:preprocess_corda"}
 EQUIVALENTS["peft.tuners.lora.eva"] = {
