@@ -138,6 +138,18 @@ def test_missing_tensors_are_zeroed(tmp_path: Path) -> None:
     assert not v_proj.lora_A["default"].weight.any() and not v_proj.lora_B["default"].weight.any()
 
 
+def test_saving_from_a_state_dict_without_a_tensor_is_refused(tmp_path: Path) -> None:
+    """PEFT writes what an overridden state_dict() holds (its hot-swap test saves an adapter without one A this
+    way); lorakit refuses to write a file it would refuse to load."""
+    model = get_peft_model(tiny_llama(0), LoraConfig(target_modules=["q_proj"]))
+    full = model.state_dict()
+    key = next(k for k in full if "lora_A" in k)
+    model.state_dict = lambda: {k: v for k, v in full.items() if k != key}
+    with pytest.raises(lorakit.AdapterError, match=f"lacks its tensor '{key}'"):
+        model.save_pretrained(tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
 # -- padding ---------------------------------------------------------------------------------------------------------
 def test_padding_keeps_outputs_and_swaps_every_kind(tmp_path: Path) -> None:
     targets = ["emb", "conv", "lin"]

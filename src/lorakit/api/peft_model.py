@@ -306,7 +306,14 @@ class PeftModel(nn.Module):
             return
         for name in names:
             # Unlike PEFT's "auto", the full base embedding is saved only on request: adapters stay small.
-            tensors = state.adapter_state_dict(self, name, save_embedding_layers=save_embedding_layers is True)
+            try:
+                tensors = state.adapter_state_dict(self, name, save_embedding_layers=save_embedding_layers is True)
+            except KeyError as e:  # a state_dict() overridden to leave adapter tensors out
+                raise AdapterError(
+                    f"cannot save adapter {name!r}: the model's state_dict() lacks its tensor {e.args[0]!r}, and a "
+                    "file without it could not be loaded (lorakit writes whole adapters only); save from a "
+                    "state_dict() that holds every adapter tensor"
+                ) from None
             saved = self.config_to_save(name)
             if path_initial_model_for_weight_conversion is not None:
                 tensors, saved = convert.to_original_base(
