@@ -95,8 +95,9 @@ def assert_unchanged(model: nn.Module, before: tuple) -> None:
         (dict(r=4, lora_alpha=8), dict(r=4, lora_alpha=16)),
         (dict(r=3, lora_alpha=5), dict(r=6, lora_alpha=2, rank_pattern={"o_proj": 2})),  # larger: new tensors
         (dict(r=6, lora_alpha=5, use_rslora=True), dict(r=2, lora_alpha=7, use_rslora=True)),  # smaller: zero-padded
+        (dict(r=3, use_dora=True), dict(r=5, lora_alpha=3, use_dora=True)),  # DoRA's magnitude swapped too
     ],
-    ids=["same_rank", "larger_rank", "smaller_rank_rslora"],
+    ids=["same_rank", "larger_rank", "smaller_rank_rslora", "dora"],
 )
 def test_swap_equals_fresh_load(tmp_path: Path, first: dict, second: dict) -> None:
     a0 = save(tmp_path / "a0", tiny_llama(0), 0, target_modules=TARGETS, **first)
@@ -177,6 +178,20 @@ def test_padding_keeps_outputs_and_swaps_every_kind(tmp_path: Path) -> None:
     assert inner.lin.scaling["default"] is scaling and float(scaling) == pytest.approx(4 / 6**0.5)
     hotswap_adapter(model, a0, adapter_name="default")
     torch.testing.assert_close(kinds_out(model), before, atol=ATOL, rtol=0)
+
+
+def test_unpadded_kinds_grow_and_shrink(tmp_path: Path) -> None:
+    """Without prepare_model_for_compiled_hotswap, a larger rank gets new tensors (grouped conv and embedding too)."""
+    a0 = save(tmp_path / "a0", kinds_base(), 0, target_modules=["emb", "conv", "lin"], r=2)
+    a1 = save(tmp_path / "a1", kinds_base(), 1, target_modules=["emb", "conv", "lin"], r=6)
+    model = PeftModel.from_pretrained(kinds_base(), a0)
+    hotswap_adapter(model, a1, adapter_name="default")
+    torch.testing.assert_close(kinds_out(model), kinds_out(PeftModel.from_pretrained(kinds_base(), a1)),
+                               atol=ATOL, rtol=0)
+    assert model.base_model.model.conv.lora_B["default"].in_channels == 6
+    hotswap_adapter(model, a0, adapter_name="default")  # rank 2 into rank-6 tensors: zero-padded
+    torch.testing.assert_close(kinds_out(model), kinds_out(PeftModel.from_pretrained(kinds_base(), a0)),
+                               atol=ATOL, rtol=0)
 
 
 def test_padding_refusals_change_nothing() -> None:
