@@ -218,3 +218,35 @@ def test_peft_type_and_get_peft_config() -> None:
     assert isinstance(config, LoraConfig) and config.r == 4 and config.task_type == "CAUSAL_LM"
     with pytest.raises(ConfigError, match="LoRA adapters only"):
         get_peft_config({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4})
+
+
+class _HeadNamedLikeLora(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = torch.nn.Linear(5, 5)
+        self.lora_head = torch.nn.Linear(5, 5)  # a base module whose name starts as LoRA's tensors do
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_head(self.lin0(x))
+
+
+def test_module_named_like_a_lora_tensor_round_trips_as_modules_to_save() -> None:
+    """A modules_to_save copy of a module called 'lora_head' is not taken for a LoRA tensor: set_peft_model_state_dict
+    loads its trained weight; a file without a LoRA factor still fails, naming it."""
+    config = dict(target_modules=["lin0"], modules_to_save=["lora_head"])
+    torch.manual_seed(0)
+    source = get_peft_model(_HeadNamedLikeLora(), LoraConfig(**config))
+    with torch.no_grad():
+        source.base_model.model.lora_head.modules_to_save["default"].weight.fill_(123.0)
+    state = get_peft_model_state_dict(source)
+    torch.manual_seed(0)  # the same base weights; the adapter's come from the state dict
+    target = get_peft_model(_HeadNamedLikeLora(), LoraConfig(**config))
+    result = set_peft_model_state_dict(target, state)
+    assert not [k for k in result.unexpected_keys if "lora_head" in k]
+    weight = target.base_model.model.lora_head.modules_to_save["default"].weight
+    torch.testing.assert_close(weight, torch.full_like(weight, 123.0))
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(target(x), source(x))
+    del state["base_model.model.lin0.lora_B.weight"]
+    with pytest.raises(AdapterFileError, match="lacks 1 adapter tensors, e.g. 'base_model.model.lin0.lora_B.weight'"):
+        set_peft_model_state_dict(get_peft_model(_HeadNamedLikeLora(), LoraConfig(**config)), state)

@@ -67,7 +67,23 @@ def _tensor_names(module: nn.Module) -> list[str]:
     return names
 
 
-_REQUIRED_ENDINGS = ("lora_embedding_A", "lora_embedding_B", ".trainable_tokens_delta")  # besides '.lora_' keys
+def _required(model: nn.Module, to_model: dict[str, str]) -> set[str]:
+    """The file keys a file must hold: a LoRA wrapper's own tensors (``lora_A``, ``lora_embedding_B``, DoRA's
+    ``lora_magnitude_vector``, ...) and trainable-token rows. Told by the wrapper they belong to, not by a '.lora_' in
+    the key: a base module named like one (``lora_head``, trained as a modules_to_save copy) stays optional."""
+    prefix = _prefix_of(model)
+    layers = {f"{prefix}{name}." for name, module in wrappers(_inner(model)) if isinstance(module, LoraLayer)}
+    required = set()
+    for fkey, mkey in to_model.items():
+        head = mkey
+        while "." in head and f"{head}." not in layers:
+            head = head.rpartition(".")[0]
+        tail = mkey[len(head) + 1 :] if f"{head}." in layers else ""
+        if tail.startswith("lora_") or fkey.endswith(".trainable_tokens_delta"):
+            required.add(fkey)
+    return required
+
+
 
 
 def _belongs(key: str, adapter_name: str) -> bool:
@@ -110,7 +126,8 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor], adapte
     # duplicate of '<module>.bias'); accept it as an alias of the copy.
     mts = f".modules_to_save.{adapter_name}."
     to_model.update({k.replace(mts, ".modules_to_save."): k for k in owned if mts in k and k.endswith(".bias")})
-    missing = [k for k in to_model if k not in tensors and (".lora_" in k or k.endswith(_REQUIRED_ENDINGS))]
+    required = _required(model, to_model)
+    missing = [k for k in to_model if k not in tensors and k in required]
     if missing:
         raise AdapterFileError(
             f"{source} lacks {len(missing)} adapter tensors, e.g. {missing[0]!r}: the file is "
