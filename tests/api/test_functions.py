@@ -250,3 +250,15 @@ def test_module_named_like_a_lora_tensor_round_trips_as_modules_to_save() -> Non
     del state["base_model.model.lin0.lora_B.weight"]
     with pytest.raises(AdapterFileError, match="lacks 1 adapter tensors, e.g. 'base_model.model.lin0.lora_B.weight'"):
         set_peft_model_state_dict(get_peft_model(_HeadNamedLikeLora(), LoraConfig(**config)), state)
+
+
+@pytest.mark.parametrize("auto_clear_cache, calls", [(True, 1), (False, 0)])
+def test_kbit_preparation_empties_the_accelerator_cache_after_the_casts(auto_clear_cache, calls) -> None:
+    """auto_clear_cache (the default True): the CUDA allocator's cache is emptied once, after the fp32 casts."""
+    from unittest.mock import patch
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).half()
+    with patch("torch.cuda.is_available", return_value=True), patch("torch.cuda.empty_cache") as empty_cache:
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False, auto_clear_cache=auto_clear_cache)
+    assert empty_cache.call_count == calls
+    assert model[0].weight.dtype == torch.float32

@@ -124,7 +124,10 @@ def prepare_model_for_kbit_training(
     3. If the base is quantized (lorakit.quantize, or transformers' 4/8-bit or one of the methods above) and
        ``use_gradient_checkpointing``: activation checkpointing on (reentrant unless ``gradient_checkpointing_kwargs``
        says ``use_reentrant=False``), with the input embeddings' output made to require grad so that reentrant
-       checkpointing has a graph to recompute."""
+       checkpointing has a graph to recompute.
+
+    ``auto_clear_cache``: after step 2, empty the CUDA / XPU allocator's cache (memory the fp16 copies held, which
+    devices that share host and accelerator memory need back), as PEFT does."""
     method = getattr(model, "quantization_method", None)
     method = getattr(method, "value", method)  # transformers' QuantizationMethod is a str enum
     keep_dtype = method in _KEEP_DTYPE_METHODS or getattr(model, "hqq_quantized", False)
@@ -137,6 +140,8 @@ def prepare_model_for_kbit_training(
             for param in module.parameters(recurse=False):
                 if param.dtype in (torch.float16, torch.bfloat16):
                     param.data = param.data.float()
+        if auto_clear_cache:  # the half-precision copies just freed stay reserved by the caching allocator
+            _empty_accelerator_caches()
     quantized = keep_dtype or getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
     quantized = quantized or any(isinstance(m, QuantLinear) for m in model.modules())
     if quantized and use_gradient_checkpointing:
@@ -148,6 +153,15 @@ def prepare_model_for_kbit_training(
         if kwargs["use_reentrant"]:  # transformers 5 already hooks the embeddings when enabling; earlier ones not
             model.enable_input_require_grads()
     return model
+
+
+def _empty_accelerator_caches() -> None:
+    """Release the cached, unused blocks of the CUDA and XPU allocators (each where available)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        xpu.empty_cache()
 
 
 def _base_root(model: nn.Module) -> nn.Module:
