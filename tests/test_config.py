@@ -27,7 +27,6 @@ def test_defaults_match_peft():
         ({"init_lora_weights": "xavier"}, ["init_lora_weights='xavier'", "gaussian"]),
         ({"task_type": "TRANSLATE"}, ["task_type='TRANSLATE'", "CAUSAL_LM"]),
         ({"rank_pattern": {"q_proj": 0}}, ["rank_pattern['q_proj']=0"]),
-        ({"target_modules": []}, ["target_modules=[]"]),
         ({"layers_pattern": "layers"}, ["layers_to_transform"]),
     ],
 )

@@ -14,11 +14,11 @@ if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_lay
     from lorakit.adapters.corda import preprocess_corda
     from lorakit.adapters.embedding import LoraEmbedding
     from lorakit.adapters.eva import get_eva_state_dict, initialize_lora_eva_weights
-    from lorakit.adapters.inject import TargetError
     from lorakit.adapters.layer import LoraLayer
     from lorakit.adapters.linear import LoraLinear
     from lorakit.adapters.model import LoraModel
     from lorakit.adapters.quantize import quantize
+    from lorakit.adapters.targets import NoMatchingPeftModuleError, TargetError
     from lorakit.api.auto import (
         AutoPeftModel,
         AutoPeftModelForCausalLM,
@@ -65,6 +65,7 @@ if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_lay
         LoraConfig,
         MontecloraConfig,
         PeftConfig,
+        PeftError,
         PeftType,
         PeftWarning,
         TaskType,
@@ -83,7 +84,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "lorakit.adapters.corda": ("preprocess_corda",),
     "lorakit.adapters.embedding": ("LoraEmbedding",),
     "lorakit.adapters.eva": ("get_eva_state_dict", "initialize_lora_eva_weights"),
-    "lorakit.adapters.inject": ("TargetError",),
+    "lorakit.adapters.targets": ("NoMatchingPeftModuleError", "TargetError"),
     "lorakit.adapters.layer": ("LoraLayer",),
     "lorakit.adapters.linear": ("LoraLinear",),
     "lorakit.adapters.model": ("LoraModel",),
@@ -103,8 +104,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
                                "PeftModelForTokenClassification", "get_peft_model"),
     "lorakit.api.status": ("get_layer_status", "get_model_status"),
     "lorakit.config": ("BdLoraConfig", "ConfigError", "CordaConfig", "EvaConfig", "KasaConfig", "LoftQConfig",
-                       "LoraConfig", "MontecloraConfig", "PeftConfig", "PeftType", "PeftWarning", "TaskType",
-                       "VeloraConfig", "get_peft_config"),
+                       "LoraConfig", "MontecloraConfig", "PeftConfig", "PeftError", "PeftType", "PeftWarning",
+                       "TaskType", "VeloraConfig", "get_peft_config"),
     "lorakit.io.files": ("AdapterError", "AdapterFileError"),
     "lorakit.io.models": ("load_default_model",),
     "lorakit.training.args": ("TrainArgs",),

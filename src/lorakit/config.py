@@ -47,8 +47,16 @@ class PeftType(str, enum.Enum):
     LORA = "LORA"
 
 
-class ConfigError(ValueError):
+class PeftError(Exception):
+    """The base of the errors PEFT code catches as ``peft.PeftError`` (PEFT's class of the name)."""
+
+
+class ConfigError(ValueError, PeftError):
     """A LoraConfig field holds a value lorakit cannot use; the message names the field and the allowed values."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A LoraConfig field holds a value of the wrong type (a TypeError too, as PEFT raises there)."""
 
 
 class NotAPeftConfigError(AdapterFileError, TypeError):
@@ -507,8 +515,9 @@ class LoraConfig:
         if self.target_parameters is not None and (
             not isinstance(self.target_parameters, list) or not all(isinstance(t, str) for t in self.target_parameters)
         ):
-            raise ConfigError(
-                f"target_parameters={self.target_parameters!r} must be a list of parameter names (a regex is not "
+            raise ConfigTypeError(  # PEFT's words first (its tests match them)
+                f"`target_parameters` must be a list of strings or None. target_parameters={self.target_parameters!r} "
+                "must be a list of parameter names (a regex is not "
                 "supported, as in PEFT), e.g. ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']"
             )
         if self.lora_bias and (self.init_lora_weights not in (True, False) or self.use_dora):
@@ -528,11 +537,6 @@ class LoraConfig:
                 f"use_bdlora with init_lora_weights={self.init_lora_weights!r} is not supported: that initializer "
                 "moves part of the base weight into A and B, and BD-LoRA replaces one of them by a block-diagonal "
                 "factor, so the model would not start as the base model; use init_lora_weights=True or 'gaussian'"
-            )
-        if isinstance(self.target_modules, list) and not self.target_modules and not self.target_parameters:
-            raise ConfigError(
-                "target_modules=[] wraps nothing; list module names, use 'all-linear', or None (or name parameters "
-                "in target_parameters)"
             )
 
     def variant_names(self) -> tuple[str, ...]:

@@ -17,6 +17,18 @@ from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.linear import LoraLinear
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.adapters.parameter import LoraParameter
+from lorakit.adapters.targets import (
+    Excluded,
+    NoMatchingPeftModuleError,
+    TargetError,
+    excluded_by,
+    in_saved,
+    minimal_suffixes,
+    module_match,
+    name_matches,
+    saved_by,
+    unmatched_pattern_keys,
+)
 from lorakit.adapters.trainable_tokens import TrainableTokensWrapper, add_token_adapters
 from lorakit.config import ALL_LINEAR, ConfigError, LoraConfig, TaskType
 from lorakit.ops.corda import CordaEigens
@@ -74,10 +86,6 @@ MAMBA_BYPASSED = frozenset({"out_proj", "conv1d"})
 READ_AS_WEIGHT: dict[str, frozenset[str]] = {"jamba": frozenset({"dt_proj"})}
 
 
-class TargetError(ValueError):
-    """target_modules / modules_to_save name modules that do not exist or cannot be wrapped."""
-
-
 def plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) of the model, not descending into LoRA wrappers, modules_to_save copies or trainable-token
     wrappers."""
@@ -89,43 +97,6 @@ def plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
             continue
         stack[:0] = [(f"{name}.{c}" if name else c, child) for c, child in module.named_children()]
-
-
-def name_matches(name: str, entry: str) -> bool:
-    """A list entry matches a module name exactly or as a dotted suffix ('q_proj' matches 'layers.0.q_proj')."""
-    return name == entry or name.endswith(f".{entry}")
-
-
-def saved_by(name: str, modules_to_save: list[str]) -> bool:
-    """Whether a modules_to_save entry names the module: its name ends with the entry as a string, PEFT's rule, so
-    that both libraries train and save the same copies ('classifier' also names DistilBERT's 'pre_classifier')."""
-    return any(name.endswith(entry) for entry in modules_to_save)
-
-
-def in_saved(name: str, modules_to_save: list[str]) -> bool:
-    """Whether the module is, or is inside, one that a modules_to_save entry names by whole name parts (PEFT's rule
-    for keeping LoRA targets out of modules to save)."""
-    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save)
-
-
-def matches(name: str, spec: list[str] | str | None) -> bool:
-    """str: full regex match; list: exact or dotted-suffix match of any entry."""
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name_matches(name, e) for e in spec)
-
-
-def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
-    """The index of the layer list a module sits in ('model.layers.3.mlp' -> 3), using layers_pattern if given."""
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [])
-    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
-    for rx in regexes:
-        m = re.match(rx, name)
-        if m:
-            return int(m.group("idx"))
-    return None
 
 
 def all_linear_targets(model: nn.Module, task_type: TaskType | str | None) -> list[str]:
@@ -176,44 +147,40 @@ def resolve_target_spec(model: nn.Module, config: LoraConfig) -> list[str] | str
     return spec
 
 
-CONDENSE_FROM = 20  # target lists this long are recorded condensed, as PEFT records them
+CONDENSE_FROM = 20  # target lists this long are recorded condensed, as PEFT records them (its
+# MIN_TARGET_MODULES_FOR_OPTIMIZATION)
 
 
 def condensed(targets: list[str], names: list[str]) -> list[str]:
     """A long target list as short dotted suffixes that select the same modules among ``names`` (all the model's
-    module names): for each target, its shortest suffix (in whole name parts) that no other module's name ends with;
-    sorted. PEFT writes its target lists of 20 entries or more in this form, so lorakit does too: the saved files
-    match. E.g. every q and v of a T5 -> ['q', 'v'] when no other module's name ends with 'q' or 'v'."""
+    module names), sorted: ``targets.minimal_suffixes`` against every name no target selects. PEFT writes its target
+    lists of 20 entries or more in this form, so lorakit does too: the saved files match. E.g. every q and v of a T5
+    -> ['q', 'v'] when no other module's name ends with 'q' or 'v'."""
     wanted = set(targets)
     others = [n for n in names if n not in wanted and not any(n.endswith(f".{t}") for t in wanted)]
-    taken = {".".join(parts[i:]) for parts in (n.split(".") for n in others) for i in range(len(parts))}
-    short = set()
-    for target in wanted:
-        parts = target.split(".")
-        suffixes = (".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1))  # shortest first
-        short.add(next((x for x in suffixes if x not in taken), target))
-    return sorted(short)
+    return sorted(minimal_suffixes(wanted, others))
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Names of the modules ``config`` wraps, in model order. Raises TargetError if any target entry matches
-    nothing (with the closest module names) or a match is a module type that cannot be wrapped."""
+    """Names of the modules ``config`` wraps, in model order, by the rules of ``adapters.targets`` (module_match).
+    Raises NoMatchingPeftModuleError (a TargetError) when it wraps nothing and names no parameter either, TargetError
+    if any target entry matches nothing (with the closest module names; PEFT only warns) or a match is a module type
+    that cannot be wrapped. Warns, as PEFT, when exclude_modules excludes nothing."""
     if config.target_modules in ("", []) and config.target_parameters:
         return []  # parameters only
     spec = resolve_target_spec(model, config)
     modules = dict(plain_modules(model))
-    saved = config.modules_to_save or []
     found: list[str] = []
+    excluded: list[str] = []
+    unmatched: list[str] = []
     for name, module in modules.items():
-        if not matches(name, spec) or matches(name, config.exclude_modules):
+        result = module_match(config, name, spec)
+        if isinstance(result, Excluded):
+            excluded.append(name)  # exclude_modules, or trained in full (modules_to_save), or inside such a module
             continue
-        if saved_by(name, saved) or in_saved(name, saved):
-            continue  # trained in full (modules_to_save), or inside a module that is
-        if config.layers_to_transform is not None:
-            wanted = config.layers_to_transform
-            wanted = [wanted] if isinstance(wanted, int) else wanted
-            if layer_index(name, config.layers_pattern) not in wanted:
-                continue
+        if not result:
+            unmatched.append(name)
+            continue
         if _bypassed_by_mamba_kernel(model, name):
             raise TargetError(
                 f"target module {name!r} of this {model.config.model_type} model is read by the Mamba kernel as a "
@@ -239,14 +206,46 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 "config._register_custom_module({its class: a LoraLayer subclass}) (lorakit.adapters.kinds)"
             )
         found.append(name)
+    if not found and not config.target_parameters:
+        _raise_no_match(config, spec, list(modules), excluded, unmatched)
     if not _is_default(model, config.target_modules):
         _check_every_entry_matched(spec, list(modules))
-    if not found and not config.target_parameters:
-        raise TargetError(
-            f"target_modules={config.target_modules!r} (with layers_to_transform={config.layers_to_transform!r}, "
-            f"exclude_modules={config.exclude_modules!r}) selects no module to wrap"
+    if config.exclude_modules and not any(excluded_by(config, n) for n in excluded):
+        warnings.warn(  # PEFT's words (a UserWarning)
+            f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded. Please check "
+            "that exclude_modules was set correctly.",
+            stacklevel=4,
         )
     return found
+
+
+def _raise_no_match(config: LoraConfig, spec: list[str] | str, names: list[str], excluded: list[str],
+                    unmatched: list[str]) -> None:
+    """NoMatchingPeftModuleError for an adapter that wraps nothing, in PEFT's words for the case (every match
+    excluded; no target_modules at all; nothing matched; matches excluded and the rest unmatched), then lorakit's
+    hint: the entry that matched nothing and the closest module names, or the layer options."""
+    layers = "".join(
+        f" You specified {k!r}: {getattr(config, k)!r}." for k in ("layers_to_transform", "layers_pattern")
+        if getattr(config, k) not in (None, "", [])
+    )
+    hint = _unmatched_entry(spec, names) or ""
+    if excluded and not unmatched:
+        message = ("All modules were excluded. This is likely unintended. Check your `target_modules`, "
+                   "`exclude_modules` and `modules_to_save` configuration.")
+    elif not excluded and not spec:
+        message = ("No `target_modules` passed but also no `target_parameters` found. Please check the values for "
+                   "these arguments: name modules in target_modules (e.g. ['q_proj', 'v_proj'] or 'all-linear') or "
+                   "parameters in target_parameters.")
+    elif not excluded:
+        shown = spec if isinstance(spec, str) else "{" + ", ".join(map(repr, sorted(spec))) + "}"
+        message = (f"Target modules {shown} not found in the base model. Please check the target modules and try "
+                   "again.")
+    else:
+        message = ("No modules were targeted for adaptation. This might be caused by a combination of mismatched "
+                   "target modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
+                   "configuration. You may also have only targeted modules that are marked to be saved "
+                   "(`modules_to_save`).")
+    raise NoMatchingPeftModuleError(" ".join(x for x in (message + layers, hint) if x))
 
 
 def _is_default(model: nn.Module, target_modules: list[str] | str | None) -> bool:
@@ -262,8 +261,15 @@ def _is_default(model: nn.Module, target_modules: list[str] | str | None) -> boo
 
 
 def _check_every_entry_matched(spec: list[str] | str, names: list[str]) -> None:
-    """Every entry of a target list (or the regex) must match some module: unlike PEFT (its issue #1959), a typo
-    in one entry is an error even when other entries match."""
+    """Every entry of a target list (or the regex) must match some module: unlike PEFT (its issue #1959, where it
+    only warns when no module matched at all), a typo in one entry is an error even when other entries match."""
+    message = _unmatched_entry(spec, names)
+    if message:
+        raise TargetError(message)
+
+
+def _unmatched_entry(spec: list[str] | str, names: list[str]) -> str | None:
+    """The error for the first entry of ``spec`` that matches none of ``names`` (with the closest names), or None."""
     entries = [spec] if isinstance(spec, str) else spec
     for entry in entries:
         if isinstance(spec, str):
@@ -273,10 +279,11 @@ def _check_every_entry_matched(spec: list[str] | str, names: list[str]) -> None:
         if not hit:
             short = sorted({n.rsplit(".", 1)[-1] for n in names})
             close = difflib.get_close_matches(entry, short, n=3, cutoff=0.5) or short[:12]
-            raise TargetError(  # PEFT's words first
+            return (  # PEFT's words first
                 f"Target modules {{{entry!r}}} not found in the base model: {entry!r} matched nothing; did you mean "
                 f"{' or '.join(map(repr, close))}?"
             )
+    return None
 
 
 def find_parameters(model: nn.Module, config: LoraConfig) -> list[tuple[str, str]]:
@@ -384,8 +391,10 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
         config.target_modules = resolve_target_spec(model, config)
     moe.convert_config(model, config, lambda: all_linear_targets(model, config.task_type))
     ties = weight_tying.plan(model, config)  # ensure_weight_tying: may rewrite modules_to_save / target_modules
-    targets = [t for t in find_targets(model, config) if t not in ties.targets]  # the tied ones: below
+    found = find_targets(model, config)
+    targets = [t for t in found if t not in ties.targets]  # the tied ones: below
     parameters = find_parameters(model, config)
+    _warn_unmatched_patterns(config, found + [f"{owner}.{p}" for owner, p in parameters])
     clash = sorted({owner for owner, _ in parameters} & set(targets))
     if clash:
         raise TargetError(
@@ -453,6 +462,19 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
     weight_tying.tie_modules_to_save(model, ties, adapter_name, ModulesToSaveWrapper)
     add_token_adapters(model, config, adapter_name, LoraLayer)  # trainable_token_indices (adapters.trainable_tokens)
     return targets
+
+
+def _warn_unmatched_patterns(config: LoraConfig, targeted: list[str]) -> None:
+    """RuntimeWarning, in PEFT's words, for each of rank_pattern / alpha_pattern with keys that pick no target's
+    rank or alpha (a typo there would leave every layer at r / lora_alpha without a word)."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        unmatched = unmatched_pattern_keys(getattr(config, field), targeted)
+        if unmatched:
+            warnings.warn(
+                f"The following {field} keys did not match any targeted module and were ignored: {unmatched}.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 def _layer_data(module: LoraLayer, config: LoraConfig) -> dict[str, Any]:

@@ -89,9 +89,14 @@ class LoraModel(nn.Module):
 
     @property
     def targeted_module_names(self) -> list[str]:
-        """The names of the modules LoRA wraps (target_modules), in model order (PEFT's attribute); a layer a wrapper
-        holds inside (MultiheadAttention's out_proj) and parameter targets (targeted_parameter_names) aside."""
-        return [name for name, m in self._lora_layers() if not isinstance(m, LoraParameter)]
+        """The names of the modules LoRA wraps (target_modules), each once, as PEFT lists them: those of the first
+        adapter in model order, then those the next adapter adds, and so on; a layer a wrapper holds inside
+        (MultiheadAttention's out_proj) and parameter targets (targeted_parameter_names) aside."""
+        layers = [(name, m) for name, m in self._lora_layers() if not isinstance(m, LoraParameter)]
+        names: dict[str, None] = {}
+        for adapter in [*self.peft_config, None]:  # None: layers of no listed adapter, last
+            names.update((n, None) for n, m in layers if adapter is None or adapter in m.r)
+        return list(names)
 
     @property
     def targeted_parameter_names(self) -> list[str]:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from lorakit.adapters.inject import wrappers
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.model import LoraModel
+from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.adapters.trainable_tokens import TrainableTokensWrapper
 from lorakit.config import LoraConfig
 from lorakit.io.files import AdapterFileError, file_key, lora_pairs
@@ -84,8 +85,6 @@ def _required(model: nn.Module, to_model: dict[str, str]) -> set[str]:
     return required
 
 
-
-
 def _belongs(key: str, adapter_name: str) -> bool:
     return f".{adapter_name}." in f".{key}" or key.endswith(f".{adapter_name}")
 
@@ -111,8 +110,34 @@ def adapter_state_dict(
     state = model.state_dict() if state is None else state
     out = {file_key(k, adapter_name): state[k] for k in _owned_keys(model, adapter_name, config.bias)}
     if save_embedding_layers:
-        out.update({k: v for k, v in state.items() if re.search(r"\.(embed_tokens|lm_head)\.base_layer\.weight$", k)})
+        prefixes = tuple(f"{name}." for name in _embedding_prefixes(model))
+        out.update({k: v for k, v in state.items() if k.startswith(prefixes)})
     return out
+
+
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # the layers taken as embeddings in a model that does not say (PEFT's)
+
+
+def _embedding_prefixes(model: nn.Module) -> list[str]:
+    """Where the base embeddings are that ``save_embedding_layers=True`` writes, as PEFT picks them: the model's input
+    and output embeddings (get_input_embeddings / get_output_embeddings; else modules named EMBEDDING_NAMES); if LoRA
+    wraps any of them, the base_layer of each wrapped one, else each whole module (a tied output layer not again).
+    A name ends at a dot: a sibling called embed_tokens_extra is not the embedding."""
+    layers: list[nn.Module] = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        layer = get() if callable(get) else None
+        weight = getattr(layer, "weight", None)
+        if layer is not None and not any(layer is x or weight is not None and weight is getattr(x, "weight", None)
+                                         for x in layers):  # a tied output layer: its weight is saved once
+            layers.append(layer)
+    named = list(model.named_modules())
+    if not layers:
+        layers = [m for n, m in named if n.rpartition(".")[2] in EMBEDDING_NAMES]
+    wrapped = [layer for layer in layers if isinstance(layer, LoraLayer)]
+    if wrapped:
+        return [f"{n}.base_layer" for n, m in named if any(m is layer for layer in wrapped)]
+    return [n for n, m in named if any(m is layer for layer in layers)]
 
 
 def load_adapter_state_dict(model: nn.Module, tensors: dict[str, Tensor], adapter_name: str, source: str) -> None:
@@ -223,3 +248,55 @@ def check_ranks(config: LoraConfig, tensors: dict[str, Tensor], source: str) -> 
                 f"{source} holds rank {rank} for module {module!r}, but its adapter_config.json gives r={expected}: "
                 "the two files do not belong together; re-save the adapter"
             )
+
+
+# -- which state-dict keys belong to the adapters, read from the model's structure (PEFT's helpers) ------------------
+
+def tuner_key_prefixes(model: nn.Module, adapter_name: str | None = None) -> set[str]:
+    """The state-dict key prefixes of everything the LoRA layers hold beside their ``base_layer`` (and the LoraModel
+    beside its ``model``), found by the model's structure, not by key names: a base module called ``lora_foobar`` is
+    not an adapter's. Each of a layer's children, parameters and buffers is one prefix ('lin0.lora_A'); with
+    ``adapter_name``, a container keyed by adapter (ModuleDict / ParameterDict) gives that adapter's entry
+    ('lin0.lora_A.other') or nothing. modules_to_save and trainable-token wrappers, and LoRA layers inside them, are
+    left out (their copies are saved by their own rule, in ``_owned_keys``). PEFT's
+    ``_get_tuner_state_dict_key_prefixes``."""
+    prefixes: set[str] = set()
+    auxiliary: set[str] = set()
+    for name, module in model.named_modules():  # parents first: a wrapper before the layers inside it
+        name = name.removeprefix("_fsdp_wrapped_module.")
+        if isinstance(module, (ModulesToSaveWrapper, TrainableTokensWrapper)):
+            auxiliary.add(name)
+        elif isinstance(module, LoraModel) or (isinstance(module, LoraLayer) and not _under(name, auxiliary)):
+            prefixes |= _layer_prefixes(module, name, adapter_name)
+    return prefixes
+
+
+def _layer_prefixes(module: nn.Module, name: str, adapter_name: str | None) -> set[str]:
+    attributes = [*module._modules, *module._parameters, *module._buffers]
+    out: set[str] = set()
+    for attribute in dict.fromkeys(attributes):
+        if attribute in ("base_layer", "model"):  # the wrapped module
+            continue
+        prefix = f"{name}.{attribute}" if name else attribute
+        child = getattr(module, attribute)
+        if adapter_name is not None and isinstance(child, (nn.ModuleDict, nn.ParameterDict)):
+            if adapter_name in child:
+                out.add(f"{prefix}.{adapter_name}")
+        else:
+            out.add(prefix)
+    return out
+
+
+def _under(key: str, prefixes: set[str]) -> bool:
+    """Whether ``key`` is one of ``prefixes`` or lies below one at a dot ('a.b' covers 'a.b.c', not 'a.bc')."""
+    while key:
+        if key in prefixes:
+            return True
+        key = key.rpartition(".")[0]
+    return False
+
+
+def keys_under(state: dict[str, Tensor], prefixes: set[str]) -> dict[str, Tensor]:
+    """The entries of ``state`` whose key is one of ``prefixes`` or lies below one at a dot (PEFT's
+    ``_filter_state_dict_by_key_prefixes``)."""
+    return {key: value for key, value in state.items() if _under(key, prefixes)}

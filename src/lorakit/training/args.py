@@ -144,7 +144,11 @@ class TrainArgs:
     def target_modules(self) -> list[str] | str:
         if self.targets == ALL_LINEAR:
             return ALL_LINEAR
-        return [t.strip() for t in self.targets.split(",") if t.strip()]
+        names = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if not names:  # LoraConfig takes [] (target_parameters may name the targets); a train run needs a module
+            raise ConfigError("target_modules=[] wraps nothing; list module names such as q_proj,v_proj, or use "
+                              "'all-linear'")
+        return names
 
     def lora_config(self) -> LoraConfig:
         """The adapter this run trains: its LoRA options as a LoraConfig for a causal LM."""

@@ -43,7 +43,15 @@ EQUIVALENTS: dict[str, dict[str, str]] = {
         "ParamWrapper": "lorakit.adapters.parameter:LoraParameter",
         **dict.fromkeys(("Conv1d", "Conv2d", "Conv3d", "_ConvNd"), "lorakit.adapters.conv:LoraConv"),
     },
-    "peft.tuners.tuners_utils": {"BaseTunerLayer": "lorakit:LoraLayer", "BaseTuner": "lorakit:LoraModel"},
+    "peft.tuners.tuners_utils": {
+        "BaseTunerLayer": "lorakit:LoraLayer",
+        "BaseTuner": "lorakit:LoraModel",
+        "check_target_module_exists": "lorakit.adapters.targets:check_target_module_exists",
+        "_ExcludedModule": "lorakit.adapters.targets:Excluded",
+        "_find_minimal_target_modules": "lorakit.adapters.targets:minimal_suffixes",
+        "_get_tuner_state_dict_key_prefixes": "lorakit.adapters.state:tuner_key_prefixes",
+        "_filter_state_dict_by_key_prefixes": "lorakit.adapters.state:keys_under",
+    },
     "peft.utils": {
         "get_peft_model_state_dict": "lorakit:get_peft_model_state_dict",
         "set_peft_model_state_dict": "lorakit:set_peft_model_state_dict",
@@ -95,7 +103,11 @@ EQUIVALENTS["peft.tuners.trainable_tokens"] = {
     "TrainableTokensLayer": "lorakit.adapters.trainable_tokens:TrainableTokensLayer"
 }
 EQUIVALENTS["peft.tuners.trainable_tokens.layer"] = EQUIVALENTS["peft.tuners.trainable_tokens"]
-EQUIVALENTS["peft.utils.constants"] = {"DUMMY_MODEL_CONFIG": "lorakit.adapters.model:CUSTOM_MODEL_CONFIG"}
+EQUIVALENTS["peft.utils.constants"] = {
+    "DUMMY_MODEL_CONFIG": "lorakit.adapters.model:CUSTOM_MODEL_CONFIG",
+    "MIN_TARGET_MODULES_FOR_OPTIMIZATION": "lorakit.adapters.inject:CONDENSE_FROM",
+}
+EQUIVALENTS["peft.utils.error"] = {name: f"lorakit:{name}" for name in ("PeftError", "NoMatchingPeftModuleError")}
 EQUIVALENTS["peft.utils.hotswap"] = {
     name: f"lorakit:{name}"
     for name in ("hotswap_adapter", "hotswap_adapter_from_state_dict", "prepare_model_for_compiled_hotswap",
