@@ -6,7 +6,7 @@ loaded by HF PEFT, unmerged. Each decodes the same prompts greedily for a fixed 
 interleaved, repeated, and the fastest of each kept (the machine's other load only ever slows a run down). Also
 checks that merged and unmerged lorakit produce the same tokens as PEFT.
 
-    .venv/bin/python benchmarks/generation.py [--new-tokens 48] [--repeats 3] [--batch 1]
+    .venv/bin/python benchmarks/generation.py [--new-tokens 48] [--repeats 3] [--batch 1] [--device cpu]
     .venv/bin/python benchmarks/generation.py --steps 150   # per-step interleaved timing against the base
     .venv/bin/python benchmarks/generation.py --layers   # one decoding step of each layer shape: microseconds
 
@@ -26,6 +26,8 @@ import json
 import tempfile
 import time
 
+from bench_device import check, timed
+
 PROMPTS = [
     "Rewrite the date Friday, March 5th, 2021 in ISO format.",
     "List three prime numbers greater than 100.",
@@ -34,7 +36,7 @@ PROMPTS = [
 ]
 
 
-def _models(merged: bool = True) -> dict:
+def _models(merged: bool = True, device: str = "cpu") -> dict:
     """The plain model, lorakit with an unmerged adapter (r=16, all linear layers, B ~ N(0, 0.02)), optionally the
     same adapter merged by lorakit, and the same adapter file loaded by PEFT, unmerged; all in eval mode."""
     import torch
@@ -59,25 +61,25 @@ def _models(merged: bool = True) -> dict:
         import peft
 
         models["PEFT unmerged"] = peft.PeftModel.from_pretrained(load_model(), folder).eval()
-    return models
+    return {name: model.to(device) for name, model in models.items()}
 
 
-def run(new_tokens: int = 48, repeats: int = 3, batch: int = 1) -> dict[str, float]:
+def run(new_tokens: int = 48, repeats: int = 3, batch: int = 1, device: str = "cpu") -> dict[str, float]:
+    """Tokens per second of each model (fastest of ``repeats``) and the ratios to the base, on ``device``."""
     import torch
 
     from lorakit.io.models import load_tokenizer
 
+    check(device)
     tokenizer = load_tokenizer()
     tokenizer.padding_side = "left"
-    ids = tokenizer(PROMPTS[:batch], return_tensors="pt", padding=True)
-    models = _models()
+    ids = tokenizer(PROMPTS[:batch], return_tensors="pt", padding=True).to(device)
+    models = _models(device=device)
     pad = tokenizer.pad_token_id
 
     def decode(model: torch.nn.Module) -> tuple[float, torch.Tensor]:
-        start = time.perf_counter()
-        out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=pad)
-        return time.perf_counter() - start, out
+        return timed(device, model.generate, **ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                     do_sample=False, pad_token_id=pad)
 
     best: dict[str, float] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -160,11 +162,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, choices=range(1, len(PROMPTS) + 1))
     parser.add_argument("--steps", type=int, default=0, help="time this many interleaved single decoding steps instead")
     parser.add_argument("--layers", action="store_true", help="time one decoding step per layer shape instead")
+    parser.add_argument("--device", default="cpu", help="torch device of the end-to-end decoding run: cpu, cuda, mps")
     args = parser.parse_args()
     if args.layers:
         result = layers()
     else:
-        result = steps(args.steps) if args.steps else run(args.new_tokens, args.repeats, args.batch)
+        result = steps(args.steps) if args.steps else run(args.new_tokens, args.repeats, args.batch, args.device)
     print(json.dumps(result, indent=1))
 
 

@@ -13,7 +13,7 @@ Torch runs on ``threads`` threads (default 1): the CPU cores of the development 
 than free cores make every small op wait. One thread also makes the base model's matmuls, which both libraries pay
 alike, as slow as they get, so the ratio is a conservative one.
 
-    PYTHONPATH=src python benchmarks/mixed_adapters.py [--repeats 2] [--threads 1]
+    PYTHONPATH=src python benchmarks/mixed_adapters.py [--repeats 2] [--threads 1] [--device cpu]
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import random
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
+from bench_device import check, timed
 
 N_ADAPTERS, N_PROMPTS, MAX_NEW_TOKENS, RANK = 8, 32, 16, 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -81,32 +81,34 @@ def _generate(
     """(seconds, tokens) of one greedy generate; ``names`` None: the base model (lorakit's adapters disabled)."""
     options = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, temperature=None, top_p=None,
                    top_k=None)
-    start = time.perf_counter()
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if names is None:
-            with model.disable_adapter():
-                out = model.generate(**batch, **options)
-        else:
-            out = model.generate(**batch, **options, adapter_names=names)
-    return time.perf_counter() - start, out
+
+    def generate() -> torch.Tensor:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if names is None:
+                with model.disable_adapter():
+                    return model.generate(**batch, **options)
+            return model.generate(**batch, **options, adapter_names=names)
+
+    return timed(batch["input_ids"].device, generate)
 
 
-def run(repeats: int = 2, threads: int = 1) -> dict:
-    """Time both libraries; returns seconds per generate (best of ``repeats``), the ratio PEFT / lorakit and the
-    shape of the generated tokens. AssertionError if the two libraries generate different tokens."""
+def run(repeats: int = 2, threads: int = 1, device: str = "cpu") -> dict:
+    """Time both libraries on ``device``; returns seconds per generate (best of ``repeats``), the ratio PEFT / lorakit
+    and the shape of the generated tokens. AssertionError if the two libraries generate different tokens."""
     from lorakit.io.models import load_tokenizer
 
+    check(device)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     tokenizer = load_tokenizer()
     tokenizer.padding_side = "left"
     with tempfile.TemporaryDirectory() as tmp:
-        ours = _lorakit_model(Path(tmp))
-        theirs = _peft_model(Path(tmp))
+        ours = _lorakit_model(Path(tmp)).to(device)
+        theirs = _peft_model(Path(tmp)).to(device)
     names = [f"task{i % N_ADAPTERS}" for i in range(N_PROMPTS)]
     random.Random(1).shuffle(names)
-    batch = tokenizer(_prompts(), return_tensors="pt", padding=True)
+    batch = tokenizer(_prompts(), return_tensors="pt", padding=True).to(device)
     pad = tokenizer.pad_token_id
     runs = {"lorakit": (ours, names), "peft": (theirs, names), "base": (ours, None)}
     times: dict[str, list[float]] = {library: [] for library in runs}
@@ -138,8 +140,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="torch device of both libraries' models: cpu, cuda, mps")
     args = parser.parse_args()
-    r = run(args.repeats, args.threads)
+    r = run(args.repeats, args.threads, args.device)
     print(
         f"mixed-adapter generate, {r['adapters']} adapters r={RANK}, batch {r['batch'][0]} x {r['batch'][1]} prompt "
         f"tokens + {r['new_tokens']} new (greedy), {r['threads']} thread(s): PEFT {r['peft_s']:.2f} s, lorakit "

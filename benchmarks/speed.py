@@ -110,7 +110,7 @@ def main() -> None:
     import end_to_end
     import train_step
 
-    device = {} if args.device == "cpu" else {"device": args.device}  # the parts' run(device=...) keyword
+    device = {"device": args.device}  # the run(device=...) keyword of the parts that take one
     start = time.perf_counter()
     step = e2e = e2e_short = qlora = None
     gen: dict = {}

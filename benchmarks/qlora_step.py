@@ -1,0 +1,124 @@
+"""QLoRA step (issue 19, goal 2): the NF4-base LoRA step against the bf16 LoRA step on the same model, and NF4 + LoRA
+training memory against fp32 LoRA's.
+
+On the default model (SmolLM2-135M-Instruct), lorakit LoRA r=16 all-linear, dropout 0.05, batch 4 x 256 random
+tokens, the user's path ``model(input_ids=ids, labels=ids).loss``, AdamW:
+
+- time: "bf16" is the fp32 model under bf16 autocast (train_step.py's bf16 lorakit step); "nf4" is the same with
+  every Linear but the tied lm_head quantized to NF4 (``lorakit.quantize(model, bits=4, embeddings="keep")``), under
+  the same autocast. The tied embedding / lm_head stays fp32 on both sides (quantize's default, bf16 storage, makes
+  the output layer a HalfLinear, which lorakit's fused causal-LM loss does not take yet: the step would then compute
+  full logits, a difference of the output layer rather than of NF4).
+  Both steps are taken in turn in one process, median of ``steps`` after one warm-up round.
+- memory: each kind alone in a fresh process, fp32 LoRA (no autocast) and NF4 LoRA (bf16 autocast): the bytes of
+  the model's parameters and buffers (``lorakit.quant.formats.resident_bytes``, each storage once: the weights, the
+  point of a 4-bit base, the fp32 embedding included) plus the peak resident memory during the steps above the memory
+  before them (activations, gradients, AdamW state). Weights are counted from the tensors, not from the process: the
+  allocator keeps pages of the fp32 copy NF4 is quantized from, which the model no longer holds.
+
+    .venv/bin/python benchmarks/qlora_step.py [--steps 5] [--batch 4] [--seq 256] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from bench_device import PeakMemory, check, timed
+from train_step import _step_fn
+
+HERE = Path(__file__).resolve().parent
+
+
+def _model(kind: str, batch: int, seq: int, device: str):
+    """(model, ids): the default model, fp32 or with its Linears in NF4, and a random batch, on ``device``."""
+    import torch
+
+    import lorakit
+    from lorakit.io.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model()
+    model.config.use_cache = False
+    if kind == "nf4":
+        model = lorakit.quantize(model, bits=4, embeddings="keep")
+        gc.collect()
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    return model.to(device), ids.to(device)
+
+
+def interleaved(steps: int, batch: int, seq: int, device: str = "cpu") -> dict[str, float]:
+    """Median step seconds of the bf16 LoRA step and the NF4 LoRA step (bf16 autocast), taken in turn."""
+    fns = {kind: _step_fn("lorakit", *_model(kind, batch, seq, device), bf16=True) for kind in ("bf16", "nf4")}
+    times: dict[str, list[float]] = {kind: [] for kind in fns}
+    for _ in range(steps + 1):
+        for kind, fn in fns.items():
+            times[kind].append(timed(device, fn)[0])
+    return {kind: statistics.median(t[1:]) for kind, t in times.items()}
+
+
+def memory(kind: str, steps: int, batch: int, seq: int, device: str = "cpu") -> dict[str, float]:
+    """MB of the model's tensors plus the steps' peak above their start (activations, gradients, AdamW state), and
+    the loss."""
+    from lorakit.quant.formats import resident_bytes
+
+    model, ids = _model(kind, batch, seq, device)
+    step = _step_fn("lorakit", model, ids, bf16=kind == "nf4")
+    weights_mb = resident_bytes(model) / 2**20  # before the step adds LoRA's optimizer state: that is in the peak
+    peak = PeakMemory(device)
+    peak.start()
+    losses = [timed(device, step)[1] for _ in range(steps)]
+    above = peak.peak_mb()
+    return {"train_mem_mb": float("nan") if above is None else weights_mb + above, "weights_mb": weights_mb,
+            "loss": losses[-1]}
+
+
+def _subprocess(args: list[str]) -> dict:
+    done = subprocess.run([sys.executable, str(HERE / "qlora_step.py"), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"qlora_step.py {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(steps: int = 5, batch: int = 4, seq: int = 256, quick: bool = False, device: str = "cpu") -> dict[str, float]:
+    """The ratios of goal 2 and the figures behind them (seconds, MB); ``quick``: 2 steps."""
+    check(device)
+    steps = 2 if quick else steps
+    common = ["--steps", str(steps), "--batch", str(batch), "--seq", str(seq), "--device", device]
+    times = _subprocess(["--interleaved", *common])
+    mem = {kind: _subprocess(["--memory", kind, *common]) for kind in ("fp32", "nf4")}
+    return {
+        "bf16 step_s": times["bf16"], "nf4 step_s": times["nf4"],
+        "fp32 lora train_mem_mb": mem["fp32"]["train_mem_mb"], "nf4 lora train_mem_mb": mem["nf4"]["train_mem_mb"],
+        "fp32 weights_mb": mem["fp32"]["weights_mb"], "nf4 weights_mb": mem["nf4"]["weights_mb"],
+        "nf4 step / bf16 step": times["nf4"] / times["bf16"],
+        "nf4 memory / fp32 lora memory": mem["nf4"]["train_mem_mb"] / mem["fp32"]["train_mem_mb"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, mps")
+    parser.add_argument("--interleaved", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", choices=("fp32", "nf4"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    check(args.device)
+    sizes = (args.steps, args.batch, args.seq, args.device)
+    if args.interleaved:
+        print(json.dumps(interleaved(*sizes)))
+    elif args.memory:
+        print(json.dumps(memory(args.memory, *sizes)))
+    else:
+        print(json.dumps(run(*sizes[:3], device=args.device), indent=1))
+
+
+if __name__ == "__main__":
+    main()
