@@ -66,3 +66,41 @@ def test_base_model_type_is_the_class_name_of_a_custom_model_as_peft_names_it() 
     ours = lorakit.get_peft_model(SmallModel(), lorakit.LoraConfig(target_modules=["lin0"]))
     theirs = peft.get_peft_model(SmallModel(), peft.LoraConfig(target_modules=["lin0"]))
     assert ours.get_model_status().base_model_type == theirs.get_model_status().base_model_type == "SmallModel"
+
+
+def _poke_one_layer(model, library) -> None:
+    """Code written for PEFT switching one layer through PEFT's private ``_active_adapter`` (and a modules_to_save
+    copy through its own), as PEFT's own tests do."""
+    model.add_adapter("other", library.LoraConfig(**CONFIG))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer._active_adapter = "other"
+    assert layer.active_adapters == ["other"] and layer._active_adapter == "other"
+
+
+def test_private_active_adapter_attribute_acts_as_in_peft() -> None:
+    """Both libraries then report the model's active adapters as 'irregular'; the poked layer computes with 'other'."""
+    statuses = []
+    for library in (lorakit, peft):
+        model = library.get_peft_model(tiny_llama(0), library.LoraConfig(**CONFIG))
+        _poke_one_layer(model, library)
+        statuses.append(model.get_model_status().active_adapters)
+    assert statuses == ["irregular", "irregular"]
+    model = lorakit.get_peft_model(tiny_llama(0), lorakit.LoraConfig(**CONFIG))
+    _poke_one_layer(model, lorakit)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    torch.nn.init.normal_(layer.lora_B["other"].weight)
+    x = torch.randn(2, layer.in_features)
+    A, B = layer.lora_weights("other")
+    expected = layer.base_layer(x) + layer.scaling["other"] * x @ A.T @ B.T
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_modules_to_save_copy_of_a_missing_adapter_is_an_attribute_error() -> None:
+    model = lorakit.get_peft_model(tiny_llama(0), lorakit.LoraConfig(**CONFIG))
+    head = model.base_model.model.lm_head
+    assert head.weight is head.modules_to_save["default"].weight
+    head._active_adapter = "does-not-exist"
+    with pytest.raises(AttributeError, match="has no attribute 'weight': its active adapter 'does-not-exist' has no"):
+        _ = head.weight
+    head._active_adapter = "default"
+    assert head.active_adapter == "default" and head.weight is head.modules_to_save["default"].weight

@@ -68,6 +68,18 @@ class LoraLayer(nn.Module):
     def active_adapters(self, names: list[str]) -> None:
         self.set_adapter(names)
 
+    @property
+    def _active_adapter(self) -> str | list[str]:
+        """PEFT's private attribute of the name, which code written for PEFT reads or sets: the active adapter as a
+        str when there is one, else the list. Setting it changes the active adapters only (no requires_grad), as it
+        does in PEFT."""
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    @_active_adapter.setter
+    def _active_adapter(self, names: str | list[str]) -> None:
+        self._active = [names] if isinstance(names, str) else list(names)
+        self._refresh()
+
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Make ``adapter_names`` the active adapters (their updates add up); names this layer lacks are kept, and
         ignored by the forward."""

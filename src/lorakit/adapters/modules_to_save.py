@@ -61,6 +61,15 @@ class ModulesToSaveWrapper(nn.Module):
             self.active_adapter = next(iter(self.modules_to_save), None)
 
     @property
+    def _active_adapter(self) -> str | None:
+        """PEFT's private name of ``active_adapter`` (code written for PEFT reads or sets it)."""
+        return self.active_adapter
+
+    @_active_adapter.setter
+    def _active_adapter(self, name: str | None) -> None:
+        self.active_adapter = name
+
+    @property
     def current(self) -> nn.Module:
         if self.disable_adapters or self.active_adapter is None:
             return self.original_module
@@ -74,6 +83,12 @@ class ModulesToSaveWrapper(nn.Module):
         except AttributeError:
             if name in ("original_module", "modules_to_save") or "original_module" not in self._modules:
                 raise
+            active = self.active_adapter
+            if not self.disable_adapters and active is not None and active not in self.modules_to_save:
+                raise AttributeError(  # a state set_adapter never makes (a direct assignment of active_adapter)
+                    f"'{type(self).__name__}' object has no attribute '{name}': its active adapter {active!r} has no "
+                    f"trained copy here (copies: {list(self.modules_to_save)}); call set_adapter with one of them"
+                ) from None
             return getattr(self.current, name)
 
     def forward(self, *args: object, **kwargs: object) -> object:
