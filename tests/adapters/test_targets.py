@@ -295,3 +295,18 @@ def test_save_embedding_layers_saves_the_embedding_not_its_sibling(tmp_path):
     keys = set(load_file(tmp_path / "wrapped" / "adapter_model.safetensors"))
     assert "base_model.model.embed_tokens.base_layer.weight" in keys
     assert not any("embed_tokens_extra" in k for k in keys)
+
+
+def test_save_embedding_layers_on_a_model_that_names_no_embedding_warns(tmp_path):
+    from safetensors.torch import load_file
+
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.lin0 = nn.Linear(4, 4)
+
+    model = get_peft_model(Plain(), LoraConfig(target_modules=["lin0", "emb"]))
+    with pytest.warns(UserWarning, match=r"Could not identify embedding layer\(s\) .* No base embedding is saved"):
+        model.save_pretrained(tmp_path, save_embedding_layers=True)
+    assert not any("base_layer" in k for k in load_file(tmp_path / "adapter_model.safetensors"))

@@ -12,6 +12,7 @@ A model with adapters injected in place (``inject_adapter_in_model``) has the sa
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -134,6 +135,12 @@ def _embedding_prefixes(model: nn.Module) -> list[str]:
     named = list(model.named_modules())
     if not layers:
         layers = [m for n, m in named if n.rpartition(".")[2] in EMBEDDING_NAMES]
+        warnings.warn(  # PEFT's words first
+            "Could not identify embedding layer(s) because the model is not a 🤗 transformers model. "
+            + (f"Saving the modules named {' / '.join(EMBEDDING_NAMES)} instead." if layers else
+               "No base embedding is saved; give the model get_input_embeddings() to name it."),
+            stacklevel=4,
+        )
     wrapped = [layer for layer in layers if isinstance(layer, LoraLayer)]
     if wrapped:
         return [f"{n}.base_layer" for n, m in named if any(m is layer for layer in wrapped)]
