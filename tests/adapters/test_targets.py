@@ -310,3 +310,16 @@ def test_save_embedding_layers_on_a_model_that_names_no_embedding_warns(tmp_path
     with pytest.warns(UserWarning, match=r"Could not identify embedding layer\(s\) .* No base embedding is saved"):
         model.save_pretrained(tmp_path, save_embedding_layers=True)
     assert not any("base_layer" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
+
+
+def test_a_long_list_is_recorded_condensed_only_if_that_selects_the_same_modules(tmp_path):
+    names = [f"model.layers.{i}.{p}" for i in range(10) for p in ("q_proj", "v_proj")]  # 20: condensed
+    model = get_peft_model(Stack(10), LoraConfig(target_modules=names))
+    assert model.peft_config["default"].target_modules == ["q_proj", "v_proj"]
+    # with layers_to_transform, 'q_proj' would select layer 0 only, while the whole names select every layer
+    model = get_peft_model(Stack(10), LoraConfig(target_modules=names, layers_to_transform=[0]))
+    assert sorted(wrapped(model)) == sorted(names)
+    assert sorted(model.peft_config["default"].target_modules) == sorted(names)
+    model.save_pretrained(tmp_path)
+    loaded = lorakit.PeftModel.from_pretrained(Stack(10), tmp_path)
+    assert sorted(wrapped(loaded)) == sorted(names)

@@ -408,7 +408,10 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
         config.target_modules = resolve_target_spec(model, config)
     if isinstance(config.target_modules, list) and len(config.target_modules) >= CONDENSE_FROM:
         short = condensed(config.target_modules, [n for n, _ in model.named_modules()])
-        if len(short) < len(config.target_modules):
+        # only if the short list selects the same modules by the whole rule: a whole name is a target in any layer,
+        # a suffix only in layers_to_transform, so a file recording it would wrap fewer modules (PEFT's would)
+        same = {n for n, _ in plain_modules(model) if module_match(config, n, short)} == set(found)
+        if len(short) < len(config.target_modules) and same:
             config.target_modules = short
     if config.lora_bias:  # checked before anything is wrapped
         _check_lora_bias(model, targets, parameters, config._custom_modules)
