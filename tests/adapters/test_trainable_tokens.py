@@ -324,3 +324,19 @@ def test_rows_on_a_16_bit_embedding_train_in_its_compute_dtype():
     merged = model.merge_and_unload()
     assert merged.lm_head.weight is merged.model.embed_tokens.weight
     torch.testing.assert_close(merged.model.embed_tokens.weight[IDS].float(), rows.detach(), atol=1e-2, rtol=1e-2)
+
+
+def test_indices_naming_a_module_of_the_lora_layer_itself_are_refused_in_peft_s_words():
+    """trainable_token_indices={'foobar': ...} with an adapter called 'foobar' names the LoRA embedding's own
+    lora_dropout.foobar: refused as PEFT refuses it (the adapter name conflicts), not as 'a Identity'."""
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 8)
+            self.linear = torch.nn.Linear(8, 8)
+
+    config = lorakit.LoraConfig(target_modules=["embed"], trainable_token_indices={"foobar": [1, 2, 3]})
+    with pytest.raises(ValueError, match=r"that is a child of <class '\S+LoraEmbedding'>\. This is almost certainly "
+                       r"not the intended behavior\. Please ensure that the adapter name, 'foobar', does not conflict"):
+        lorakit.get_peft_model(Tiny(), config, adapter_name="foobar")

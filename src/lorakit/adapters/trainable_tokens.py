@@ -340,6 +340,16 @@ def token_targets(model: nn.Module, config: LoraConfig) -> dict[str, list[int]]:
     return found
 
 
+def _lora_ancestor(model: nn.Module, name: str, is_lora: type) -> nn.Module | None:
+    """The LoRA layer that module ``name`` is part of (its lora_A.<adapter>, lora_dropout.<adapter>, ...), if any."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        parent = model.get_submodule(".".join(parts[:end]))
+        if isinstance(parent, is_lora):
+            return parent
+    return None
+
+
 def add_token_adapters(model: nn.Module, config: LoraConfig, adapter_name: str, is_lora: type) -> list[str]:
     """Wrap the modules ``config.trainable_token_indices`` names (or add ``adapter_name`` to their wrappers), and the
     output layers tied to the input embedding with wrappers that share its rows. ``is_lora``: the LoRA wrapper
@@ -369,6 +379,15 @@ def add_token_adapters(model: nn.Module, config: LoraConfig, adapter_name: str, 
         if name in tied and embedding_name in targets and targets[embedding_name] == ids:
             continue  # tied to the embedding: wrapped below with the embedding's rows
         module = model.get_submodule(name)
+        owner = _lora_ancestor(model, name, is_lora)
+        if owner is not None:
+            raise TokenError(  # PEFT's words, lorakit's class names
+                f"You are trying to target a module with {TrainableTokensWrapper} that is a child of "
+                f"{type(owner)}. This is almost certainly not the intended behavior. Please ensure that the adapter "
+                f"name, {adapter_name!r}, does not conflict with any of the targeted modules: "
+                f"trainable_token_indices names {name!r}, a module of the LoRA layer itself; name the embedding, or "
+                "give the adapter another name"
+            )
         if isinstance(module, is_lora):
             raise TokenError(
                 f"trainable_token_indices cannot be applied to {name!r}: it is a LoRA layer "
