@@ -406,11 +406,10 @@ class PeftModel(nn.Module):
         """Wrap ``model`` with the adapter saved in folder ``model_id``: frozen and in eval mode (dropout off) unless
         ``is_trainable``, as PEFT does. A ``config`` given is the one the model keeps (``peft_config[adapter_name] is
         config``). PEFT's other keyword arguments (``low_cpu_mem_usage``, ``torch_device``, ...) are accepted and
-        unused, but ``ignore_mismatched_sizes=True``, which is refused (see _refuse_mismatched_sizes).
+        unused; with ``ignore_mismatched_sizes=True`` a tensor that does not fit still raises (see _load_tensors).
         ``key_mapping`` ({regex: replacement}) renames the file's keys, by default with the base model's
         ``_checkpoint_conversion_mapping`` (an adapter saved on a model's older module layout), as PEFT does."""
         check_adapter_name(adapter_name)
-        _refuse_mismatched_sizes(kwargs)
         config = config or read_config(model_id)
         config.inference_mode = not is_trainable
         model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
@@ -422,7 +421,7 @@ class PeftModel(nn.Module):
             peft_model = model_cls(model, config_copy, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         except TargetError as e:
             raise _target_error(model, model_id, config, tensors, e) from None
-        state.load_adapter_state_dict(peft_model, tensors, adapter_name, source)
+        _load_tensors(peft_model, tensors, adapter_name, source, kwargs)
         _check_base(model, model_id)
         for field in dataclasses.fields(config):  # what injection resolved (all-linear -> names, ...)
             if field.name != "init_lora_weights":
@@ -444,13 +443,12 @@ class PeftModel(nn.Module):
         adapter's parameters train though it is inactive; without, the model is put in eval mode, as PEFT does. What
         trains already (other adapters, base weights the user unfroze) is left as it is. Returns PEFT's load result:
         lorakit loads all or nothing (a missing or surplus tensor raises), so both of its lists are empty."""
-        _refuse_mismatched_sizes(kwargs)
         loaded = _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
         key_mapping = kwargs.get("key_mapping")
         if adapter_name in self.peft_config:
             tensors, source = _read_weights(self.get_base_model(), model_id, key_mapping)
             state.check_ranks(self.peft_config[adapter_name], tensors, source)
-            state.load_adapter_state_dict(self, tensors, adapter_name, source)
+            _load_tensors(self, tensors, adapter_name, source, kwargs)
             if not is_trainable:
                 self.eval()
             return loaded
@@ -464,7 +462,7 @@ class PeftModel(nn.Module):
         except TargetError as e:
             raise _target_error(self.get_base_model(), model_id, config, tensors, e) from None
         try:
-            state.load_adapter_state_dict(self, tensors, adapter_name, source)
+            _load_tensors(self, tensors, adapter_name, source, kwargs)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
@@ -481,15 +479,22 @@ class PeftModel(nn.Module):
         return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
 
 
-def _refuse_mismatched_sizes(kwargs: dict[str, Any]) -> None:
-    """ValueError for PEFT's ``ignore_mismatched_sizes=True``, which loads an adapter with the tensors that do not fit
-    left out (their modules keep their initial values, with a warning); lorakit loads all of an adapter or nothing."""
-    if kwargs.get("ignore_mismatched_sizes"):
-        raise ValueError(
-            "ignore_mismatched_sizes=True is not supported: lorakit loads an adapter only onto modules of the shapes "
-            "it was made for (a resized embedding: resize the base as it was when the adapter was saved, or train "
-            "the adapter again); load it onto the base model named in its config"
-        )
+def _load_tensors(
+    model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, source: str, kwargs: dict[str, Any]
+) -> None:
+    """state.load_adapter_state_dict, all or nothing. PEFT's ``ignore_mismatched_sizes=True`` loads the rest and leaves
+    the tensors that do not fit at their initial values; lorakit does not: a misfit raises with the flag too, and the
+    error says so (an adapter whose tensors all fit loads as without the flag)."""
+    try:
+        state.load_adapter_state_dict(model, tensors, adapter_name, source)
+    except files.AdapterFileError as e:
+        if not kwargs.get("ignore_mismatched_sizes"):
+            raise
+        raise files.AdapterFileError(
+            f"{e} (ignore_mismatched_sizes=True does not leave misfit tensors out in lorakit: it loads all of an "
+            "adapter or nothing; for a resized embedding, load onto the base resized as it was when the adapter was "
+            "saved)"
+        ) from None
 
 
 def _head_linear(model: nn.Module) -> nn.Module | None:
