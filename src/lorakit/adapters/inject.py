@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import re
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -18,55 +17,25 @@ from lorakit.adapters.linear import LoraLinear
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.adapters.parameter import LoraParameter
 from lorakit.adapters.targets import (
+    CONDENSE_FROM,
+    DEFAULT_TARGETS,
     Excluded,
-    NoMatchingPeftModuleError,
     TargetError,
+    condensed,
     excluded_by,
     in_saved,
-    minimal_suffixes,
     module_match,
     name_matches,
+    no_match_error,
     saved_by,
-    unmatched_pattern_keys,
+    unmatched_entry,
+    warn_unmatched_patterns,
 )
 from lorakit.adapters.trainable_tokens import TrainableTokensWrapper, add_token_adapters
 from lorakit.config import ALL_LINEAR, ConfigError, LoraConfig, TaskType
 from lorakit.ops.corda import CordaEigens
 from lorakit.quant.half import REDUCED_PRECISION
 
-# target_modules=None picks these, by transformers' model_type: the attention's query and value projections (or the
-# fused qkv layer), for the same model types and with the same targets as PEFT 0.21.2, and two PEFT lacks (phi3,
-# distilbert: PEFT asks for target_modules there). A string is a regex over the full module name, as in a config.
-_QV = ["q_proj", "v_proj"]
-_FUSED = ["query_key_value"]
-DEFAULT_TARGETS: dict[str, list[str] | str] = {
-    # decoders with q_proj / v_proj
-    **dict.fromkeys(["llama", "llama4", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                     "opt", "gptj", "gpt_neo", "stablelm", "bart"], _QV),
-    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",  # multimodal: the language model's layers only
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "phi3": ["qkv_proj"],
-    "codegen": ["qkv_proj"],
-    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    # fused query / key / value
-    **dict.fromkeys(["bloom", "gpt_neox", "chatglm", "falcon", "RefinedWeb", "RefinedWebModel"], _FUSED),
-    "gpt2": ["c_attn"],
-    "gpt_bigcode": ["c_attn"],
-    "btlm": ["c_proj", "c_attn"],
-    "mpt": ["Wqkv"],
-    # encoders
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "layoutlm"], ["query", "value"]),
-    "distilbert": ["q_lin", "v_lin"],
-    "deberta": ["in_proj"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    # encoder-decoders and vision-language
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-    "blip-2": ["q", "v", "q_proj", "v_proj"],
-    # recurrent
-    "rwkv": ["key", "value", "receptance", "output"],
-    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
-}
 SEQ_CLS_HEADS = ("classifier", "score")
 QA_HEADS = ("qa_outputs",)  # the span head of *ForQuestionAnswering models
 # The heads the task classes train in full (modules_to_save), which all-linear leaves out. PEFT leaves out only the
@@ -147,20 +116,6 @@ def resolve_target_spec(model: nn.Module, config: LoraConfig) -> list[str] | str
     return spec
 
 
-CONDENSE_FROM = 20  # target lists this long are recorded condensed, as PEFT records them (its
-# MIN_TARGET_MODULES_FOR_OPTIMIZATION)
-
-
-def condensed(targets: list[str], names: list[str]) -> list[str]:
-    """A long target list as short dotted suffixes that select the same modules among ``names`` (all the model's
-    module names), sorted: ``targets.minimal_suffixes`` against every name no target selects. PEFT writes its target
-    lists of 20 entries or more in this form, so lorakit does too: the saved files match. E.g. every q and v of a T5
-    -> ['q', 'v'] when no other module's name ends with 'q' or 'v'."""
-    wanted = set(targets)
-    others = [n for n in names if n not in wanted and not any(n.endswith(f".{t}") for t in wanted)]
-    return sorted(minimal_suffixes(wanted, others))
-
-
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules ``config`` wraps, in model order, by the rules of ``adapters.targets`` (module_match).
     Raises NoMatchingPeftModuleError (a TargetError) when it wraps nothing and names no parameter either, TargetError
@@ -207,7 +162,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             )
         found.append(name)
     if not found and not config.target_parameters:
-        _raise_no_match(config, spec, list(modules), excluded, unmatched)
+        raise no_match_error(config, spec, list(modules), excluded, unmatched)
     if not _is_default(model, config.target_modules):
         _check_every_entry_matched(spec, list(modules))
     if config.exclude_modules and not any(excluded_by(config, n) for n in excluded):
@@ -217,35 +172,6 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             stacklevel=4,
         )
     return found
-
-
-def _raise_no_match(config: LoraConfig, spec: list[str] | str, names: list[str], excluded: list[str],
-                    unmatched: list[str]) -> None:
-    """NoMatchingPeftModuleError for an adapter that wraps nothing, in PEFT's words for the case (every match
-    excluded; no target_modules at all; nothing matched; matches excluded and the rest unmatched), then lorakit's
-    hint: the entry that matched nothing and the closest module names, or the layer options."""
-    layers = "".join(
-        f" You specified {k!r}: {getattr(config, k)!r}." for k in ("layers_to_transform", "layers_pattern")
-        if getattr(config, k) not in (None, "", [])
-    )
-    hint = _unmatched_entry(spec, names) or ""
-    if excluded and not unmatched:
-        message = ("All modules were excluded. This is likely unintended. Check your `target_modules`, "
-                   "`exclude_modules` and `modules_to_save` configuration.")
-    elif not excluded and not spec:
-        message = ("No `target_modules` passed but also no `target_parameters` found. Please check the values for "
-                   "these arguments: name modules in target_modules (e.g. ['q_proj', 'v_proj'] or 'all-linear') or "
-                   "parameters in target_parameters.")
-    elif not excluded:
-        shown = spec if isinstance(spec, str) else "{" + ", ".join(map(repr, sorted(spec))) + "}"
-        message = (f"Target modules {shown} not found in the base model. Please check the target modules and try "
-                   "again.")
-    else:
-        message = ("No modules were targeted for adaptation. This might be caused by a combination of mismatched "
-                   "target modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
-                   "configuration. You may also have only targeted modules that are marked to be saved "
-                   "(`modules_to_save`).")
-    raise NoMatchingPeftModuleError(" ".join(x for x in (message + layers, hint) if x))
 
 
 def _is_default(model: nn.Module, target_modules: list[str] | str | None) -> bool:
@@ -263,27 +189,9 @@ def _is_default(model: nn.Module, target_modules: list[str] | str | None) -> boo
 def _check_every_entry_matched(spec: list[str] | str, names: list[str]) -> None:
     """Every entry of a target list (or the regex) must match some module: unlike PEFT (its issue #1959, where it
     only warns when no module matched at all), a typo in one entry is an error even when other entries match."""
-    message = _unmatched_entry(spec, names)
+    message = unmatched_entry(spec, names)
     if message:
         raise TargetError(message)
-
-
-def _unmatched_entry(spec: list[str] | str, names: list[str]) -> str | None:
-    """The error for the first entry of ``spec`` that matches none of ``names`` (with the closest names), or None."""
-    entries = [spec] if isinstance(spec, str) else spec
-    for entry in entries:
-        if isinstance(spec, str):
-            hit = any(re.fullmatch(entry, n) for n in names)
-        else:
-            hit = any(name_matches(n, entry) for n in names)
-        if not hit:
-            short = sorted({n.rsplit(".", 1)[-1] for n in names})
-            close = difflib.get_close_matches(entry, short, n=3, cutoff=0.5) or short[:12]
-            return (  # PEFT's words first
-                f"Target modules {{{entry!r}}} not found in the base model: {entry!r} matched nothing; did you mean "
-                f"{' or '.join(map(repr, close))}?"
-            )
-    return None
 
 
 def find_parameters(model: nn.Module, config: LoraConfig) -> list[tuple[str, str]]:
@@ -394,7 +302,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
     found = find_targets(model, config)
     targets = [t for t in found if t not in ties.targets]  # the tied ones: below
     parameters = find_parameters(model, config)
-    _warn_unmatched_patterns(config, found + [f"{owner}.{p}" for owner, p in parameters])
+    warn_unmatched_patterns(config, found + [f"{owner}.{p}" for owner, p in parameters])
     clash = sorted({owner for owner, _ in parameters} & set(targets))
     if clash:
         raise TargetError(
@@ -465,19 +373,6 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
     weight_tying.tie_modules_to_save(model, ties, adapter_name, ModulesToSaveWrapper)
     add_token_adapters(model, config, adapter_name, LoraLayer)  # trainable_token_indices (adapters.trainable_tokens)
     return targets
-
-
-def _warn_unmatched_patterns(config: LoraConfig, targeted: list[str]) -> None:
-    """RuntimeWarning, in PEFT's words, for each of rank_pattern / alpha_pattern with keys that pick no target's
-    rank or alpha (a typo there would leave every layer at r / lora_alpha without a word)."""
-    for field in ("rank_pattern", "alpha_pattern"):
-        unmatched = unmatched_pattern_keys(getattr(config, field), targeted)
-        if unmatched:
-            warnings.warn(
-                f"The following {field} keys did not match any targeted module and were ignored: {unmatched}.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
 
 
 def _layer_data(module: LoraLayer, config: LoraConfig) -> dict[str, Any]:

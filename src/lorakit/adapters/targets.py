@@ -1,4 +1,6 @@
-"""The rules that decide whether a module name is an adapter's target: pure functions of names and a config, no model.
+"""The rules that decide whether a module name is an adapter's target: pure functions of names and a config, no model
+(adapters/inject.py applies them to a model). Also here: the default targets by model type, the condensed form of a
+long target list, and the words of the errors and warnings when targets match too little.
 
 One rule serves lorakit's injection (``adapters.inject.find_targets``) and PEFT's helper of the same contract
 (``check_target_module_exists``), in this order, as PEFT 0.21.2 applies it:
@@ -15,11 +17,47 @@ One rule serves lorakit's injection (``adapters.inject.find_targets``) and PEFT'
 
 from __future__ import annotations
 
+import difflib
 import re
+import warnings
 from collections.abc import Collection, Iterable
 from typing import Any
 
 from lorakit.config import PeftError, pattern_key
+
+# target_modules=None picks these, by transformers' model_type: the attention's query and value projections (or the
+# fused qkv layer), for the same model types and with the same targets as PEFT 0.21.2, and two PEFT lacks (phi3,
+# distilbert: PEFT asks for target_modules there). A string is a regex over the full module name, as in a config.
+_QV = ["q_proj", "v_proj"]
+_FUSED = ["query_key_value"]
+DEFAULT_TARGETS: dict[str, list[str] | str] = {
+    # decoders with q_proj / v_proj
+    **dict.fromkeys(["llama", "llama4", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                     "opt", "gptj", "gpt_neo", "stablelm", "bart"], _QV),
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",  # multimodal: the language model's layers only
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    "codegen": ["qkv_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    # fused query / key / value
+    **dict.fromkeys(["bloom", "gpt_neox", "chatglm", "falcon", "RefinedWeb", "RefinedWebModel"], _FUSED),
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "btlm": ["c_proj", "c_attn"],
+    "mpt": ["Wqkv"],
+    # encoders
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "layoutlm"], ["query", "value"]),
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta": ["in_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    # encoder-decoders and vision-language
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    # recurrent
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+}
 
 
 class TargetError(ValueError):
@@ -159,3 +197,77 @@ def unmatched_pattern_keys(patterns: dict[str, Any] | None, names: Iterable[str]
     rank (``lorakit.config.pattern_key``: the key as a regex on the end of the name, at a dot boundary); sorted."""
     names = list(names)
     return sorted(k for k in patterns or {} if not any(pattern_key({k: None}, n) is not None for n in names))
+
+
+def warn_unmatched_patterns(config: Any, targeted: list[str]) -> None:
+    """RuntimeWarning, in PEFT's words, for each of rank_pattern / alpha_pattern with keys that pick no target's
+    rank or alpha (a typo there would leave every layer at r / lora_alpha without a word)."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        unmatched = unmatched_pattern_keys(getattr(config, field), targeted)
+        if unmatched:
+            warnings.warn(
+                f"The following {field} keys did not match any targeted module and were ignored: {unmatched}.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+CONDENSE_FROM = 20  # target lists this long are recorded condensed, as PEFT records them (its
+# MIN_TARGET_MODULES_FOR_OPTIMIZATION)
+
+
+def condensed(targets: Collection[str], names: Iterable[str]) -> list[str]:
+    """A long target list as short dotted suffixes that select the same modules among ``names`` (all the model's
+    module names), sorted: ``minimal_suffixes`` against every name no target selects. PEFT writes its target
+    lists of 20 entries or more in this form, so lorakit does too: the saved files match. E.g. every q and v of a T5
+    -> ['q', 'v'] when no other module's name ends with 'q' or 'v'."""
+    wanted = set(targets)
+    others = [n for n in names if n not in wanted and not any(n.endswith(f".{t}") for t in wanted)]
+    return sorted(minimal_suffixes(wanted, others))
+
+
+def unmatched_entry(spec: Collection[str] | str, names: list[str]) -> str | None:
+    """The error for the first entry of ``spec`` that matches none of ``names`` (with the closest names), or None."""
+    entries = [spec] if isinstance(spec, str) else spec
+    for entry in entries:
+        if isinstance(spec, str):
+            hit = any(re.fullmatch(entry, n) for n in names)
+        else:
+            hit = any(name_matches(n, entry) for n in names)
+        if not hit:
+            short = sorted({n.rsplit(".", 1)[-1] for n in names})
+            close = difflib.get_close_matches(entry, short, n=3, cutoff=0.5) or short[:12]
+            return (  # PEFT's words first
+                f"Target modules {{{entry!r}}} not found in the base model: {entry!r} matched nothing; did you mean "
+                f"{' or '.join(map(repr, close))}?"
+            )
+    return None
+
+
+def no_match_error(config: Any, spec: Collection[str] | str, names: list[str], excluded: list[str],
+                   unmatched: list[str]) -> NoMatchingPeftModuleError:
+    """The NoMatchingPeftModuleError for an adapter that wraps nothing, in PEFT's words for the case (every match
+    excluded; no target_modules at all; nothing matched; matches excluded and the rest unmatched), then lorakit's
+    hint: the entry that matched nothing and the closest module names, or the layer options."""
+    layers = "".join(
+        f" You specified {k!r}: {getattr(config, k)!r}." for k in ("layers_to_transform", "layers_pattern")
+        if getattr(config, k) not in (None, "", [])
+    )
+    hint = unmatched_entry(spec, names) or ""
+    if excluded and not unmatched:
+        message = ("All modules were excluded. This is likely unintended. Check your `target_modules`, "
+                   "`exclude_modules` and `modules_to_save` configuration.")
+    elif not excluded and not spec:
+        message = ("No `target_modules` passed but also no `target_parameters` found. Please check the values for "
+                   "these arguments: name modules in target_modules (e.g. ['q_proj', 'v_proj'] or 'all-linear') or "
+                   "parameters in target_parameters.")
+    elif not excluded:
+        shown = spec if isinstance(spec, str) else "{" + ", ".join(map(repr, sorted(spec))) + "}"
+        message = (f"Target modules {shown} not found in the base model. Please check the target modules and try "
+                   "again.")
+    else:
+        message = ("No modules were targeted for adaptation. This might be caused by a combination of mismatched "
+                   "target modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
+                   "configuration. You may also have only targeted modules that are marked to be saved "
+                   "(`modules_to_save`).")
+    return NoMatchingPeftModuleError(" ".join(x for x in (message + layers, hint) if x))

@@ -105,7 +105,7 @@ EQUIVALENTS["peft.tuners.trainable_tokens"] = {
 EQUIVALENTS["peft.tuners.trainable_tokens.layer"] = EQUIVALENTS["peft.tuners.trainable_tokens"]
 EQUIVALENTS["peft.utils.constants"] = {
     "DUMMY_MODEL_CONFIG": "lorakit.adapters.model:CUSTOM_MODEL_CONFIG",
-    "MIN_TARGET_MODULES_FOR_OPTIMIZATION": "lorakit.adapters.inject:CONDENSE_FROM",
+    "MIN_TARGET_MODULES_FOR_OPTIMIZATION": "lorakit.adapters.targets:CONDENSE_FROM",
 }
 EQUIVALENTS["peft.utils.error"] = {name: f"lorakit:{name}" for name in ("PeftError", "NoMatchingPeftModuleError")}
 EQUIVALENTS["peft.utils.hotswap"] = {
