@@ -275,7 +275,12 @@ class _ShimModule(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        value = _resolve(self.__name__, name)
+        submodule = f"{self.__name__}.{name}"
+        if submodule in EQUIVALENTS and name not in EQUIVALENTS.get(self.__name__, {}):
+            # a PEFT submodule the shim maps, asked for as an attribute first (``from peft.tuners import lora``)
+            value = importlib.import_module(submodule)
+        else:
+            value = _resolve(self.__name__, name)
         setattr(self, name, value)
         return value
 
