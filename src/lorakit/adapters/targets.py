@@ -6,7 +6,8 @@ One rule serves lorakit's injection (``adapters.inject.find_targets``) and PEFT'
 (``check_target_module_exists``), in this order, as PEFT 0.21.2 applies it:
 
 1. excluded: ``exclude_modules`` names the module (a str: full regex match; a list: the name or a dotted suffix), or
-   it is, or sits inside, a module ``modules_to_save`` names (those are trained in full, never wrapped);
+   it is, or sits inside, a module ``modules_to_save`` names (those are trained in full, never wrapped): by whole
+   name parts, PEFT's rule, or, lorakit's addition, as a string suffix (``saved_by``: the copies PEFT trains);
 2. ``target_modules`` as a str: a full regex match (``re.Match`` or None);
 3. a list entry equal to the whole name: a match, whatever ``layers_to_transform`` says (the name is explicit);
 4. a list entry as a dotted suffix ('q_proj' matches 'model.layers.0.self_attn.q_proj'), then, if
