@@ -180,6 +180,18 @@ def test_padding_keeps_outputs_and_swaps_every_kind(tmp_path: Path) -> None:
     torch.testing.assert_close(kinds_out(model), before, atol=ATOL, rtol=0)
 
 
+def test_saving_a_padded_model_is_refused_before_writing(tmp_path: Path) -> None:
+    """Padding A and B to target_rank leaves the adapter's config at its own r: a file of padded tensors would not
+    load (rank differs from the config's), so save_pretrained refuses it and writes no adapter, the others included."""
+    model = get_peft_model(tiny_llama(0), LoraConfig(target_modules=TARGETS, r=2), adapter_name="other")
+    model.add_adapter("default", LoraConfig(target_modules=TARGETS, r=2))
+    model.save_pretrained(tmp_path / "before")  # unpadded: saves
+    prepare_model_for_compiled_hotswap(model, target_rank=4)
+    with pytest.raises(lorakit.AdapterError, match=r"nothing was written: .*holds rank 4 .* gives r=2.*before padding"):
+        model.save_pretrained(tmp_path / "after")
+    assert not (tmp_path / "after").exists()
+
+
 def test_unpadded_kinds_grow_and_shrink(tmp_path: Path) -> None:
     """Without prepare_model_for_compiled_hotswap, a larger rank gets new tensors (grouped conv and embedding too)."""
     a0 = save(tmp_path / "a0", kinds_base(), 0, target_modules=["emb", "conv", "lin"], r=2)

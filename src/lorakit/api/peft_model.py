@@ -304,6 +304,7 @@ class PeftModel(nn.Module):
                 raise AdapterError(f"cannot save adapter {name!r}: it does not exist (have {list(self.peft_config)})")
         if not is_main_process:
             return
+        writes_due = []  # everything is gathered and checked before the first file is written
         for name in names:
             # Unlike PEFT's "auto", the full base embedding is saved only on request: adapters stay small.
             try:
@@ -319,6 +320,9 @@ class PeftModel(nn.Module):
                 tensors, saved = convert.to_original_base(
                     tensors, saved, path_initial_model_for_weight_conversion, name
                 )
+            _check_loadable(name, saved, tensors)
+            writes_due.append((name, saved, tensors))
+        for name, saved, tensors in writes_due:
             folder = files.adapter_folder(save_directory, name)
             card = {CARD_NAME: self.model_card(save_directory)} if folder == Path(save_directory) else {}
             files.write_adapter(
@@ -536,6 +540,20 @@ def _target_error(
         f"({B.shape[0]} x {A.shape[1]}) is not in this {type(model).__name__}{f' ({name!r})' if name else ''}; "
         "load it onto its own base (lorakit: leave out --model) or train an adapter for this model"
     )
+
+
+def _check_loadable(name: str, saved: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """AdapterError, before anything is written, for an adapter whose tensors the loader would refuse beside the
+    config saved with them (state.check_ranks): a rank other than the config's, as after
+    prepare_model_for_compiled_hotswap(target_rank=...), which pads A and B with zeros."""
+    try:
+        state.check_ranks(saved, tensors, "the adapter's tensors")
+    except files.AdapterFileError as e:
+        raise AdapterError(
+            f"cannot save adapter {name!r}, nothing was written: {str(e).split(': the two files')[0]}, and lorakit "
+            "would refuse to load that file. If prepare_model_for_compiled_hotswap(target_rank=...) padded the model, "
+            "save the adapter before padding it, or keep the file it was loaded from"
+        ) from None
 
 
 def _read_weights(
