@@ -4,17 +4,17 @@ training memory against fp32 LoRA's.
 On the default model (SmolLM2-135M-Instruct), lorakit LoRA r=16 all-linear, dropout 0.05, batch 4 x 256 random
 tokens, the user's path ``model(input_ids=ids, labels=ids).loss``, AdamW:
 
-- time: "bf16" is the fp32 model under bf16 autocast (train_step.py's bf16 lorakit step); "nf4" is the same with
-  every Linear but the tied lm_head quantized to NF4 (``lorakit.quantize(model, bits=4, embeddings="keep")``), under
-  the same autocast. The tied embedding / lm_head stays fp32 on both sides (quantize's default, bf16 storage, makes
-  the output layer a HalfLinear, which lorakit's fused causal-LM loss does not take yet: the step would then compute
-  full logits, a difference of the output layer rather than of NF4).
+- time: "bf16" is the fp32 model under bf16 autocast (train_step.py's bf16 lorakit step); "nf4" is QLoRA's default,
+  ``lorakit.quantize(model, bits=4)``: every Linear but the tied lm_head in NF4, the tied embedding / lm_head stored
+  in bf16 (a HalfLinear head, which the fused causal-LM loss takes as it takes the bf16 step's nn.Linear: both steps
+  compute no full logits, and the step fails if either takes the other path), under the same autocast.
   Both steps are taken in turn in one process, median of ``steps`` after one warm-up round.
 - memory: each kind alone in a fresh process, fp32 LoRA (no autocast) and NF4 LoRA (bf16 autocast): the bytes of
   the model's parameters and buffers (``lorakit.quant.formats.resident_bytes``, each storage once: the weights, the
-  point of a 4-bit base, the fp32 embedding included) plus the peak resident memory during the steps above the memory
-  before them (activations, gradients, AdamW state). Weights are counted from the tensors, not from the process: the
-  allocator keeps pages of the fp32 copy NF4 is quantized from, which the model no longer holds.
+  point of a 4-bit base, the embedding included: fp32 on one side, bf16 on the other) plus the peak resident memory
+  during the steps above the memory before them (activations, gradients, AdamW state). Weights are counted from the
+  tensors, not from the process: the allocator keeps pages of the fp32 copy NF4 is quantized from, which the model no
+  longer holds.
 
     .venv/bin/python benchmarks/qlora_step.py [--steps 5] [--batch 4] [--seq 256] [--device cpu]
 """
@@ -36,7 +36,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def _model(kind: str, batch: int, seq: int, device: str):
-    """(model, ids): the default model, fp32 or with its Linears in NF4, and a random batch, on ``device``."""
+    """(model, ids): the default model, fp32 or quantized as QLoRA's default (NF4 Linears, bf16 embedding / head),
+    and a random batch, on ``device``."""
     import torch
 
     import lorakit
@@ -46,7 +47,7 @@ def _model(kind: str, batch: int, seq: int, device: str):
     model = load_model()
     model.config.use_cache = False
     if kind == "nf4":
-        model = lorakit.quantize(model, bits=4, embeddings="keep")
+        model = lorakit.quantize(model, bits=4)
         gc.collect()
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
     return model.to(device), ids.to(device)

@@ -16,9 +16,11 @@ import pytest
 import torch
 import transformers
 from helpers import input_ids, tiny_llama
+from torch import nn
 
 import lorakit
 from lorakit.fast import causal_lm_loss as cl
+from lorakit.quant.half import HalfLinear
 
 CAUSAL = [case for case in mm.CASES if case.task == "causal_lm"]
 # case -> what the refusal says: their forwards post-process the logits (soft-capping, logits_scaling)
@@ -31,17 +33,26 @@ REFUSED = {
 }
 # all-linear takes the MoE router of these (a Linear subclass returning a tuple): adapt the attention only
 ATTENTION_ONLY = {"phimoe-causal_lm", "llama4_text-causal_lm"}
+# Linears lorakit.quantize must keep for these forwards to run at all (reference path included): the routers above
+# (quantize takes Linear subclasses), and layers whose .weight the model reads itself (Jamba's dt_proj, HunYuan's wg)
+NF4_SKIP = {"phimoe-causal_lm": ("router",), "llama4_text-causal_lm": ("router",), "jamba-causal_lm": ("dt_proj",),
+            "hunyuan_v1_moe-causal_lm": ("wg",)}
 
 
-def _model(case: mm.Case) -> lorakit.PeftModel:
+def _model(case: mm.Case, quantized: bool = False) -> lorakit.PeftModel:
     """LoRA r=4 on all linear layers, dropout 0.1, B random. Mixtures of experts: all-linear adapts their fused
-    expert / router parameters, where LoRA has no input to drop (lorakit refuses dropout there, as PEFT): dropout 0."""
+    expert / router parameters, where LoRA has no input to drop (lorakit refuses dropout there, as PEFT): dropout 0.
+    ``quantized``: the base through ``lorakit.quantize(bits=4)`` first (QLoRA: NF4 linear layers, the embedding and
+    output layer stored in bf16, the head a HalfLinear)."""
     targets = ["q_proj", "v_proj"] if case.name in ATTENTION_ONLY else "all-linear"
     moe = any(key in case.config for key in ("num_experts_per_tok", "ffn_config"))
     config = lorakit.LoraConfig(r=4, target_modules=targets, lora_dropout=0.0 if moe else 0.1, init_lora_weights=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return lorakit.get_peft_model(mm.build(case), config).train()
+        base = mm.build(case)
+        if quantized:
+            base = lorakit.quantize(base, bits=4, skip=("lm_head", *NF4_SKIP.get(case.name, ())))
+        return lorakit.get_peft_model(base, config).train()
 
 
 def _inputs(case: mm.Case) -> dict[str, torch.Tensor]:
@@ -75,7 +86,24 @@ def _relative(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("case", CAUSAL, ids=lambda c: c.name)
 def test_fused_loss_equals_the_reference_on_every_causal_lm(case):
-    model, inputs = _model(case), _inputs(case)
+    _assert_fused_equals_reference(case, _model(case), _inputs(case))
+
+
+@pytest.mark.parametrize("case", CAUSAL, ids=lambda c: c.name)
+def test_fused_loss_equals_the_reference_on_every_quantized_causal_lm(case):
+    """QLoRA's default path: the output layer a HalfLinear (bf16 weight cast to the input's dtype, or autocast's);
+    Gemma's tied embedding is a ScaledWordEmbedding, which quantize keeps, and with it the plain Linear head.
+    num_items_in_batch a power of two: the fused loss scales its bf16-rounded gradients by 1 / num_items after their
+    matmuls, the reference before; with an exact scale, the bf16 gradients agree to the matmuls' own rounding (on
+    Llama, Phi with its head's bias, Bloom: bit for bit)."""
+    model, inputs = _model(case, quantized=True), _inputs(case)
+    inputs["num_items_in_batch"] = torch.tensor(32)
+    head = model.get_base_model().get_output_embeddings()
+    assert type(head) is (nn.Linear if case.name.startswith("gemma") else HalfLinear), type(head)
+    _assert_fused_equals_reference(case, model, inputs)
+
+
+def _assert_fused_equals_reference(case: mm.Case, model: lorakit.PeftModel, inputs: dict[str, torch.Tensor]) -> None:
     refusal = model.fused_loss_refusal(**inputs)
     if case.name in REFUSED:
         assert refusal is not None and REFUSED[case.name] in refusal, refusal

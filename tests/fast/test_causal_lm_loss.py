@@ -1,6 +1,6 @@
 """The fused causal-LM loss of ``model(..., labels=...)``: the source check that decides where it applies, its loss
-against transformers' ForCausalLMLoss, and the deferred logits of its outputs (tests/api/test_fused_loss.py runs it
-on every causal-LM architecture of the matrix)."""
+against transformers' ForCausalLMLoss (a quantized model's HalfLinear head included), and the deferred logits of its
+outputs (tests/api/test_fused_loss.py runs it on every causal-LM architecture of the matrix)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 import lorakit
 from lorakit.fast import causal_lm_loss as cl
+from lorakit.fast import fused_ce
+from lorakit.quant.half import HalfLinear
 
 STANDARD = """
 @can_return_tuple
@@ -319,3 +321,106 @@ def test_transformers_forwards_are_read_as_they_are(cls, refused):
     """transformers 5's own forwards: Cohere's logit_scale, Gemma's soft-capping, Granite's logits_scaling refused."""
     refusal = cl.forward_refusal(getattr(transformers, cls), "lm_head")
     assert (refusal is not None) == refused, refusal
+
+
+# -- a quantized model's 16-bit output layer (HalfLinear) ----------------------------------------------------------
+def _half_head(bias: bool) -> HalfLinear:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, VOCAB, bias=bias)
+    return HalfLinear(linear, torch.nn.Parameter(linear.weight.detach().bfloat16(), requires_grad=False), torch.float32)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("mode", ["fp32", "fp16_input", "bf16_autocast"])
+def test_half_linear_head_loss_equals_its_forward_and_for_causal_lm_loss(mode, bias, monkeypatch):
+    """HalfLinear's forward (x @ W16.to(x.dtype).T + bias; under autocast a bf16 matmul, the bias added to its bf16
+    result) + ForCausalLMLoss against the fused loss, its weight cast 7 rows at a time (fused_ce.CAST_ELEMENTS): fp32
+    and fp16 to roundoff; bf16 gradients bit for bit (num_items_in_batch a power of two: 1 / 16 scales exactly)."""
+    monkeypatch.setattr(fused_ce, "CAST_ELEMENTS", 7 * 16)
+    head, labels, kwargs = _half_head(bias), _labels(), {"num_items_in_batch": 16}
+    dtype = torch.float16 if mode == "fp16_input" else torch.float32
+    results = []
+    for fused in (False, True):
+        hidden = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16_autocast"):
+            if fused:
+                loss = cl.causal_lm_loss(cl.DeferredLogits(head, hidden), labels, VOCAB, linear=head, chunk=4, **kwargs)
+            else:
+                loss = ForCausalLMLoss(head(hidden), labels, VOCAB, **kwargs)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad))
+    (ref, ref_grad), (fast, fast_grad) = results
+    assert fast.dtype == ref.dtype == torch.float32 and fast_grad.dtype == ref_grad.dtype == dtype
+    torch.testing.assert_close(fast, ref, atol=0, rtol=1e-6)  # the order of fp32 sums
+    tolerance = {"fp32": 1e-5, "fp16_input": 1e-3, "bf16_autocast": 0.0}[mode]
+    torch.testing.assert_close(fast_grad, ref_grad, atol=tolerance * ref_grad.abs().max().item(), rtol=tolerance)
+
+
+def test_an_upcast_weight_is_cast_a_few_rows_at_a_time(monkeypatch):
+    """No full-size fp32 copy of a bf16 weight: blocks of at most CAST_ELEMENTS; a weight already in the matmul's
+    dtype is used as it is (no copy)."""
+    monkeypatch.setattr(fused_ce, "CAST_ELEMENTS", 7 * 16)
+    weight = torch.randn(VOCAB, 16).bfloat16()
+    blocks = list(fused_ce._weight_blocks(weight, torch.float32)())
+    assert len(blocks) == -(-VOCAB // 7) and all(w.dtype == torch.float32 and w.numel() <= 7 * 16 for _, w in blocks)
+    torch.testing.assert_close(torch.cat([w for _, w in blocks]), weight.float(), atol=0, rtol=0)
+    (span, whole), = fused_ce._weight_blocks(weight, torch.bfloat16)()
+    assert span == slice(None) and whole.data_ptr() == weight.data_ptr()
+
+
+def _quantized_model(tie: bool = False) -> lorakit.PeftModel:
+    base = tiny_llama(0)
+    if tie:
+        base.lm_head.weight = base.model.embed_tokens.weight
+    base = lorakit.quantize(base, bits=4)  # the default: NF4 blocks, embedding and output layer in bf16
+    assert type(base.lm_head) is HalfLinear and base.lm_head.weight.dtype == torch.bfloat16
+    config = lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, lora_dropout=0.1)
+    return lorakit.get_peft_model(base, config).train()
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_a_quantized_models_half_linear_head_takes_the_fused_loss(tie):
+    """The refusal 'the output layer HalfLinear is not a plain nn.Linear' is gone: loss and LoRA gradients equal the
+    reference's (dropout on), fp32 and bf16 autocast (tests/api/test_fused_loss.py: every architecture)."""
+    model = _quantized_model(tie)
+    assert (model.get_base_model().lm_head.weight is model.get_input_embeddings().weight) == tie
+    assert model.fused_loss_refusal(**_batch()) is None
+    for bf16 in (False, True):
+        results = []
+        for fused in (False, True):
+            model.fused_loss = fused
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(0)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = model(**_batch(), num_items_in_batch=16)
+            assert cl.is_fused(out) == fused
+            out.loss.backward()
+            results.append((out.loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
+        (ref, ref_grads), (fast, fast_grads) = results
+        torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-5)
+        for k in ref_grads:
+            torch.testing.assert_close(fast_grads[k], ref_grads[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+class _HalfLinearSubclass(HalfLinear):
+    pass
+
+
+UNSAFE_HALF_HEADS = {
+    "weight requires grad": (lambda head: head.weight.requires_grad_(True), "requires grad"),
+    "subclass": (lambda head: setattr(head, "__class__", _HalfLinearSubclass), "not a plain nn.Linear or HalfLinear"),
+    "forward hook": (lambda head: head.register_forward_hook(lambda *a: None), "hooks"),
+    "pre-hook": (lambda head: head.register_forward_pre_hook(lambda *a: None), "hooks"),
+    "fp32 storage": (lambda head: setattr(head, "weight", torch.nn.Parameter(head.weight.float(), requires_grad=False)),
+                     "stores its weight in torch.float32"),
+}
+
+
+@pytest.mark.parametrize("name", UNSAFE_HALF_HEADS)
+def test_a_half_linear_head_the_fused_loss_cannot_prove_runs_the_reference(name):
+    change, reason = UNSAFE_HALF_HEADS[name]
+    model = _quantized_model()
+    change(model.get_base_model().lm_head)
+    refusal = model.fused_loss_refusal(**_batch())
+    assert refusal is not None and reason in refusal, refusal
+    assert not cl.is_fused(model(**_batch()))

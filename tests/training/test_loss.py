@@ -9,6 +9,7 @@ from torch import nn
 import lorakit.training.loss
 from lorakit import LoraConfig, get_peft_model
 from lorakit.fast.fused_ce import linear_cross_entropy
+from lorakit.quant.half import HalfLinear
 from lorakit.training.loss import lm_loss_sum, lm_loss_sum_reference, lm_loss_sum_unfused
 
 
@@ -146,13 +147,13 @@ def _assert_grad_close(actual, expected, name, rtol=1e-5):
 
 def _fused_calls(monkeypatch) -> list[int]:
     """Count the calls of the fused function from lm_loss_sum (proves the fast path ran)."""
-    calls, real = [], lorakit.training.loss.linear_cross_entropy
+    calls, real = [], lorakit.training.loss.head_cross_entropy
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lorakit.training.loss, "linear_cross_entropy", counting)
+    monkeypatch.setattr(lorakit.training.loss, "head_cross_entropy", counting)
     return calls
 
 
@@ -250,3 +251,45 @@ def test_fused_lm_loss_under_bf16_autocast(trained_head):
     torch.testing.assert_close(fused, ref, rtol=1e-3, atol=0)
     for k in g_ref:
         _assert_grad_close(g[k], g_ref[k], k, rtol=2e-2)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16_autocast"])
+def test_fused_lm_loss_takes_a_quantized_models_half_linear_head(bf16, monkeypatch):
+    """``lorakit train --quantize``'s model: NF4 linear layers, the output layer a HalfLinear (bf16 weight). The fused
+    loss runs and equals the unfused labelled-positions path (the head's own forward): fp32 to roundoff, under bf16
+    autocast to bf16 rounding (its matmuls in bf16 as the head's: equal bit for bit when this test was written)."""
+    torch.manual_seed(0)
+    base = lorakit.quantize(tiny_llama(), bits=4)
+    assert type(base.lm_head) is HalfLinear and base.lm_head.weight.dtype == torch.bfloat16
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+    batch = _batch()
+    results = []
+    for fn in (lm_loss_sum_unfused, lm_loss_sum):
+        calls = _fused_calls(monkeypatch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            results.append(_loss_and_grads(fn, model, batch, **({"chunk": 3} if fn is lm_loss_sum else {})))
+        assert calls == ([1] if fn is lm_loss_sum else [])
+    (ref, _, g_ref), (fused, _, g) = results
+    assert any("lora_B" in k for k in g_ref) and g.keys() == g_ref.keys()
+    torch.testing.assert_close(fused, ref, rtol=1e-5 if not bf16 else 2e-3, atol=0)
+    for k in g_ref:
+        _assert_grad_close(g[k], g_ref[k], k, rtol=1e-5 if not bf16 else 2e-2)
+
+
+def test_a_half_linear_head_that_is_not_provably_its_forward_runs_unfused(monkeypatch):
+    """A trained bf16 weight, a subclass, a hook, another storage dtype: the head's own forward runs."""
+    class Sub(HalfLinear):
+        pass
+
+    changes = {
+        "trained": lambda head: head.weight.requires_grad_(True),
+        "subclass": lambda head: setattr(head, "__class__", Sub),
+        "hooked": lambda head: head.register_forward_hook(lambda *a: None),
+        "fp32 storage": lambda head: setattr(head, "weight", nn.Parameter(head.weight.float(), requires_grad=False)),
+    }
+    for name, change in changes.items():
+        model = get_peft_model(lorakit.quantize(tiny_llama(), bits=4), LoraConfig(r=4, target_modules="all-linear"))
+        change(model.get_base_model().lm_head)
+        calls = _fused_calls(monkeypatch)
+        lm_loss_sum(model, _batch())
+        assert calls == [], name

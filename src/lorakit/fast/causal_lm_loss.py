@@ -16,9 +16,10 @@ The stand-ins are only exact when the forward passes the output layer's result, 
 to the output; ``forward_refusal`` proves that from the forward's source (``ast``): one ``logits = self.<head>(x)``,
 ``logits`` never reassigned (Gemma 2/3's soft-capping, Cohere's ``logit_scale`` reassign it) and read only as
 ``loss_function``'s logits and the output's ``logits=`` field. ``call_refusal`` checks the call: training mode,
-``labels`` given, a dict output, no ``logits_to_keep``, the standard ``ForCausalLMLoss``, a plain ``nn.Linear`` head
-without hooks, on a device the fast paths run on (lorakit.fast.devices). Any refusal means the caller runs the
-reference (the model's own forward).
+``labels`` given, a dict output, no ``logits_to_keep``, the standard ``ForCausalLMLoss``, a head without hooks that
+is a plain ``nn.Linear`` or a quantized model's 16-bit ``HalfLinear`` (``head_refusal``: its frozen bf16 / fp16
+weight cast to the input's dtype, chunk by chunk, as its forward does), on a device the fast paths run on
+(lorakit.fast.devices). Any refusal means the caller runs the reference (the model's own forward).
 
 ``outputs.logits`` of a fused call are computed on first read (``outputs.logits``, ``outputs["logits"]``,
 ``outputs.get("logits")``, integer indexing, ``to_tuple()``) from the kept head input, under the grad mode and
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 
 from lorakit.fast.devices import runs_fast
 from lorakit.fast.fused_ce import DEFAULT_CHUNK, linear_cross_entropy
+from lorakit.quant.half import HalfLinear
 
 IGNORE_INDEX = -100
 # decorators of transformers 5's causal-LM forwards that leave the outputs' logits as the forward made them
@@ -153,7 +155,7 @@ def head_attribute(model: nn.Module) -> str | None:
 
 def call_refusal(model: nn.Module, linear: nn.Module | None, kwargs: dict[str, Any]) -> str | None:
     """Why the fused loss may not replace ``model(**kwargs)`` (None when it may): ``model`` is the transformers
-    model, ``linear`` the ``nn.Linear`` its head computes with (None: the head does more, e.g. LoRA on it)."""
+    model, ``linear`` the layer its head computes with (None: the head does more, e.g. LoRA on it)."""
     if not model.training:
         return "eval mode: the reference forward returns the logits"
     if kwargs.get("labels") is None:
@@ -173,15 +175,41 @@ def call_refusal(model: nn.Module, linear: nn.Module | None, kwargs: dict[str, A
     if head_attr is None:
         return f"{type(model).__name__} has no output layer among its children"
     head = getattr(model, head_attr)
-    if _hooked(head) or "forward" in vars(head) or (linear is not None and _hooked(linear)):
+    if _hooked(head) or "forward" in vars(head):
         return "the output layer has hooks or a replaced forward"
-    if linear is None or type(linear) is not nn.Linear:
-        return f"the output layer {type(head).__name__} is not a plain nn.Linear"
-    if not runs_fast(linear.weight):
-        return f"the output layer is on {linear.weight.device}, where the fast paths do not run (lorakit.fast.devices)"
+    if linear is None:
+        return f"the output layer {type(head).__name__} is not a plain nn.Linear or HalfLinear"
+    if (refusal := head_refusal(linear)) is not None:
+        return refusal
     if "_loss_function" in vars(model) or not _is_causal_lm_loss(getattr(model, "loss_function", None)):
         return f"{type(model).__name__}'s loss function is not transformers' ForCausalLMLoss"
     return forward_refusal(type(model), head_attr)
+
+
+def head_refusal(linear: nn.Module) -> str | None:
+    """Why ``head_cross_entropy(linear, ...)`` may differ from ``linear``'s forward + cross-entropy (None when it
+    is exact): ``linear`` must be a plain ``nn.Linear``, or a ``HalfLinear`` (not a subclass) whose 16-bit weight is
+    frozen (its forward casts a trained one whole), without hooks, on a device the fast paths run on."""
+    if _hooked(linear) or "forward" in vars(linear):
+        return "the output layer has hooks or a replaced forward"
+    if type(linear) is HalfLinear:
+        if linear.weight.dtype not in (torch.bfloat16, torch.float16):
+            return f"the output layer HalfLinear stores its weight in {linear.weight.dtype}, not bf16 / fp16"
+        if linear.weight.requires_grad:
+            return "the output layer HalfLinear's 16-bit weight requires grad (freeze it for the fused loss)"
+    elif type(linear) is not nn.Linear:
+        return f"the output layer {type(linear).__name__} is not a plain nn.Linear or HalfLinear"
+    if not runs_fast(linear.weight):
+        return f"the output layer is on {linear.weight.device}, where the fast paths do not run (lorakit.fast.devices)"
+    return None
+
+
+def head_cross_entropy(linear: nn.Linear, hidden: Tensor, target: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """Sum over rows of cross_entropy(linear(hidden), target) by ``fused_ce`` (``head_refusal(linear)`` must be
+    None): hidden (N, H), target (N,). A HalfLinear's matmuls run in the dtype its forward uses, the input's (its
+    weight cast to it) or autocast's, and its bias is added to their result, as its forward adds it."""
+    half = type(linear) is HalfLinear
+    return linear_cross_entropy(hidden, linear.weight, target, linear.bias, chunk, half_linear=half)
 
 
 def _is_causal_lm_loss(fn: Any) -> bool:
@@ -290,10 +318,11 @@ def causal_lm_loss(
     **kwargs: Any,
 ) -> Tensor:
     """transformers' ForCausalLMLoss(head(hidden), labels, ...) with the head fused into the cross-entropy:
-    ``logits`` is the deferred head input (B, T, H), ``linear`` the head's Linear. Position t predicts label t + 1
-    (or ``shift_labels[t]``); positions labelled ``ignore_index`` are left out; the sum over the rest is divided by
-    ``num_items_in_batch`` when given (what transformers.Trainer passes under gradient accumulation), else by their
-    count (the mean). Other keyword arguments are ignored, as ForCausalLMLoss ignores them."""
+    ``logits`` is the deferred head input (B, T, H), ``linear`` the head's Linear (or HalfLinear). Position t
+    predicts label t + 1 (or ``shift_labels[t]``); positions labelled ``ignore_index`` are left out; the sum over
+    the rest is divided by ``num_items_in_batch`` when given (what transformers.Trainer passes under gradient
+    accumulation), else by their count (the mean). Other keyword arguments are ignored, as ForCausalLMLoss ignores
+    them."""
     if not isinstance(logits, DeferredLogits):
         raise TypeError(f"causal_lm_loss got {type(logits).__name__} logits; it only runs inside the fused forward")
     hidden = logits.hidden  # (B, T, H)
@@ -304,7 +333,7 @@ def causal_lm_loss(
         raise ValueError(f"labels {tuple(shift_labels.shape)} do not match the head input {tuple(hidden.shape)} "
                          f"(vocab_size {vocab_size}, head {linear.out_features}); set model.fused_loss = False")
     keep = shift_labels != ignore_index  # (B, T)
-    total = linear_cross_entropy(hidden[keep], linear.weight, shift_labels[keep], linear.bias, chunk)  # (N, H) -> ()
+    total = head_cross_entropy(linear, hidden[keep], shift_labels[keep], chunk)  # (N, H) -> ()
     total = total.float()  # the reference's dtype (it upcasts the logits to fp32)
     if num_items_in_batch is None:
         return total / keep.sum()  # the mean over labelled positions (nan when there are none, as the reference)

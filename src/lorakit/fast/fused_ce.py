@@ -14,26 +14,34 @@ forward has seen a chunk of rows:
 so the forward computes those per chunk and keeps only dloss/dh (N, H) (and dloss/dW, dloss/db when the weight is
 trained); backward scales them by the incoming scalar gradient. Peak extra memory is one fp32 (C, V) block of logits
 (overwritten in place by the softmax and its gradient), plus under bf16 autocast a bf16 copy of W and a bf16 (C, V)
-block.
+block. A weight stored narrower than the matmuls (a bf16 output layer, ``lorakit.quant.half.HalfLinear``, in an fp32
+model) is cast a few rows at a time (``CAST_ELEMENTS``), anew for the logits and for dloss/dh of each chunk, so no
+full-size upcast copy of it is alive.
 
 Precision: the matmuls run in ``compute_dtype`` -- the autocast dtype when autocast is on for the device (bf16 on
-CPU), else the input dtype -- exactly as ``nn.Linear`` under autocast would; the logits are then upcast and
-logsumexp / softmax are fp32, as the reference ``F.cross_entropy(logits.float())`` does. The softmax-minus-onehot is
-rounded to ``compute_dtype`` before its matmuls, as autocast's backward of the linear would. Gradients are returned in
-the dtypes of ``hidden`` and ``weight``.
+CPU), else the input and weight dtypes promoted (``F.linear``), or the input's dtype (``half_linear``: HalfLinear's
+``x @ W16.to(x.dtype).T + bias``, its bias added to the rounded product) -- exactly as the layer would; the logits are
+then upcast and logsumexp / softmax are fp32, as the reference ``F.cross_entropy(logits.float())`` does. The
+softmax-minus-onehot is rounded to ``compute_dtype`` before its matmuls, as autocast's backward of the linear would.
+Gradients are returned in the dtypes of ``hidden`` and ``weight``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from lorakit.fast.devices import runs_fast
+from lorakit.quant.linear import row_chunks
 
 # Rows per chunk. SmolLM2-135M (V = 49,152), N = 1,020, fp32, CPU: chunk 128 / 256 / 512 / 1024 took 3.1 / 2.4 / 2.2 /
 # 2.1 s of CPU for loss + backward (unfused: 2.6 s) at 25 / 50 / 98 / 196 MB peak (unfused: 574 MB). Small chunks
 # re-read W once per chunk; 512 is near the fastest at a sixth of the memory.
 DEFAULT_CHUNK = 512
+# Weight elements upcast at once (64 MB in fp32), as lorakit.quant.linear's QuantLinear / HalfLinear cast theirs.
+CAST_ELEMENTS = 1 << 24
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -49,9 +57,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk: int,
         compute_dtype: torch.dtype,
         needs: tuple[bool, bool, bool],  # gradient wanted for (hidden, weight, bias)
+        bias_after: bool,
     ) -> Tensor:
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes below are explicit
-            loss, grads = linear_cross_entropy_chunks(hidden, weight, bias, target, chunk, compute_dtype, needs)
+            loss, grads = linear_cross_entropy_chunks(
+                hidden, weight, bias, target, chunk, compute_dtype, needs, bias_after
+            )
         ctx.grads = grads
         return loss
 
@@ -59,21 +70,40 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         scaled = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
-        return (*scaled, None, None, None, None)
+        return (*scaled, None, None, None, None, None)
+
+
+WeightBlocks = Callable[[], Iterator[tuple[slice, Tensor]]]
+
+
+def _weight_blocks(weight: Tensor, dtype: torch.dtype) -> WeightBlocks:
+    """A function giving (span, weight[span] in ``dtype``) pairs covering the weight (V, H): one pair, cast once, when
+    the cast does not widen it (no copy, or a narrower one, e.g. bf16 under autocast); else row blocks of
+    ``CAST_ELEMENTS``, cast anew on each call, so no full-size upcast copy is alive."""
+    if weight.dtype.itemsize >= dtype.itemsize:
+        whole = [(slice(None), weight.to(dtype))]
+        return lambda: iter(whole)
+    spans = [slice(start, stop) for start, stop in row_chunks(*weight.shape, CAST_ELEMENTS)]
+    return lambda: ((span, weight[span].to(dtype)) for span in spans)
 
 
 def _chunk_loss(
-    h: Tensor, t: Tensor, w: Tensor, b: Tensor | None, block: Tensor, grad: bool
+    h: Tensor, t: Tensor, blocks: WeightBlocks, b: Tensor | None, block: Tensor, grad: bool, bias_after: bool
 ) -> tuple[Tensor, Tensor | None]:
     """(sum over the C rows of lse - z[t], and dloss/dz = softmax(z) - onehot(t) (C, V) if ``grad``), both in the
     dtype of ``block`` (>= C rows, V columns), which is overwritten: the logits are written into it, then shifted,
     exponentiated and normalized in place. So the only large allocation is the caller's block, made once for all
-    chunks (plus the matmul output when ``h`` is in a narrower dtype); the returned dz is a view of it."""
+    chunks (plus the matmul output when ``h`` is in a narrower dtype); the returned dz is a view of it.
+    ``bias_after``: ``b`` is added to the product rounded to h's dtype (HalfLinear's ``y + bias``), not inside it."""
     z = block[: len(h)]  # (C, V)
-    if h.dtype == z.dtype:
-        torch.mm(h, w.T, out=z) if b is None else torch.addmm(b, h, w.T, out=z)
-    else:  # bf16 matmul, fp32 softmax: upcast into the block
-        z.copy_(h @ w.T if b is None else torch.addmm(b, h, w.T))
+    for span, w in blocks():  # w (V', H): the weight's rows ``span``, the logits' columns
+        zr, br = z[:, span], None if b is None else b[span]  # (C, V'), (V',)
+        if br is not None and bias_after:
+            zr.copy_(h @ w.T + br)
+        elif h.dtype == z.dtype:
+            torch.mm(h, w.T, out=zr) if br is None else torch.addmm(br, h, w.T, out=zr)
+        else:  # bf16 matmul, fp32 softmax: upcast into the block
+            zr.copy_(h @ w.T if br is None else torch.addmm(br, h, w.T))
     rows = torch.arange(len(t), device=t.device)
     z_target = z[rows, t]  # (C,)
     z_max = z.amax(dim=-1)  # (C,) for a stable exp
@@ -95,12 +125,14 @@ def linear_cross_entropy_chunks(
     chunk: int,
     compute_dtype: torch.dtype,
     needs: tuple[bool, bool, bool] = (False, False, False),
+    bias_after: bool = False,
 ) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
     """(loss sum, (dloss/dhidden, dloss/dweight, dloss/dbias)) over row chunks; a gradient is None unless the matching
-    entry of ``needs`` is set. Pure function, no autograd: the body of the fused forward."""
+    entry of ``needs`` is set; ``bias_after`` as ``_chunk_loss``. Pure function, no autograd: the body of the fused
+    forward."""
     need_h, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
     acc = torch.promote_types(compute_dtype, torch.float32)  # softmax / accumulation dtype: fp32, or fp64 for fp64
-    w = weight.to(compute_dtype)  # (V, H); no copy when already in compute_dtype
+    blocks = _weight_blocks(weight, compute_dtype)  # (V, H) in compute_dtype; no copy when already in it
     b = None if bias is None else bias.to(compute_dtype)
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     grad_h = torch.empty_like(hidden) if need_h else None  # (N, H)
@@ -109,15 +141,16 @@ def linear_cross_entropy_chunks(
     block = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=acc)  # (C, V), reused per chunk
     for start in range(0, hidden.shape[0], chunk):
         h = hidden[start : start + chunk].to(compute_dtype)  # (C, H)
-        chunk_loss, dz = _chunk_loss(h, target[start : start + chunk], w, b, block, need_h or need_w or need_b)
+        grad = need_h or need_w or need_b
+        chunk_loss, dz = _chunk_loss(h, target[start : start + chunk], blocks, b, block, grad, bias_after)
         loss += chunk_loss
         if dz is None:
             continue
         if need_b:
             grad_b += dz.sum(0)
         dz = dz.to(compute_dtype)
-        if need_h:
-            grad_h[start : start + chunk] = dz @ w  # (C, V) @ (V, H) -> (C, H)
+        if need_h:  # (C, V') @ (V', H) -> (C, H), summed over the weight's row blocks
+            grad_h[start : start + chunk] = sum(dz[:, span] @ w for span, w in blocks())
         if need_w:
             grad_w += dz.T @ h  # (V, C) @ (C, H) -> (V, H), rounded per chunk, summed in acc
         del dz  # a view of the block, which the next chunk overwrites
@@ -137,13 +170,17 @@ def reference(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | Non
 
 
 def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, chunk: int = DEFAULT_CHUNK
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, chunk: int = DEFAULT_CHUNK,
+    half_linear: bool = False,
 ) -> Tensor:
     """Sum over rows of ``F.cross_entropy(hidden @ weight.T + bias, target, reduction="sum")`` in fp32, without the
     (N, V) logits; differentiable in ``hidden``, ``weight`` and ``bias``.
 
     ``hidden`` (N, H), ``weight`` (V, H), ``bias`` (V,) or None, ``target`` (N,) class indices -- positions to ignore
-    must already be removed. Under ``torch.autocast`` the matmuls run in the autocast dtype (see the module docstring).
+    must already be removed. Under ``torch.autocast`` the matmuls run in the autocast dtype, else in the promoted
+    dtype of ``hidden`` and ``weight``. ``half_linear``: as lorakit.quant.half.HalfLinear's forward computes, the
+    matmuls in ``hidden``'s dtype (or autocast's) and the bias added to their rounded result (see the module
+    docstring).
     On a device the fast paths do not run on (lorakit.fast.devices) ``reference`` computes it, with the logits.
 
     >>> h, w, t = torch.randn(5, 4), torch.randn(7, 4), torch.tensor([0, 6, 2, 2, 1])
@@ -156,10 +193,12 @@ def linear_cross_entropy(
     if target.shape != hidden.shape[:1]:
         raise ValueError(f"target shape {tuple(target.shape)} must be (N,) for hidden {tuple(hidden.shape)}")
     if not runs_fast(hidden):  # the device rule (lorakit.fast.devices)
-        return reference(hidden, weight, target, bias)
+        return reference(hidden, weight.to(hidden.dtype) if half_linear else weight, target, bias)
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
         compute_dtype = torch.get_autocast_dtype(device)
+    elif half_linear:
+        compute_dtype = hidden.dtype
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     grad_on = torch.is_grad_enabled()
@@ -168,4 +207,4 @@ def linear_cross_entropy(
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
-    return _LinearCrossEntropy.apply(hidden, weight, bias, target, chunk, compute_dtype, needs)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, target, chunk, compute_dtype, needs, half_linear)

@@ -11,7 +11,10 @@ Here the weight is stored in bf16 (or fp16) and the model keeps computing in its
 
 The output layer casts its weight a few rows at a time (``lorakit.quant.linear.chunked_linear``), in the forward and
 again in the backward, so no fp32 copy of a 49152-row weight stays alive between them. A tied output layer holds the
-very same bf16 Parameter as the embedding: one storage, one tie, as in transformers.
+very same bf16 Parameter as the embedding: one storage, one tie, as in transformers. lorakit's fused causal-LM loss
+(``lorakit.fast.causal_lm_loss``, the trainer's ``lm_loss_sum``) takes a frozen HalfLinear head as it takes an
+``nn.Linear``: it computes this forward's matmuls (in the input's dtype, or autocast's; the bias added after) chunk
+by chunk with the cross-entropy, never holding the (B, T, vocab) logits nor an fp32 copy of the weight.
 
 Rounding to bf16 changes each value by at most 2^-8 of itself (8 significant bits), fp16 by 2^-11 (11 bits, for
 magnitudes from 6e-5 to 65504 only). transformers' ``model.dtype`` (the dtype of the first floating parameter, the

@@ -3,8 +3,9 @@
 HF models compute logits for every position (B, T, vocab) in fp32 before the loss; with loss on completions only
 most of them are thrown away, and for a 49k vocabulary they dominate memory. ``lm_loss_sum`` runs the model body,
 keeps the hidden states whose next token has a label, and applies the output layer to those alone. When the output
-layer is a plain ``nn.Linear`` (also the active copy of a ``modules_to_save`` head), the output layer and the
-cross-entropy are fused and chunked (``fast.fused_ce``), so not even the (N, V) labelled-position logits are held.
+layer is a plain ``nn.Linear`` (also the active copy of a ``modules_to_save`` head) or a quantized model's frozen
+16-bit ``HalfLinear`` (``fast.causal_lm_loss.head_refusal``), the output layer and the cross-entropy are fused and
+chunked (``fast.fused_ce``), so not even the (N, V) labelled-position logits are held.
 The reference, ``lm_loss_sum_reference``, is the plain full-logits computation; ``lm_loss_sum_unfused`` is the
 labelled-positions path with ordinary logits; tests check all three agree (value and gradients).
 """
@@ -20,8 +21,8 @@ from torch import Tensor, nn
 
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.data.pack import collate
-from lorakit.fast.devices import runs_fast
-from lorakit.fast.fused_ce import DEFAULT_CHUNK, linear_cross_entropy
+from lorakit.fast.causal_lm_loss import head_cross_entropy, head_refusal
+from lorakit.fast.fused_ce import DEFAULT_CHUNK
 from lorakit.io.progress import progress as show_progress
 
 IGNORE_INDEX = -100
@@ -53,15 +54,13 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
 
 def _plain_linear(head: nn.Module) -> nn.Linear | None:
-    """The ``nn.Linear`` that computes ``head(x)``, or None when the head does more (a LoRA wrapper, quantized
-    weights, hooks, per-row adapter routing) and only its own forward is exact."""
+    """The ``nn.Linear`` (or frozen ``HalfLinear``) that computes ``head(x)``, or None when the head does more (a
+    LoRA wrapper, NF4 weights, hooks, per-row adapter routing, another device) and only its own forward is exact."""
     if isinstance(head, ModulesToSaveWrapper):
         if _has_hooks(head) or getattr(head, "routing", None) is not None:  # routing: one adapter per row
             return None
         head = head.current
-    if type(head) is nn.Linear and not _has_hooks(head):
-        return head
-    return None
+    return head if head_refusal(head) is None else None  # type: ignore[return-value]
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -93,16 +92,17 @@ def _head_loss(body: nn.Module, head: nn.Module, batch: dict[str, Tensor]) -> tu
 
 def lm_loss_sum(model: nn.Module, batch: dict[str, Tensor], chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, int]:
     """Same value as ``lm_loss_sum_reference``; the output layer runs on labelled positions only, fused with the
-    cross-entropy in chunks of ``chunk`` rows when it is a plain Linear (else as ``lm_loss_sum_unfused``)."""
+    cross-entropy in chunks of ``chunk`` rows when it is a plain Linear or HalfLinear (else as
+    ``lm_loss_sum_unfused``)."""
     parts = _body_and_head(model)
     if parts is None:
         return lm_loss_sum_reference(model, batch)
     body, head = parts
     linear = _plain_linear(head)
-    if linear is None or not runs_fast(linear.weight):  # runs_fast: the device rule of lorakit.fast.devices
+    if linear is None:
         return _head_loss(body, head, batch)
     hidden, target = _labelled(body, batch)
-    return linear_cross_entropy(hidden, linear.weight, target, linear.bias, chunk), len(target)
+    return head_cross_entropy(linear, hidden, target, chunk), len(target)
 
 
 def loss_over_examples(
