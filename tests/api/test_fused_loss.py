@@ -33,10 +33,6 @@ REFUSED = {
 }
 # all-linear takes the MoE router of these (a Linear subclass returning a tuple): adapt the attention only
 ATTENTION_ONLY = {"phimoe-causal_lm", "llama4_text-causal_lm"}
-# Linears lorakit.quantize must keep for these forwards to run at all (reference path included): the routers above
-# (quantize takes Linear subclasses), and layers whose .weight the model reads itself (Jamba's dt_proj, HunYuan's wg)
-NF4_SKIP = {"phimoe-causal_lm": ("router",), "llama4_text-causal_lm": ("router",), "jamba-causal_lm": ("dt_proj",),
-            "hunyuan_v1_moe-causal_lm": ("wg",)}
 
 
 def _model(case: mm.Case, quantized: bool = False) -> lorakit.PeftModel:
@@ -51,7 +47,7 @@ def _model(case: mm.Case, quantized: bool = False) -> lorakit.PeftModel:
         warnings.simplefilter("ignore")
         base = mm.build(case)
         if quantized:
-            base = lorakit.quantize(base, bits=4, skip=("lm_head", *NF4_SKIP.get(case.name, ())))
+            base = lorakit.quantize(base, bits=4)
         return lorakit.get_peft_model(base, config).train()
 
 

@@ -319,8 +319,8 @@ class LoraLayer(nn.Module):
     # -- the wrapped layer's attributes, read as modeling code reads them -----------------------------------------
     # Modeling code reads a layer's weight and bias (T5's feed-forward: ``self.wo.weight.dtype``). The wrapper answers
     # with the base layer's, without registering them a second time: the state dict keeps PEFT's keys
-    # (``<name>.base_layer.weight``). A base without one (a QuantLinear has no ``weight``) raises AttributeError as the
-    # base layer itself would.
+    # (``<name>.base_layer.weight``). A base without one raises AttributeError as the base layer itself would; a
+    # QuantLinear's is its dequantized weight, a new tensor (lorakit.quant.linear).
     @property
     def weight(self) -> Tensor:
         return self.base_layer.weight

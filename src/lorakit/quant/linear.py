@@ -86,9 +86,9 @@ def frozen_linear(weight: Tensor, bias: nn.Parameter | None, training: bool, con
 
 class QuantLinear(nn.Module):
     """A frozen linear layer whose weight (out, in) is stored as NF4 or int8 codes in buffers; the bias (if any)
-    stays a Parameter. ``forward(x) = x @ dequantize().T + bias``. ``from_conv1d``: it replaced a GPT-2 Conv1D (weight
-    stored (in, out)); the codes hold the transpose, so the forward is the same, and ``full_precision()`` gives back a
-    Conv1D."""
+    stays a Parameter. ``forward(x) = x @ dequantize().T + bias``; ``.weight`` reads the dequantized weight.
+    ``from_conv1d``: it replaced a GPT-2 Conv1D (weight stored (in, out)); the codes hold the transpose, so the forward
+    is the same, and ``full_precision()`` gives back a Conv1D."""
 
     chunk_elements: int = 1 << 24  # weights dequantized at once (64 MB in fp32); larger layers go in row chunks
 
@@ -129,6 +129,23 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> Tensor:
         """The weight, fp32 (out, in)."""
         return dequantize(self.quantized_weight())
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight, fp32 (out, in; (in, out) if ``from_conv1d``, as the Conv1D stored it): a new tensor
+        at each read, for modeling code that reads a layer's ``.weight`` instead of calling it (Jamba's
+        ``dt_proj.weight @ x``, HunYuan-MoE's ``wg.weight.dtype``). Read-only: it is not a Parameter nor in the state
+        dict, and writing into it changes nothing here (``requantize_`` stores a new weight). A module's forward
+        computes with the codes, chunk by chunk, without it."""
+        w = self.dequantize()
+        return w.T if self.from_conv1d else w
+
+    @weight.setter
+    def weight(self, value: object) -> None:
+        raise QuantizedBaseError(
+            f"the weight of a QuantLinear ({self.extra_repr()}) is its NF4 / int8 codes, not a tensor to assign: "
+            "store a new (out, in) weight with requantize_(weight), or take full_precision() for a plain layer"
+        )
 
     def weight_chunks(self) -> Iterator[tuple[int, int, Tensor]]:
         """(start, stop, rows start:stop of the weight in fp32), at most ``chunk_elements`` weights at a time."""
