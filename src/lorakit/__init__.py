@@ -44,6 +44,7 @@ if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_lay
         hotswap_adapter_from_state_dict,
         prepare_model_for_compiled_hotswap,
     )
+    from lorakit.api.mapping import get_peft_model
     from lorakit.api.peft_model import (
         PeftModel,
         PeftModelForCausalLM,
@@ -52,7 +53,6 @@ if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_lay
         PeftModelForSeq2SeqLM,
         PeftModelForSequenceClassification,
         PeftModelForTokenClassification,
-        get_peft_model,
     )
     from lorakit.api.status import get_layer_status, get_model_status
     from lorakit.config import (
@@ -101,7 +101,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "lorakit.api.peft_model": ("PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
                                "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
                                "PeftModelForSequenceClassification",
-                               "PeftModelForTokenClassification", "get_peft_model"),
+                               "PeftModelForTokenClassification"),
+    "lorakit.api.mapping": ("get_peft_model",),
     "lorakit.api.status": ("get_layer_status", "get_model_status"),
     "lorakit.config": ("BdLoraConfig", "ConfigError", "CordaConfig", "EvaConfig", "KasaConfig", "LoftQConfig",
                        "LoraConfig", "MontecloraConfig", "PeftConfig", "PeftError", "PeftType", "PeftWarning",

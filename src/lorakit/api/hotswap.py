@@ -36,7 +36,7 @@ from lorakit.adapters.embedding import LoraEmbedding
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.linear import LoraLinear
 from lorakit.adapters.variant_bdlora import BlockDiagonalLinear
-from lorakit.api.peft_model import _read_weights
+from lorakit.api.adapter_files import read_weights
 from lorakit.config import LoraConfig, PeftType, read_config, scaling_for
 from lorakit.io import files
 
@@ -519,7 +519,7 @@ def hotswap_adapter(
     config = read_config(folder)
     check_hotswap_configs_compatible(peft_config[adapter_name], config)
     base = root.get_base_model() if hasattr(root, "get_base_model") else root
-    tensors, source = _read_weights(base, folder, kwargs.get("key_mapping"))
+    tensors, source = read_weights(base, folder, kwargs.get("key_mapping"))
     state.check_ranks(config, tensors, source)
     hotswap_adapter_from_state_dict(root, _model_keys(root, tensors, adapter_name), adapter_name, config)
     held = peft_config[adapter_name]

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import inspect
 import os
-import tempfile
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,36 +19,13 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from lorakit.adapters import convert, mixed_batch, state, variant_alora
 from lorakit.adapters.inject import QA_HEADS, SEQ_CLS_HEADS, TargetError, wrappers
-from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.model import LoraModel
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
-from lorakit.api import hf_trainer, model_card, status
+from lorakit.api import adapter_files, hf_trainer, model_card, signature, status
 from lorakit.config import LoraConfig, PeftType, TaskType, read_config
 from lorakit.fast import causal_lm_loss
 from lorakit.io import files, writes
 from lorakit.io.files import CARD_NAME, AdapterError, check_adapter_name
-from lorakit.ops.init import mutates_base
-
-
-def _declaring_labels(forward: Callable[..., Any], *label_names: str) -> Callable[..., Any]:
-    """``forward`` with a signature that names the task's label parameters. transformers.Trainer finds a model's
-    label columns in the parameter names of its class's forward (transformers.utils.find_labels: names with
-    'label', and start_positions / end_positions for QuestionAnswering classes), after unwrapping PEFT's classes to
-    the base model's; a lorakit class is not unwrapped, so it declares the labels of its task's models. Without
-    them Trainer has no label columns and evaluate() reports no eval_loss. The instance's forward keeps the base
-    model's own signature (_ForwardWithBaseSignature), which Trainer reads for the dataset columns."""
-
-    @functools.wraps(forward)
-    def declared(self: PeftModel, *args: Any, **kwargs: Any) -> Any:
-        return forward(self, *args, **kwargs)
-
-    P = inspect.Parameter
-    declared.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
-        P("self", P.POSITIONAL_OR_KEYWORD), P("args", P.VAR_POSITIONAL),
-        *(P(name, P.KEYWORD_ONLY, default=None) for name in label_names),
-        P("adapter_names", P.KEYWORD_ONLY, default=None), P("kwargs", P.VAR_KEYWORD),
-    ])
-    return declared
 
 
 class PeftModel(nn.Module):
@@ -72,7 +45,7 @@ class PeftModel(nn.Module):
         peft_config = self._prepare_config(model, peft_config)
         self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         self._enable_input_grads_if_checkpointing()
-        self.forward = _ForwardWithBaseSignature(self)  # type: ignore[method-assign]
+        self.forward = signature.ForwardWithBaseSignature(self)  # type: ignore[method-assign]
         hf_trainer.install(PeftModel)  # transformers.Trainer checkpoints hold the adapter (see api/hf_trainer.py)
 
     def __getattr__(self, name: str) -> Any:
@@ -117,7 +90,7 @@ class PeftModel(nn.Module):
         base = self.get_base_model()
         return causal_lm_loss.call_refusal(base, _head_linear(base), kwargs)
 
-    forward = _declaring_labels(_forward, "labels")
+    forward = signature.declaring_labels(_forward, "labels")
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's generate; ``adapter_names`` as in ``forward``, one per prompt, held for every step, and
@@ -320,7 +293,7 @@ class PeftModel(nn.Module):
                 tensors, saved = convert.to_original_base(
                     tensors, saved, path_initial_model_for_weight_conversion, name
                 )
-            _check_loadable(name, saved, tensors)
+            adapter_files.check_loadable(name, saved, tensors)
             writes_due.append((name, saved, tensors))
         for name, saved, tensors in writes_due:
             folder = files.adapter_folder(save_directory, name)
@@ -345,21 +318,8 @@ class PeftModel(nn.Module):
         """Save the adapters (save_pretrained with ``save_kwargs``) into a temporary folder and upload it to the
         Hugging Face Hub repository ``repo_id`` (created if missing), as PEFT's push_to_hub; returns the commit
         info. Needs the network: with HF_HUB_OFFLINE set it stops before saving anything, saying so."""
-        import huggingface_hub  # only here: nothing else in lorakit talks to the Hub
-
-        if huggingface_hub.constants.HF_HUB_OFFLINE:
-            raise RuntimeError(
-                f"push_to_hub({repo_id!r}) needs the network, but HF_HUB_OFFLINE is set; unset it, or save with "
-                "save_pretrained(folder) and upload the folder later (hf upload <repo> <folder>)"
-            )
-        api = huggingface_hub.HfApi(token=token)
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, **save_kwargs)
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            return api.upload_folder(
-                repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision,
-                create_pr=create_pr,
-            )
+        return adapter_files.push_to_hub(self, repo_id, commit_message, private, token, revision, create_pr,
+                                         **save_kwargs)
 
     def model_card(self, output_dir: str | os.PathLike) -> bytes:
         """``output_dir``/README.md as save_pretrained writes it (lorakit.api.model_card), as PEFT does: the card
@@ -417,16 +377,17 @@ class PeftModel(nn.Module):
         config = config or read_config(model_id)
         config.inference_mode = not is_trainable
         model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
-        config_copy = LoraConfig.from_dict({**config.to_dict(), "init_lora_weights": _init_for_loading(config)})
+        init = adapter_files.init_for_loading(config)
+        config_copy = LoraConfig.from_dict({**config.to_dict(), "init_lora_weights": init})
         config_copy._register_custom_module(config._custom_modules)  # the caller's custom kinds, which no file holds
-        tensors, source = _read_weights(model, model_id, kwargs.get("key_mapping"))
+        tensors, source = adapter_files.read_weights(model, model_id, kwargs.get("key_mapping"))
         state.check_ranks(config_copy, tensors, source)
         try:
             peft_model = model_cls(model, config_copy, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         except TargetError as e:
-            raise _target_error(model, model_id, config, tensors, e) from None
-        _load_tensors(peft_model, tensors, adapter_name, source, kwargs)
-        _check_base(model, model_id)
+            raise adapter_files.target_error(model, model_id, config, tensors, e) from None
+        adapter_files.load_tensors(peft_model, tensors, adapter_name, source, kwargs)
+        adapter_files.check_base(model, model_id)
         for field in dataclasses.fields(config):  # what injection resolved (all-linear -> names, ...)
             if field.name != "init_lora_weights":
                 setattr(config, field.name, getattr(config_copy, field.name))
@@ -450,23 +411,23 @@ class PeftModel(nn.Module):
         loaded = _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
         key_mapping = kwargs.get("key_mapping")
         if adapter_name in self.peft_config:
-            tensors, source = _read_weights(self.get_base_model(), model_id, key_mapping)
+            tensors, source = adapter_files.read_weights(self.get_base_model(), model_id, key_mapping)
             state.check_ranks(self.peft_config[adapter_name], tensors, source)
-            _load_tensors(self, tensors, adapter_name, source, kwargs)
+            adapter_files.load_tensors(self, tensors, adapter_name, source, kwargs)
             if not is_trainable:
                 self.eval()
             return loaded
         config = read_config(model_id)
         config.inference_mode = not is_trainable
-        config.init_lora_weights = _init_for_loading(config)
-        tensors, source = _read_weights(self.get_base_model(), model_id, key_mapping)
+        config.init_lora_weights = adapter_files.init_for_loading(config)
+        tensors, source = adapter_files.read_weights(self.get_base_model(), model_id, key_mapping)
         state.check_ranks(config, tensors, source)
         try:
             self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         except TargetError as e:
-            raise _target_error(self.get_base_model(), model_id, config, tensors, e) from None
+            raise adapter_files.target_error(self.get_base_model(), model_id, config, tensors, e) from None
         try:
-            _load_tensors(self, tensors, adapter_name, source, kwargs)
+            adapter_files.load_tensors(self, tensors, adapter_name, source, kwargs)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
@@ -481,24 +442,6 @@ class PeftModel(nn.Module):
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
         return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
-
-
-def _load_tensors(
-    model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, source: str, kwargs: dict[str, Any]
-) -> None:
-    """state.load_adapter_state_dict, all or nothing. PEFT's ``ignore_mismatched_sizes=True`` loads the rest and leaves
-    the tensors that do not fit at their initial values; lorakit does not: a misfit raises with the flag too, and the
-    error says so (an adapter whose tensors all fit loads as without the flag)."""
-    try:
-        state.load_adapter_state_dict(model, tensors, adapter_name, source)
-    except files.AdapterFileError as e:
-        if not kwargs.get("ignore_mismatched_sizes"):
-            raise
-        raise files.AdapterFileError(
-            f"{e} (ignore_mismatched_sizes=True does not leave misfit tensors out in lorakit: it loads all of an "
-            "adapter or nothing; for a resized embedding, load onto the base resized as it was when the adapter was "
-            "saved)"
-        ) from None
 
 
 def _head_linear(model: nn.Module) -> nn.Module | None:
@@ -518,74 +461,6 @@ def _batch_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
     named = (kwargs[k] for k in ("input_ids", "inputs", "inputs_embeds") if kwargs.get(k) is not None)
     inputs = args[0] if args else next(named, None)
     return inputs.shape[0] if isinstance(inputs, torch.Tensor) else None
-
-
-def _target_error(
-    model: nn.Module, model_id: str | os.PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor], e: TargetError
-) -> files.AdapterFileError:
-    """A saved adapter whose targets match nothing in ``model``: when a module of its file is not in the model, say
-    that it was made for another base (the base it records, that module and its shape) instead of listing this
-    model's module names."""
-    names = {name for name, _ in model.named_modules()}
-    pairs = files.lora_pairs(tensors)  # {module: (A (r, in), B (out, r))}
-    module = next((name for name in pairs if name not in names), None)
-    if module is None:
-        return files.AdapterFileError(f"{Path(model_id) / files.CONFIG_NAME}: {e}")
-    A, B = pairs[module]
-    recorded = config.base_model_name_or_path
-    base = f"base_model_name_or_path {recorded!r}" if recorded else "no base_model_name_or_path"
-    name = getattr(model, "name_or_path", "")
-    return files.AdapterFileError(
-        f"{model_id} was made for another base model: it records {base}, and its module {module!r} "
-        f"({B.shape[0]} x {A.shape[1]}) is not in this {type(model).__name__}{f' ({name!r})' if name else ''}; "
-        "load it onto its own base (lorakit: leave out --model) or train an adapter for this model"
-    )
-
-
-def _check_loadable(name: str, saved: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
-    """AdapterError, before anything is written, for an adapter whose tensors the loader would refuse beside the
-    config saved with them (state.check_ranks): a rank other than the config's, as after
-    prepare_model_for_compiled_hotswap(target_rank=...), which pads A and B with zeros."""
-    try:
-        state.check_ranks(saved, tensors, "the adapter's tensors")
-    except files.AdapterFileError as e:
-        raise AdapterError(
-            f"cannot save adapter {name!r}, nothing was written: {str(e).split(': the two files')[0]}, and lorakit "
-            "would refuse to load that file. If prepare_model_for_compiled_hotswap(target_rank=...) padded the model, "
-            "save the adapter before padding it, or keep the file it was loaded from"
-        ) from None
-
-
-def _read_weights(
-    model: nn.Module, model_id: str | os.PathLike, key_mapping: dict[str, str] | None
-) -> tuple[dict[str, torch.Tensor], str]:
-    """The adapter file's tensors, keys renamed by ``key_mapping`` (default: the model's
-    ``_checkpoint_conversion_mapping``), and the file's name for messages."""
-    tensors, source = files.read_weights(model_id)
-    if key_mapping is None:
-        key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
-    return state.remap_keys(tensors, key_mapping), source
-
-
-def _init_for_loading(config: LoraConfig) -> bool | str:
-    """How to initialize an adapter whose weights are about to be loaded: skip the work (True: cheap kaiming), except
-    for initializers that change the base weight (PiSSA, OLoRA), whose adapters fit the residual base only: re-run
-    those to rebuild it, as PEFT does, and for 'mica', which also chooses the adapter's variant (its B frozen)."""
-    keep = mutates_base(config.init_lora_weights) or "mica" in config.variant_names()
-    return config.init_lora_weights if keep else True
-
-
-class _ForwardWithBaseSignature:
-    """``peft_model.forward`` with the base model's signature, so that ``transformers.Trainer`` (which keeps only
-    dataset columns named in ``inspect.signature(model.forward)``) sees ``input_ids``, ``labels``, ``token_type_ids``
-    ... as it would for the base model. Calls the class's forward."""
-
-    def __init__(self, model: PeftModel) -> None:
-        self.model = model
-        self.__signature__ = inspect.signature(model.get_base_model().forward)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return type(self.model).forward(self.model, *args, **kwargs)
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -608,7 +483,7 @@ class PeftModelForTokenClassification(PeftModelForSequenceClassification):
 class PeftModelForFeatureExtraction(PeftModel):
     """PeftModel for encoders used as feature extractors."""
 
-    forward = _declaring_labels(PeftModel._forward)  # hidden states: no labels
+    forward = signature.declaring_labels(PeftModel._forward)  # hidden states: no labels
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
@@ -619,7 +494,7 @@ class PeftModelForQuestionAnswering(PeftModel):
     """PeftModel for extractive question answering: the span head ('qa_outputs') is trained in full and saved with
     the adapter."""
 
-    forward = _declaring_labels(PeftModel._forward, "start_positions", "end_positions")
+    forward = signature.declaring_labels(PeftModel._forward, "start_positions", "end_positions")
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs: Any) -> None:
         # after the config's own entries, as PEFT lists it
@@ -635,60 +510,3 @@ MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType | None, type[PeftModel]] = {
     TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
     TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
 }
-
-
-def _check_base(model: nn.Module, model_id: str | os.PathLike) -> None:
-    """Warn when an adapter trained on lorakit's bundled default model is loaded onto another copy of that model
-    (e.g. the hub's original weights): the outputs then differ from the training run's by the Q4_1 rounding."""
-    tag = files.read_metadata(model_id).get(files.BASE_TAG_KEY)
-    if tag and getattr(model, "_lorakit_base_tag", None) != tag:
-        warnings.warn(
-            f"{model_id} was trained on lorakit's bundled default model ({tag}); this base is "
-            f"{getattr(model, 'name_or_path', type(model).__name__)!r}, another copy: its outputs differ from the "
-            "training run's by the bundled file's Q4_1 rounding. Load the base with lorakit.load_default_model() "
-            "to get the copy it was trained on",
-            stacklevel=3,
-        )
-
-
-def _record_base_name(model: nn.Module, config: LoraConfig) -> None:
-    """A new adapter records its base model's name (the model's ``name_or_path``, else its config's) as
-    base_model_name_or_path: the file must name the model it was made on, so a different name the config held is
-    replaced, with PEFT's warning. A model without a name (a custom nn.Module) keeps the config's (PEFT sets None)."""
-    own = model.__dict__.get("name_or_path") or getattr(getattr(model, "config", None), "_name_or_path", None)
-    old = config.base_model_name_or_path
-    if own and old is not None and old != own:
-        warnings.warn(  # PEFT's words
-            f"The PEFT config's `base_model_name_or_path` was renamed from '{old}' to '{own}'. Please ensure that the "
-            "correct base model is loaded when loading this checkpoint.",
-            UserWarning,
-            stacklevel=3,
-        )
-    if own:
-        config.base_model_name_or_path = own
-
-
-def get_peft_model(
-    model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs: Any
-) -> PeftModel:
-    """Wrap ``model`` with a new LoRA adapter ``adapter_name`` described by ``peft_config`` (the model is changed in
-    place: its target modules become LoRA wrappers)."""
-    if not isinstance(peft_config, LoraConfig):
-        raise TypeError(f"peft_config must be a lorakit.LoraConfig, not {type(peft_config).__name__}")
-    if isinstance(model, PeftModel):
-        raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter")
-    if any(isinstance(module, LoraLayer) for module in model.modules()):
-        warnings.warn(
-            "You are trying to modify a model with PEFT for a second time: it already holds LoRA layers (an earlier "
-            "get_peft_model changed it in place), which the new adapter joins. To start again from the base model, "
-            "call .unload() on the earlier PeftModel first; to add an adapter, use its add_adapter(name, config)",
-            UserWarning,
-            stacklevel=2,
-        )
-    unknown = set(kwargs) - {"mixed", "autocast_adapter_dtype", "revision", "low_cpu_mem_usage"}
-    if unknown:
-        warnings.warn(f"get_peft_model ignored arguments: {sorted(unknown)}", stacklevel=2)
-    _record_base_name(model, peft_config)
-    model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)  # type: ignore[arg-type]
-    autocast = kwargs.get("autocast_adapter_dtype", True)
-    return model_cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast)

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from lorakit.adapters.quantize import quantize
-from lorakit.api.peft_model import PeftModel, get_peft_model
+from lorakit.api.mapping import get_peft_model
+from lorakit.api.peft_model import PeftModel
 from lorakit.data.pack import isolates_packed_rows, pack_examples
 from lorakit.data.tokenize import Example, tokenize_records
 from lorakit.io.base_rows import BaseWeights

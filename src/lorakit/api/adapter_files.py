@@ -1,0 +1,128 @@
+"""An adapter folder as PeftModel reads and writes it: the file's tensors (key mapping), checks before anything is
+built or written (ranks against the config, a folder made for another base), all-or-nothing loading, and how a
+loaded adapter is initialized before its tensors arrive."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.adapters import state
+from lorakit.adapters.inject import TargetError
+from lorakit.config import LoraConfig
+from lorakit.io import files
+from lorakit.io.files import AdapterError
+from lorakit.ops.init import mutates_base
+
+
+def load_tensors(
+    model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, source: str, kwargs: dict[str, Any]
+) -> None:
+    """state.load_adapter_state_dict, all or nothing. PEFT's ``ignore_mismatched_sizes=True`` loads the rest and leaves
+    the tensors that do not fit at their initial values; lorakit does not: a misfit raises with the flag too, and the
+    error says so (an adapter whose tensors all fit loads as without the flag)."""
+    try:
+        state.load_adapter_state_dict(model, tensors, adapter_name, source)
+    except files.AdapterFileError as e:
+        if not kwargs.get("ignore_mismatched_sizes"):
+            raise
+        raise files.AdapterFileError(
+            f"{e} (ignore_mismatched_sizes=True does not leave misfit tensors out in lorakit: it loads all of an "
+            "adapter or nothing; for a resized embedding, load onto the base resized as it was when the adapter was "
+            "saved)"
+        ) from None
+
+
+def target_error(
+    model: nn.Module, model_id: str | os.PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor], e: TargetError
+) -> files.AdapterFileError:
+    """A saved adapter whose targets match nothing in ``model``: when a module of its file is not in the model, say
+    that it was made for another base (the base it records, that module and its shape) instead of listing this
+    model's module names."""
+    names = {name for name, _ in model.named_modules()}
+    pairs = files.lora_pairs(tensors)  # {module: (A (r, in), B (out, r))}
+    module = next((name for name in pairs if name not in names), None)
+    if module is None:
+        return files.AdapterFileError(f"{Path(model_id) / files.CONFIG_NAME}: {e}")
+    A, B = pairs[module]
+    recorded = config.base_model_name_or_path
+    base = f"base_model_name_or_path {recorded!r}" if recorded else "no base_model_name_or_path"
+    name = getattr(model, "name_or_path", "")
+    return files.AdapterFileError(
+        f"{model_id} was made for another base model: it records {base}, and its module {module!r} "
+        f"({B.shape[0]} x {A.shape[1]}) is not in this {type(model).__name__}{f' ({name!r})' if name else ''}; "
+        "load it onto its own base (lorakit: leave out --model) or train an adapter for this model"
+    )
+
+
+def check_loadable(name: str, saved: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """AdapterError, before anything is written, for an adapter whose tensors the loader would refuse beside the
+    config saved with them (state.check_ranks): a rank other than the config's, as after
+    prepare_model_for_compiled_hotswap(target_rank=...), which pads A and B with zeros."""
+    try:
+        state.check_ranks(saved, tensors, "the adapter's tensors")
+    except files.AdapterFileError as e:
+        raise AdapterError(
+            f"cannot save adapter {name!r}, nothing was written: {str(e).split(': the two files')[0]}, and lorakit "
+            "would refuse to load that file. If prepare_model_for_compiled_hotswap(target_rank=...) padded the model, "
+            "save the adapter before padding it, or keep the file it was loaded from"
+        ) from None
+
+
+def read_weights(
+    model: nn.Module, model_id: str | os.PathLike, key_mapping: dict[str, str] | None
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The adapter file's tensors, keys renamed by ``key_mapping`` (default: the model's
+    ``_checkpoint_conversion_mapping``), and the file's name for messages."""
+    tensors, source = files.read_weights(model_id)
+    if key_mapping is None:
+        key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
+    return state.remap_keys(tensors, key_mapping), source
+
+
+def init_for_loading(config: LoraConfig) -> bool | str:
+    """How to initialize an adapter whose weights are about to be loaded: skip the work (True: cheap kaiming), except
+    for initializers that change the base weight (PiSSA, OLoRA), whose adapters fit the residual base only: re-run
+    those to rebuild it, as PEFT does, and for 'mica', which also chooses the adapter's variant (its B frozen)."""
+    keep = mutates_base(config.init_lora_weights) or "mica" in config.variant_names()
+    return config.init_lora_weights if keep else True
+
+
+def check_base(model: nn.Module, model_id: str | os.PathLike) -> None:
+    """Warn when an adapter trained on lorakit's bundled default model is loaded onto another copy of that model
+    (e.g. the hub's original weights): the outputs then differ from the training run's by the Q4_1 rounding."""
+    tag = files.read_metadata(model_id).get(files.BASE_TAG_KEY)
+    if tag and getattr(model, "_lorakit_base_tag", None) != tag:
+        warnings.warn(
+            f"{model_id} was trained on lorakit's bundled default model ({tag}); this base is "
+            f"{getattr(model, 'name_or_path', type(model).__name__)!r}, another copy: its outputs differ from the "
+            "training run's by the bundled file's Q4_1 rounding. Load the base with lorakit.load_default_model() "
+            "to get the copy it was trained on",
+            stacklevel=3,
+        )
+
+
+def push_to_hub(model: Any, repo_id: str, commit_message: str, private: bool | None, token: str | bool | None,
+                revision: str | None, create_pr: bool, **save_kwargs: Any) -> object:
+    """PeftModel.push_to_hub: ``model.save_pretrained`` into a temporary folder, uploaded to ``repo_id``."""
+    import huggingface_hub  # only here: nothing else in lorakit talks to the Hub
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise RuntimeError(
+            f"push_to_hub({repo_id!r}) needs the network, but HF_HUB_OFFLINE is set; unset it, or save with "
+            "save_pretrained(folder) and upload the folder later (hf upload <repo> <folder>)"
+        )
+    api = huggingface_hub.HfApi(token=token)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, **save_kwargs)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision,
+            create_pr=create_pr,
+        )
