@@ -75,6 +75,14 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
+    @property
+    def runs_as_current(self) -> nn.Module | None:
+        """``current`` when a call of this wrapper is exactly a call of it (no per-row routing, no hooks on the
+        wrapper), else None: what fast paths that compute the wrapped layer themselves may use (the fused loss)."""
+        if self.routing is not None or self._forward_hooks or self._forward_pre_hooks:
+            return None
+        return self.current
+
     def __getattr__(self, name: str) -> object:
         """What code reads from the wrapped module (``weight``, ``bias``, ``in_features``, ...): the module that runs
         now (the active trained copy, else the original), as PEFT's wrapper answers."""

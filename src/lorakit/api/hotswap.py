@@ -37,7 +37,7 @@ from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.linear import LoraLinear
 from lorakit.adapters.variant_bdlora import BlockDiagonalLinear
 from lorakit.api.adapter_files import read_weights
-from lorakit.config import LoraConfig, PeftType, read_config, scaling_for
+from lorakit.config import LoraConfig, PeftType, read_config, requested_variants, scaling_for
 from lorakit.io import files
 
 # The settings that change a layer's output besides its tensors and scaling; two adapters must agree on them (PEFT's
@@ -334,16 +334,11 @@ def _peft_type(config: Any) -> str:
 
 
 def _variant_fields(*configs: Any) -> list[str]:
-    """The fields that choose a variant (tagged is_lora_variant), and init_lora_weights when it chooses one (mica)."""
-    names: list[str] = []
-    for config in configs:
-        if dataclasses.is_dataclass(config):
-            for f in dataclasses.fields(config):
-                if f.metadata.get("is_lora_variant") and f.name not in names and f.name != "use_dora":
-                    names.append(f.name)
-    if any("mica" in getattr(c, "variant_names", lambda: ())() for c in configs):
-        names.append("init_lora_weights")
-    return names
+    """The fields that choose a variant (lorakit.config.requested_variants: those tagged is_lora_variant; use_dora is
+    PEFT's already), and init_lora_weights last when it chooses one (mica)."""
+    requested = [requested_variants(c) for c in configs if dataclasses.is_dataclass(c)]
+    names = [name for name in dict.fromkeys(k for r in requested for k in r) if name not in ("use_dora", "mica")]
+    return names + (["init_lora_weights"] if any(r.get("mica") for r in requested) else [])
 
 
 def hotswap_adapter_from_state_dict(
@@ -375,8 +370,7 @@ def hotswap_adapter_from_state_dict(
             "Unmerge it first with model.unmerge_adapter(), then swap"
         )
     slots = _slots(root, adapter_name, parameter_prefix)
-    incoming = {key.replace("_orig_mod.", "", 1) if key.startswith("_orig_mod.") else key: value
-                for key, value in state_dict.items()}
+    incoming = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
     unexpected = [key for key in incoming if key not in slots]
     if unexpected:
         raise RuntimeError(

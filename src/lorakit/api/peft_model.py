@@ -449,11 +449,7 @@ def _head_linear(model: nn.Module) -> nn.Module | None:
     (None when that copy routes rows to several adapters or has hooks)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    if isinstance(head, ModulesToSaveWrapper):
-        if head.routing is not None or head._forward_hooks or head._forward_pre_hooks:
-            return None
-        return head.current
-    return head
+    return head.runs_as_current if isinstance(head, ModulesToSaveWrapper) else head
 
 
 def _batch_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:

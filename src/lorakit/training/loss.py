@@ -57,14 +57,8 @@ def _plain_linear(head: nn.Module) -> nn.Linear | None:
     """The ``nn.Linear`` (or frozen ``HalfLinear``) that computes ``head(x)``, or None when the head does more (a
     LoRA wrapper, NF4 weights, hooks, per-row adapter routing, another device) and only its own forward is exact."""
     if isinstance(head, ModulesToSaveWrapper):
-        if _has_hooks(head) or getattr(head, "routing", None) is not None:  # routing: one adapter per row
-            return None
-        head = head.current
-    return head if head_refusal(head) is None else None  # type: ignore[return-value]
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+        head = head.runs_as_current  # None: routing one adapter per row, or hooks
+    return head if head is not None and head_refusal(head) is None else None  # type: ignore[return-value]
 
 
 def _labelled(body: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
