@@ -188,10 +188,15 @@ def test_wrappers_answer_the_base_layers_attributes_without_registering_them(kin
         assert (layer.num_embeddings, layer.embedding_dim, layer.padding_idx) == (20, 6, 3)
 
 
-def test_quantized_base_has_no_weight_to_answer():
-    from lorakit.quant.linear import QuantLinear
+def test_quantized_base_answers_its_dequantized_weight():
+    """Since b30db57 a QuantLinear's ``weight`` is its dequantized weight (a new tensor, not a Parameter), so the
+    wrapper answers modeling code that reads ``layer.weight`` with it; assigning one is refused."""
+    from lorakit.quant.linear import QuantizedBaseError, QuantLinear
 
     layer = _adapted(QuantLinear.from_linear(_linear(), 8))
-    with pytest.raises(AttributeError, match="weight"):
-        _ = layer.weight
+    weight = layer.weight
+    assert not isinstance(weight, torch.nn.Parameter)
+    torch.testing.assert_close(weight, layer.base_layer.dequantize(), rtol=0, atol=0)
+    with pytest.raises(QuantizedBaseError, match="requantize_"):
+        layer.base_layer.weight = torch.zeros_like(weight)
     assert layer.bias is layer.base_layer.bias
