@@ -56,6 +56,7 @@ if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_lay
     )
     from lorakit.api.status import get_layer_status, get_model_status
     from lorakit.config import (
+        ArrowConfig,
         BdLoraConfig,
         ConfigError,
         CordaConfig,
@@ -63,6 +64,7 @@ if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_lay
         KasaConfig,
         LoftQConfig,
         LoraConfig,
+        LoraGAConfig,
         MontecloraConfig,
         PeftConfig,
         PeftError,
@@ -104,9 +106,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
                                "PeftModelForTokenClassification"),
     "lorakit.api.mapping": ("get_peft_model",),
     "lorakit.api.status": ("get_layer_status", "get_model_status"),
-    "lorakit.config": ("BdLoraConfig", "ConfigError", "CordaConfig", "EvaConfig", "KasaConfig", "LoftQConfig",
-                       "LoraConfig", "MontecloraConfig", "PeftConfig", "PeftError", "PeftType", "PeftWarning",
-                       "TaskType", "VeloraConfig", "get_peft_config"),
+    "lorakit.config": ("ArrowConfig", "BdLoraConfig", "ConfigError", "CordaConfig", "EvaConfig", "KasaConfig",
+                       "LoftQConfig", "LoraConfig", "LoraGAConfig", "MontecloraConfig", "PeftConfig", "PeftError",
+                       "PeftType", "PeftWarning", "TaskType", "VeloraConfig", "get_peft_config"),
     "lorakit.io.files": ("AdapterError", "AdapterFileError"),
     "lorakit.io.models": ("load_default_model",),
     "lorakit.training.args": ("TrainArgs",),

@@ -16,11 +16,34 @@ import re
 import types
 import typing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorakit.config_base import (  # noqa: F401 - re-exported: lorakit.config is where callers import them from
+    VARIANT,
+    ConfigError,
+    ConfigTypeError,
+    NotAPeftConfigError,
+    PeftError,
+    PeftWarning,
+    described,
+    requested_variants,
+)
 from lorakit.io.untrusted import AdapterFileError, read_small_text
+from lorakit.sub_configs import (  # noqa: F401 - re-exported
+    SUB_CONFIGS,
+    ArrowConfig,
+    BdLoraConfig,
+    CordaConfig,
+    EvaConfig,
+    KasaConfig,
+    LoftQConfig,
+    LoraGAConfig,
+    MontecloraConfig,
+    VeloraConfig,
+    as_sub_config,
+)
 
 # lorakit.io.files and lorakit.ops.init import torch; a LoraConfig is made and checked without it (``lorakit train``
 # checks its options before torch loads), so ``_files()`` / ``_init()`` import them where a file is read or an
@@ -47,368 +70,123 @@ class PeftType(str, enum.Enum):
     LORA = "LORA"
 
 
-class PeftError(Exception):
-    """The base of the errors PEFT code catches as ``peft.PeftError`` (PEFT's class of the name)."""
-
-
-class ConfigError(ValueError, PeftError):
-    """A LoraConfig field holds a value lorakit cannot use; the message names the field and the allowed values."""
-
-
-class ConfigTypeError(ConfigError, TypeError):
-    """A LoraConfig field holds a value of the wrong type (a TypeError too, as PEFT raises there)."""
-
-
-class NotAPeftConfigError(AdapterFileError, TypeError):
-    """A JSON object that is no PEFT config: no ``peft_type`` and keys no config has (a TypeError, as PEFT's)."""
-
-
-class PeftWarning(UserWarning):
-    """A warning about an adapter's setup that still works but may not do what was meant (PEFT's class of the name)."""
-
-
-def _help(text: str, default: Any = None, factory: Any = None, **metadata: Any) -> Any:
-    """A field with its help text (and ``metadata``: PEFT's variant tags, see ``requested_variants``)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": text, **metadata})
-    return field(default=default, metadata={"help": text, **metadata})
-
-
-_VARIANT = {"is_lora_variant": True}  # metadata of a field that chooses a LoRA variant when set (PEFT's tag)
-
-
-def requested_variants(config: Any) -> dict[str, bool]:
-    """{variant name: whether ``config`` asks for it}, read from the tags of its dataclass fields, as PEFT's
-    ``resolve_lora_variant`` reads them: a field tagged ``is_lora_variant`` names a variant that is on when the field
-    is set; the values ``init_lora_weights``'s ``lora_variants`` metadata lists are variants of their own
-    (init_lora_weights='mica')."""
-    requested: dict[str, bool] = {}
-    for f in dataclasses.fields(config):
-        if f.name == "init_lora_weights":
-            value = config.init_lora_weights
-            for option in f.metadata.get("lora_variants", ()):
-                requested[option] = isinstance(value, str) and value.lower() == option.lower()
-        elif f.metadata.get("is_lora_variant"):
-            requested[f.name] = bool(getattr(config, f.name))
-    return requested
-
-
-@dataclass
-class LoftQConfig:
-    """Settings of the LoftQ initializer (quantize / low-rank alternation), as in PEFT."""
-
-    loftq_bits: int = _help("Bits of the quantized base the adapter compensates for (4 or 8).", 4)
-    loftq_iter: int = _help("Alternating quantize / SVD iterations.", 1)
-
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-
-_VELORA_INIT_TYPES = ("batch_average_once", "batch_average", "random")  # lorakit.ops.velora.INIT_TYPES
-
-
-@dataclass
-class VeloraConfig:
-    """Settings of VeLoRA (Miles et al. 2024): A's backward pass keeps each input token as G rank-1 sub-token
-    coefficients instead of the token itself (lorakit.ops.velora), as PEFT's ``VeloraConfig``."""
-
-    num_groups: int = _help(
-        "Sub-tokens G per input token: more groups reconstruct the input better and keep more memory.", 64
-    )
-    scale: float = _help("Factor on the reconstructed input in the backward pass.", 1.0)
-    init_type: str = _help(
-        "The projection vector: 'batch_average' (mean sub-token of each training batch), 'batch_average_once' (of "
-        "the first one only), or 'random' (drawn once).",
-        "batch_average",
-    )
-
-    def __post_init__(self) -> None:  # PEFT's wording (its tests match it), then the fix
-        if isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int) or self.num_groups <= 0:
-            raise ConfigError(f"`num_groups` should be positive, got {self.num_groups}. Pass e.g. num_groups=64")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not self.scale > 0:
-            raise ConfigError(f"`scale` should be positive, got {self.scale}. Pass e.g. scale=1.0")
-        if self.init_type not in _VELORA_INIT_TYPES:
-            raise ConfigError(
-                f"Unsupported `init_type` {self.init_type!r}. Supported values are 'batch_average_once', "
-                "'batch_average', and 'random'."
-            )
-
-
-@dataclass
-class BdLoraConfig:
-    """Settings of BD-LoRA (block-diagonal LoRA): per target, A or B is block-diagonal with ``nblocks`` blocks, so
-    that a tensor-parallel engine with ``nblocks`` shards serves the adapter without extra communication (modules
-    sharded by rows, e.g. o_proj / down_proj: A; by columns, e.g. q/k/v/up/gate_proj: B). PEFT's ``BdLoraConfig``."""
-
-    target_modules_bd_a: list[str] | None = _help(
-        "Targets whose A is block-diagonal: a target matches when one of these strings is part of its name."
-    )
-    target_modules_bd_b: list[str] | None = _help(
-        "Targets whose B is block-diagonal: a target matches when one of these strings is part of its name."
-    )
-    nblocks: int = _help("Blocks of each block-diagonal factor (the serving engine's tensor-parallel degree).", 1)
-    match_strict: bool = _help(
-        "True: every target must match target_modules_bd_a or _bd_b (an error otherwise); False: the others get "
-        "plain LoRA.",
-        True,
-    )
-
-    def __post_init__(self) -> None:
-        overlap = set(self.target_modules_bd_a or []) & set(self.target_modules_bd_b or [])
-        if overlap:  # PEFT's wording (its tests match it), then the fix
-            raise ConfigError(
-                f"Found overlapping modules in target_modules_bd lists: {self.target_modules_bd_a} (A) and "
-                f"{self.target_modules_bd_b} (B). Name each module in one list only"
-            )
-        if isinstance(self.nblocks, bool) or not isinstance(self.nblocks, int) or self.nblocks <= 0:
-            raise ConfigError(f"nblocks={self.nblocks!r} must be a positive integer, e.g. 2")
-
-
-@dataclass
-class KasaConfig:
-    """Settings of KaSA (knowledge-aware singular-value adaptation, Wang et al. 2024, arXiv 2412.06071): the
-    coefficients of its two auxiliary losses, which ``LoraModel._get_kasa_loss`` returns for the caller to add to the
-    task loss (lorakit.ops.kasa.regularization). PEFT's ``KasaConfig``. Adding a KaSA adapter truncates the base
-    weight (its r smallest singular components removed): disabling or unloading the adapter does not undo that."""
-
-    beta: float = _help(
-        "Coefficient of the L2 penalty sum(lora_diag ** 2) on the learned singular values (paper eq. 9-10).", 1e-4
-    )
-    gamma: float = _help(
-        "Coefficient of the orthogonality penalty ||B^T B - I||_F + ||A A^T - I||_F (paper eq. 11).", 1e-3
-    )
-
-    def __post_init__(self) -> None:  # PEFT's wording (its tests match it), then the fix
-        for name in ("beta", "gamma"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ConfigError(f"`{name}` must be non-negative, got {value}. Pass e.g. {name}=0.0 to turn it off")
-
-
-@dataclass
-class MontecloraConfig:
-    """Settings of MonteCLoRA (Monte Carlo LoRA, Sengupta et al. 2024, arXiv 2411.04358): in training, A is the
-    mixture of ``num_samples`` noisy copies A + N_k (Gaussian noise whose per-rank variance is a Wishart-style draw
-    around learned scales), mixed by Dirichlet-style weights; evaluation and merging use A itself. Its variational loss
-    comes from ``LoraModel._get_monteclora_loss`` (lorakit.ops.monteclora). PEFT's ``MontecloraConfig``."""
-
-    num_samples: int = _help("Noisy copies of A mixed in each training forward.", 8)
-    use_entropy: bool = _help("Add the sum of the squared mixture weights to the variational loss.", False)
-    dirichlet_prior: float = _help("Concentration of the Dirichlet prior of the mixture weights (> 0).", 0.1)
-    sample_scaler: float = _help("Factor on the noise N_k (near 0: plain LoRA).", 1e-4)
-    kl_loss_weight: float = _help("Weight of the KL terms in the variational loss.", 1e-5)
-    buffer_size: int = _help("Training forwards whose random draws are made at once, ahead of time.", 150)
-
-    def __post_init__(self) -> None:  # PEFT's wording (its tests match it), then the fix
-        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples <= 0:
-            raise ConfigError(f"`num_samples` must be greater than 0, got {self.num_samples}. Pass e.g. num_samples=8")
-        if not isinstance(self.dirichlet_prior, (int, float)) or not self.dirichlet_prior > 0:
-            raise ConfigError(
-                f"`dirichlet_prior` must be greater than 0, got {self.dirichlet_prior}. Pass e.g. dirichlet_prior=0.1"
-            )
-        if isinstance(self.buffer_size, bool) or not isinstance(self.buffer_size, int) or self.buffer_size <= 0:
-            raise ConfigError(f"buffer_size={self.buffer_size!r} must be a positive integer, e.g. 150")
-
-
-_CORDA_METHODS = ("ipm", "kpm")  # lorakit.ops.corda.METHODS
-
-
-@dataclass
-class CordaConfig:
-    """Settings of CorDA (context-oriented decomposition, Yang et al. 2024, arXiv 2406.05223), used with
-    init_lora_weights='corda': lorakit.preprocess_corda collects each target's input covariance C from sample data
-    and the adapter starts from the SVD of W @ C (lorakit.ops.corda); the base keeps the residual. PEFT's
-    ``CordaConfig``."""
-
-    cache_file: str | None = _help(
-        "File of the decompositions (U, S, V per target, after the rank cut): written by preprocess_corda when it is "
-        "missing, read instead of collecting when it exists; much smaller than the residual model, which it rebuilds "
-        "from the original weights."
-    )
-    covariance_file: str | None = _help(
-        "File of the input covariances (one (in, in) matrix per target): written when missing, read instead of "
-        "running the model when it exists, so that adapters of other ranks can be made from the same data. About the "
-        "size of the model."
-    )
-    corda_method: str = _help(
-        "'ipm' (instruction-previewed): the adapter takes the r largest components, for the fastest fine-tuning; "
-        "'kpm' (knowledge-preserved): the r smallest, run on the knowledge to keep, to limit forgetting it.",
-        "ipm",
-    )
-    verbose: bool = _help("Print the progress of the decompositions.", False)
-    use_float16_for_covariance: bool = _help(
-        "Accumulate the covariances in the inputs' own dtype (half the memory for a half-precision model, less "
-        "accurate) instead of fp32.",
-        False,
-    )
-    prune_temporary_fields: bool = _help(
-        "Delete the covariance_matrix and sample_count preprocess_corda leaves on each target module.", True
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("cache_file", "covariance_file"):
-            value = getattr(self, name)
-            if isinstance(value, os.PathLike):
-                setattr(self, name, os.fspath(value))  # a path as JSON saves it
-            elif value is not None and not isinstance(value, str):
-                raise ConfigError(f"{name}={value!r} must be a file path or None, e.g. {name}='corda/{name}.pt'")
-        if self.corda_method not in _CORDA_METHODS:
-            raise ConfigError(f"corda_method={self.corda_method!r} is unknown; use 'ipm' or 'kpm'")
-
-
-@dataclass
-class EvaConfig:
-    """Settings of EVA (explained variance adaptation, Paischer et al. 2024, arXiv 2410.07170), used with
-    init_lora_weights='eva': lorakit.initialize_lora_eva_weights sets each A to the top right-singular vectors of its
-    layer's inputs (an incremental SVD over batches) and moves rank between layers by explained variance
-    (lorakit.ops.eva). PEFT's ``EvaConfig``."""
-
-    rho: float = _help(
-        "Rank redistribution (>= 1): a layer may get up to round(r * rho) components; 1 keeps r everywhere.", 2.0
-    )
-    tau: float = _help(
-        "Convergence threshold in [0, 1]: a layer stops when the cosine similarity of its components between two "
-        "consecutive batches reaches tau.",
-        0.99,
-    )
-    use_label_mask: bool = _help("Leave out the token positions whose label is label_mask_value.", True)
-    label_mask_value: int = _help("The label of ignored positions (with use_label_mask).", -100)
-    whiten: bool = _help("Divide each component by the square root of its singular value.", False)
-    adjust_scaling_factors: bool = _help(
-        "Scale lora_alpha with a layer's new rank (alpha * new_r / r), so that its scaling stays alpha / r.", True
-    )
-
-    def __post_init__(self) -> None:  # PEFT's wording (its tests match it), then the fix
-        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not self.rho >= 1.0:
-            raise ConfigError(f"`rho` must be >= 1.0, got {self.rho!r}; pass e.g. rho=2.0 (1.0: no redistribution)")
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0.0 <= self.tau <= 1.0:
-            raise ConfigError(f"`tau` must be between 0.0 and 1.0. Got {self.tau!r}; pass e.g. tau=0.99")
-
-
-# written to adapter_config.json as dicts
-_SUB_CONFIGS = (VeloraConfig, BdLoraConfig, KasaConfig, MontecloraConfig, CordaConfig, EvaConfig)
-
-
-def _sub_config(name: str, value: Any, cls: type) -> Any:
-    """None, a ``cls``, or its dict (as adapter_config.json holds it) -> None or a ``cls``; keys ``cls`` lacks are
-    dropped, as PEFT does."""
-    if value is None or isinstance(value, cls):
-        return value
-    if isinstance(value, dict):
-        own = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in value.items() if k in own})
-    raise TypeError(  # PEFT's wording first (its tests match it)
-        f"`{cls.__name__}` must be a `{cls.__name__}`, a dict, or None. Got {type(value).__name__}: {name} must be "
-        f"a `{cls.__name__}`, a dict, or None, e.g. {name}={cls.__name__}()"
-    )
-
-
 @dataclass
 class LoraConfig:
     """A LoRA adapter: which modules it wraps, its rank and scaling, and how it starts (PEFT-compatible)."""
 
-    r: int = _help("Rank of the update B @ A.", 8)
-    target_modules: list[str] | str | None = _help(
+    r: int = described("Rank of the update B @ A.", 8)
+    target_modules: list[str] | str | None = described(
         "Modules to wrap: a list of names or dotted suffixes, a regex (str, full match), 'all-linear', "
         "or None for the architecture's default.",
     )
-    exclude_modules: list[str] | str | None = _help("Modules never wrapped (same matching rules as target_modules).")
-    target_parameters: list[str] | None = _help(
+    exclude_modules: list[str] | str | None = described(
+        "Modules never wrapped (same matching rules as target_modules)."
+    )
+    target_parameters: list[str] | None = described(
         "Parameters to adapt directly, by name or dotted suffix (e.g. 'mlp.experts.gate_up_proj'): for weights that no "
         "nn.Linear computes with, such as the fused 3-D expert stacks of transformers 5's mixtures of experts "
         "(one low-rank update per expert); see lorakit.adapters.parameter.",
     )
-    lora_alpha: float = _help("Scaling numerator: the update is multiplied by lora_alpha / r.", 8)
-    lora_dropout: float = _help("Dropout probability on the adapter's input, in [0, 1).", 0.0)
-    fan_in_fan_out: bool = _help(
+    lora_alpha: float = described("Scaling numerator: the update is multiplied by lora_alpha / r.", 8)
+    lora_dropout: float = described("Dropout probability on the adapter's input, in [0, 1).", 0.0)
+    fan_in_fan_out: bool = described(
         "True if the base weight is stored (in, out), as GPT-2's Conv1D (set automatically).", False
     )
-    bias: str = _help("Which biases train: 'none', 'all', or 'lora_only' (biases of wrapped modules).", "none")
-    use_rslora: bool = _help("Rank-stabilized scaling lora_alpha / sqrt(r) (Kalajdzievski 2023).", False)
-    modules_to_save: list[str] | None = _help("Modules trained in full and saved with the adapter (e.g. a head).")
-    init_lora_weights: bool | str = _help(
+    bias: str = described("Which biases train: 'none', 'all', or 'lora_only' (biases of wrapped modules).", "none")
+    use_rslora: bool = described("Rank-stabilized scaling lora_alpha / sqrt(r) (Kalajdzievski 2023).", False)
+    modules_to_save: list[str] | None = described("Modules trained in full and saved with the adapter (e.g. a head).")
+    init_lora_weights: bool | str = described(
         "True: Kaiming-uniform A, zero B (identity at start); 'gaussian': normal A (std 1/r), zero B; "
         "False: random A and B (not an identity, for tests); see lorakit.ops.init for the full list.",
         True,
         lora_variants=("mica",),  # init_lora_weights='mica' is MiCA, a variant (lorakit.adapters.variant_mica)
     )
-    layers_to_transform: list[int] | int | None = _help("Only wrap modules in these layer indices.")
-    layers_pattern: list[str] | str | None = _help("Name of the layer list that layers_to_transform indexes.")
-    rank_pattern: dict[str, int] = _help("Per-module rank overrides: {name regex: r}.", factory=dict)
-    alpha_pattern: dict[str, float] = _help("Per-module alpha overrides: {name regex: alpha}.", factory=dict)
-    task_type: TaskType | str | None = _help("The task (CAUSAL_LM, SEQ_CLS, ...); picks the model wrapper.")
-    base_model_name_or_path: str | None = _help("The base model this adapter belongs to (set on save).")
-    revision: str | None = _help("Revision of the base model on the hub, if any.")
-    inference_mode: bool = _help("True when loaded for inference: adapter weights are frozen.", False)
-    loftq_config: LoftQConfig | dict = _help("LoftQ settings, used with init_lora_weights='loftq'.", factory=dict)
-    use_dora: bool = _help(
+    layers_to_transform: list[int] | int | None = described("Only wrap modules in these layer indices.")
+    layers_pattern: list[str] | str | None = described("Name of the layer list that layers_to_transform indexes.")
+    rank_pattern: dict[str, int] = described("Per-module rank overrides: {name regex: r}.", factory=dict)
+    alpha_pattern: dict[str, float] = described("Per-module alpha overrides: {name regex: alpha}.", factory=dict)
+    task_type: TaskType | str | None = described("The task (CAUSAL_LM, SEQ_CLS, ...); picks the model wrapper.")
+    base_model_name_or_path: str | None = described("The base model this adapter belongs to (set on save).")
+    revision: str | None = described("Revision of the base model on the hub, if any.")
+    inference_mode: bool = described("True when loaded for inference: adapter weights are frozen.", False)
+    loftq_config: LoftQConfig | dict = described("LoftQ settings, used with init_lora_weights='loftq'.", factory=dict)
+    use_dora: bool = described(
         "Weight-decomposed LoRA (DoRA, Liu et al. 2024): a learned magnitude per output row rescales W + s * B @ A.",
         False,
-        **_VARIANT,
+        **VARIANT,
     )
-    lora_bias: bool = _help(
+    lora_bias: bool = described(
         "Give each adapter's B a trainable bias b (out,): the update is s * (B @ A @ x + b), merged into the base "
         "layer's bias. For adapters extracted from fully fine-tuned weights; needs init_lora_weights True or False "
         "and no DoRA.",
         False,
     )
-    velora_config: VeloraConfig | dict | None = _help(
+    velora_config: VeloraConfig | dict | None = described(
         "VeLoRA (a VeloraConfig, or its dict): A's backward pass keeps compressed inputs, to save activation memory; "
         "the forward and the merged weight are plain LoRA's (lorakit.adapters.variant_velora). nn.Linear / Conv1D "
         "targets only.",
-        **_VARIANT,
+        **VARIANT,
     )
-    use_bdlora: BdLoraConfig | dict | None = _help(
+    use_bdlora: BdLoraConfig | dict | None = described(
         "BD-LoRA (a BdLoraConfig, or its dict): A or B block-diagonal per target, for tensor-parallel serving "
         "(lorakit.adapters.variant_bdlora). nn.Linear / Conv1D targets only.",
-        **_VARIANT,
+        **VARIANT,
     )
-    kasa_config: KasaConfig | dict | None = _help(
+    kasa_config: KasaConfig | dict | None = described(
         "KaSA (a KasaConfig, or its dict): the base weight loses its r smallest singular components (once, when the "
         "adapter is added) and the update is s * B @ diag(lora_diag) @ A, with lora_diag (r,) learned "
         "(lorakit.adapters.variant_kasa). nn.Linear targets only; not combined with adapters without KaSA.",
-        **_VARIANT,
+        **VARIANT,
     )
-    monteclora_config: MontecloraConfig | dict | None = _help(
+    monteclora_config: MontecloraConfig | dict | None = described(
         "MonteCLoRA (a MontecloraConfig, or its dict): in training, A is a learned mixture of noisy copies of itself, "
         "with a variational loss (LoraModel._get_monteclora_loss); evaluation and merging are plain LoRA's "
         "(lorakit.adapters.variant_monteclora). nn.Linear / Conv1D targets only.",
-        **_VARIANT,
+        **VARIANT,
     )
-    corda_config: CordaConfig | dict | None = _help(
+    corda_config: CordaConfig | dict | None = described(
         "CorDA settings (a CordaConfig, or its dict), used with init_lora_weights='corda' after "
         "lorakit.preprocess_corda.",
     )
-    eva_config: EvaConfig | dict | None = _help(
+    eva_config: EvaConfig | dict | None = described(
         "EVA settings (an EvaConfig, or its dict), used with init_lora_weights='eva' and "
         "lorakit.initialize_lora_eva_weights.",
     )
-    trainable_token_indices: list[int] | dict[str, list[int]] | None = _help(
+    lora_ga_config: LoraGAConfig | dict | None = described(
+        "LoRA-GA settings (a LoraGAConfig, or its dict), used with init_lora_weights='lora_ga' after "
+        "lorakit.preprocess_loraga.",
+    )
+    arrow_config: ArrowConfig | dict | None = described(
+        "Arrow routing (an ArrowConfig, or its dict): the adapter mixes the loaded task adapters per token "
+        "(lorakit.create_arrow_model, lorakit.adapters.variant_arrow). nn.Linear / Conv1D targets only.",
+        **VARIANT,
+    )
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = described(
         "Train only these rows of an embedding (token ids), the rest frozen: a list for the input embedding, or "
         "{module name: ids} for named embeddings (lorakit.adapters.trainable_tokens).",
     )
-    ensure_weight_tying: bool = _help(
+    ensure_weight_tying: bool = described(
         "With tie_word_embeddings: keep the output layer tied to the input embedding's adapter (LoRA factors, "
         "modules_to_save copy or trainable token rows shared between the two).",
         False,
     )
-    alora_invocation_tokens: list[int] | None = _help(
+    alora_invocation_tokens: list[int] | None = described(
         "Activated LoRA (aLoRA, arXiv 2504.12397): the token ids of the invocation sequence. Each row gets the update "
         "from the last occurrence of this sequence on; earlier tokens see the base model, so its KV cache of the "
         "prefix can be reused (lorakit.adapters.variant_alora). Needs input_ids in forward / generate (the offsets "
         "are found there); no merging, no beam search. nn.Linear / Conv1D targets only.",
-        **_VARIANT,
+        **VARIANT,
     )
-    auto_mapping: dict[str, str] | None = _help(
+    auto_mapping: dict[str, str] | None = described(
         "Without a task_type: the base model's class and module (set on save, as PEFT does; PEFT's AutoPeftModel "
         "reads them to choose the class to load)."
     )
-    peft_type: PeftType | str = _help(
+    peft_type: PeftType | str = described(
         "The method, as adapter_config.json names it: always 'LORA' for a LoraConfig (another value given here is "
         "replaced, with a warning; a file naming another method is refused).",
         PeftType.LORA,
     )
-    peft_version: str | None = _help(
+    peft_version: str | None = described(
         "The PEFT version whose adapter_config.json format the file follows; None (the default) fills in the one "
         "lorakit writes, lorakit.config.__version__. A loaded file keeps its own.",
     )
@@ -433,12 +211,14 @@ class LoraConfig:
                 ) from None
         if isinstance(self.loftq_config, LoftQConfig):
             self.loftq_config = self.loftq_config.to_dict()
-        self.velora_config = _sub_config("velora_config", self.velora_config, VeloraConfig)
-        self.use_bdlora = _sub_config("use_bdlora", self.use_bdlora, BdLoraConfig)
-        self.kasa_config = _sub_config("kasa_config", self.kasa_config, KasaConfig)
-        self.monteclora_config = _sub_config("monteclora_config", self.monteclora_config, MontecloraConfig)
-        self.corda_config = _sub_config("corda_config", self.corda_config, CordaConfig)
-        self.eva_config = _sub_config("eva_config", self.eva_config, EvaConfig)
+        self.velora_config = as_sub_config("velora_config", self.velora_config, VeloraConfig)
+        self.use_bdlora = as_sub_config("use_bdlora", self.use_bdlora, BdLoraConfig)
+        self.kasa_config = as_sub_config("kasa_config", self.kasa_config, KasaConfig)
+        self.monteclora_config = as_sub_config("monteclora_config", self.monteclora_config, MontecloraConfig)
+        self.corda_config = as_sub_config("corda_config", self.corda_config, CordaConfig)
+        self.eva_config = as_sub_config("eva_config", self.eva_config, EvaConfig)
+        self.lora_ga_config = as_sub_config("lora_ga_config", self.lora_ga_config, LoraGAConfig)
+        self.arrow_config = as_sub_config("arrow_config", self.arrow_config, ArrowConfig)
         if self.peft_type != PeftType.LORA:
             warnings.warn(f"LoraConfig(peft_type={self.peft_type!r}): a LoraConfig is always peft_type 'LORA'; the "
                           "value was replaced (leave peft_type out)", PeftWarning, stacklevel=3)
@@ -569,7 +349,7 @@ class LoraConfig:
         out: dict[str, Any] = dict(_peft_file_keys())
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, _SUB_CONFIGS):
+            if isinstance(value, SUB_CONFIGS):
                 value = dataclasses.asdict(value)
             out[f.name] = value.value if isinstance(value, enum.Enum) else value
         return out
@@ -707,10 +487,8 @@ def _peft_file_keys() -> dict[str, Any]:
 # Keys PEFT writes for features lorakit does not implement, with the value that means "feature off".
 _NEUTRAL_PEFT_KEYS: dict[str, Any] = {
     "megatron_config": None,
-    "lora_ga_config": None,
     "use_qalora": False,
     "layer_replication": None,
-    "arrow_config": None,
 }
 
 

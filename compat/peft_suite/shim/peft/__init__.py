@@ -36,6 +36,8 @@ EQUIVALENTS: dict[str, dict[str, str]] = {
         "MontecloraConfig": "lorakit:MontecloraConfig",
         "CordaConfig": "lorakit:CordaConfig",
         "EvaConfig": "lorakit:EvaConfig",
+        "LoraGAConfig": "lorakit:LoraGAConfig",
+        "ArrowConfig": "lorakit:ArrowConfig",
         "LoraModel": "lorakit:LoraModel",
         "LoraLayer": "lorakit:LoraLayer",
         "Linear": "lorakit:LoraLinear",
