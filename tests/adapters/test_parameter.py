@@ -235,8 +235,13 @@ def test_refusals_name_the_fix():
         lorakit.get_peft_model(Net(), lorakit.LoraConfig(target_parameters=TARGETS, use_dora=True))
     with pytest.raises(ParameterError, match="init_lora_weights='pissa'.* use True"):
         lorakit.get_peft_model(Net(), lorakit.LoraConfig(target_parameters=TARGETS, init_lora_weights="pissa"))
-    with pytest.raises(lorakit.TargetError, match="'head' is named by target_modules and owns a parameter"):
+    with pytest.raises(lorakit.TargetError, match="of layer 'head' of type Linear, which is not a valid target. "
+                       "Module 'head' is named by target_modules and owns a parameter"):
         lorakit.get_peft_model(Net(), lorakit.LoraConfig(target_modules=["head"], target_parameters=["head.weight"]))
+    wrapped = lorakit.get_peft_model(Net(), lorakit.LoraConfig(target_modules=["head"]))
+    with pytest.raises(lorakit.TargetError, match="of layer 'head' of type Linear, .* 'head.weight' belongs to 'head', "
+                       "which target_modules wraps already"):
+        wrapped.add_adapter("other", lorakit.LoraConfig(target_parameters=["head.weight"]))
     with pytest.raises(lorakit.ConfigError, match="must be a list of parameter names"):
         lorakit.LoraConfig(target_parameters="experts.up")
     model = _adapted()

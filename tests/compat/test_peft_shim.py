@@ -39,3 +39,13 @@ def test_a_name_lorakit_lacks_is_a_placeholder_that_refuses_when_used() -> None:
         "    print(e)\n"
     )
     assert out == "peft.tuners.lora.SomethingPeftHas (a PEFT internal lorakit lacks): asked for .attribute"
+
+
+def test_an_imported_top_level_module_is_itself_in_every_shim_module() -> None:
+    # torch.compile's generated code reads globals through the module a function came from: peft.torch.<name>
+    out = _run(
+        "import torch, math, peft\n"
+        "import peft.tuners.lora.layer as layer\n"
+        "print(peft.torch is torch, layer.torch.contiguous_format is torch.contiguous_format, layer.math is math)"
+    )
+    assert out == "True True True"

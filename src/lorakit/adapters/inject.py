@@ -223,9 +223,10 @@ def find_parameters(model: nn.Module, config: LoraConfig) -> list[tuple[str, str
             if not matched or in_saved(name, saved):
                 continue
             if isinstance(module, LoraLayer) and not isinstance(module, LoraParameter):
-                raise TargetError(
-                    f"target parameter {key!r} belongs to {name!r}, which target_modules wraps already; leave it "
-                    "out of one of target_modules and target_parameters"
+                raise TargetError(  # PEFT's words first (its tests match them)
+                    f"Trying to wrap an `nn.Parameter` of layer {name!r} of type {type(module.base_layer).__name__}, "
+                    f"which is not a valid target. Target parameter {key!r} belongs to {name!r}, which "
+                    "target_modules wraps already; leave it out of one of target_modules and target_parameters"
                 )
             hit.update(matched)
             found.append((name, pname))
@@ -305,8 +306,10 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
     warn_unmatched_patterns(config, found + [f"{owner}.{p}" for owner, p in parameters])
     clash = sorted({owner for owner, _ in parameters} & set(targets))
     if clash:
-        raise TargetError(
-            f"module {clash[0]!r} is named by target_modules and owns a parameter target_parameters names; adapt "
+        kind = type(model.get_submodule(clash[0])).__name__
+        raise TargetError(  # PEFT's words first (its tests match them)
+            f"Trying to wrap an `nn.Parameter` of layer {clash[0]!r} of type {kind}, which is not a valid target. "
+            f"Module {clash[0]!r} is named by target_modules and owns a parameter target_parameters names; adapt "
             "either the module or its parameter: leave it out of one of the two"
         )
     spec = config.target_modules

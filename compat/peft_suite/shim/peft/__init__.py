@@ -260,9 +260,16 @@ def _placeholder(kind: str, module: str, name: str) -> type:
     return _PlaceholderMeta(name, base, {"_peft_suite_name": f"{kind}:{module}.{name}", "__module__": module})
 
 
+# Modules PEFT's modules import, so that their globals hold them: asked for through a shim module, each is itself
+# (torch.compile's generated code reads e.g. ``peft.torch.contiguous_format`` through the module a function is from).
+IMPORTED = ("torch", "math", "os", "re", "copy", "warnings", "inspect", "json", "transformers", "safetensors")
+
+
 def _resolve(module: str, name: str) -> Any:
     if name in PROBES:
         return PROBES[name]
+    if name in IMPORTED and name in sys.modules:
+        return sys.modules[name]
     target = EQUIVALENTS.get(module, {}).get(name)
     if target is not None:
         source, attribute = target.split(":")
@@ -332,6 +339,7 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f"peft.{name}")
     value = getattr(lorakit, name, None)
     if value is None:
-        value = PROBES.get(name) or _placeholder("public", "peft", name)
+        value = PROBES.get(name) or (sys.modules.get(name) if name in IMPORTED else None)
+        value = value or _placeholder("public", "peft", name)
     globals()[name] = value
     return value
