@@ -563,8 +563,13 @@ def _init() -> types.ModuleType:
 def read_config(folder: str | os.PathLike) -> LoraConfig:
     """The LoraConfig saved in adapter folder ``folder``; AdapterFileError naming the file if it is missing or
     invalid (lorakit.io.files reads the file, this checks its fields)."""
-    files = _files()
-    data, path = files.read_config_json(folder)
+    data, path = _files().read_config_json(folder)
+    return config_from_json(path, data)
+
+
+def config_from_json(path: Path, data: dict[str, Any]) -> LoraConfig:
+    """The LoraConfig of the JSON object ``data`` read from ``path`` (lorakit.io.files.read_config_json's pair): its
+    fields checked, AdapterFileError naming the file for a value lorakit cannot use."""
     _check_json_types(path, data)
     try:
         return LoraConfig.from_dict(data)

@@ -117,6 +117,19 @@ def test_swap_equals_fresh_load(tmp_path: Path, first: dict, second: dict) -> No
     torch.testing.assert_close(logits(model), expected0, atol=ATOL, rtol=0)
 
 
+def test_the_adapter_config_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorakit.io import files
+
+    a0 = save(tmp_path / "a0", tiny_llama(0), 0, target_modules=TARGETS)
+    a1 = save(tmp_path / "a1", tiny_llama(0), 1, target_modules=TARGETS)
+    model = PeftModel.from_pretrained(tiny_llama(0), a0)
+    reads = []
+    read = files.read_config_json
+    monkeypatch.setattr(files, "read_config_json", lambda folder: reads.append(folder) or read(folder))
+    hotswap_adapter(model, a1, adapter_name="default")
+    assert reads == [Path(a1)]  # the file a swap is checked against is the one it swaps in: one read
+
+
 def test_swap_into_a_named_adapter_leaves_the_others(tmp_path: Path) -> None:
     a0 = save(tmp_path / "a0", tiny_llama(0), 0, target_modules=TARGETS)
     a1 = save(tmp_path / "a1", tiny_llama(0), 1, target_modules=TARGETS)

@@ -37,7 +37,7 @@ from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.linear import LoraLinear
 from lorakit.adapters.variant_bdlora import BlockDiagonalLinear
 from lorakit.api.adapter_files import read_weights
-from lorakit.config import LoraConfig, PeftType, read_config, requested_variants, scaling_for
+from lorakit.config import LoraConfig, PeftType, config_from_json, requested_variants, scaling_for
 from lorakit.io import files
 
 # The settings that change a layer's output besides its tensors and scaling; two adapters must agree on them (PEFT's
@@ -510,7 +510,7 @@ def hotswap_adapter(
     if saved_type != PeftType.LORA.value:
         raise ValueError(f"Incompatible PEFT types found: {_peft_type(peft_config[adapter_name])} and {saved_type} "
                          f"({path}); hot-swapping replaces LoRA by LoRA only")
-    config = read_config(folder)
+    config = config_from_json(path, data)  # the object read above: the file is read once
     check_hotswap_configs_compatible(peft_config[adapter_name], config)
     base = root.get_base_model() if hasattr(root, "get_base_model") else root
     tensors, source = read_weights(base, folder, kwargs.get("key_mapping"))
