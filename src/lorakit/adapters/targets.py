@@ -231,11 +231,8 @@ def unmatched_entry(spec: Collection[str] | str, names: list[str]) -> str | None
     """The error for the first entry of ``spec`` that matches none of ``names`` (with the closest names), or None."""
     entries = [spec] if isinstance(spec, str) else spec
     for entry in entries:
-        if isinstance(spec, str):
-            hit = any(re.fullmatch(entry, n) for n in names)
-        else:
-            hit = any(name_matches(n, entry) for n in names)
-        if not hit:
+        one = entry if isinstance(spec, str) else [entry]  # the entry as ``matches`` reads a spec of its kind
+        if not any(matches(n, one) for n in names):
             short = sorted({n.rsplit(".", 1)[-1] for n in names})
             close = difflib.get_close_matches(entry, short, n=3, cutoff=0.5) or short[:12]
             return (  # PEFT's words first
