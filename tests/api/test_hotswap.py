@@ -205,6 +205,33 @@ def test_saving_a_padded_model_is_refused_before_writing(tmp_path: Path) -> None
     assert not (tmp_path / "after").exists()
 
 
+@pytest.mark.parametrize("settings", [
+    {"r": 2, "lora_alpha": 8},
+    {"r": 2, "lora_alpha": 8, "use_rslora": True},
+    {"r": 2, "lora_alpha": 8, "rank_pattern": {"v_proj": 3}, "alpha_pattern": {"o_proj": 5}},
+], ids=["plain", "rslora", "patterns"])
+@pytest.mark.parametrize("as_mapping", [True, False], ids=["peft_config", "one_config"])
+def test_a_model_padded_with_its_config_saves_what_it_computes(tmp_path: Path, settings: dict,
+                                                                as_mapping: bool) -> None:
+    """prepare_model_for_compiled_hotswap(config=...) sets r to the target rank (as PEFT) and the alphas so that each
+    layer keeps its scaling: the padded adapter, saved, loads (in lorakit and in PEFT) with the outputs it had."""
+    peft = pytest.importorskip("peft")
+    model = PeftModel.from_pretrained(tiny_llama(0), save(tmp_path / "a0", tiny_llama(0), 0, target_modules=TARGETS,
+                                                          **settings))
+    before = logits(model)
+    config = model.peft_config if as_mapping else model.peft_config["default"]
+    prepare_model_for_compiled_hotswap(model, target_rank=6, config=config)
+    held = model.peft_config["default"]
+    assert held.r == 6 and set(held.rank_pattern.values()) <= {6}
+    torch.testing.assert_close(logits(model), before, atol=ATOL, rtol=0)
+    model.save_pretrained(tmp_path / "padded")
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_llama(0), tmp_path / "padded")), before,
+                               atol=ATOL, rtol=0)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(0), tmp_path / "padded")(input_ids()).logits
+    torch.testing.assert_close(theirs, before, atol=1e-5, rtol=0)
+
+
 def test_unpadded_kinds_grow_and_shrink(tmp_path: Path) -> None:
     """Without prepare_model_for_compiled_hotswap, a larger rank gets new tensors (grouped conv and embedding too)."""
     a0 = save(tmp_path / "a0", kinds_base(), 0, target_modules=["emb", "conv", "lin"], r=2)

@@ -22,6 +22,8 @@ off), as in PEFT; tensors it has and the model lacks (other target modules) are 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -238,9 +240,40 @@ def prepare_model_for_compiled_hotswap(
             for adapter_name in list(layer.r):
                 _pad(layer, adapter_name, target_rank)
     if config and target_rank is not None:
-        for lora_config in (config.values() if isinstance(config, Mapping) else [config]):
+        configs = dict(config) if isinstance(config, Mapping) else {_only_adapter(layers): config}
+        for adapter_name, lora_config in configs.items():
             lora_config.r = target_rank
             lora_config.rank_pattern = dict.fromkeys(lora_config.rank_pattern, target_rank)
+            if adapter_name is not None:
+                _keep_scalings(root, layers, adapter_name, lora_config, target_rank)
+
+
+def _only_adapter(layers: list[tuple[str, LoraLayer]]) -> str | None:
+    """The adapter a lone config passed to prepare_model_for_compiled_hotswap describes: the model's only one, else
+    None (its r is updated as PEFT does, its alphas cannot be)."""
+    names = {name for _, layer in layers for name in layer.r}
+    return names.pop() if len(names) == 1 else None
+
+
+def _keep_scalings(root: nn.Module, layers: list[tuple[str, LoraLayer]], adapter_name: str, config: LoraConfig,
+                   rank: int) -> None:
+    """Give ``config`` (now r = ``rank`` everywhere) the lora_alpha, and alpha_pattern entries by exact module name,
+    with which every layer of adapter ``adapter_name`` keeps its scaling (lorakit.config.scaling_for): so that the
+    padded adapter, saved, loads with the outputs it has. PEFT updates r only, and its saved file then scales each
+    update by lora_alpha / target_rank instead of lora_alpha / r. Each layer's lora_alpha is set alike."""
+    alphas: dict[str, float] = {}
+    for name, layer in layers:
+        if adapter_name in layer.r:
+            scaling = float(layer.scaling[adapter_name])
+            alphas[_module_name(root, name)] = scaling * (math.sqrt(rank) if config.use_rslora else rank)
+    if not alphas:
+        return
+    common = max(set(alphas.values()), key=list(alphas.values()).count)
+    config.lora_alpha = common
+    config.alpha_pattern = {re.escape(m): a for m, a in alphas.items() if not math.isclose(a, common, rel_tol=1e-12)}
+    for name, layer in layers:
+        if adapter_name in layer.r:
+            layer.lora_alpha[adapter_name] = alphas[_module_name(root, name)]
 
 
 def _check_padding(layers: list[tuple[str, LoraLayer]], target_rank: int) -> None:
