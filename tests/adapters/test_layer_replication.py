@@ -24,6 +24,7 @@ from transformers import (
     FalconForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GPT2Model,
     LlamaConfig,
     LlamaForCausalLM,
     PretrainedConfig,
@@ -381,3 +382,41 @@ def test_same_adapter_config_as_peft(tmp_path: Path):
     _writer_model(lorakit, "llama").save_pretrained(tmp_path / "lorakit")
     _writer_model(peft, "llama").save_pretrained(tmp_path / "peft")
     assert_same_adapter_config(tmp_path / "lorakit", tmp_path / "peft")
+
+
+def gpt2_bare(seed: int = 0) -> nn.Module:  # GPT2Model: the list at .h, where PEFT finds it (Falcon-style)
+    return _built(GPT2Model, GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=3, n_head=4), seed)
+
+
+@both_ways
+def test_files_of_a_model_with_h_load_both_ways(writer, reader, tmp_path):
+    lib_config = writer.LoraConfig(target_modules=["c_attn"], init_lora_weights=False, layer_replication=RANGES)
+    model = writer.get_peft_model(gpt2_bare(), lib_config)
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = reader.PeftModel.from_pretrained(gpt2_bare(), tmp_path)
+    assert len(loaded.get_base_model().h) == 5
+    with torch.no_grad():
+        expected, got = (m(input_ids=input_ids(seed=1)).last_hidden_state for m in (model, loaded))
+    assert (got - expected).abs().max() < ATOL
+
+
+# -- training and the other entry point -----------------------------------------------------------------------------
+def test_copies_train_apart():
+    model = get_peft_model(llama(), config("llama", init_lora_weights=True))  # B = 0: the copies start equal
+    model.train()
+    model(input_ids=input_ids(seed=1), labels=input_ids(seed=1)).loss.backward()
+    layers = model.base_model.model.model.layers
+    grads = [layers[i].self_attn.q_proj.lora_B["default"].weight.grad for i in (1, 3)]  # both copies of layer 1
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert (grads[0] - grads[1]).abs().max() > 1e-6  # each copy's adapter gets its own gradient
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_inject_adapter_in_model_replicates_too():
+    base = llama()
+    lorakit.inject_adapter_in_model(config("llama"), base)
+    assert len(base.model.layers) == 5 and base.config.num_hidden_layers == 5
+    q = [layer.self_attn.q_proj for layer in base.model.layers]
+    assert q[1].base_layer.weight is q[3].base_layer.weight and q[1].lora_A["default"] is not q[3].lora_A["default"]
