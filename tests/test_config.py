@@ -117,9 +117,9 @@ def test_str_target_modules_refuses_layer_selection_naming_the_field():
 
 
 def test_peft_feature_in_use_is_an_error_but_neutral_value_is_fine():
-    LoraConfig.from_dict({"r": 4, "lora_bias": False, "layer_replication": None})
-    with pytest.raises(ConfigError, match="layer_replication"):
-        LoraConfig.from_dict({"r": 4, "layer_replication": [[0, 2]]})
+    LoraConfig.from_dict({"r": 4, "lora_bias": False, "use_qalora": False})
+    with pytest.raises(ConfigError, match="use_qalora"):
+        LoraConfig.from_dict({"r": 4, "use_qalora": True})
     with pytest.raises(ConfigError, match="peft_type"):
         LoraConfig.from_dict({"peft_type": "IA3"})
 

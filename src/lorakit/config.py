@@ -177,6 +177,13 @@ class LoraConfig:
         "are found there); no merging, no beam search. nn.Linear / Conv1D targets only.",
         **VARIANT,
     )
+    layer_replication: list[list[int]] | None = described(
+        "Grow (or shrink) the model by stacking ranges of its own layers: [start, end) pairs, e.g. [[0, 4], [2, 5]] "
+        "on 5 layers gives the 7 layers 0 1 2 3 2 3 4. The copies share the base weights (no extra memory) and each "
+        "gets its own LoRA adapter, so they can be tuned apart. Done once, when the model's first adapter is added "
+        "(lorakit.adapters.replicate); Llama-style (model.layers), BERT-style (encoder.layer) and GPT-2 / "
+        "Falcon-style (h) layer lists.",
+    )
     auto_mapping: dict[str, str] | None = described(
         "Without a task_type: the base model's class and module (set on save, as PEFT does; PEFT's AutoPeftModel "
         "reads them to choose the class to load)."
@@ -209,6 +216,10 @@ class LoraConfig:
                     f"Invalid task type: {self.task_type!r}. Must be one of the following task types: {allowed}. "
                     f"(task_type={self.task_type!r})"
                 ) from None
+        if isinstance(self.layer_replication, (list, tuple)) and all(
+            isinstance(pair, (list, tuple)) for pair in self.layer_replication
+        ):
+            self.layer_replication = [list(pair) for pair in self.layer_replication]  # JSON's form: lists, as PEFT's
         if isinstance(self.loftq_config, LoftQConfig):
             self.loftq_config = self.loftq_config.to_dict()
         self.velora_config = as_sub_config("velora_config", self.velora_config, VeloraConfig)
@@ -310,6 +321,17 @@ class LoraConfig:
             )
         _check_token_indices(self.trainable_token_indices)
         _check_invocation(self.alora_invocation_tokens)
+        _check_replication(self.layer_replication)
+        rewrites_base = str(self.init_lora_weights).lower() == "loftq" or (
+            init is not None and init.mutates_base(self.init_lora_weights)
+        )
+        if self.layer_replication and (self.kasa_config is not None or rewrites_base):
+            what = "kasa_config" if self.kasa_config is not None else f"init_lora_weights={self.init_lora_weights!r}"
+            raise ConfigError(  # PEFT takes it, and each copy then rewrites the base weight all copies share
+                f"layer_replication with {what} is not supported: that option rewrites the base weight of each "
+                "adapted layer, and the replicated layers share one base weight, so each copy would undo the others'; "
+                "use init_lora_weights=True, 'gaussian' or False, or drop layer_replication"
+            )
         self.variant_names()  # at most one
         if self.use_bdlora and init is not None and (init.mutates_base(self.init_lora_weights) or
                                                      str(self.init_lora_weights).lower() == "loftq"):
@@ -488,7 +510,6 @@ def _peft_file_keys() -> dict[str, Any]:
 _NEUTRAL_PEFT_KEYS: dict[str, Any] = {
     "megatron_config": None,
     "use_qalora": False,
-    "layer_replication": None,
 }
 
 
@@ -541,6 +562,30 @@ def _check_invocation(tokens: Any) -> None:
             f"alora_invocation_tokens={tokens!r} must be a non-empty list of token ids (integers >= 0), e.g. "
             "tokenizer.encode('<|assistant|>', add_special_tokens=False); or None for plain LoRA"
         )
+
+
+def _check_replication(ranges: Any) -> None:
+    """layer_replication: None, or a list of [start, end) pairs of layer indices with 0 <= start < end (the end is
+    checked against the model's layer count when the adapter is added: lorakit.adapters.replicate)."""
+    if ranges is None:
+        return
+    example = "e.g. [[0, 4], [2, 5]] (a 5-layer model's layers as 0 1 2 3 2 3 4), or None to keep the model's layers"
+    if not isinstance(ranges, list):
+        raise ConfigError(f"layer_replication={ranges!r} must be a list of [start, end) pairs, {example}")
+    for pair in ranges:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in pair
+        )):
+            raise ConfigError(
+                f"layer_replication entry {pair!r} must be a pair of integers [start, end) (layers start to end - 1), "
+                f"{example}"
+            )
+        start, end = pair
+        if not 0 <= start < end:
+            raise ConfigError(
+                f"layer_replication entry {pair!r} must have 0 <= start < end (it takes layers start to end - 1), "
+                f"{example}"
+            )
 
 
 def _check_alpha(name: str, alpha: Any) -> None:

@@ -8,6 +8,11 @@ One change to the base model itself, said here and logged when it happens: with 
 get_peft_model) the model's gated MLPs (Llama-family ``down(silu(gate(x)) * up(x))``) compute their activation with
 lorakit.fast.swiglu, the same values with less memory kept for backward; ``fast_mlps`` counts them, and
 ``merge_and_unload()`` / ``unload()`` give the model back with its own MLP forwards.
+
+Another, asked for by the config: a first adapter with ``layer_replication`` rebuilds the model's layer list from
+copies of its layers that share their weights (lorakit.adapters.replicate), once; later adapters must name the same
+replication. ``unload()`` leaves the replicated layers in place (as PEFT); ``merge_and_unload()`` keeps them too, each
+with weights of its own.
 """
 
 from __future__ import annotations
@@ -15,13 +20,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from lorakit.adapters import combine
+from lorakit.adapters import combine, replicate
 from lorakit.adapters.inject import inject, targeted_parameters, unmanaged, unwrap, wrappers
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
@@ -49,6 +54,7 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
+        self.layer_replication: list[list[int]] | None = None  # set once the first adapter replicated the layers
         for param in model.parameters():  # the base model is frozen once, here: a weight the user unfreezes later
             param.requires_grad_(False)  # keeps its requires_grad through add / set / load of adapters (as PEFT)
         self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -123,11 +129,15 @@ class LoraModel(nn.Module):
         _check_kasa_mix(self.peft_config, config)
         config, given = dataclasses.replace(config), config
         config._register_custom_module(given._custom_modules)  # the caller's custom kinds (not a field: not copied)
+        undo = self._replicate_layers(adapter_name, config)
         self.peft_config[adapter_name] = config
         try:
             inject(self.model, config, adapter_name)
         except Exception:
             del self.peft_config[adapter_name]
+            if undo is not None:  # the model gets its own layers back
+                undo()
+                self.layer_replication = None
             raise
         if not autocast_adapter_dtype:
             self._to_base_dtype(adapter_name)
@@ -138,6 +148,33 @@ class LoraModel(nn.Module):
         self._activate(self.active_adapters)
         for param in self._adapter_parameters([adapter_name]):
             param.requires_grad_(False)
+
+    def _replicate_layers(self, adapter_name: str, config: LoraConfig) -> Callable[[], None] | None:
+        """Apply ``config.layer_replication`` (lorakit.adapters.replicate) if it is the model's first adapter; returns
+        the undo, None if nothing changed. A later adapter must ask for the replication the model has: its layers are
+        the replicated ones, and a file saved without the same layer_replication would not fit the base model."""
+        wanted, done = config.layer_replication or None, self.layer_replication
+        if wanted == done:
+            return None
+        if done is not None:
+            first = next(iter(self.peft_config), "an earlier adapter")
+            raise ConfigError(
+                f"adapter {adapter_name!r} has layer_replication={wanted!r}, but this model's layers were replicated "
+                f"by adapter {first!r} with layer_replication={done!r}, and they are replicated once: give "
+                f"{adapter_name!r} layer_replication={done!r}, or add it to a fresh base model"
+            )
+        held = list(self.peft_config) or [name for name, _ in wrappers(self.model)][:3]  # or an earlier PeftModel's
+        if held:
+            raise ConfigError(
+                f"adapter {adapter_name!r} has layer_replication={wanted!r}, but the model already holds adapters "
+                f"({', '.join(map(repr, held))}) on its original layers; layers are replicated when the first adapter "
+                "is added: give that adapter the layer_replication, or add this one to a fresh base model"
+            )
+        undo = replicate.replicate_layers(self.model, wanted)
+        self.layer_replication = [list(pair) for pair in wanted]
+        logger.info("lorakit: layers of %s replicated as %s (layer_replication; copies share their base weights)",
+                    type(self.model).__name__, wanted)
+        return undo
 
     def _to_base_dtype(self, adapter_name: str) -> None:
         """Cast adapter ``adapter_name``'s parameters to the floating dtype of each wrapped layer's weight (a
@@ -317,7 +354,14 @@ class LoraModel(nn.Module):
     # -- merging -------------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Add the active (or named) adapters into the base weights (trainable token rows: written into their
-        embedding); the forward then costs what the base costs."""
+        embedding); the forward then costs what the base costs. Refused on replicated layers (layer_replication),
+        as PEFT refuses it: the copies share one base weight, which cannot hold the updates of all of them."""
+        if self.layer_replication is not None:
+            raise ConfigError(  # PEFT's words first
+                "Cannot merge LORA layers when base model layers are replicated (layer_replication="
+                f"{self.layer_replication}): the copies share one base weight. Use the adapters unmerged, or "
+                "merge_and_unload(), which gives each copy its own merged weights"
+            )
         for _, module in self._lora_layers():
             module.merge(adapter_names, safe_merge=safe_merge)
         for _, module in self._token_wrappers():
@@ -334,13 +378,21 @@ class LoraModel(nn.Module):
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
         """Merge the active (or named) adapters and return the plain transformers model, wrappers removed. Layers on
-        a quantized base come back as full-precision nn.Linear / Conv1D / nn.Embedding (see inject.unwrap)."""
+        a quantized base come back as full-precision nn.Linear / Conv1D / nn.Embedding (see inject.unwrap).
+
+        With layer_replication the replicated layers stay (the model keeps its new depth), and each copy first gets
+        tensors of its own (replicate.unshare), so each takes its own update: the result is an ordinary model of
+        that depth, as large as one, which saves and loads as such. PEFT refuses this merge."""
+        if self.layer_replication is not None:
+            copied = replicate.unshare(self.model)
+            logger.info("lorakit: merge_and_unload gave the replicated layers their own tensors (%d copied)", copied)
         model = unwrap(self.model, merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
         swiglu.unpatch_mlps(model)
         return model
 
     def unload(self) -> nn.Module:
-        """Return the plain base model with every wrapper removed and nothing merged (merged adapters are undone)."""
+        """Return the plain base model with every wrapper removed and nothing merged (merged adapters are undone).
+        Replicated layers (layer_replication) stay in place, sharing their weights, as PEFT leaves them."""
         self.unmerge_adapter()
         model = unwrap(self.model, merge=False)
         swiglu.unpatch_mlps(model)

@@ -60,14 +60,15 @@ CONFIG_KEYS_TO_CHECK = {PeftType.LORA: ["use_rslora", "lora_dropout", "alpha_pat
 def check_hotswap_configs_compatible(config0: LoraConfig, config1: LoraConfig) -> None:
     """ValueError unless ``config1``'s adapter can replace ``config0``'s by a swap of tensors and scalings: the same
     method (LoRA), and the same settings that change the output besides those (PEFT's: use_rslora, lora_dropout,
-    alpha_pattern, use_dora; lorakit's: every option that chooses a variant, as alora_invocation_tokens)."""
+    alpha_pattern, use_dora; lorakit's: every option that chooses a variant, as alora_invocation_tokens, and
+    layer_replication, which says which layer each of the adapter's tensors belongs to)."""
     type0, type1 = _peft_type(config0), _peft_type(config1)
     if type0 != type1:
         raise ValueError(f"Incompatible PEFT types found: {type0} and {type1}; hot-swapping replaces LoRA by LoRA only")
     if type0 not in {t.value for t in CONFIG_KEYS_TO_CHECK}:
         raise ValueError(f"Hotswapping only supports {', '.join(t.value for t in CONFIG_KEYS_TO_CHECK)} but {type0} "
                          "was passed.")
-    keys = [*CONFIG_KEYS_TO_CHECK[PeftType.LORA], *_variant_fields(config0, config1)]
+    keys = [*CONFIG_KEYS_TO_CHECK[PeftType.LORA], *_variant_fields(config0, config1), "layer_replication"]
     dict0, dict1 = config0.to_dict(), config1.to_dict()
     missing = object()
     for key in keys:

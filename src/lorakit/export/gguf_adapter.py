@@ -42,6 +42,14 @@ KASA = Problem(  # also for --to merged-gguf (lorakit.export.gguf_merged), which
     "export --to merged (merge_and_unload: the truncated base with the update) and convert it with llama.cpp's "
     "convert_hf_to_gguf.py",
 )
+REPLICATED = Problem(  # also for --to merged-gguf: the base GGUF it merges into has the original layers only
+    "a layer_replication adapter belongs to a deeper model than the base (its copies of layers), which neither a "
+    "llama.cpp LoRA file nor the base model's GGUF file holds",
+    "export --to merged (merge_and_unload: each replicated layer with its own merged weights) and convert it with "
+    "llama.cpp's convert_hf_to_gguf.py",
+)
+
+
 @dataclass(frozen=True)
 class GgufAdapterExport:
     """What was written: the file, its architecture, its alpha and how many module pairs it holds."""
@@ -66,6 +74,8 @@ def gguf_adapter_problems(config: LoraConfig, tensors: dict[str, Tensor], arch: 
         problems.append(Problem("llama.cpp's LoRA files carry no bias on B (lora_bias=True)", _MERGED_GGUF))
     if config.kasa_config:
         problems.append(KASA)
+    if config.layer_replication:
+        problems.append(REPLICATED)
     if config.alora_invocation_tokens:
         problems.append(ALORA)
     if config.trainable_token_indices:

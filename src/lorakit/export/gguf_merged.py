@@ -30,7 +30,7 @@ from torch import Tensor
 
 from lorakit.adapters.variant_bdlora import dense_factors
 from lorakit.config import LoraConfig, base_model_id, read_config, scaling_for
-from lorakit.export.gguf_adapter import KASA
+from lorakit.export.gguf_adapter import KASA, REPLICATED
 from lorakit.export.gguf_files import (
     GgufTensor,
     check_outtype,
@@ -167,6 +167,8 @@ def export_merged_gguf(
         ) from None
     if config.kasa_config:
         raise ExportError("GGUF", [KASA], source=str(adapter_dir))
+    if config.layer_replication:
+        raise ExportError("GGUF", [REPLICATED], source=str(adapter_dir))
     convs = files.conv_modules(tensors)
     if convs:
         raise ExportError(

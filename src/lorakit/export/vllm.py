@@ -44,7 +44,6 @@ SERVED_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # string in
 HEADS = ("classifier", "score")  # the only modules_to_save vLLM loads: a classification model's head
 # PEFT features vLLM refuses that have no LoraConfig field (read_config refuses them too): found in the JSON itself
 PEFT_ONLY_FEATURES = {
-    "layer_replication": "layer_replication",
     "use_qalora": "QALoRA (use_qalora)",
 }
 TOKENIZER_FILES = (
@@ -78,6 +77,7 @@ def vllm_problems(
         _dora(config),
         _bias(config),
         _lora_bias(config),
+        _layer_replication(config),
         _bdlora(config),
         _kasa(config),
         _alora(config),
@@ -94,7 +94,7 @@ def vllm_problems(
 
 def peft_feature_problems(config_json: dict[str, Any]) -> list[Problem]:
     """The vLLM problems of an adapter_config.json's PEFT features that lorakit has no LoraConfig field for (and
-    that read_config refuses): layer_replication, aLoRA, QALoRA."""
+    that read_config refuses): QALoRA."""
     return [
         Problem(
             f"vLLM does not support {name}",
@@ -145,6 +145,16 @@ def _lora_bias(config: LoraConfig) -> Problem | None:
         "vLLM does not support LoRA bias (lora_bias)",
         "export the merged model instead (--to merged: merge_and_unload adds s * b to the base layer's bias), or "
         "retrain without lora_bias",
+    )
+
+
+def _layer_replication(config: LoraConfig) -> Problem | None:
+    if not config.layer_replication:
+        return None
+    return Problem(
+        "vLLM does not support layer_replication",
+        "export the merged model instead (--to merged: merge_and_unload gives each replicated layer its own merged "
+        "weights, a model of the new depth), or retrain without layer_replication",
     )
 
 
