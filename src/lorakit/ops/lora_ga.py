@@ -1,9 +1,10 @@
 """LoRA-GA, low-rank adaptation with gradient approximation (Wang et al. 2024, arXiv 2407.05000): pure maths.
 
-LoRA-GA starts the adapter so that the first step's update of s * B @ A points along the full fine-tuning gradient.
-With G (out, in) the mean gradient of the loss with respect to a base weight W over a few batches (collected by
-lorakit.adapters.lora_ga) and the top 2r triplets of its SVD, G ~ U diag(S) V^T (U (out, 2r), S descending, V^T
-(2r, in)), A takes r right- and B r left-singular vectors of them (the directions are PEFT's; B carries S too):
+LoRA-GA starts the adapter from the singular vectors of the full fine-tuning gradient, so that its first steps follow
+that gradient (the paper's aim). With G (out, in) the mean gradient of the loss with respect to a base weight W over a
+few batches (collected by lorakit.adapters.lora_ga) and the top 2r triplets of its SVD, G ~ U diag(S) V^T (U (out,
+2r), S descending, V^T (2r, in)), A takes r right- and B r left-singular vectors of them (the directions are PEFT's,
+and as in PEFT, B carries their singular values):
 
     direction   A (r, in)        B (out, r)
     'ArB2r'     V^T[:r]          U[:, r:2r] diag(S[r:2r])       (the default)
