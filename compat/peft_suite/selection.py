@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-# The files holding PEFT's LoRA and generic tests (issue 14).
+# The files holding PEFT's LoRA and generic tests (issue 14), and its LoRA-GA initializer's.
 FILES = [
     "test_config.py",
     "test_custom_models.py",
@@ -20,6 +20,7 @@ FILES = [
     "test_other.py",
     "test_target_parameters.py",
     "test_tuners_utils.py",
+    "test_lora_ga.py",  # last: the files before it keep their collection order, and so --quick its subset
 ]
 # Words in a test's name that mean hardware or a quantization backend this machine has not got.
 HARDWARE = {

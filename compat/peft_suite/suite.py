@@ -85,13 +85,16 @@ def pytest(
 
 
 def collect(source: Path, deps: Path, cache: Path, refresh: bool) -> dict:
-    """Every test of the LoRA files as PEFT collects it (cached)."""
+    """Every test of the LoRA files as PEFT collects it (cached, and collected again when selection.FILES changed)."""
     path = cache / "collected.json"
-    if refresh or not path.exists():
+    stale = path.exists() and json.loads(path.read_text()).get("files") != selection.FILES
+    if refresh or stale or not path.exists():
         print("peft-suite: collecting PEFT's tests under PEFT ...", file=sys.stderr)
+        path.unlink(missing_ok=True)
         pytest(source, deps, selection.FILES, shim=False, mode="collect", out=path, log=cache / "collect.log")
         if not path.exists():
             sys.exit(f"peft-suite: collection under PEFT failed; see {cache / 'collect.log'}")
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"files": selection.FILES}))
     collected = json.loads(path.read_text())
     (cache / "public-names.txt").write_text("\n".join(collected["public"]))  # for the shim
     return collected

@@ -16,6 +16,7 @@ if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_lay
     from lorakit.adapters.eva import get_eva_state_dict, initialize_lora_eva_weights
     from lorakit.adapters.layer import LoraLayer
     from lorakit.adapters.linear import LoraLinear
+    from lorakit.adapters.lora_ga import preprocess_loraga
     from lorakit.adapters.model import LoraModel
     from lorakit.adapters.quantize import quantize
     from lorakit.adapters.targets import NoMatchingPeftModuleError, TargetError
@@ -84,6 +85,7 @@ __version__ = "0.1.0"
 # the module that defines each public name
 _MODULES: dict[str, tuple[str, ...]] = {
     "lorakit.adapters.corda": ("preprocess_corda",),
+    "lorakit.adapters.lora_ga": ("preprocess_loraga",),
     "lorakit.adapters.embedding": ("LoraEmbedding",),
     "lorakit.adapters.eva": ("get_eva_state_dict", "initialize_lora_eva_weights"),
     "lorakit.adapters.targets": ("NoMatchingPeftModuleError", "TargetError"),

@@ -248,12 +248,12 @@ class LoraConfig:
                 warnings.warn(f"`{field_name}` specified but will be ignored when `init_lora_weights` is not "
                               f"'{method}'.", UserWarning, stacklevel=3)
         init = self.init_lora_weights
-        if isinstance(init, str) and init.startswith(("pissa", "olora", "corda")) and self.use_rslora and (
+        if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "lora_ga")) and self.use_rslora and (
             self.rank_pattern or self.alpha_pattern
         ):
             warnings.warn(  # PEFT's words first: its tests match them
                 "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
-                "base weights (PiSSA, OLoRA, CorDA) means that you won't be able to pass "
+                "base weights (PiSSA, OLoRA, CorDA, LoRA-GA) means that you won't be able to pass "
                 "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial values of "
                 "the base weights (the rank-2r adapter would change their scaling); save without conversion, or drop "
                 "use_rslora or the patterns",

@@ -121,3 +121,20 @@ def test_an_auto_id_numbered_by_a_filtered_list_gets_peft_s_id() -> None:
     assert plugin._peft_id(ours) == f"{base}[LoraConfig-mandatory_kwargs13]"
     assert plugin._peft_id(named) == named.nodeid
     assert [plugin._peft_id(t) for t in twins] == [t.nodeid for t in twins]  # two candidates each: no guess
+
+
+def test_a_cached_collection_of_other_files_is_collected_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import suite
+
+    runs: list[list[str]] = []
+
+    def fake_pytest(source: Path, deps: Path, files: list[str], *, out: Path, **kwargs: object) -> None:
+        runs.append(files)
+        out.write_text(json.dumps({"methods": ["LORA"], "public": ["LoraConfig"], "tests": []}))
+
+    monkeypatch.setattr(suite, "pytest", fake_pytest)
+    (tmp_path / "collected.json").write_text(json.dumps({"methods": [], "public": [], "tests": []}))  # no "files"
+    collected = suite.collect(tmp_path, tmp_path, tmp_path, refresh=False)
+    assert runs == [selection.FILES] and collected["files"] == selection.FILES and "test_lora_ga.py" in runs[0]
+    suite.collect(tmp_path, tmp_path, tmp_path, refresh=False)  # now current: read from the cache
+    assert len(runs) == 1

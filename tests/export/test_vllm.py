@@ -107,6 +107,13 @@ def test_pissa_is_convertible_given_the_initial_adapter_and_its_rank_counts_doub
     assert "largest rank is 514 (doubled by the conversion" in problem.rule and "at most 256" in problem.fix
 
 
+@pytest.mark.parametrize("init", ["corda", "lora_ga"])
+def test_other_base_changing_initializers_are_converted_too(init: str) -> None:
+    (problem,) = vllm_problems(LoraConfig(init_lora_weights=init))
+    assert problem.convertible and f"init_lora_weights={init!r}" in problem.rule and "--initial DIR" in problem.fix
+    assert vllm_problems(LoraConfig(init_lora_weights=init), initial_dir="runs/init") == []
+
+
 def test_pissa_that_lorakit_cannot_convert_says_merge() -> None:
     config = LoraConfig(init_lora_weights="pissa", use_rslora=True, alpha_pattern={"q_proj": 4})
     (problem,) = vllm_problems(config, initial_dir="runs/init")

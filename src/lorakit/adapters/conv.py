@@ -28,7 +28,8 @@ from lorakit.adapters.layer import LoraLayer
 from lorakit.ops import conv_math
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-INITIALIZERS = (True, False, "gaussian")  # what PEFT initializes a conv adapter with (others: ValueError there too)
+# what PEFT initializes a conv adapter with (others: ValueError there too); "lora_ga" starts as True there, as in PEFT
+INITIALIZERS = (True, False, "gaussian", "lora_ga")
 
 
 def is_conv(module: nn.Module) -> bool:

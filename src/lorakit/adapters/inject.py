@@ -35,6 +35,7 @@ from lorakit.adapters.trainable_tokens import TrainableTokensWrapper, add_token_
 from lorakit.config import ALL_LINEAR, ConfigError, LoraConfig, TaskType
 from lorakit.ops.corda import CordaEigens
 from lorakit.quant.half import REDUCED_PRECISION
+from lorakit.quant.linear import is_conv1d
 
 SEQ_CLS_HEADS = ("classifier", "score")
 QA_HEADS = ("qa_outputs",)  # the span head of *ForQuestionAnswering models
@@ -53,6 +54,9 @@ MAMBA_BYPASSED = frozenset({"out_proj", "conv1d"})
 # PEFT 0.21.2 adapts them anyway (all-linear included); lorakit leaves them out of all-linear and warns when they are
 # named (so that a PEFT file naming them still loads).
 READ_AS_WEIGHT: dict[str, frozenset[str]] = {"jamba": frozenset({"dt_proj"})}
+# where lorakit.preprocess_loraga leaves a target's mean gradient (PEFT's attribute name, so either library's
+# preprocessing serves the other's get_peft_model), until the adapter takes it (_layer_data)
+LORA_GA_GRAD = "_peft_loraga_grad"
 
 
 def plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -329,6 +333,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
     chosen = {name: variants.for_config(config, name) for name in targets}  # its errors come before any change
     for name in targets:  # so do a variant's checks of its targets (KaSA's rank)
         chosen[name].check(model.get_submodule(name), config.rank_for(name))
+    _check_lora_ga(model, targets, config)
     layouts: list[bool] = []  # fan_in_fan_out of each wrapped Linear / Conv1D
     for name in targets:
         parent, child = _parent(model, name)
@@ -379,16 +384,62 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
 
 
 def _layer_data(module: LoraLayer, config: LoraConfig) -> dict[str, Any]:
-    """What a data-driven initializer reads from the layer: for init_lora_weights='corda', the decomposition
-    lorakit.preprocess_corda left on the base module as ``eigens`` (taken off it: it is used once, as in PEFT)."""
-    if str(config.init_lora_weights).lower() != "corda":
-        return {}
+    """What a data-driven initializer reads from the layer, taken off its base module (it is used once, as in PEFT):
+    for init_lora_weights='corda', the decomposition lorakit.preprocess_corda left there as ``eigens``; for
+    'lora_ga', the mean gradient lorakit.preprocess_loraga left there (LORA_GA_GRAD, in the weight's layout; given
+    as (out, in)) with the LoraGAConfig settings (_check_lora_ga made sure there is one)."""
+    init = str(config.init_lora_weights).lower()
     base = module.get_base_layer()
+    if init == "lora_ga":
+        grad = getattr(base, LORA_GA_GRAD, None)
+        if grad is None or not isinstance(module, LoraLinear) or module.quantized:
+            return {}  # the initializer starts as 'kaiming', as PEFT's does (_check_lora_ga warned)
+        delattr(base, LORA_GA_GRAD)
+        settings = config.lora_ga_config
+        return {"grad": module.transpose(grad), "direction": settings.direction, "scale": settings.scale,
+                "stable_gamma": settings.stable_gamma}
+    if init != "corda":
+        return {}
     eigens = getattr(base, "eigens", None)
     if not isinstance(eigens, CordaEigens):
         return {}  # the initializer says to run preprocess_corda
     del base.eigens
     return {"eigens": eigens}
+
+
+def _check_lora_ga(model: nn.Module, targets: list[str], config: LoraConfig) -> None:
+    """Before anything is wrapped, for init_lora_weights='lora_ga': ValueError if a target holds a gradient from
+    preprocess_loraga but the config has no lora_ga_config (PEFT's words); a warning naming the Linear / Conv1D
+    targets without one, which start as init_lora_weights=True (PEFT does so without a word)."""
+    if str(config.init_lora_weights).lower() != "lora_ga":
+        return
+    bases = {name: _base_of(model.get_submodule(name)) for name in targets}
+    with_grad = [name for name, base in bases.items() if hasattr(base, LORA_GA_GRAD)]
+    if with_grad and config.lora_ga_config is None:
+        raise ConfigError(
+            "lora_ga_config must be provided when init_lora_weights='lora_ga'. Please pass "
+            "lora_ga_config=LoraGAConfig(...) to LoraConfig (the config given to preprocess_loraga)."
+        )
+    without = [name for name, base in bases.items() if takes_lora_ga(base) and name not in with_grad]
+    if without:
+        warnings.warn(
+            f"init_lora_weights='lora_ga': {len(without)} target(s) ({without[0]!r}, ...) hold no gradient from "
+            "lorakit.preprocess_loraga and start as init_lora_weights=True, on an unchanged base (as in PEFT). That "
+            "is right when loading a saved LoRA-GA adapter onto the residual base it was trained on; otherwise run "
+            "preprocess_loraga(model, config, train_step) before get_peft_model, or load an adapter saved with "
+            "path_initial_model_for_weight_conversion (which applies to the original base)",
+            stacklevel=5,
+        )
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, LoraLayer) else module
+
+
+def takes_lora_ga(module: nn.Module) -> bool:
+    """The modules LoRA-GA initializes from a gradient, as PEFT: an nn.Linear or a GPT-2 Conv1D (not quantized);
+    other targets of init_lora_weights='lora_ga' start as their kind's init_lora_weights=True."""
+    return (isinstance(module, nn.Linear) or is_conv1d(module)) and not hasattr(module, "quant_state")
 
 
 def _check_lora_bias(model: nn.Module, targets: list[str], parameters: list[tuple[str, str]],

@@ -40,7 +40,7 @@ from lorakit.io.writes import publish_folder
 
 ENGINE = "vLLM"
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what --max-lora-rank accepts (vllm/config/lora.py)
-SERVED_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # string inits vLLM takes: the base is unchanged
+SERVED_INITS = ("gaussian", "eva", "orthogonal", "mica")  # string inits that leave the base unchanged (vLLM takes them)
 HEADS = ("classifier", "score")  # the only modules_to_save vLLM loads: a classification model's head
 # PEFT features vLLM refuses that have no LoraConfig field (read_config refuses them too): found in the JSON itself
 PEFT_ONLY_FEATURES = {
@@ -218,8 +218,8 @@ def _initializer(config: LoraConfig, initial_dir: str | os.PathLike | None) -> P
     if not needs_conversion(config) or config.use_dora:  # DoRA: _dora says it (and its fix covers this one)
         return None
     rule = (
-        f"vLLM does not support init_lora_weights={config.init_lora_weights!r}: PiSSA, OLoRA, CorDA and LoftQ change "
-        "the base weights, and vLLM serves the base unchanged"
+        f"vLLM does not support init_lora_weights={config.init_lora_weights!r}: PiSSA, OLoRA, CorDA, LoRA-GA and LoftQ "
+        "change the base weights, and vLLM serves the base unchanged"
     )
     try:
         converted_config(config)

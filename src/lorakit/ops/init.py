@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from lorakit.ops.corda import CordaEigens, factors
+from lorakit.ops.lora_ga import NITER, lora_ga_init
 from lorakit.quant.formats import BITS, dequantize, quantize_weight
 
 
@@ -157,6 +158,25 @@ def corda(weight: Tensor, r: int, scaling: float, eigens: CordaEigens | None = N
     return LoraInit(A, B, residual.to(weight.dtype))
 
 
+def lora_ga(
+    weight: Tensor,
+    r: int,
+    scaling: float,
+    grad: Tensor | None = None,
+    direction: str = "ArB2r",
+    scale: str = "stable",
+    stable_gamma: float = 16,
+    niter: int | None = NITER,
+) -> LoraInit:
+    """The ``init_lora_weights="lora_ga"`` initializer (lorakit.ops.lora_ga): (A, B, residual) from the layer's mean
+    gradient ``grad`` (out, in), which lorakit.preprocess_loraga leaves on its base module and the adapter takes off
+    it, and LoraGAConfig's direction, scale and stable_gamma. Without a gradient (a saved adapter being loaded, a
+    layer preprocess_loraga does not cover) it is 'kaiming' and the base stays, as in PEFT."""
+    if grad is None:
+        return kaiming(weight, r, scaling)
+    return LoraInit(*lora_ga_init(grad, weight, r, scaling, direction, scale, stable_gamma, niter))
+
+
 def eva(weight: Tensor, r: int, scaling: float) -> LoraInit:
     """EVA's starting point (init_lora_weights='eva', Paischer et al. 2024, arXiv 2410.07170): as 'kaiming' (B = 0,
     an identity at start) until lorakit.initialize_lora_eva_weights replaces A with the top right-singular vectors
@@ -261,6 +281,7 @@ INITIALIZERS: dict[str, Initializer] = {
     "mica": mica,
     "corda": corda,
     "eva": eva,
+    "lora_ga": lora_ga,
 }
 
 
@@ -292,10 +313,10 @@ def is_known(init_lora_weights: object) -> bool:
 
 
 def mutates_base(init_lora_weights: object) -> bool:
-    """True for initializers that move part of the base weight into the adapter (PiSSA, OLoRA, CorDA): their adapters
-    only fit the residual base, unless saved with ``path_initial_model_for_weight_conversion``."""
+    """True for initializers that move part of the base weight into the adapter (PiSSA, OLoRA, CorDA, LoRA-GA): their
+    adapters only fit the residual base, unless saved with ``path_initial_model_for_weight_conversion``."""
     init = _lookup(init_lora_weights)
-    return getattr(init, "func", init) in (pissa, olora, corda)
+    return getattr(init, "func", init) in (pissa, olora, corda, lora_ga)
 
 
 def _lookup(name: object) -> Initializer | None:

@@ -37,6 +37,7 @@ EQUIVALENTS: dict[str, dict[str, str]] = {
         "CordaConfig": "lorakit:CordaConfig",
         "EvaConfig": "lorakit:EvaConfig",
         "LoraGAConfig": "lorakit:LoraGAConfig",
+        "preprocess_loraga": "lorakit:preprocess_loraga",
         "ArrowConfig": "lorakit:ArrowConfig",
         "LoraModel": "lorakit:LoraModel",
         "LoraLayer": "lorakit:LoraLayer",
@@ -117,6 +118,7 @@ EQUIVALENTS["peft.utils.hotswap"] = {
 }
 EQUIVALENTS["peft.helpers"] = {"MontecloraTrainerMixin": "lorakit.api.helpers:MontecloraTrainerMixin"}
 EQUIVALENTS["peft.tuners.lora.corda"] = {"preprocess_corda": "lorakit:preprocess_corda"}
+EQUIVALENTS["peft.tuners.lora.loraga"] = {"preprocess_loraga": "lorakit:preprocess_loraga"}
 EQUIVALENTS["peft.tuners.lora.eva"] = {
     name: f"lorakit.adapters.eva:{name}"
     for name in ("get_eva_state_dict", "initialize_lora_eva_weights", "forward_fn_dict",
