@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-# The files holding PEFT's LoRA and generic tests (issue 14).
+# The files holding PEFT's LoRA and generic tests (issue 14), in collection order.
 FILES = [
     "test_config.py",
     "test_custom_models.py",
@@ -20,6 +20,7 @@ FILES = [
     "test_other.py",
     "test_target_parameters.py",
     "test_tuners_utils.py",
+    "test_arrow.py",  # last: the tests of the files before keep their places (the --quick subset)
 ]
 # Words in a test's name that mean hardware or a quantization backend this machine has not got.
 HARDWARE = {

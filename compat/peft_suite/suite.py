@@ -85,14 +85,16 @@ def pytest(
 
 
 def collect(source: Path, deps: Path, cache: Path, refresh: bool) -> dict:
-    """Every test of the LoRA files as PEFT collects it (cached)."""
+    """Every test of the LoRA files as PEFT collects it (cached; collected again when selection.FILES changed)."""
     path = cache / "collected.json"
-    if refresh or not path.exists():
+    collected = None if refresh or not path.exists() else json.loads(path.read_text())
+    if collected is None or collected.get("files") != selection.FILES:
         print("peft-suite: collecting PEFT's tests under PEFT ...", file=sys.stderr)
         pytest(source, deps, selection.FILES, shim=False, mode="collect", out=path, log=cache / "collect.log")
         if not path.exists():
             sys.exit(f"peft-suite: collection under PEFT failed; see {cache / 'collect.log'}")
-    collected = json.loads(path.read_text())
+        collected = json.loads(path.read_text()) | {"files": selection.FILES}
+        path.write_text(json.dumps(collected))
     (cache / "public-names.txt").write_text("\n".join(collected["public"]))  # for the shim
     return collected
 
