@@ -85,16 +85,24 @@ def pytest(
 
 
 def collect(source: Path, deps: Path, cache: Path, refresh: bool) -> dict:
-    """Every test of the LoRA files as PEFT collects it (cached; collected again when selection.FILES changed)."""
+    """Every test of the LoRA files as PEFT collects it (cached). A file added to selection.FILES since the cache was
+    made is collected alone, its tests appended (so those of the files before keep their places)."""
     path = cache / "collected.json"
     collected = None if refresh or not path.exists() else json.loads(path.read_text())
-    if collected is None or collected.get("files") != selection.FILES:
-        print("peft-suite: collecting PEFT's tests under PEFT ...", file=sys.stderr)
-        pytest(source, deps, selection.FILES, shim=False, mode="collect", out=path, log=cache / "collect.log")
-        if not path.exists():
+    covered = set(collected.get("files", [])) if collected else set()  # the files collected, tests or none
+    covered |= {t["id"].split("::")[0].removeprefix("tests/") for t in (collected or {}).get("tests", [])}
+    missing = [name for name in selection.FILES if name not in covered]
+    if missing:
+        print(f"peft-suite: collecting PEFT's tests of {', '.join(missing)} under PEFT ...", file=sys.stderr)
+        new = cache / "collected-new.json"
+        pytest(source, deps, missing, shim=False, mode="collect", out=new, log=cache / "collect.log")
+        if not new.exists():
             sys.exit(f"peft-suite: collection under PEFT failed; see {cache / 'collect.log'}")
-        collected = json.loads(path.read_text()) | {"files": selection.FILES}
-        path.write_text(json.dumps(collected))
+        added = json.loads(new.read_text())
+        tests = (collected["tests"] if collected else []) + added["tests"]
+        collected = added | {"tests": tests, "files": sorted(covered | set(missing))}
+        new.write_text(json.dumps(collected))
+        os.replace(new, path)  # whole or not at all: another run may be reading the cache
     (cache / "public-names.txt").write_text("\n".join(collected["public"]))  # for the shim
     return collected
 

@@ -30,11 +30,12 @@ LIBRARIES = {"lorakit": lorakit, "peft": peft}
 
 def _save(library: object, kind: str, folder: Path, seed: int, r: int = 4, targets: list[str] | None = None) -> str:
     """A random LoRA adapter (init_lora_weights=False: B is not zero) on ``kind``'s tiny model, saved by ``library``."""
+    base = BASES[kind](0)  # seeds torch itself: the adapter's seed comes after
     torch.manual_seed(seed)
     config = library.LoraConfig(r=r, lora_alpha=8, target_modules=targets or TARGETS[kind], init_lora_weights=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's fan_in_fan_out warning for GPT-2's Conv1D
-        library.get_peft_model(BASES[kind](0), config).save_pretrained(folder)
+        library.get_peft_model(base, config).save_pretrained(folder)
     return str(folder)
 
 
@@ -227,6 +228,8 @@ def test_bad_arguments_name_the_fix(adapters, tmp_path):
         lorakit.create_arrow_model(tiny_llama(0), tasks, lorakit.ArrowConfig(use_gks=True))
     with pytest.raises(ValueError, match=r"'user/repo/expert_0' is no local folder.*local folders only.*snapshot"):
         lorakit.create_arrow_model(tiny_llama(0), ["user/repo/expert_0"], lorakit.ArrowConfig())
+    with pytest.raises(ValueError, match=r"task_specific_adapter_paths: '.*missing' does not exist"):
+        lorakit.create_arrow_model(tiny_llama(0), [str(tmp_path / "missing")], lorakit.ArrowConfig())
     model = _arrow("lorakit", "llama", tasks[:2], top_k=3)
     with pytest.raises(ValueError, match=r"top_k=3 is more than the 2 task adapters"):
         _logits(model)

@@ -40,11 +40,11 @@ def test_prototype_is_the_top_right_singular_vector_of_BA(seed):
 
 
 def test_prototype_of_random_factors_matches_svd():
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(4)
     A, B = torch.randn(R, IN, generator=g), torch.randn(OUT, R, generator=g)
     _, S, Vh = torch.linalg.svd(B @ A)
-    assert S[1] / S[0] < 0.8  # a gap the 15 iterations close to about 1e-3
-    _same_up_to_sign(arrow.top_right_singular_vector(A, B, seed=0), Vh[0], atol=5e-3)
+    assert S[1] / S[0] < 0.7  # a gap the 15 iterations close to about (0.7 ** 2) ** 15 = 2e-5
+    _same_up_to_sign(arrow.top_right_singular_vector(A, B, seed=0), Vh[0], atol=1e-4)
 
 
 @pytest.mark.parametrize("seed", [None, 0, 42])

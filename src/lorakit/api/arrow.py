@@ -53,9 +53,10 @@ def create_arrow_model(
             "or ArrowConfig(use_gks=False)"
         )
     tasks = [_local_folder(p, "task_specific_adapter_paths") for p in task_specific_adapter_paths]
-    general = [_local_folder(p, "general_adapter_paths") for p in general_adapter_paths or []]
+    general_paths = general_adapter_paths or [] if arrow_config.use_gks else []  # unused without GenKnowSub (PEFT)
+    general = [_local_folder(p, "general_adapter_paths") for p in general_paths]
     task_names = [f"{TASK_PREFIX}{i}" for i in range(len(tasks))]
-    gks_names = [f"{GKS_PREFIX}{i}" for i in range(len(general))] if arrow_config.use_gks else []
+    gks_names = [f"{GKS_PREFIX}{i}" for i in range(len(general))]
     model = PeftModel.from_pretrained(base_model, tasks[0], adapter_name=task_names[0], **adapter_kwargs)
     for name, folder in [*zip(task_names[1:], tasks[1:]), *zip(gks_names, general)]:
         model.load_adapter(folder, adapter_name=name, **adapter_kwargs)
@@ -149,12 +150,15 @@ def resolve_adapter_source(path: str) -> tuple[str, str | None]:
 
 def _local_folder(path: str | os.PathLike, argument: str) -> Path:
     """The local adapter folder ``path``; ValueError for anything else (lorakit reads no Hub ids)."""
-    model_id, subfolder = resolve_adapter_source(os.fspath(path))
+    path = os.fspath(path)
+    model_id, subfolder = resolve_adapter_source(path)
     if os.path.isdir(model_id):
         return Path(model_id)
+    if os.path.isabs(path) or path.startswith((".", "~")):
+        raise ValueError(f"{argument}: {path!r} does not exist: pass the folder save_pretrained wrote the adapter to")
     hub = f"{model_id!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
     raise ValueError(
-        f"{argument}: {os.fspath(path)!r} is no local folder. lorakit loads adapters from local folders only, not from "
+        f"{argument}: {path!r} is no local folder. lorakit loads adapters from local folders only, not from "
         f"the Hugging Face Hub (PEFT would read {hub} there): download it first, e.g. "
         f"huggingface_hub.snapshot_download({model_id!r}, local_dir=...), and pass the adapter's folder"
     )
