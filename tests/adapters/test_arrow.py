@@ -111,6 +111,39 @@ def test_a_layer_mixes_its_experts_per_token(adapters, kind):
     torch.testing.assert_close(out, expected.reshape(2, 5, -1), atol=ATOL, rtol=1e-5)
 
 
+def test_dropout_applies_to_the_mixed_update_as_in_peft(adapters):
+    tasks, _ = adapters("llama")
+    model = _arrow("lorakit", "llama", tasks)
+    config = lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.5,
+                                arrow_config=lorakit.ArrowConfig(top_k=2, rng_seed=42))
+    model.add_adapter("dropped", config)  # a second router: it routes over the task adapters, not the first router
+    model.set_adapter("dropped")
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer) and "dropped" in m.r)
+    x = torch.randn(2, 5, layer.in_features)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        update = layer.eval()(x) - base  # (2, 5, out)
+        torch.manual_seed(0)
+        dropped = layer.train()(x) - base
+    assert layer.lora_arrow["dropped"].task_adapter_names == ["task_0", "task_1", "task_2"]
+    kept = dropped.abs() > 1e-6  # dropout(mix): each output element 0 or 2 * the update (on the input, it would not)
+    assert 0.3 < kept.float().mean() < 0.7
+    torch.testing.assert_close(dropped[kept], 2 * update[kept], atol=1e-5, rtol=1e-4)
+
+
+def test_a_quantized_base_routes_as_the_full_precision_one(adapters):
+    tasks, _ = adapters("llama")
+    full = _arrow("lorakit", "llama", tasks)
+    config = lorakit.ArrowConfig(top_k=2, rng_seed=42)
+    quantized = lorakit.create_arrow_model(lorakit.quantize(tiny_llama(0), bits=4), tasks, config).eval()
+    (layer, _), (layer_q, _) = _routers(full)[0], _routers(quantized)[0]
+    assert type(layer_q.base_layer).__name__ == "QuantLinear"
+    x = torch.randn(2, 5, layer.in_features)
+    with torch.no_grad():  # the update does not depend on the base weight
+        torch.testing.assert_close(layer_q(x) - layer_q.base_layer(x), layer(x) - layer.base_layer(x), atol=ATOL,
+                                   rtol=1e-5)
+
+
 # -- the router's state: refreshed on a change of experts, built once --------------------------------------------------
 def test_an_expert_added_later_is_routed_as_if_loaded_at_once(adapters):
     tasks, general = adapters("llama")
