@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-# The files holding PEFT's LoRA and generic tests (issue 14), and its LoRA-GA initializer's.
+# The files holding PEFT's LoRA and generic tests (issue 14), in collection order: files added later go last, so
+# that the tests of the files before keep their places (the --quick subset).
 FILES = [
     "test_config.py",
     "test_custom_models.py",
@@ -20,7 +21,8 @@ FILES = [
     "test_other.py",
     "test_target_parameters.py",
     "test_tuners_utils.py",
-    "test_lora_ga.py",  # last: the files before it keep their collection order, and so --quick its subset
+    "test_lora_ga.py",
+    "test_arrow.py",
 ]
 # Words in a test's name that mean hardware or a quantization backend this machine has not got.
 HARDWARE = {

@@ -85,17 +85,24 @@ def pytest(
 
 
 def collect(source: Path, deps: Path, cache: Path, refresh: bool) -> dict:
-    """Every test of the LoRA files as PEFT collects it (cached, and collected again when selection.FILES changed)."""
+    """Every test of the LoRA files as PEFT collects it (cached). A file added to selection.FILES since the cache was
+    made is collected alone, its tests appended (so those of the files before keep their places)."""
     path = cache / "collected.json"
-    stale = path.exists() and json.loads(path.read_text()).get("files") != selection.FILES
-    if refresh or stale or not path.exists():
-        print("peft-suite: collecting PEFT's tests under PEFT ...", file=sys.stderr)
-        path.unlink(missing_ok=True)
-        pytest(source, deps, selection.FILES, shim=False, mode="collect", out=path, log=cache / "collect.log")
-        if not path.exists():
+    collected = None if refresh or not path.exists() else json.loads(path.read_text())
+    covered = set(collected.get("files", [])) if collected else set()  # the files collected, tests or none
+    covered |= {t["id"].split("::")[0].removeprefix("tests/") for t in (collected or {}).get("tests", [])}
+    missing = [name for name in selection.FILES if name not in covered]
+    if missing:
+        print(f"peft-suite: collecting PEFT's tests of {', '.join(missing)} under PEFT ...", file=sys.stderr)
+        new = cache / "collected-new.json"
+        pytest(source, deps, missing, shim=False, mode="collect", out=new, log=cache / "collect.log")
+        if not new.exists():
             sys.exit(f"peft-suite: collection under PEFT failed; see {cache / 'collect.log'}")
-        path.write_text(json.dumps(json.loads(path.read_text()) | {"files": selection.FILES}))
-    collected = json.loads(path.read_text())
+        added = json.loads(new.read_text())
+        tests = (collected["tests"] if collected else []) + added["tests"]
+        collected = added | {"tests": tests, "files": sorted(covered | set(missing))}
+        new.write_text(json.dumps(collected))
+        os.replace(new, path)  # whole or not at all: another run may be reading the cache
     (cache / "public-names.txt").write_text("\n".join(collected["public"]))  # for the shim
     return collected
 

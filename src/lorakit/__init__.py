@@ -20,6 +20,7 @@ if typing.TYPE_CHECKING:  # the same names, for type checkers and tests/test_lay
     from lorakit.adapters.model import LoraModel
     from lorakit.adapters.quantize import quantize
     from lorakit.adapters.targets import NoMatchingPeftModuleError, TargetError
+    from lorakit.api.arrow import create_arrow_model
     from lorakit.api.auto import (
         AutoPeftModel,
         AutoPeftModelForCausalLM,
@@ -93,6 +94,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "lorakit.adapters.linear": ("LoraLinear",),
     "lorakit.adapters.model": ("LoraModel",),
     "lorakit.adapters.quantize": ("quantize",),
+    "lorakit.api.arrow": ("create_arrow_model",),
     "lorakit.api.auto": ("AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
                          "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM",
                          "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification"),

@@ -344,7 +344,7 @@ class LoraConfig:
     def variant_names(self) -> tuple[str, ...]:
         """The variants this config asks for (``requested_variants``: PEFT's names, sorted): () for plain LoRA, else
         one of 'use_dora', 'velora_config', 'use_bdlora', 'kasa_config', 'monteclora_config',
-        'alora_invocation_tokens', 'mica' (init_lora_weights='mica'); the variant is built by
+        'alora_invocation_tokens', 'arrow_config', 'mica' (init_lora_weights='mica'); the variant is built by
         lorakit.adapters.variants.for_config.
         ConfigError for two at once, which neither PEFT nor lorakit combines."""
         names = tuple(sorted(name for name, on in requested_variants(self).items() if on))

@@ -81,6 +81,16 @@ def test_load_adapter_not_trainable_leaves_everything_frozen(tmp_path):
     assert not _trainable(model)
 
 
+def test_set_adapter_trains_an_adapter_loaded_for_inference_as_peft(tmp_path):
+    path = _saved(tmp_path)
+    model = PeftModel.from_pretrained(TwoLayers(), path)  # is_trainable=False: frozen
+    model.load_adapter(path, adapter_name="other")
+    model.set_adapter("other")  # PEFT's PeftModel.set_adapter: the active adapter trains unless inference_mode=True
+    assert _trainable(model) == {f"base_model.model.lin0.lora_{f}.other.weight" for f in "AB"}
+    model.set_adapter("default", inference_mode=True)
+    assert not _trainable(model)
+
+
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_base_biases_train_with_the_bias_mode_and_stop_when_its_adapter_goes(bias):
     model = get_peft_model(TwoLayers(), LoraConfig(target_modules=["lin0"], bias=bias))

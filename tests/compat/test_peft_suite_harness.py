@@ -123,18 +123,27 @@ def test_an_auto_id_numbered_by_a_filtered_list_gets_peft_s_id() -> None:
     assert [plugin._peft_id(t) for t in twins] == [t.nodeid for t in twins]  # two candidates each: no guess
 
 
-def test_a_cached_collection_of_other_files_is_collected_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_added_to_the_selection_is_collected_alone_and_appended(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache made before a file joined selection.FILES: only that file is collected, its tests go after the cached
+    ones (whose places, and so the --quick subset, stay), and the next run reads the cache."""
     import suite
 
     runs: list[list[str]] = []
 
     def fake_pytest(source: Path, deps: Path, files: list[str], *, out: Path, **kwargs: object) -> None:
         runs.append(files)
-        out.write_text(json.dumps({"methods": ["LORA"], "public": ["LoraConfig"], "tests": []}))
+        tests = [{"id": f"tests/{name}::test_new"} for name in files]
+        out.write_text(json.dumps({"methods": ["LORA"], "public": ["LoraConfig"], "tests": tests}))
 
     monkeypatch.setattr(suite, "pytest", fake_pytest)
-    (tmp_path / "collected.json").write_text(json.dumps({"methods": [], "public": [], "tests": []}))  # no "files"
+    old = [{"id": f"tests/{name}::test_old"} for name in selection.FILES[:-2]]  # made before the last two files
+    (tmp_path / "collected.json").write_text(json.dumps({"methods": [], "public": [], "tests": old}))  # no "files"
     collected = suite.collect(tmp_path, tmp_path, tmp_path, refresh=False)
-    assert runs == [selection.FILES] and collected["files"] == selection.FILES and "test_lora_ga.py" in runs[0]
+    assert runs == [selection.FILES[-2:]] and "test_lora_ga.py" in runs[0] and "test_arrow.py" in runs[0]
+    assert [t["id"] for t in collected["tests"]] == [t["id"] for t in old] + [
+        f"tests/{name}::test_new" for name in selection.FILES[-2:]]
+    assert set(collected["files"]) == set(selection.FILES)
     suite.collect(tmp_path, tmp_path, tmp_path, refresh=False)  # now current: read from the cache
     assert len(runs) == 1
+    assert not (tmp_path / "collected-new.json").exists()  # replaced into collected.json, whole

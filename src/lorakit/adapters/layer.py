@@ -5,10 +5,11 @@ A (r, in), B (out, r) and scaling s = alpha / r (alpha / sqrt(r) with rsLoRA). T
 layout and the forward (lorakit.adapters.linear, .embedding; the table is lorakit.adapters.kinds); each adapter's
 variant (lorakit.adapters.variants: plain LoRA, DoRA) decides how its update enters the output and the merged weight.
 
-State changes are method calls: ``update_layer`` / ``delete_adapter``, ``set_adapter`` (also behind the
-``active_adapters`` setter), ``enable_adapters`` (behind ``disable_adapters``), ``merge`` / ``unmerge``. Each of them
-ends with ``_refresh()``, which recomputes what the forward looks up; nothing else changes it. Merging happens only
-when ``merge()`` is called, never as a side effect of ``train()`` / ``eval()``.
+State changes are method calls: ``update_layer`` / ``delete_adapter`` (which also tell each adapter's variant: an
+Arrow router routes over the others), ``set_adapter`` (also behind the ``active_adapters`` setter),
+``enable_adapters`` (behind ``disable_adapters``), ``merge`` / ``unmerge``. Each of them ends with ``_refresh()``,
+which recomputes what the forward looks up; nothing else changes it. Merging happens only when ``merge()`` is called,
+never as a side effect of ``train()`` / ``eval()``.
 """
 
 from __future__ import annotations
@@ -301,6 +302,7 @@ class LoraLayer(nn.Module):
         if A.device != weight.device:
             self.to(weight.device)
         self._refresh()
+        self._adapters_changed(name)
 
     def set_scale(self, name: str, scaling: float) -> None:
         self.scaling[name] = scaling
@@ -315,6 +317,12 @@ class LoraLayer(nn.Module):
         del self.lora_dropout[name]
         self._active = [a for a in self._active if a != name]
         self._refresh()
+        self._adapters_changed(name)
+
+    def _adapters_changed(self, name: str) -> None:
+        """Tell every adapter's variant that adapter ``name`` was added or deleted (an Arrow router rebuilds)."""
+        for adapter, variant in self.variants.items():
+            variant.adapters_changed(self, adapter, name)
 
     # -- the wrapped layer's attributes, read as modeling code reads them -----------------------------------------
     # Modeling code reads a layer's weight and bias (T5's feed-forward: ``self.wo.weight.dtype``). The wrapper answers

@@ -25,7 +25,8 @@ from lorakit.quant.linear import QuantLinear, is_conv1d
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear``, GPT-2's ``Conv1D`` or a ``QuantLinear``."""
 
-    variants_supported = ("lora", "dora", "velora", "bdlora", "mica", "kasa", "monteclora", "alora")
+    variants_supported = ("lora", "dora", "velora", "bdlora", "mica", "kasa", "monteclora", "alora",
+                          "arrow")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str | None = None, config: LoraConfig | None = None, *,
                  r: int | None = None, lora_alpha: float | None = None) -> None:

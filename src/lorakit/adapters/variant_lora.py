@@ -33,6 +33,11 @@ class Lora:
     def delete(self, layer: LoraLayer, adapter: str) -> None:
         pass
 
+    def adapters_changed(self, layer: LoraLayer, adapter: str, changed: str) -> None:
+        """Called by the layer for each of its adapters' variants once adapter ``changed`` was added to it or
+        deleted from it (``adapter``: this variant's own adapter). Plain LoRA does not care; an Arrow router routes
+        over the layer's other adapters (lorakit.adapters.variant_arrow)."""
+
     def frozen(self, layer: LoraLayer, adapter: str) -> list[nn.Parameter]:
         """The adapter's parameters that never train (MiCA's B); LoraLayer.trainable_parameters leaves them out."""
         return []

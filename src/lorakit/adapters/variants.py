@@ -16,6 +16,9 @@ registered by name in ``VARIANTS`` and built from a config by ``for_config`` (in
 - ``alora``: Activated LoRA (Greenewald et al. 2025): plain LoRA applied from the last occurrence of the adapter's
   invocation tokens on, the earlier positions computing as the base model; not mergeable
   (lorakit.adapters.variant_alora).
+- ``arrow``: Arrow routing (Ostapenko et al. 2024) with GenKnowSub: the router adapter mixes its layer's other
+  adapters per token, softmax-weighted by the alignment of the token with each one's prototype; not mergeable
+  (lorakit.adapters.variant_arrow; lorakit.create_arrow_model builds it).
 - ``mica``: MiCA: ``init_lora_weights="mica"`` starts B on W's minor singular vectors and A at 0; B stays frozen
   (lorakit.adapters.variant_mica).
 
@@ -30,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.adapters.variant_alora import ALora
+from lorakit.adapters.variant_arrow import Arrow
 from lorakit.adapters.variant_bdlora import BdLora, side_for
 from lorakit.adapters.variant_kasa import Kasa
 from lorakit.adapters.variant_lora import Lora, LoraLayer
@@ -157,21 +161,21 @@ class Dora(Lora):
 
 
 VARIANTS: dict[str, type[Lora]] = {"lora": Lora, "dora": Dora, "velora": Velora, "bdlora": BdLora, "mica": Mica,
-                                 "kasa": Kasa, "monteclora": Monteclora, "alora": ALora}
+                                 "kasa": Kasa, "monteclora": Monteclora, "alora": ALora, "arrow": Arrow}
 
 
 # The name under which a config asks for each variant (lorakit.config.requested_variants: a tagged field, or the
 # init_lora_weights value 'mica'); a layer's ``lora_variants`` table is keyed by these, as PEFT's.
 CONFIG_KEYS: dict[str, str] = {"dora": "use_dora", "velora": "velora_config", "bdlora": "use_bdlora", "mica": "mica",
                                "kasa": "kasa_config", "monteclora": "monteclora_config",
-                               "alora": "alora_invocation_tokens"}
+                               "alora": "alora_invocation_tokens", "arrow": "arrow_config"}
 
 
 def for_config(config: LoraConfig, module_name: str) -> Lora:
     """The variant object of one adapter on target ``module_name``, with its options from ``config``: DoRA with
     use_dora, VeLoRA with velora_config, BD-LoRA with use_bdlora (plain LoRA on a target that matches neither of its
     lists, with match_strict=False), MiCA with init_lora_weights="mica", KaSA with kasa_config,
-    MonteCLoRA with monteclora_config, aLoRA with alora_invocation_tokens, else plain LoRA.
+    MonteCLoRA with monteclora_config, aLoRA with alora_invocation_tokens, Arrow with arrow_config, else plain LoRA.
     ConfigError for two variants at once or, with BD-LoRA, for a target its lists do not place."""
     names = config.variant_names()
     cls = next((VARIANTS[name] for name, key in CONFIG_KEYS.items() if names == (key,)), Lora)
@@ -184,6 +188,8 @@ def build(cls: type[Lora], config: LoraConfig, module_name: str) -> Lora:
         return Monteclora(config.monteclora_config)
     if cls is ALora:
         return ALora(config.alora_invocation_tokens)
+    if cls is Arrow:
+        return Arrow(config.arrow_config)
     if cls is Velora:
         return Velora(config.velora_config)
     if cls is BdLora:

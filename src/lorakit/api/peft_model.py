@@ -209,10 +209,11 @@ class PeftModel(nn.Module):
         self.base_model.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        """Activate ``adapter_name``; it trains unless ``inference_mode`` (then its parameters are frozen), as PEFT."""
+        """Activate ``adapter_name``; it trains unless ``inference_mode`` (then its parameters are frozen), as PEFT: an
+        adapter loaded for inference (from_pretrained / load_adapter without is_trainable) trains too, once activated
+        here (PEFT's Arrow workflow trains a task adapter so)."""
         self.base_model.set_adapter(adapter_name)
-        if inference_mode:
-            self.base_model.set_requires_grad(adapter_name, False)
+        self.base_model.set_requires_grad(adapter_name, not inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)

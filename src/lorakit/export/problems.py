@@ -44,3 +44,10 @@ ALORA = Problem(
     "into no llama.cpp file (the update would apply to every token there), and no merged weight computes it",
     "serve it unmerged with lorakit or PEFT (PeftModel.generate finds the invocation in each prompt)",
 )
+
+# an Arrow router (arrow_config): it mixes other adapters per token, its own A and B unused; every exporter refuses it
+ARROW = Problem(
+    "an Arrow router adapter (arrow_config) mixes its model's task adapters per token; its own A and B are unused, "
+    "so no engine file or merged weight computes it",
+    "serve it with lorakit or PEFT (create_arrow_model), or export each task adapter by itself",
+)

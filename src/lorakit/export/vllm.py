@@ -32,7 +32,7 @@ from torch import Tensor
 from lorakit.adapters.convert import converted_config, to_original_base
 from lorakit.config import LoraConfig, base_model_id, read_config
 from lorakit.export.output import check_output
-from lorakit.export.problems import ExportError, Problem
+from lorakit.export.problems import ARROW, ExportError, Problem
 from lorakit.io import files
 from lorakit.io.models import ModelNotFoundError, resolve_model
 from lorakit.io.untrusted import inside_folder
@@ -81,6 +81,7 @@ def vllm_problems(
         _bdlora(config),
         _kasa(config),
         _alora(config),
+        _arrow(config),
         _token_rows(config),
         _parameters(config),
         _modules_to_save(config),
@@ -186,6 +187,10 @@ def _alora(config: LoraConfig) -> Problem | None:
         "from the invocation tokens on, which vLLM's plain LoRA does not do, and no merged model computes it",
         "serve it unmerged with lorakit or PEFT (PeftModel.generate finds the invocation in each prompt)",
     )
+
+
+def _arrow(config: LoraConfig) -> Problem | None:
+    return ARROW if config.arrow_config else None
 
 
 def _token_rows(config: LoraConfig) -> Problem | None:

@@ -39,6 +39,7 @@ EQUIVALENTS: dict[str, dict[str, str]] = {
         "LoraGAConfig": "lorakit:LoraGAConfig",
         "preprocess_loraga": "lorakit:preprocess_loraga",
         "ArrowConfig": "lorakit:ArrowConfig",
+        "create_arrow_model": "lorakit:create_arrow_model",
         "LoraModel": "lorakit:LoraModel",
         "LoraLayer": "lorakit:LoraLayer",
         "Linear": "lorakit:LoraLinear",
@@ -123,6 +124,10 @@ EQUIVALENTS["peft.tuners.lora.eva"] = {
     name: f"lorakit.adapters.eva:{name}"
     for name in ("get_eva_state_dict", "initialize_lora_eva_weights", "forward_fn_dict",
                  "prepare_model_inputs_fn_language_modeling", "prepare_layer_inputs_fn_language_modeling")
+}
+EQUIVALENTS["peft.tuners.lora.arrow"] = {
+    "create_arrow_model": "lorakit:create_arrow_model",
+    "_resolve_adapter_source": "lorakit.api.arrow:resolve_adapter_source",
 }
 EQUIVALENTS["peft.tuners.lora.monteclora"] = {
     "MontecloraSampler": "lorakit.adapters.variant_monteclora:MontecloraSampler"
