@@ -295,6 +295,37 @@ def test_lora_linear_fuses_a_frozen_linear_and_falls_back_when_it_must(device):
         assert layer(x).grad_fn is None
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "no_grad"])
+def test_a_base_linear_with_a_forward_of_its_own_is_called(device, grad):
+    """A forward set on the base nn.Linear instance (accelerate's offloading hooks set one there) is no plain
+    F.linear: the layer is called, with gradients and without (where the fast paths otherwise compute F.linear
+    themselves); an untouched layer gives F.linear's output bit for bit."""
+    _no_float64(device)
+    layer = _wrapped_linear(device=device).eval()
+    x = torch.randn(2, 4, 6).to(device).requires_grad_(grad)
+    base = layer.base_layer
+    with torch.set_grad_enabled(grad):
+        plain = layer(x)
+        calls = []
+
+        def own_forward(inputs):
+            calls.append(1)
+            return nn.functional.linear(inputs, base.weight, base.bias) + 1.0
+
+        base.forward = own_forward
+        try:
+            shifted = layer(x)
+        finally:
+            del base.forward
+    assert calls == [1]
+    torch.testing.assert_close(shifted, plain + 1.0, rtol=1e-6, atol=1e-6)
+    if not grad:
+        with torch.no_grad():
+            expected = branch.lora_add_no_grad(nn.functional.linear(x, base.weight, base.bias), x,
+                                               layer.lora_A["a"].weight, layer.lora_B["a"].weight, layer.scaling["a"])
+        assert torch.equal(plain, expected)
+
+
 def test_lora_linear_fused_under_bf16_autocast_equals_the_two_node_path(monkeypatch, device):
     """Under autocast of x's device the fused node computes in bf16 as F.linear + lora_add do: same output to the bit
     (same casts, same products), gradients of A and B in fp32 and equal within bf16 rounding of the summation

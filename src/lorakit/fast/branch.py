@@ -271,19 +271,35 @@ def linear_with_lora(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor, sca
         x = shared_cast(x)
     if torch.is_grad_enabled() and _fusable(base_layer, x, A, B):
         return linear_lora_add(base_layer, x, A, B, scaling, dropout)
-    result = base_layer(x)  # (..., out)
+    if _runs_as_linear(base_layer):  # what its forward computes, without a module call's overhead (decoding)
+        result = nn.functional.linear(x, base_layer.weight, base_layer.bias)  # (..., out)
+    else:
+        result = base_layer(x)
     if torch.is_grad_enabled() or dropout.training or not x.dtype == A.dtype == B.dtype == result.dtype:
         return lora_add(result, x, A, B, scaling, dropout)
     return lora_add_no_grad(result, x, A, B, scaling)
 
 
+def _runs_as_linear(base_layer: nn.Module) -> bool:
+    """Whether calling ``base_layer`` computes exactly ``F.linear(x, weight, bias)``: an ``nn.Linear`` (not a
+    subclass), no forward of its own set on the instance (accelerate's offloading hooks replace ``forward`` there)
+    and no hooks that expect it to be called. torch has no public query for hooks, hence the look at its hook tables
+    (module and global); any hook at all sends the call down the layer's own path."""
+    if type(base_layer) is not nn.Linear or "forward" in base_layer.__dict__:
+        return False
+    hooks = (base_layer._forward_hooks, base_layer._forward_pre_hooks, base_layer._backward_hooks,
+             base_layer._backward_pre_hooks, _module_hooks._global_forward_hooks,
+             _module_hooks._global_forward_pre_hooks, _module_hooks._global_backward_hooks,
+             _module_hooks._global_backward_pre_hooks)
+    return not any(hooks)
+
+
 def _fusable(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
-    """Whether the base layer and the LoRA branch may run as one autograd node (``linear_lora_add``): a plain frozen
-    ``nn.Linear`` (not a subclass with its own forward), no hooks that expect it to be called, and x, W, A and B of
-    one dtype, or under autocast fp32 parameters and x fp32 or already cast (lorakit.fast.shared_cast). The node
-    never calls the layer, so a hook on it would not run: torch has no public query for hooks, hence the look at its
-    hook tables (module and global); any hook at all sends the call down the layer's own path."""
-    if type(base_layer) is not nn.Linear:
+    """Whether the base layer and the LoRA branch may run as one autograd node (``linear_lora_add``): a frozen layer
+    that runs as ``F.linear`` (``_runs_as_linear``: the node never calls the layer, so its hooks or an instance's own
+    forward would not run), and x, W, A and B of one dtype, or under autocast fp32 parameters and x fp32 or already
+    cast (lorakit.fast.shared_cast)."""
+    if not _runs_as_linear(base_layer):
         return False
     weight, bias = base_layer.weight, base_layer.bias
     if weight.requires_grad or (bias is not None and bias.requires_grad):
@@ -295,8 +311,4 @@ def _fusable(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
             return False
     elif not x.dtype == weight.dtype == A.dtype == B.dtype:
         return False
-    hooks = (base_layer._forward_hooks, base_layer._forward_pre_hooks, base_layer._backward_hooks,
-             base_layer._backward_pre_hooks, _module_hooks._global_forward_hooks,
-             _module_hooks._global_forward_pre_hooks, _module_hooks._global_backward_hooks,
-             _module_hooks._global_backward_pre_hooks)
-    return not any(hooks)
+    return True
