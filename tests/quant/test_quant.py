@@ -109,6 +109,37 @@ def test_nf4_rows_decode_only_their_blocks_and_match_the_full_weight():
         assert torch.equal(dequantize_nf4(q, start, stop), full[start:stop])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bits, double_quant", [(4, True), (4, False), (8, True)])
+def test_dequantizing_into_a_dtype_is_the_fp32_weight_rounded_once(bits, double_quant, dtype):
+    """dequantize(q, dtype=...) writes code * scale (computed in fp32) straight into ``dtype``: bit for bit the fp32
+    weight's .to(dtype), rows too (what a bf16 step's matmuls read, without an fp32 copy in memory)."""
+    torch.manual_seed(0)
+    q = quantize_weight(_weight((30, 50)) * 3, bits, double_quant)
+    full = dequantize(q)
+    got = dequantize(q, dtype=dtype)
+    assert got.dtype == dtype and torch.equal(got, full.to(dtype))
+    for start, stop in [(0, 1), (3, 17), (29, 30)]:
+        assert torch.equal(dequantize(q, start, stop, dtype), full[start:stop].to(dtype))
+
+
+def test_a_quant_linear_under_bf16_autocast_computes_with_the_rounded_fp32_weight():
+    """The layer's bf16 forward and input gradient are F.linear's with dequantize().to(bf16), bit for bit."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(40, 24), 4)
+    layer.chunk_elements = 7 * 40  # several chunks
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    grad = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, grad)
+    W = layer.dequantize().to(torch.bfloat16)
+    expected = torch.cat([nn.functional.linear(x.to(torch.bfloat16), W[i : i + 7]) for i in range(0, 24, 7)], -1)
+    assert torch.equal(y, expected + layer.bias.to(torch.bfloat16))
+    expected_gx = sum(grad[..., i : i + 7] @ W[i : i + 7] for i in range(0, 24, 7))
+    assert torch.equal(gx, expected_gx.to(x.dtype))
+
+
 # -- int8 --------------------------------------------------------------------------------------------------------
 def test_int8_error_per_row_within_absmax_over_254():
     W = _weight()

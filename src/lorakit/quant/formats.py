@@ -105,9 +105,13 @@ def quantize_int8(weight: Tensor) -> Int8Tensor:
     return Int8Tensor(codes, scale, tuple(w.shape))
 
 
-def dequantize_int8(q: Int8Tensor, start: int = 0, stop: int | None = None) -> Tensor:
-    """Rows ``start:stop`` (default: all) of the weight, fp32 (stop - start, in)."""
-    return q.codes[start:stop].float() * q.scale[start:stop, None]
+def dequantize_int8(
+    q: Int8Tensor, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Rows ``start:stop`` (default: all) of the weight (stop - start, in): codes * scale computed in fp32, stored in
+    ``dtype`` (rounded once, as ``.to(dtype)`` of the fp32 product would be, without that product in memory)."""
+    codes, scale = q.codes[start:stop], q.scale[start:stop, None]
+    return torch.mul(codes, scale, out=torch.empty(codes.shape, dtype=dtype, device=codes.device))
 
 
 # -- NF4 -------------------------------------------------------------------------------------------------------------
@@ -151,23 +155,25 @@ def quantize_nf4(weight: Tensor, block_size: int = NF4_BLOCK, double_quant: bool
     return NF4Tensor(packed, **fields, shape=tuple(w.shape), block_size=block_size)
 
 
-def dequantize_nf4(q: NF4Tensor, start: int = 0, stop: int | None = None) -> Tensor:
-    """The weight in fp32; for a 2-D weight, only rows ``start:stop`` (default: all), decoding just their blocks."""
+def dequantize_nf4(q: NF4Tensor, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The weight (code * absmax computed in fp32, stored in ``dtype``: rounded once, as ``.to(dtype)`` of the fp32
+    weight would be); for a 2-D weight, only rows ``start:stop`` (default: all), decoding just their blocks."""
     n = math.prod(q.shape)
     if start == 0 and stop is None:
-        return _nf4_range(q, 0, n).view(q.shape)
+        return _nf4_range(q, 0, n, dtype).view(q.shape)
     rows, cols = q.shape
     stop = rows if stop is None else min(stop, rows)
-    return _nf4_range(q, start * cols, stop * cols).view(stop - start, cols)
+    return _nf4_range(q, start * cols, stop * cols, dtype).view(stop - start, cols)
 
 
-def _nf4_range(q: NF4Tensor, lo: int, hi: int) -> Tensor:
-    """Flat elements lo:hi of the weight, fp32."""
+def _nf4_range(q: NF4Tensor, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
+    """Flat elements lo:hi of the weight, in ``dtype``."""
     bs = q.block_size
     b0, b1 = lo // bs, -(-hi // bs)  # blocks covering the range
     packed = q.packed[b0 * bs // 2 : b1 * bs // 2].int()  # (n/2,)
     pairs = _NF4_PAIRS.to(packed.device).flatten().index_select(0, packed).view(torch.float32)  # (n,) code values
-    values = pairs.view(b1 - b0, bs) * _absmax(q, b0, b1)[:, None]  # (blocks, bs)
+    values = torch.empty(b1 - b0, bs, dtype=dtype, device=packed.device)  # (blocks, bs)
+    torch.mul(pairs.view(b1 - b0, bs), _absmax(q, b0, b1)[:, None], out=values)  # fp32 products, rounded on store
     return values.flatten()[lo - b0 * bs : hi - b0 * bs]
 
 
@@ -191,11 +197,14 @@ def quantize_weight(weight: Tensor, bits: int = 4, double_quant: bool = True) ->
     return QUANTIZERS[bits](weight, double_quant=double_quant)
 
 
-def dequantize(q: QuantizedWeight, start: int = 0, stop: int | None = None) -> Tensor:
-    """``q`` in fp32 (rows ``start:stop`` of a 2-D weight if given)."""
+def dequantize(
+    q: QuantizedWeight, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """``q`` (rows ``start:stop`` of a 2-D weight if given) in fp32, or stored in ``dtype``: bit for bit the fp32
+    weight's ``.to(dtype)``, made in one pass (the matmuls of a bf16 step take it so, lorakit.quant.linear)."""
     if isinstance(q, NF4Tensor):
-        return dequantize_nf4(q, start, stop)
-    return dequantize_int8(q, start, stop)
+        return dequantize_nf4(q, start, stop, dtype)
+    return dequantize_int8(q, start, stop, dtype)
 
 
 def check_bits(bits: int) -> None:

@@ -91,10 +91,10 @@ class HalfLinear(nn.Linear):
         self.compute_dtype = compute_dtype
         self.train(linear.training)
 
-    def weight_chunks(self) -> Iterator[tuple[int, int, Tensor]]:
-        """(start, stop, rows start:stop of the weight in compute_dtype)."""
+    def weight_chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor]]:
+        """(start, stop, rows start:stop of the weight in compute_dtype, then in ``dtype``, the matmul's)."""
         for start, stop in row_chunks(self.out_features, self.in_features, self.chunk_elements):
-            yield start, stop, self.weight[start:stop].to(self.compute_dtype)
+            yield start, stop, self.weight[start:stop].to(self.compute_dtype).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         if self.weight.requires_grad:

@@ -28,7 +28,7 @@ class QuantizedBaseError(RuntimeError):
 class ChunkedWeight(Protocol):
     """A frozen layer that gives its weight (out, in) in full precision a few rows at a time."""
 
-    def weight_chunks(self) -> Iterator[tuple[int, int, Tensor]]: ...
+    def weight_chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor]]: ...
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -38,7 +38,7 @@ class _DequantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: ChunkedWeight) -> Tensor:  # x (..., in) -> (..., out)
         ctx.layer, ctx.x_dtype = layer, x.dtype
-        parts = [nn.functional.linear(x, w.to(x.dtype)) for _, _, w in layer.weight_chunks()]
+        parts = [nn.functional.linear(x, w) for _, _, w in layer.weight_chunks(_matmul_dtype(x))]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     @staticmethod
@@ -46,10 +46,19 @@ class _DequantLinear(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None
         grad_x = None
-        for start, stop, w in ctx.layer.weight_chunks():
-            part = grad[..., start:stop] @ w.to(grad.dtype)  # (..., in)
+        for start, stop, w in ctx.layer.weight_chunks(grad.dtype):
+            part = grad[..., start:stop] @ w  # (..., in)
             grad_x = part if grad_x is None else grad_x + part
         return grad_x.to(ctx.x_dtype), None
+
+
+def _matmul_dtype(x: Tensor) -> torch.dtype:
+    """The dtype ``F.linear(x, w)`` computes in: autocast's for an fp32 (or already cast) x under autocast of x's
+    device, x's own otherwise. A weight made in it is what the matmul would cast an fp32 weight to."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind) and x.dtype in (torch.float32, torch.get_autocast_dtype(kind)):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
 
 
 def row_chunks(rows: int, row_size: int, chunk_elements: int) -> Iterator[tuple[int, int]]:
@@ -147,11 +156,12 @@ class QuantLinear(nn.Module):
             "store a new (out, in) weight with requantize_(weight), or take full_precision() for a plain layer"
         )
 
-    def weight_chunks(self) -> Iterator[tuple[int, int, Tensor]]:
-        """(start, stop, rows start:stop of the weight in fp32), at most ``chunk_elements`` weights at a time."""
+    def weight_chunks(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[int, int, Tensor]]:
+        """(start, stop, rows start:stop of the weight in ``dtype``: the fp32 weight's ``.to(dtype)``, decoded
+        straight into it), at most ``chunk_elements`` weights at a time."""
         q = self.quantized_weight()
         for start, stop in row_chunks(self.out_features, self.in_features, self.chunk_elements):
-            yield start, stop, dequantize(q, start, stop)
+            yield start, stop, dequantize(q, start, stop, dtype)
 
     def full_precision(self, weight: Tensor | None = None) -> nn.Module:
         """The full-precision module this layer stands for, holding ``weight`` (out, in; default: the dequantized
