@@ -12,10 +12,7 @@ The files of ``CordaConfig`` are PEFT's (torch.save of a dict of tensors): ``cov
 
 from __future__ import annotations
 
-import io
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +20,7 @@ from torch import Tensor, nn
 
 from lorakit.adapters.inject import find_targets
 from lorakit.config import ConfigError, LoraConfig
-from lorakit.io.writes import atomic_write_bytes
+from lorakit.io import tensor_files
 from lorakit.ops import corda as ops
 from lorakit.quant.linear import is_conv1d
 
@@ -54,14 +51,14 @@ def preprocess_corda(
         )
     targets = corda_targets(model, lora_config)
     device = _device(model)
-    if _exists(settings.cache_file):
-        cache = _load(settings.cache_file, device)
+    if tensor_files.exists(settings.cache_file):
+        cache = tensor_files.load_tensors(settings.cache_file, device, "CorDA file")
         for name, module in targets.items():
             setattr(module, EIGENS, ops.CordaEigens(*(_entry(cache, f"{name}.{EIGENS}.{f}", settings.cache_file)
                                                        for f in _FIELDS)))
         return
-    if _exists(settings.covariance_file):
-        stored = _load(settings.covariance_file, device)
+    if tensor_files.exists(settings.covariance_file):
+        stored = tensor_files.load_tensors(settings.covariance_file, device, "CorDA file")
         for name, module in targets.items():
             module.covariance_matrix = _entry(stored, name, settings.covariance_file)
     else:
@@ -76,7 +73,8 @@ def preprocess_corda(
             module.covariance_matrix = sums[name] / counts[name]
             module.sample_count = counts[name]
         if settings.covariance_file is not None:
-            _save(settings.covariance_file, {name: m.covariance_matrix for name, m in targets.items()})
+            covariances = {name: m.covariance_matrix for name, m in targets.items()}
+            tensor_files.save_tensors(settings.covariance_file, covariances)
     for index, (name, module) in enumerate(targets.items()):
         if settings.verbose:
             print(f"CorDA: decomposing {name} ({index + 1}/{len(targets)})", flush=True)
@@ -87,8 +85,8 @@ def preprocess_corda(
             if hasattr(module, "sample_count"):
                 del module.sample_count
     if settings.cache_file is not None:
-        _save(settings.cache_file, {f"{name}.{EIGENS}.{f}": getattr(getattr(m, EIGENS), f)
-                                    for name, m in targets.items() for f in _FIELDS})
+        tensor_files.save_tensors(settings.cache_file, {f"{name}.{EIGENS}.{f}": getattr(getattr(m, EIGENS), f)
+                                                        for name, m in targets.items() for f in _FIELDS})
 
 
 def collect_covariances(
@@ -149,17 +147,6 @@ def _device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def _exists(path: str | None) -> bool:
-    return path is not None and os.path.exists(path) and os.path.getsize(path) > 0
-
-
-def _load(path: str, device: torch.device) -> dict[str, Tensor]:
-    data = torch.load(path, map_location=device, weights_only=True)  # tensors only: no code runs from the file
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is no CorDA file (a dict of tensors); delete it to rebuild it")
-    return data
-
-
 def _entry(data: dict[str, Tensor], key: str, path: str) -> Tensor:
     if key not in data:
         raise ValueError(
@@ -167,11 +154,3 @@ def _entry(data: dict[str, Tensor], key: str, path: str) -> Tensor:
             "another file) to rebuild it for this config"
         )
     return data[key]
-
-
-def _save(path: str, tensors: dict[str, Tensor]) -> None:
-    """torch.save of ``tensors`` (each stored on its own, not as a view of a larger tensor), written atomically."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().contiguous().clone() for k, v in tensors.items()}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())

@@ -18,11 +18,9 @@ reads the other's.
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +28,7 @@ from torch import Tensor, nn
 
 from lorakit.adapters.inject import LORA_GA_GRAD, find_targets, takes_lora_ga
 from lorakit.config import LoraConfig
-from lorakit.io.writes import atomic_write_bytes
+from lorakit.io import tensor_files
 from lorakit.quant.linear import QuantLinear
 
 
@@ -55,8 +53,8 @@ def preprocess_loraga(
             "lora_ga_config=LoraGAConfig(...)."
         )
     targets = loraga_targets(model, lora_config)
-    if _exists(cache_file):
-        cache = _load(cache_file, _device(model))
+    if tensor_files.exists(cache_file):
+        cache = tensor_files.load_tensors(cache_file, _device(model), "LoRA-GA cache file")
         grads = {name: cache[f"{name}.{LORA_GA_GRAD}"] for name in targets if f"{name}.{LORA_GA_GRAD}" in cache}
         if not grads:
             raise ValueError(
@@ -66,7 +64,7 @@ def preprocess_loraga(
     else:
         grads = mean_gradients(model, targets, train_step)
         if cache_file is not None:
-            _save(cache_file, {f"{name}.{LORA_GA_GRAD}": grad for name, grad in grads.items()})
+            tensor_files.save_tensors(cache_file, {f"{name}.{LORA_GA_GRAD}": grad for name, grad in grads.items()})
     idle = [name for name in targets if name not in grads]
     if idle:
         warnings.warn(
@@ -148,22 +146,3 @@ def mean_gradients(model: nn.Module, targets: dict[str, nn.Module], train_step: 
 def _device(model: nn.Module) -> torch.device:
     model = getattr(model, "module", model)  # DataParallel / DeepSpeed wrappers, as PEFT
     return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-def _exists(path: str | os.PathLike | None) -> bool:
-    return path is not None and os.path.exists(path) and os.path.getsize(path) > 0
-
-
-def _load(path: str | os.PathLike, device: torch.device) -> dict[str, Tensor]:
-    data = torch.load(path, map_location=device, weights_only=True)  # tensors only: no code runs from the file
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is no LoRA-GA cache file (a dict of tensors); delete it to rebuild it")
-    return data
-
-
-def _save(path: str | os.PathLike, tensors: dict[str, Tensor]) -> None:
-    """torch.save of ``tensors`` (each stored on its own, not as a view of a larger tensor), written atomically."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().contiguous().clone() for k, v in tensors.items()}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
