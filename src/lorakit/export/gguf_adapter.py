@@ -30,7 +30,7 @@ from lorakit.config import LoraConfig, base_model_id, read_config, scaling_for
 from lorakit.export.gguf_files import GgufTensor, encode, write_gguf
 from lorakit.export.gguf_names import GgufArch, UnsupportedArchitectureError, arch_of_gguf, gguf_arch
 from lorakit.export.output import check_output_file
-from lorakit.export.problems import ALORA, ARROW, ExportError, Problem
+from lorakit.export.problems import ExportError, Problem, unmergeable
 from lorakit.io import files
 from lorakit.io.models import bundled_gguf, is_default_model, resolve_model
 
@@ -76,10 +76,7 @@ def gguf_adapter_problems(config: LoraConfig, tensors: dict[str, Tensor], arch: 
         problems.append(KASA)
     if config.layer_replication:
         problems.append(REPLICATED)
-    if config.alora_invocation_tokens:
-        problems.append(ALORA)
-    if config.arrow_config:
-        problems.append(ARROW)
+    problems += unmergeable(config)
     if config.trainable_token_indices:
         problems.append(
             Problem(

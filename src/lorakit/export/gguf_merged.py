@@ -42,7 +42,7 @@ from lorakit.export.gguf_files import (
 )
 from lorakit.export.gguf_names import GgufArch, UnsupportedArchitectureError, arch_of_gguf
 from lorakit.export.output import check_output_file
-from lorakit.export.problems import ALORA, ARROW, ExportError, Problem
+from lorakit.export.problems import ExportError, Problem, unmergeable
 from lorakit.io import files
 from lorakit.io.models import bundled_gguf, is_default_model
 from lorakit.ops import dora
@@ -135,8 +135,8 @@ def export_merged_gguf(
     check_outtype(outtype)
     check_output_file(output, overwrite)
     config = read_config(adapter_dir)
-    if config.alora_invocation_tokens or config.arrow_config:
-        raise ExportError("GGUF", [ALORA if config.alora_invocation_tokens else ARROW], source=str(adapter_dir))
+    if refused := unmergeable(config):
+        raise ExportError("GGUF", refused, source=str(adapter_dir))
     tensors, _ = files.read_weights(adapter_dir)
     base_id = base_model_id(adapter_dir, model, config)
     base = Path(base_gguf) if base_gguf is not None else default_base_gguf(base_id)

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from lorakit.api.peft_model import PeftModel
 from lorakit.config import TaskType, base_model_id, read_config
 from lorakit.export.output import check_output
-from lorakit.export.problems import ALORA, ARROW, ExportError
+from lorakit.export.problems import ExportError, unmergeable
 from lorakit.io import files
 from lorakit.io.models import load_model, resolve_model
 from lorakit.io.progress import phase
@@ -61,9 +61,8 @@ def merge_adapter_to_folder(
             f"{adapter_dir}: merging supports task_type CAUSAL_LM or SEQ_CLS adapters, not {config.task_type}; "
             "load it with PeftModel.from_pretrained and call merge_and_unload() yourself"
         )
-    if config.alora_invocation_tokens or config.arrow_config:
-        problem = ALORA if config.alora_invocation_tokens else ARROW
-        raise ExportError("a merged model", [problem], source=str(adapter_dir))
+    if refused := unmergeable(config):
+        raise ExportError("a merged model", refused, source=str(adapter_dir))
     base_id = base_model_id(adapter_dir, model)
     files.read_weights(adapter_dir)  # a corrupt file fails before the (slow) base model load
     with phase(f"loading base model {base_id}", show=progress):

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lorakit.config import LoraConfig
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -51,3 +53,10 @@ ARROW = Problem(
     "so no engine file or merged weight computes it",
     "serve it with lorakit or PEFT (create_arrow_model), or export each task adapter by itself",
 )
+
+
+def unmergeable(config: LoraConfig) -> list[Problem]:
+    """The problems of a LoraConfig whose update no single merged weight computes (an aLoRA or an Arrow router
+    adapter): what the GGUF exporters and --to merged refuse, [] for the others."""
+    return [problem for problem, asked in ((ALORA, config.alora_invocation_tokens), (ARROW, config.arrow_config))
+            if asked]
