@@ -103,9 +103,9 @@ class ArrowRouter(nn.Module):
                     f"GenKnowSub (use_gks=True) needs the general adapters {self.gks_adapter_names}, and this layer "
                     f"lacks {missing or 'them'}: pass general_adapter_paths to create_arrow_model, and keep them loaded"
                 )
-            general = [layer.lora_weights(name) for name in self.gks_adapter_names]
+            mean = arrow.general_mean([layer.lora_weights(name) for name in self.gks_adapter_names])
             for name in pending:
-                layer.load_factors(name, *arrow.subtract_general(*layer.lora_weights(name), general))
+                layer.load_factors(name, *arrow.subtract_general(*layer.lora_weights(name), mean))
             self.subtracted += pending
         A0, _ = layer.lora_weights(experts[0])
         prototypes = [self.top_right_singular_vec_from_BA(*layer.lora_weights(name)) for name in experts]

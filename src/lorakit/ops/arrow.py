@@ -80,7 +80,8 @@ def general_mean(general: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tens
     return mean_A, mean_B
 
 
-def subtract_general(A: Tensor, B: Tensor, general: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """GenKnowSub of one expert: (A - mean_g A_g, B - mean_g B_g) (``general_mean``), in A's and B's dtypes."""
-    mean_A, mean_B = general_mean(general)
+def subtract_general(A: Tensor, B: Tensor, mean: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """GenKnowSub of one expert: (A - mean A_g, B - mean B_g), ``mean`` being ``general_mean`` of the general
+    adapters (made once for all experts), in A's and B's dtypes."""
+    mean_A, mean_B = mean
     return A - mean_A.to(A.dtype), B - mean_B.to(B.dtype)
