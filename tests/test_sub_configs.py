@@ -9,6 +9,7 @@ import pytest
 from lorakit import LoraConfig
 from lorakit.config import ConfigError
 from lorakit.sub_configs import (
+    SUB_CONFIG_FIELDS,
     SUB_CONFIGS,
     ArrowConfig,
     BdLoraConfig,
@@ -36,6 +37,7 @@ NESTED = [
 
 def test_every_sub_config_is_covered():
     assert {cls for _, cls, _, _ in NESTED} == set(SUB_CONFIGS)
+    assert {name: cls for name, cls, _, _ in NESTED} == SUB_CONFIG_FIELDS  # the fields LoraConfig turns dicts back in
 
 
 @pytest.mark.parametrize("name, cls, key, value", NESTED, ids=[n for n, *_ in NESTED])

@@ -32,6 +32,7 @@ from lorakit.config_base import (  # noqa: F401 - re-exported: lorakit.config is
 )
 from lorakit.io.untrusted import AdapterFileError, read_small_text
 from lorakit.sub_configs import (  # noqa: F401 - re-exported
+    SUB_CONFIG_FIELDS,
     SUB_CONFIGS,
     ArrowConfig,
     BdLoraConfig,
@@ -222,14 +223,8 @@ class LoraConfig:
             self.layer_replication = [list(pair) for pair in self.layer_replication]  # JSON's form: lists, as PEFT's
         if isinstance(self.loftq_config, LoftQConfig):
             self.loftq_config = self.loftq_config.to_dict()
-        self.velora_config = as_sub_config("velora_config", self.velora_config, VeloraConfig)
-        self.use_bdlora = as_sub_config("use_bdlora", self.use_bdlora, BdLoraConfig)
-        self.kasa_config = as_sub_config("kasa_config", self.kasa_config, KasaConfig)
-        self.monteclora_config = as_sub_config("monteclora_config", self.monteclora_config, MontecloraConfig)
-        self.corda_config = as_sub_config("corda_config", self.corda_config, CordaConfig)
-        self.eva_config = as_sub_config("eva_config", self.eva_config, EvaConfig)
-        self.lora_ga_config = as_sub_config("lora_ga_config", self.lora_ga_config, LoraGAConfig)
-        self.arrow_config = as_sub_config("arrow_config", self.arrow_config, ArrowConfig)
+        for name, cls in SUB_CONFIG_FIELDS.items():
+            setattr(self, name, as_sub_config(name, getattr(self, name), cls))
         if self.peft_type != PeftType.LORA:
             warnings.warn(f"LoraConfig(peft_type={self.peft_type!r}): a LoraConfig is always peft_type 'LORA'; the "
                           "value was replaced (leave peft_type out)", PeftWarning, stacklevel=3)

@@ -270,9 +270,18 @@ class ArrowConfig:
 
 
 # written to adapter_config.json as dicts
-SUB_CONFIGS = (
-    VeloraConfig, BdLoraConfig, KasaConfig, MontecloraConfig, CordaConfig, EvaConfig, LoraGAConfig, ArrowConfig
-)
+# The LoraConfig field holding each (LoraConfig.__post_init__ turns a dict into its class)
+SUB_CONFIG_FIELDS: dict[str, type] = {
+    "velora_config": VeloraConfig,
+    "use_bdlora": BdLoraConfig,
+    "kasa_config": KasaConfig,
+    "monteclora_config": MontecloraConfig,
+    "corda_config": CordaConfig,
+    "eva_config": EvaConfig,
+    "lora_ga_config": LoraGAConfig,
+    "arrow_config": ArrowConfig,
+}
+SUB_CONFIGS = tuple(SUB_CONFIG_FIELDS.values())
 
 
 def as_sub_config(name: str, value: Any, cls: type) -> Any:
