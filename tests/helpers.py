@@ -266,3 +266,21 @@ def logits(model: nn.Module) -> torch.Tensor:
     """``model``'s logits for a fixed batch (input_ids(seed=1)), without gradients."""
     with torch.no_grad():
         return model(input_ids=input_ids(seed=1)).logits
+
+
+def save_trained_and_converted(model: nn.Module, root: Path, seed: int = 3) -> torch.Tensor:
+    """PEFT's documented workflow for an initializer that changes the base (PiSSA, CorDA, LoRA-GA, ...), on a fresh
+    PeftModel ``model`` (either library): the initial adapter saved to ``root / 'init'`` with init_lora_weights=True,
+    the LoRA weights perturbed (as if trained), then saved to ``root / <its init_lora_weights>`` as it is and to
+    ``root / 'converted'`` with path_initial_model_for_weight_conversion. Returns the trained model's logits."""
+    config = model.peft_config["default"]
+    init = config.init_lora_weights
+    config.init_lora_weights = True  # the initial adapter, saved as PEFT's docs say
+    model.save_pretrained(root / "init")
+    config.init_lora_weights = init
+    perturb_([p for n, p in model.named_parameters() if "lora_" in n], seed=seed)  # as if trained
+    expected = logits(model)
+    model.save_pretrained(root / init)
+    model.save_pretrained(root / "converted", path_initial_model_for_weight_conversion=str(root / "init"))
+    return expected
+

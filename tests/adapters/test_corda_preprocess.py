@@ -11,7 +11,15 @@ import warnings
 import peft
 import pytest
 import torch
-from helpers import assert_same_adapter_config, both_ways, input_ids, logits, perturb_, tiny_gpt2, tiny_llama
+from helpers import (
+    assert_same_adapter_config,
+    both_ways,
+    input_ids,
+    logits,
+    save_trained_and_converted,
+    tiny_gpt2,
+    tiny_llama,
+)
 from peft.tuners.lora.config import CordaConfig as PeftCordaConfig
 from peft.tuners.lora.corda import preprocess_corda as peft_preprocess_corda
 from torch import nn
@@ -144,13 +152,7 @@ def test_peft_cache_file_is_read_by_lorakit(tmp_path):
 def test_files_both_ways_converted_and_with_the_decomposition(writer, reader, tmp_path):
     cache = str(tmp_path / "cache.pt")
     model = _made(writer, "ipm", cache_file=cache)
-    model.peft_config["default"].init_lora_weights = True
-    model.save_pretrained(tmp_path / "init")
-    model.peft_config["default"].init_lora_weights = "corda"
-    perturb_([p for n, p in model.named_parameters() if "lora_" in n], seed=3)  # as if trained
-    expected = logits(model)
-    model.save_pretrained(tmp_path / "corda")
-    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    expected = save_trained_and_converted(model, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted = reader.PeftModel.from_pretrained(tiny_llama(0), tmp_path / "converted")  # the original base

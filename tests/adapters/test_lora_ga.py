@@ -10,7 +10,7 @@ import warnings
 import peft
 import pytest
 import torch
-from helpers import both_ways, input_ids, logits, perturb_, tiny_gpt2, tiny_llama
+from helpers import both_ways, input_ids, logits, perturb_, save_trained_and_converted, tiny_gpt2, tiny_llama
 from peft.tuners.lora import preprocess_loraga as peft_preprocess_loraga
 from torch import nn
 
@@ -245,13 +245,7 @@ def test_other_targets_start_as_plain_lora_as_in_peft():
 @both_ways
 def test_converted_adapter_loads_on_the_original_base_with_equal_outputs(writer, reader, tmp_path):
     model = _made(writer, direction="ArBr", scale="weight_svd")
-    model.peft_config["default"].init_lora_weights = True  # the initial adapter, saved as PEFT's docs say
-    model.save_pretrained(tmp_path / "init")
-    model.peft_config["default"].init_lora_weights = "lora_ga"
-    perturb_([p for n, p in model.named_parameters() if "lora_" in n], seed=3)  # as if trained
-    expected = logits(model)
-    model.save_pretrained(tmp_path / "lora_ga")
-    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    expected = save_trained_and_converted(model, tmp_path)
     converted = reader.PeftModel.from_pretrained(tiny_llama(0), tmp_path / "converted")  # the original base
     assert converted.peft_config["default"].r == 2 * R
     assert torch.allclose(logits(converted), expected, atol=1e-5)
