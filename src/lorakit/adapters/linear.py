@@ -86,7 +86,8 @@ class LoraLinear(LoraLayer):
                 if not isinstance(result, Tensor):
                     raise _not_a_tensor(self.base_layer, result)
                 return branch.lora_add(result, x, A["weight"], B["weight"], self.scaling[name], dropout)
-            return branch.linear_with_lora(self.base_layer, x, A["weight"], B["weight"], self.scaling[name], dropout)
+            base = self._modules["base_layer"]  # (the table nn.Module's attribute lookup reads, read directly)
+            return branch.linear_with_lora(base, x, A["weight"], B["weight"], self.scaling[name], dropout)
         result = base = self.base_layer(x, *args, **kwargs)  # (..., out)
         if self._disabled or self.merged_adapters:
             return result

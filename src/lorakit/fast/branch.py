@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
-from lorakit.fast.devices import AutocastState, has_float64, runs_fast
+from lorakit.fast.devices import FAST_DEVICES, AutocastState, has_float64, runs_fast
 from lorakit.fast.shared_cast import shared_cast
 
 _INT32_POSITIONS = 2**31 - 1  # tensors with more elements keep int64 positions
@@ -265,13 +265,17 @@ def linear_with_lora(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor, sca
     ``nn.Linear``'s input is cast once for it, its branch and the layers beside it reading the same input (q, k, v:
     lorakit.fast.shared_cast), instead of once per layer and branch. Where the fast paths step aside
     (``_steps_aside``: another device) the layer runs, then the reference branch."""
+    if not torch.is_grad_enabled():  # decoding first: its few rows make every check's cost count
+        out = _no_grad_linear(base_layer, x, A, B, scaling, dropout)
+        if out is not None:
+            return out
     if _steps_aside(x, _dropout_p(dropout)):
         return reference(base_layer(x), x, A, B, scaling, dropout)
     if isinstance(base_layer, nn.Linear) and torch.is_autocast_enabled(x.device.type):
         x = shared_cast(x)
     if torch.is_grad_enabled() and _fusable(base_layer, x, A, B):
         return linear_lora_add(base_layer, x, A, B, scaling, dropout)
-    if _runs_as_linear(base_layer):  # what its forward computes, without a module call's overhead (decoding)
+    if runs_as_linear(base_layer):  # what its forward computes, without a module call's overhead (decoding)
         result = nn.functional.linear(x, base_layer.weight, base_layer.bias)  # (..., out)
     else:
         result = base_layer(x)
@@ -280,7 +284,25 @@ def linear_with_lora(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor, sca
     return lora_add_no_grad(result, x, A, B, scaling)
 
 
-def _runs_as_linear(base_layer: nn.Module) -> bool:
+def _no_grad_linear(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor, scaling: float,
+                    dropout: nn.Module) -> Tensor | None:
+    """``F.linear(x, W, bias)`` then ``lora_add_no_grad``, without autograd: the path of inference and decoding, with
+    the fewest checks before it; None where it does not apply (dropout active, a base layer that does not run as
+    ``F.linear``, dtypes that differ, autocast, a device the fast paths do not run on), for ``linear_with_lora``'s
+    other paths to take the call."""
+    if dropout.training and isinstance(dropout, nn.Dropout) or not runs_as_linear(base_layer):
+        return None
+    params = base_layer._parameters  # the module's own table: no nn.Module attribute lookup per call
+    W, bias = params["weight"], params["bias"]
+    if not x.dtype == W.dtype == A.dtype == B.dtype or (bias is not None and bias.dtype != x.dtype):
+        return None
+    kind = x.device.type
+    if kind not in FAST_DEVICES or torch.is_autocast_enabled(kind):
+        return None
+    return lora_add_no_grad(nn.functional.linear(x, W, bias), x, A, B, scaling)
+
+
+def runs_as_linear(base_layer: nn.Module) -> bool:
     """Whether calling ``base_layer`` computes exactly ``F.linear(x, weight, bias)``: an ``nn.Linear`` (not a
     subclass), no forward of its own set on the instance (accelerate's offloading hooks replace ``forward`` there)
     and no hooks that expect it to be called. torch has no public query for hooks, hence the look at its hook tables
@@ -296,10 +318,10 @@ def _runs_as_linear(base_layer: nn.Module) -> bool:
 
 def _fusable(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
     """Whether the base layer and the LoRA branch may run as one autograd node (``linear_lora_add``): a frozen layer
-    that runs as ``F.linear`` (``_runs_as_linear``: the node never calls the layer, so its hooks or an instance's own
+    that runs as ``F.linear`` (``runs_as_linear``: the node never calls the layer, so its hooks or an instance's own
     forward would not run), and x, W, A and B of one dtype, or under autocast fp32 parameters and x fp32 or already
     cast (lorakit.fast.shared_cast)."""
-    if not _runs_as_linear(base_layer):
+    if not runs_as_linear(base_layer):
         return False
     weight, bias = base_layer.weight, base_layer.bias
     if weight.requires_grad or (bias is not None and bias.requires_grad):
