@@ -20,7 +20,8 @@ ranks zero-padded to the largest)::
 
 with A_T the stacked A_k.T (n_seg, in, r) and sB_T the stacked s_k * B_k.T (n_seg, r, out), each stored contiguous:
 a batched matmul reading a transposed view of (n_seg, out, r) runs about 2x slower on the CPU (measured at decoding
-sizes, 8 segments of 4 rows). ``"__base__"`` rows are in no segment. An adapter that does not target a layer has zero weights in its stack.
+sizes, 8 segments of 4 rows). ``"__base__"`` rows are in no segment. An adapter that does not target a layer has
+zero weights in its stack.
 
 The routing is explicit state: ``routed(wrappers, ...)`` sets ``.routing`` on every wrapper for the duration of one
 forward or one whole ``generate`` (HF generate keeps the rows in order and the batch size constant, for greedy
