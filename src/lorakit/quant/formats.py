@@ -155,33 +155,48 @@ def quantize_nf4(weight: Tensor, block_size: int = NF4_BLOCK, double_quant: bool
     return NF4Tensor(packed, **fields, shape=tuple(w.shape), block_size=block_size)
 
 
-def dequantize_nf4(q: NF4Tensor, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def dequantize_nf4(q: NF4Tensor, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32,
+                   decode: BlockDecoder | None = None) -> Tensor:
     """The weight (code * absmax computed in fp32, stored in ``dtype``: rounded once, as ``.to(dtype)`` of the fp32
-    weight would be); for a 2-D weight, only rows ``start:stop`` (default: all), decoding just their blocks."""
+    weight would be); for a 2-D weight, only rows ``start:stop`` (default: all), decoding just their blocks.
+    ``decode``: a function equal to ``nf4_blocks`` to decode the blocks with (lorakit.quant.nf4_compiled's
+    compiled one)."""
     n = math.prod(q.shape)
     if start == 0 and stop is None:
-        return _nf4_range(q, 0, n, dtype).view(q.shape)
+        return _nf4_range(q, 0, n, dtype, decode).view(q.shape)
     rows, cols = q.shape
     stop = rows if stop is None else min(stop, rows)
-    return _nf4_range(q, start * cols, stop * cols, dtype).view(stop - start, cols)
+    return _nf4_range(q, start * cols, stop * cols, dtype, decode).view(stop - start, cols)
 
 
-def _nf4_range(q: NF4Tensor, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
+def _nf4_range(q: NF4Tensor, lo: int, hi: int, dtype: torch.dtype, decode: BlockDecoder | None) -> Tensor:
     """Flat elements lo:hi of the weight, in ``dtype``."""
     bs = q.block_size
     b0, b1 = lo // bs, -(-hi // bs)  # blocks covering the range
-    packed = q.packed[b0 * bs // 2 : b1 * bs // 2].int()  # (n/2,)
-    pairs = _NF4_PAIRS.to(packed.device).flatten().index_select(0, packed).view(torch.float32)  # (n,) code values
-    values = torch.empty(b1 - b0, bs, dtype=dtype, device=packed.device)  # (blocks, bs)
-    torch.mul(pairs.view(b1 - b0, bs), _absmax(q, b0, b1)[:, None], out=values)  # fp32 products, rounded on store
+    packed = q.packed[b0 * bs // 2 : b1 * bs // 2]  # (n/2,)
+    if q.absmax is not None:
+        scales = (q.absmax[b0:b1], None, None, None)
+    else:
+        scales = (None, q.absmax_codes[b0:b1], q.absmax_step, q.absmax_offset)
+    values = (decode or nf4_blocks)(packed, *scales, first=b0, block_size=bs, dtype=dtype)  # (blocks, bs)
     return values.flatten()[lo - b0 * bs : hi - b0 * bs]
 
 
-def _absmax(q: NF4Tensor, b0: int, b1: int) -> Tensor:
-    if q.absmax is not None:
-        return q.absmax[b0:b1]
-    assert q.absmax_codes is not None and q.absmax_step is not None and q.absmax_offset is not None
-    return dequantize_scales(q.absmax_codes[b0:b1], q.absmax_step, q.absmax_offset, first=b0)
+def nf4_blocks(packed: Tensor, absmax: Tensor | None, absmax_codes: Tensor | None, absmax_step: Tensor | None,
+               absmax_offset: Tensor | None, *, first: int, block_size: int, dtype: torch.dtype) -> Tensor:
+    """NF4 blocks decoded, (blocks, block_size) in ``dtype``: the bytes ``packed`` (blocks * block_size / 2,) of
+    consecutive blocks, and their scales, ``absmax`` (blocks,) or, double-quantized, their int8 codes (which start
+    at absmax index ``first``) with the step and offset of every block of DQ_BLOCK."""
+    if absmax is None:
+        assert absmax_codes is not None and absmax_step is not None and absmax_offset is not None
+        absmax = dequantize_scales(absmax_codes, absmax_step, absmax_offset, first=first)
+    pairs = _NF4_PAIRS.to(packed.device).flatten().index_select(0, packed.int()).view(torch.float32)  # code values
+    values = torch.empty(absmax.numel(), block_size, dtype=dtype, device=packed.device)  # (blocks, bs)
+    torch.mul(pairs.view(-1, block_size), absmax[:, None], out=values)  # fp32 products, rounded on store
+    return values
+
+
+BlockDecoder = Callable[..., Tensor]  # a function of nf4_blocks' arguments, equal to it
 
 
 # -- either format ---------------------------------------------------------------------------------------------------
@@ -198,12 +213,14 @@ def quantize_weight(weight: Tensor, bits: int = 4, double_quant: bool = True) ->
 
 
 def dequantize(
-    q: QuantizedWeight, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32
+    q: QuantizedWeight, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32,
+    decode: BlockDecoder | None = None,
 ) -> Tensor:
     """``q`` (rows ``start:stop`` of a 2-D weight if given) in fp32, or stored in ``dtype``: bit for bit the fp32
-    weight's ``.to(dtype)``, made in one pass (the matmuls of a bf16 step take it so, lorakit.quant.linear)."""
+    weight's ``.to(dtype)``, made in one pass (the matmuls of a bf16 step take it so, lorakit.quant.linear).
+    ``decode``: NF4's block decoder, if not ``nf4_blocks`` (see ``dequantize_nf4``)."""
     if isinstance(q, NF4Tensor):
-        return dequantize_nf4(q, start, stop, dtype)
+        return dequantize_nf4(q, start, stop, dtype, decode)
     return dequantize_int8(q, start, stop, dtype)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from lorakit.quant import nf4_compiled
 from lorakit.quant.formats import META_FIELDS, NF4Tensor, QuantizedWeight, dequantize, quantize_weight, tensor_fields
 
 
@@ -161,7 +162,8 @@ class QuantLinear(nn.Module):
         straight into it), at most ``chunk_elements`` weights at a time."""
         q = self.quantized_weight()
         for start, stop in row_chunks(self.out_features, self.in_features, self.chunk_elements):
-            yield start, stop, dequantize(q, start, stop, dtype)
+            decode = nf4_compiled.decoder((stop - start) * self.in_features, self._device())  # None: eager
+            yield start, stop, dequantize(q, start, stop, dtype, decode)
 
     def full_precision(self, weight: Tensor | None = None) -> nn.Module:
         """The full-precision module this layer stands for, holding ``weight`` (out, in; default: the dequantized
