@@ -24,7 +24,7 @@ from torch import nn
 
 from lorakit import AdapterFileError, ConfigError, LoraConfig, PeftModel, get_peft_model
 from lorakit.adapters import combine
-from lorakit.adapters.inject import TargetError
+from lorakit.adapters.targets import TargetError
 from lorakit.config import _NEUTRAL_PEFT_KEYS, read_config
 from lorakit.io import files as lio
 
