@@ -12,8 +12,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "lorakit"
 
 # Bottom first. A module may import from its own folder or from a folder before it, never from one after it.
-ORDER = ("io", "quant", "ops", "fast", "config_base", "sub_configs", "config", "adapters", "api", "export", "data")
-ORDER += ("training", "commands")
+ORDER = ("io", "quant", "ops", "fast", "config_base", "sub_configs", "config_checks", "config_json", "config")
+ORDER += ("adapters", "api", "export", "data", "training", "commands")
 ORDER += ("__init__", "cli")
 
 # The few function-local imports the tree keeps, each heavy or optional (the comment beside it says why).

@@ -2,6 +2,8 @@
 
 Each field's ``help`` metadata is the single description used by the docs and the CLI. The file itself is
 lorakit.io.files' business; ``read_config`` / ``write_config`` here turn its JSON object into a LoraConfig and back.
+The checks of the values are in lorakit.config_checks; the keys PEFT's file holds besides the fields, and the check of
+a file's value types, in lorakit.config_json.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import math
 import os
 import re
 import types
-import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from lorakit.config_base import (  # noqa: F401 - re-exported: lorakit.config is
     described,
     requested_variants,
 )
+from lorakit.config_checks import BIAS_MODES, check_config  # noqa: F401 - BIAS_MODES re-exported
+from lorakit.config_json import INFORMATIONAL_PEFT_KEYS, NEUTRAL_PEFT_KEYS, check_json_types, neutral, peft_file_keys
 from lorakit.io.untrusted import AdapterFileError, read_small_text
 from lorakit.sub_configs import (  # noqa: F401 - re-exported
     SUB_CONFIG_FIELDS,
@@ -46,11 +49,9 @@ from lorakit.sub_configs import (  # noqa: F401 - re-exported
     as_sub_config,
 )
 
-# lorakit.io.files and lorakit.ops.init import torch; a LoraConfig is made and checked without it (``lorakit train``
-# checks its options before torch loads), so ``_files()`` / ``_init()`` import them where a file is read or an
-# initializer name looked up.
+# lorakit.io.files imports torch (safetensors); a LoraConfig is made and checked without it (``lorakit train`` checks
+# its options before torch loads), so ``_files()`` imports it where a file is read or written.
 
-BIAS_MODES = ("none", "all", "lora_only")
 ALL_LINEAR = "all-linear"
 
 
@@ -269,72 +270,8 @@ class LoraConfig:
         self._custom_modules.update(mapping)
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first invalid field and what it accepts."""
-        _check_rank("r", self.r)
-        for name in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(getattr(self, name), dict):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be a dict {{module name regex: value}}")
-        for key, r in self.rank_pattern.items():
-            _check_rank(f"rank_pattern[{key!r}]", r)
-        _check_alpha("lora_alpha", self.lora_alpha)
-        for key, a in self.alpha_pattern.items():
-            _check_alpha(f"alpha_pattern[{key!r}]", a)
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be a number in [0, 1), e.g. 0.05")
-        if self.bias not in BIAS_MODES:
-            raise ConfigError(f"bias={self.bias!r} is unknown; use one of: {', '.join(BIAS_MODES)}")
-        init = None if isinstance(self.init_lora_weights, bool) else _init()  # True / False need no table
-        if init is not None and not init.is_known(self.init_lora_weights):
-            allowed = ", ".join(["True", "False", *map(repr, init.INITIALIZERS), init.PISSA_NITER_HELP])
-            raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} is unknown; use one of: {allowed}")
-        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
-            # PEFT refuses this combination, so an adapter saved with it could not be loaded there
-            which = "layers_to_transform" if self.layers_to_transform is not None else "layers_pattern"
-            raise ConfigError(
-                f"`{which}` cannot be used when `target_modules` is a str ({self.target_modules!r}); list "
-                "the module names, or put the layer index into the regex"
-            )
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError(
-                "When `layers_pattern` is specified, `layers_to_transform` must also be specified. Set both, or neither"
-            )
-        if self.target_parameters is not None and (
-            not isinstance(self.target_parameters, list) or not all(isinstance(t, str) for t in self.target_parameters)
-        ):
-            raise ConfigTypeError(  # PEFT's words first (its tests match them)
-                f"`target_parameters` must be a list of strings or None. target_parameters={self.target_parameters!r} "
-                "must be a list of parameter names (a regex is not "
-                "supported, as in PEFT), e.g. ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']"
-            )
-        if self.lora_bias and (self.init_lora_weights not in (True, False) or self.use_dora):
-            # PEFT refuses both (its wording, which its tests match): an initializer that moves part of W into A and B
-            # has no bias to move, and DoRA's row norm has no place for one
-            raise ConfigError(
-                "The argument lora_bias=True is only supported with init_lora_weights=True or False and without "
-                f"DoRA, got init_lora_weights={self.init_lora_weights!r}, use_dora={self.use_dora}; pass "
-                "lora_bias=False, or init_lora_weights=True and use_dora=False"
-            )
-        _check_token_indices(self.trainable_token_indices)
-        _check_invocation(self.alora_invocation_tokens)
-        _check_replication(self.layer_replication)
-        rewrites_base = str(self.init_lora_weights).lower() == "loftq" or (
-            init is not None and init.mutates_base(self.init_lora_weights)
-        )
-        if self.layer_replication and (self.kasa_config is not None or rewrites_base):
-            what = "kasa_config" if self.kasa_config is not None else f"init_lora_weights={self.init_lora_weights!r}"
-            raise ConfigError(  # PEFT takes it, and each copy then rewrites the base weight all copies share
-                f"layer_replication with {what} is not supported: that option rewrites the base weight of each "
-                "adapted layer, and the replicated layers share one base weight, so each copy would undo the others'; "
-                "use init_lora_weights=True, 'gaussian' or False, or drop layer_replication"
-            )
-        self.variant_names()  # at most one
-        if self.use_bdlora and init is not None and (init.mutates_base(self.init_lora_weights) or
-                                                     str(self.init_lora_weights).lower() == "loftq"):
-            raise ConfigError(  # PEFT takes it, and its block-diagonal factor then replaces half of the fitted pair
-                f"use_bdlora with init_lora_weights={self.init_lora_weights!r} is not supported: that initializer "
-                "moves part of the base weight into A and B, and BD-LoRA replaces one of them by a block-diagonal "
-                "factor, so the model would not start as the base model; use init_lora_weights=True or 'gaussian'"
-            )
+        """Raise ConfigError naming the first invalid field and what it accepts (lorakit.config_checks)."""
+        check_config(self)
 
     def variant_names(self) -> tuple[str, ...]:
         """The variants this config asks for (``requested_variants``: PEFT's names, sorted): () for plain LoRA, else
@@ -363,7 +300,7 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict with every key PEFT writes: ``peft_type``, the fields, and PEFT's own keys (its
         features lorakit lacks, at their "off" value, and the keys that describe the file)."""
-        out: dict[str, Any] = dict(_peft_file_keys())
+        out: dict[str, Any] = dict(peft_file_keys())
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, SUB_CONFIGS):
@@ -391,7 +328,7 @@ class LoraConfig:
         lorakit lacks raise ConfigError unless they hold their neutral value."""
         data = dict(data)
         own = {f.name for f in dataclasses.fields(cls)}
-        known = own | _NEUTRAL_PEFT_KEYS.keys() | _INFORMATIONAL_PEFT_KEYS
+        known = own | NEUTRAL_PEFT_KEYS.keys() | INFORMATIONAL_PEFT_KEYS
         unknown = sorted(k for k in data if k not in known)
         if unknown and "peft_type" not in data:
             raise NotAPeftConfigError(  # PEFT's words first (its tests match them)
@@ -401,7 +338,7 @@ class LoraConfig:
             )
         if data.get("peft_type", "LORA") != "LORA":
             raise ConfigError(f"peft_type={data['peft_type']!r}: lorakit loads LoRA adapters only (peft_type 'LORA')")
-        unsupported = {k: v for k, v in data.items() if k in _NEUTRAL_PEFT_KEYS and not _neutral(k, v)}
+        unsupported = {k: v for k, v in data.items() if k in NEUTRAL_PEFT_KEYS and not neutral(k, v)}
         if unsupported:
             names = ", ".join(f"{k}={v!r}" for k, v in unsupported.items())
             raise ConfigError(f"this adapter uses PEFT features lorakit does not support yet: {names}")
@@ -451,9 +388,6 @@ def get_peft_config(config_dict: dict[str, Any]) -> LoraConfig:
     return LoraConfig.from_dict(config_dict)
 
 
-# Keys PEFT writes that only describe the file (ignored silently, whatever their value).
-_INFORMATIONAL_PEFT_KEYS = {"megatron_core", "qalora_group_size"}
-
 # The PEFT version whose adapter_config.json lorakit writes, key for key (tests/api/test_interop.py compares them).
 PEFT_FORMAT_VERSION = "0.21.2"
 # What a new config's peft_version reads, as PEFT's peft.config.__version__: the format version (the file is PEFT
@@ -490,29 +424,6 @@ def _get_commit_hash(package: str) -> str | None:
     return None
 
 
-def _peft_file_keys() -> dict[str, Any]:
-    """The keys of PEFT's adapter_config.json that are no LoraConfig field, with the values PEFT writes for a LoRA
-    adapter (``peft_version`` is a field: see ``__version__``)."""
-    return {
-        **_NEUTRAL_PEFT_KEYS,
-        "megatron_core": "megatron.core",
-        "qalora_group_size": 16,
-    }
-
-
-
-# Keys PEFT writes for features lorakit does not implement, with the value that means "feature off".
-_NEUTRAL_PEFT_KEYS: dict[str, Any] = {
-    "megatron_config": None,
-    "use_qalora": False,
-}
-
-
-def _neutral(key: str, value: Any) -> bool:
-    """Whether a PEFT key holds its "feature off" value. An empty list counts as None."""
-    return value == _NEUTRAL_PEFT_KEYS[key] or (_NEUTRAL_PEFT_KEYS[key] is None and value == [])
-
-
 def pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
     """The first key of ``patterns`` (a regex) that matches the end of ``module_name`` at a dot boundary, as PEFT
     matches rank_pattern / alpha_pattern; None if none matches."""
@@ -527,77 +438,10 @@ def scaling_for(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def _check_rank(name: str, r: Any) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ConfigError(f"{name}={r!r} must be a positive integer rank, e.g. 8")
-
-
-def _check_token_indices(indices: Any) -> None:
-    """trainable_token_indices: None, a list of token ids (int >= 0), or {module name: such a list}."""
-    if indices is None:
-        return
-    lists = indices.items() if isinstance(indices, dict) else [("", indices)]
-    for name, ids in lists:
-        where = f"trainable_token_indices[{name!r}]" if name else "trainable_token_indices"
-        if not isinstance(ids, (list, tuple)) or not ids or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
-        ):
-            raise ConfigError(
-                f"{where}={ids!r} must be a non-empty list of token ids (integers >= 0), e.g. [0, 5]; or give "
-                "{embedding module name: [ids]}"
-            )
-
-
-def _check_invocation(tokens: Any) -> None:
-    """alora_invocation_tokens: None, or a non-empty list of token ids (int >= 0)."""
-    if tokens is not None and (not isinstance(tokens, list) or not tokens or not all(
-        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens
-    )):
-        raise ConfigError(
-            f"alora_invocation_tokens={tokens!r} must be a non-empty list of token ids (integers >= 0), e.g. "
-            "tokenizer.encode('<|assistant|>', add_special_tokens=False); or None for plain LoRA"
-        )
-
-
-def _check_replication(ranges: Any) -> None:
-    """layer_replication: None, or a list of [start, end) pairs of layer indices with 0 <= start < end (the end is
-    checked against the model's layer count when the adapter is added: lorakit.adapters.replicate)."""
-    if ranges is None:
-        return
-    example = "e.g. [[0, 4], [2, 5]] (a 5-layer model's layers as 0 1 2 3 2 3 4), or None to keep the model's layers"
-    if not isinstance(ranges, list):
-        raise ConfigError(f"layer_replication={ranges!r} must be a list of [start, end) pairs, {example}")
-    for pair in ranges:
-        if not (isinstance(pair, list) and len(pair) == 2 and all(
-            isinstance(i, int) and not isinstance(i, bool) for i in pair
-        )):
-            raise ConfigError(
-                f"layer_replication entry {pair!r} must be a pair of integers [start, end) (layers start to end - 1), "
-                f"{example}"
-            )
-        start, end = pair
-        if not 0 <= start < end:
-            raise ConfigError(
-                f"layer_replication entry {pair!r} must have 0 <= start < end (it takes layers start to end - 1), "
-                f"{example}"
-            )
-
-
-def _check_alpha(name: str, alpha: Any) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or math.isinf(alpha):
-        raise ConfigError(f"{name}={alpha!r} must be a positive number, e.g. 16")
-
-
 def _files() -> types.ModuleType:
     from lorakit.io import files  # imports torch (safetensors): see the note at the imports
 
     return files
-
-
-def _init() -> types.ModuleType:
-    from lorakit.ops import init  # imports torch: see the note at the imports
-
-    return init
 
 
 def read_config(folder: str | os.PathLike) -> LoraConfig:
@@ -610,7 +454,7 @@ def read_config(folder: str | os.PathLike) -> LoraConfig:
 def config_from_json(path: Path, data: dict[str, Any]) -> LoraConfig:
     """The LoraConfig of the JSON object ``data`` read from ``path`` (lorakit.io.files.read_config_json's pair): its
     fields checked, AdapterFileError naming the file for a value lorakit cannot use."""
-    _check_json_types(path, data)
+    check_json_types(path, data, LoraConfig)
     try:
         return LoraConfig.from_dict(data)
     except NotAPeftConfigError as e:
@@ -622,43 +466,6 @@ def config_from_json(path: Path, data: dict[str, Any]) -> LoraConfig:
 def write_config(folder: str | os.PathLike, config: LoraConfig) -> None:
     """Write ``config`` as the adapter_config.json of ``folder`` (created if missing), atomically."""
     _files().write_config_json(folder, config.to_dict())
-
-
-def _check_json_types(path: Path, data: dict[str, Any]) -> None:
-    """AdapterFileError naming the first LoraConfig field whose JSON value has a type its annotation does not allow
-    (e.g. target_modules: list[str] | str | None), or a regex (target_modules / exclude_modules as str, the keys
-    of rank_pattern / alpha_pattern) that does not compile: such a file would fail later, far from its name."""
-    hints = typing.get_type_hints(LoraConfig)
-    for f in dataclasses.fields(LoraConfig):
-        if f.name in data and not _fits(data[f.name], hints[f.name]):
-            raise AdapterFileError(
-                f"{path}: {f.name}={data[f.name]!r} must be of type {f.type}; fix it or re-save the adapter"
-            )
-    regexes = [data[k] for k in ("target_modules", "exclude_modules") if isinstance(data.get(k), str)]
-    for pattern in [*regexes, *data.get("rank_pattern", {}), *data.get("alpha_pattern", {})]:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            message = f"{path}: {pattern!r} is not a valid regular expression ({e}); fix it"
-            raise AdapterFileError(message) from None
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a JSON value fits a type annotation (a JSON int fits float; a bool fits neither int nor float)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_fits(value, h) for h in typing.get_args(hint))
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if typing.get_origin(hint) is list:
-        return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
-    if typing.get_origin(hint) is dict:
-        key, item = typing.get_args(hint)
-        return isinstance(value, dict) and all(_fits(k, key) and _fits(v, item) for k, v in value.items())
-    if hint is type(None):
-        return value is None
-    return isinstance(value, hint) if isinstance(hint, type) else True  # Any, Literal, ...: left to LoraConfig
 
 
 def base_model_id(

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lorakit import ConfigError, LoraConfig, LoraLinear, PeftModel, get_peft_model
-from lorakit.adapters.inject import TargetError
+from lorakit.adapters.targets import TargetError
 
 
 class LinearLike(nn.Module):

@@ -9,7 +9,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from transformers import T5Config, T5ForConditionalGeneration
 
 import lorakit
-from lorakit.adapters.inject import DEFAULT_TARGETS, condensed, name_matches
+from lorakit.adapters.targets import DEFAULT_TARGETS, condensed, name_matches
 
 # model types lorakit has a default for and PEFT has not (PEFT raises "Please specify target_modules"), with why. The
 # saved config names the resolved targets, so PEFT loads these adapters all the same (tests/api/test_matrix.py)

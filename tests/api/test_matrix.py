@@ -38,8 +38,8 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from torch import nn
 
 import lorakit
-from lorakit.adapters.inject import DEFAULT_TARGETS
 from lorakit.adapters.linear import LoraLinear
+from lorakit.adapters.targets import DEFAULT_TARGETS
 
 ATOL = 1e-5
 FILE_ATOL = 1e-4
@@ -67,7 +67,7 @@ LORAKIT_LEAVES_OUT: dict[tuple[str, str], tuple[str, str]] = {
     ("jamba-causal_lm", "all_linear"): (
         "Jamba's mixer reads dt_proj.weight itself (dt_proj.weight @ time_step) and never calls dt_proj, so a LoRA "
         "adapter there gets no gradient and changes the outputs only once merged (in PEFT, which adapts it, as in "
-        "lorakit if named: lorakit warns then); lorakit's all-linear leaves it out (inject.READ_AS_WEIGHT)",
+        "lorakit if named: lorakit warns then); lorakit's all-linear leaves it out (find.READ_AS_WEIGHT)",
         "dt_proj",
     ),
 }

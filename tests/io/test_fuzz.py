@@ -24,8 +24,9 @@ from torch import nn
 
 from lorakit import AdapterFileError, ConfigError, LoraConfig, PeftModel, get_peft_model
 from lorakit.adapters import combine
-from lorakit.adapters.inject import TargetError
-from lorakit.config import _NEUTRAL_PEFT_KEYS, read_config
+from lorakit.adapters.targets import TargetError
+from lorakit.config import read_config
+from lorakit.config_json import NEUTRAL_PEFT_KEYS
 from lorakit.io import files as lio
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
@@ -53,7 +54,7 @@ PLAUSIBLE = {
     "layers_pattern": st.none() | st.sampled_from(["layers", "h"]),
     "peft_type": st.sampled_from(["LORA", "IA3"]),
 }  # fmt: skip
-KEYS = [*FIELDS, *_NEUTRAL_PEFT_KEYS, "peft_type", "peft_version"]
+KEYS = [*FIELDS, *NEUTRAL_PEFT_KEYS, "peft_type", "peft_version"]
 
 
 @st.composite

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorakit.adapters.inject import find_targets
+from lorakit.adapters.find import find_targets
 from lorakit.config import ConfigError, LoraConfig
 from lorakit.io import tensor_files
 from lorakit.ops import corda as ops

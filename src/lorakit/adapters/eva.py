@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorakit.adapters.inject import find_targets, parent_and_module
+from lorakit.adapters.find import find_targets
+from lorakit.adapters.inject import parent_and_module
 from lorakit.adapters.linear import LoraLinear
 from lorakit.config import EvaConfig, LoraConfig
 from lorakit.ops import eva as ops

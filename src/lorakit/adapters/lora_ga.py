@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorakit.adapters.inject import LORA_GA_GRAD, find_targets, takes_lora_ga
+from lorakit.adapters.find import find_targets
+from lorakit.adapters.inject import LORA_GA_GRAD, takes_lora_ga
 from lorakit.config import LoraConfig
 from lorakit.io import tensor_files
 from lorakit.quant.linear import QuantLinear

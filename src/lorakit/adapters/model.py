@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from lorakit.adapters import combine, replicate
-from lorakit.adapters.inject import inject, targeted_parameters, unmanaged, unwrap, wrappers
+from lorakit.adapters.find import targeted_parameters
+from lorakit.adapters.inject import inject, unmanaged, unwrap, wrappers
 from lorakit.adapters.layer import LoraLayer
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
 from lorakit.adapters.parameter import LoraParameter

@@ -1,8 +1,8 @@
 """The rules that decide whether a module name is an adapter's target: pure functions of names and a config, no model
-(adapters/inject.py applies them to a model). Also here: the default targets by model type, the condensed form of a
+(adapters/find.py applies them to a model). Also here: the default targets by model type, the condensed form of a
 long target list, and the words of the errors and warnings when targets match too little.
 
-One rule serves lorakit's injection (``adapters.inject.find_targets``) and PEFT's helper of the same contract
+One rule serves lorakit's injection (``adapters.find.find_targets``) and PEFT's helper of the same contract
 (``check_target_module_exists``), in this order, as PEFT 0.21.2 applies it:
 
 1. excluded: ``exclude_modules`` names the module (a str: full regex match; a list: the name or a dotted suffix), or

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters import state
-from lorakit.adapters.inject import TargetError
+from lorakit.adapters.targets import TargetError
 from lorakit.config import LoraConfig
 from lorakit.io import files
 from lorakit.io.files import AdapterError

@@ -18,9 +18,11 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from lorakit.adapters import convert, mixed_batch, state, variant_alora
-from lorakit.adapters.inject import QA_HEADS, SEQ_CLS_HEADS, TargetError, wrappers
+from lorakit.adapters.find import QA_HEADS, SEQ_CLS_HEADS
+from lorakit.adapters.inject import wrappers
 from lorakit.adapters.model import LoraModel
 from lorakit.adapters.modules_to_save import ModulesToSaveWrapper
+from lorakit.adapters.targets import TargetError
 from lorakit.api import adapter_files, hf_trainer, model_card, signature, status
 from lorakit.config import LoraConfig, PeftType, TaskType, read_config
 from lorakit.fast import causal_lm_loss
