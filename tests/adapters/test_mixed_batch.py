@@ -195,6 +195,24 @@ def test_linear_layer_matches_dense_reference_per_row():
     assert layer.routing is None
 
 
+def test_routed_linear_calls_a_hooked_base_layer_and_computes_the_same():
+    """The routed forward computes a plain nn.Linear base as F.linear itself; a hooked base layer is called instead,
+    with the same output."""
+    torch.manual_seed(0)
+    layer = lorakit.LoraLinear(nn.Linear(6, 5))
+    for name, r in (("a", 2), ("b", 3)):
+        layer.update_layer(name, r=r, lora_alpha=4, lora_dropout=0.0, init_lora_weights=False)
+    layer.eval()
+    names, x, calls = ["b", "a", BASE, "b"], torch.randn(4, 3, 6), []
+    with mixed_batch.routed([layer], names, ["a", "b"], training=False), torch.no_grad():
+        plain = layer(x)
+        handle = layer.base_layer.register_forward_hook(lambda *a: calls.append(1))
+        hooked = layer(x)
+        handle.remove()
+    assert calls == [1]
+    torch.testing.assert_close(hooked, plain, atol=ATOL, rtol=0)
+
+
 def test_modules_to_save_heads_are_routed_per_row():
     model = None
     for name, seed in (("one", 1), ("two", 2)):

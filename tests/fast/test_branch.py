@@ -326,6 +326,35 @@ def test_a_base_linear_with_a_forward_of_its_own_is_called(device, grad):
         assert torch.equal(plain, expected)
 
 
+def test_the_no_grad_path_steps_aside_for_hooks_plain_tensor_weights_and_active_dropout(device):
+    """Without autograd, a LoraLinear computes F.linear + lora_add_no_grad itself only for a plain nn.Linear: a hook
+    on the base layer is called, a weight that is no longer a Parameter (deleted, set again as a tensor) is read by
+    the layer's own forward, and dropout in training mode is applied; each gives the reference's output."""
+    _no_float64(device)
+    layer = _wrapped_linear(device=device).eval()
+    base, x = layer.base_layer, torch.randn(2, 4, 6).to(device)
+    A, B, s = layer.lora_A["a"].weight, layer.lora_B["a"].weight, layer.scaling["a"]
+    with torch.no_grad():
+        reference = branch.reference(base(x), x, A, B, s, nn.Identity())
+        assert torch.equal(layer(x), branch.lora_add_no_grad(nn.functional.linear(x, base.weight, base.bias), x, A,
+                                                             B, s))
+        calls = []
+        handle = base.register_forward_hook(lambda *a: calls.append(1))
+        torch.testing.assert_close(layer(x), reference, rtol=1e-6, atol=1e-6)
+        handle.remove()
+        assert calls == [1]
+        weight = base.weight.detach().clone()
+        del base.weight
+        base.weight = weight * 2.0  # a plain tensor attribute now: F.linear on the Parameter table would miss it
+        assert not branch.runs_as_linear(base)
+        doubled = branch.reference(nn.functional.linear(x, weight * 2.0, base.bias), x, A, B, s, nn.Identity())
+        torch.testing.assert_close(layer(x), doubled, rtol=1e-6, atol=1e-6)
+        base.weight = nn.Parameter(weight, requires_grad=False)
+        layer.train()  # dropout 0.1: two calls differ, and neither is the no-dropout output
+        first, second = layer(x), layer(x)
+        assert not torch.equal(first, second) and not torch.allclose(first, reference)
+
+
 def test_lora_linear_fused_under_bf16_autocast_equals_the_two_node_path(monkeypatch, device):
     """Under autocast of x's device the fused node computes in bf16 as F.linear + lora_add do: same output to the bit
     (same casts, same products), gradients of A and B in fp32 and equal within bf16 rounding of the summation

@@ -281,14 +281,16 @@ def linear_forward(layer: LoraLinear, x: Tensor, *args: object, **kwargs: object
     """LoraLinear's forward for a routed batch: base output plus each row's adapter update."""
     base_layer = layer.base_layer
     if not args and not kwargs and branch.runs_as_linear(base_layer):  # no module call's overhead (decoding)
-        result = nn.functional.linear(x, base_layer.weight, base_layer.bias)  # (B, ..., out)
+        params = base_layer._parameters  # (the table nn.Module's attribute lookup reads, read directly)
+        bias = params.get("bias")
+        result = nn.functional.linear(x, params["weight"], bias)  # (B, ..., out)
     else:
         result = base_layer(x, *args, **kwargs)
-    bias = getattr(base_layer, "bias", None)
+        bias = getattr(base_layer, "bias", None)
 
     def project_A(xs: Tensor, stacks: _Stacks) -> Tensor:  # (n_seg * L, ..., in) -> (n_seg, L * ..., r)
-        xs = xs.reshape(len(stacks.A), -1, xs.shape[-1]).to(stacks.A_T.dtype)
-        return torch.bmm(xs, stacks.A_T)
+        xs = xs.reshape(len(stacks.A), -1, xs.shape[-1])
+        return torch.bmm(xs if xs.dtype == stacks.A_T.dtype else xs.to(stacks.A_T.dtype), stacks.A_T)
 
     def x_w(base: Tensor) -> Tensor:  # DoRA's x @ W.T, from the base output
         return base if bias is None else base - bias
@@ -351,7 +353,9 @@ def _add_updates(
     active = _alora_positions(layer, routing, x) if stacks.alora else None
     if active is not None:  # aLoRA segments: only the positions from their rows' invocation on
         updates = updates * active.to(updates.dtype)
-    updates = updates.view(n_seg * slots, *result.shape[1:]).to(result.dtype)  # (n_seg * L, ..., out)
+    updates = updates.view(n_seg * slots, *result.shape[1:])  # (n_seg * L, ..., out)
+    if updates.dtype != result.dtype:
+        updates = updates.to(result.dtype)
     if padded is None:
         result[: n_seg * slots] += updates
     else:

@@ -293,7 +293,7 @@ def _no_grad_linear(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor, scal
     if dropout.training and isinstance(dropout, nn.Dropout) or not runs_as_linear(base_layer):
         return None
     params = base_layer._parameters  # the module's own table: no nn.Module attribute lookup per call
-    W, bias = params["weight"], params["bias"]
+    W, bias = params["weight"], params.get("bias")
     if not x.dtype == W.dtype == A.dtype == B.dtype or (bias is not None and bias.dtype != x.dtype):
         return None
     kind = x.device.type
@@ -307,8 +307,8 @@ def runs_as_linear(base_layer: nn.Module) -> bool:
     subclass), no forward of its own set on the instance (accelerate's offloading hooks replace ``forward`` there)
     and no hooks that expect it to be called. torch has no public query for hooks, hence the look at its hook tables
     (module and global); any hook at all sends the call down the layer's own path."""
-    if type(base_layer) is not nn.Linear or "forward" in base_layer.__dict__:
-        return False
+    if type(base_layer) is not nn.Linear or "forward" in base_layer.__dict__ or "weight" not in base_layer._parameters:
+        return False  # (a weight deleted and set again as a plain tensor attribute is not in the table F.linear reads)
     hooks = (base_layer._forward_hooks, base_layer._forward_pre_hooks, base_layer._backward_hooks,
              base_layer._backward_pre_hooks, _module_hooks._global_forward_hooks,
              _module_hooks._global_forward_pre_hooks, _module_hooks._global_backward_hooks,
