@@ -355,6 +355,26 @@ def test_the_no_grad_path_steps_aside_for_hooks_plain_tensor_weights_and_active_
         assert not torch.equal(first, second) and not torch.allclose(first, reference)
 
 
+@pytest.mark.parametrize("state", ["disabled", "merged"])
+def test_a_disabled_or_merged_lora_linear_is_its_base_layer_bit_for_bit_and_calls_its_hooks(device, state):
+    """With its adapters off or merged a LoraLinear computes its plain nn.Linear base as F.linear itself: the base
+    layer's own output bit for bit, with and without autograd; a hooked base layer is called instead."""
+    _no_float64(device)
+    layer = _wrapped_linear(device=device).eval()
+    if state == "disabled":
+        layer.enable_adapters(False)
+    else:
+        layer.merge()
+    base, x = layer.base_layer, torch.randn(2, 4, 6).to(device)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(layer(x), base(x))
+    calls = []
+    handle = base.register_forward_hook(lambda *a: calls.append(1))
+    assert torch.equal(layer(x), base(x)) and calls == [1, 1]
+    handle.remove()
+
+
 def test_lora_linear_fused_under_bf16_autocast_equals_the_two_node_path(monkeypatch, device):
     """Under autocast of x's device the fused node computes in bf16 as F.linear + lora_add do: same output to the bit
     (same casts, same products), gradients of A and B in fp32 and equal within bf16 rounding of the summation

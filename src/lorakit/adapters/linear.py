@@ -88,9 +88,13 @@ class LoraLinear(LoraLayer):
                 return branch.lora_add(result, x, A["weight"], B["weight"], self.scaling[name], dropout)
             base = self._modules["base_layer"]  # (the table nn.Module's attribute lookup reads, read directly)
             return branch.linear_with_lora(base, x, A["weight"], B["weight"], self.scaling[name], dropout)
-        result = base = self.base_layer(x, *args, **kwargs)  # (..., out)
-        if self._disabled or self.merged_adapters:
-            return result
+        base_layer = self._modules["base_layer"]
+        if self._disabled or self.merged_adapters:  # the base layer alone (F.linear itself where it is exactly that)
+            if not args and not kwargs and branch.runs_as_linear(base_layer):
+                params = base_layer._parameters
+                return nn.functional.linear(x, params["weight"], params.get("bias"))
+            return base_layer(x, *args, **kwargs)
+        result = base = base_layer(x, *args, **kwargs)  # (..., out)
         if not isinstance(result, Tensor):
             raise _not_a_tensor(self.base_layer, result)
         for name in self._active:
