@@ -375,6 +375,43 @@ def test_a_disabled_or_merged_lora_linear_is_its_base_layer_bit_for_bit_and_call
     handle.remove()
 
 
+def test_a_qlora_layer_under_autocast_shares_the_input_cast_with_the_same_values(monkeypatch, device):
+    """Under bf16 autocast a LoraLinear on a QuantLinear hands the base layer and its branch the shared cast of x
+    (lorakit.fast.shared_cast) instead of x: output and gradients (x, A, B) equal, bit for bit, to the path where the
+    quantized layer and the branch each cast x themselves."""
+    _no_float64(device)
+    from lorakit.adapters.linear import LoraLinear
+    from lorakit.quant.linear import QuantLinear
+
+    torch.manual_seed(0)
+    layer = LoraLinear(QuantLinear.from_linear(nn.Linear(64, 48), bits=4))
+    layer.update_layer("a", 4, 8.0, 0.1, "gaussian")
+    layer.active_adapters = ["a"]
+    nn.init.normal_(layer.lora_B["a"].weight)
+    layer = layer.to(device).train()
+    x0 = torch.randn(3, 5, 64, device=device)
+    casts = []
+    real_cast = branch.shared_cast
+    monkeypatch.setattr(branch, "shared_cast", lambda t: casts.append(1) or real_cast(t))
+
+    def run() -> tuple[torch.Tensor, ...]:
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(1)  # the same dropout draw
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y = layer(x)
+        y.float().square().sum().backward()
+        grads = (x.grad, layer.lora_A["a"].weight.grad.clone(), layer.lora_B["a"].weight.grad.clone())
+        layer.zero_grad()
+        return (y.detach(), *grads)
+
+    shared = run()
+    assert casts == [1, 1]  # the layer's and the branch's nodes over one cast
+    monkeypatch.setattr(branch, "shared_cast", lambda t: t)  # each reader casts x itself
+    own = run()
+    for a, b in zip(shared, own):
+        assert torch.equal(a, b)
+
+
 def test_lora_linear_fused_under_bf16_autocast_equals_the_two_node_path(monkeypatch, device):
     """Under autocast of x's device the fused node computes in bf16 as F.linear + lora_add do: same output to the bit
     (same casts, same products), gradients of A and B in fp32 and equal within bf16 rounding of the summation

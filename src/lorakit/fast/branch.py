@@ -46,6 +46,7 @@ from torch.nn.modules import module as _module_hooks
 
 from lorakit.fast.devices import FAST_DEVICES, AutocastState, has_float64, runs_fast
 from lorakit.fast.shared_cast import shared_cast
+from lorakit.quant.linear import QuantLinear
 
 _INT32_POSITIONS = 2**31 - 1  # tensors with more elements keep int64 positions
 _MARGIN_SD = 6.0  # a round of draws covers this many standard deviations of the drop count past its mean
@@ -262,17 +263,21 @@ def linear_with_lora(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor, sca
     """``base_layer(x) + s * B(A(dropout(x)))`` for one plain adapter, by the leanest path that applies: with
     gradients and a plain frozen ``nn.Linear``, one ``LinearBranch`` node (``linear_lora_add``); with gradients,
     dropout or mixed dtypes, the base layer then ``lora_add``; else ``lora_add_no_grad``. Under autocast an
-    ``nn.Linear``'s input is cast once for it, its branch and the layers beside it reading the same input (q, k, v:
-    lorakit.fast.shared_cast), instead of once per layer and branch. Where the fast paths step aside
-    (``_steps_aside``: another device) the layer runs, then the reference branch."""
+    ``nn.Linear``'s or a QuantLinear's input is cast once for it, its branch and the layers beside it reading the
+    same input (q, k, v: lorakit.fast.shared_cast), instead of once per layer and branch. Where the fast paths step
+    aside (``_steps_aside``: another device) the layer runs, then the reference branch."""
     if not torch.is_grad_enabled():  # decoding first: its few rows make every check's cost count
         out = _no_grad_linear(base_layer, x, A, B, scaling, dropout)
         if out is not None:
             return out
     if _steps_aside(x, _dropout_p(dropout)):
         return reference(base_layer(x), x, A, B, scaling, dropout)
-    if isinstance(base_layer, nn.Linear) and torch.is_autocast_enabled(x.device.type):
-        x = shared_cast(x)
+    if torch.is_autocast_enabled(x.device.type):
+        if isinstance(base_layer, QuantLinear):  # one cast of x for the layer and its branch, one graph node each:
+            # their gradients for x are summed in x's dtype, as with their own casts (bit for bit, tested)
+            return lora_add(base_layer(shared_cast(x)), shared_cast(x), A, B, scaling, dropout)
+        if isinstance(base_layer, nn.Linear):
+            x = shared_cast(x)
     if torch.is_grad_enabled() and _fusable(base_layer, x, A, B):
         return linear_lora_add(base_layer, x, A, B, scaling, dropout)
     if runs_as_linear(base_layer):  # what its forward computes, without a module call's overhead (decoding)
