@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lorakit.adapters import mixed_batch
-from lorakit.adapters.variants import CONFIG_KEYS, VARIANTS, Lora, build
-from lorakit.config import ConfigError, PeftWarning, requested_variants, scaling_for
+from lorakit.adapters import mixed_batch, variants
+from lorakit.adapters.variants import VARIANTS, Lora
+from lorakit.config import ConfigError, PeftWarning, scaling_for
 from lorakit.ops.init import get_initializer
 from lorakit.quant.half import REDUCED_PRECISION
 from lorakit.quant.linear import QuantizedBaseError, QuantLinear
@@ -154,14 +154,14 @@ class LoraLayer(nn.Module):
     def frozen_peft_weight_names(self) -> Mapping[str, tuple[str, ...]]:
         """PEFT's attribute of the name, a live read-only view of the variants: per adapter that has any, the names
         of the adapter weights its variant keeps frozen (MiCA: ``{"default": ("lora_B",)}``)."""
-        return _FrozenNames(self)
+        return variants.FrozenWeightNames(self)
 
     @property
     def lora_variant(self) -> Mapping[str, Lora]:
         """PEFT's attribute of the name: the variant object of each adapter that has one other than plain LoRA
         (DoRA, aLoRA, ...); a live read-only view of ``variants`` without the plain ones, so a view taken before
         ``delete_adapter`` no longer holds the deleted adapter."""
-        return _SpecialVariants(self)
+        return variants.SpecialVariants(self)
 
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
         """The adapter parameters that train while adapter ``name`` does: all but its variant's frozen ones (MiCA's
@@ -213,11 +213,7 @@ class LoraLayer(nn.Module):
     def lora_variants(self) -> dict[tuple[str, ...], Any]:
         """PEFT's table of the variants this kind runs: {sorted tuple of the names a config asks for them by
         (lorakit.config.requested_variants): variant class}, () for plain LoRA; made from ``variants_supported``."""
-        table: dict[tuple[str, ...], Any] = {(): Lora}
-        for name in self.variants_supported:
-            if name in CONFIG_KEYS:
-                table[(CONFIG_KEYS[name],)] = VARIANTS[name]
-        return table
+        return variants.variant_table(self.variants_supported)
 
     def resolve_lora_variant(self, *, config: Any, target_name: str = "", **kwargs: Any) -> Any:
         """The variant object ``config`` (a LoraConfig, or any dataclass tagged as it) asks for on this layer, from
@@ -225,26 +221,7 @@ class LoraLayer(nn.Module):
         lorakit.adapters.variants.for_config). None where the table maps the request to None. ValueError, in PEFT's
         words, for a table whose keys are not sorted tuples or name a variant the config has no tag for, and for a
         request the table lacks."""
-        table = self.lora_variants
-        if any(tuple(sorted(key)) != key for key in table):
-            raise ValueError("Keys in lora_variants must be sorted tuples (e.g ('a', 'b'), not ('b', 'a')); sort them")
-        requested = requested_variants(config)
-        missing = sorted({name for key in table for name in key} - requested.keys())
-        if missing:
-            raise ValueError(
-                f"variant(s) {missing} found in lora_variants but neither tagged with 'is_lora_variant' in LoraConfig, "
-                "nor declared as a LoRA variant in init_lora_weights: tag the config field, or drop the table entry"
-            )
-        key = tuple(sorted(name for name, on in requested.items() if on))
-        if key not in table:
-            raise ValueError(
-                f"Invalid or unsupported variant combination: {key}; this {type(self).__name__} runs "
-                f"{sorted(table)}: unset the others, or leave this layer out of the targets"
-            )
-        cls = table[key]
-        if cls is None:
-            return None
-        return build(cls, config, target_name) if isinstance(cls, type) and issubclass(cls, Lora) else cls()
+        return variants.resolve_lora_variant(self, config, target_name)
 
     def _add_from_config(self, name: str, config: Any, r: int | None, lora_alpha: float | None) -> None:
         """PEFT's constructor form, ``Linear(base_layer, adapter_name, config, r=..., lora_alpha=...)``: add adapter
@@ -472,49 +449,6 @@ class LoraLayer(nn.Module):
             if safe_merge and not torch.isfinite(weight).all():
                 raise ValueError(f"merging adapters {names} gives NaN/inf weights; the adapter is broken")
         return weight
-
-
-class _FrozenNames(Mapping[str, tuple[str, ...]]):
-    """LoraLayer.frozen_peft_weight_names: read from the layer's variants at each access, so it never goes stale."""
-
-    def __init__(self, layer: LoraLayer) -> None:
-        self.layer = layer
-
-    def _names(self) -> dict[str, tuple[str, ...]]:
-        where = {id(p): pname.split(".")[0] for pname, p in self.layer.named_parameters()}  # 'lora_B.<name>.weight'
-        frozen = {a: tuple(where[id(p)] for p in v.frozen(self.layer, a)) for a, v in self.layer.variants.items()}
-        return {a: names for a, names in frozen.items() if names}
-
-    def __getitem__(self, adapter: str) -> tuple[str, ...]:
-        return self._names()[adapter]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-
-class _SpecialVariants(Mapping[str, Lora]):
-    """LoraLayer.lora_variant: the layer's variants other than plain LoRA, read at each access."""
-
-    def __init__(self, layer: LoraLayer) -> None:
-        self.layer = layer
-
-    def _special(self) -> dict[str, Lora]:
-        return {name: v for name, v in self.layer.variants.items() if v.name != "lora"}
-
-    def __getitem__(self, adapter: str) -> Lora:
-        return self._special()[adapter]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._special())
-
-    def __len__(self) -> int:
-        return len(self._special())
-
-    def __repr__(self) -> str:
-        return repr(self._special())
 
 
 def _accepted(init: Callable[..., object], options: dict[str, Any]) -> dict[str, Any]:

@@ -446,80 +446,9 @@ class LoraModel(nn.Module):
         return [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
 
     # -- combining -----------------------------------------------------------------------------------------------
-    def add_weighted_adapter(
-        self,
-        adapters: list[str],
-        weights: list[float],
-        adapter_name: str,
-        combination_type: str = "svd",
-        svd_rank: int | None = None,
-        svd_clamp: float | None = None,
-        svd_full_matrices: bool = True,
-        svd_driver: str | None = None,
-        density: float | None = None,
-        majority_sign_method: str = "total",
-        generator: combine.Generator | None = None,
-    ) -> None:
-        """Add ``adapter_name`` = a weighted combination of existing adapters (see lorakit.adapters.combine). Like PEFT,
-        the new adapter is added inactive; call set_adapter to use it. The ``dare_*`` types are random: pass a
-        seeded torch.Generator (an addition to PEFT's signature) or seed the global RNG to reproduce them."""
-        if adapter_name in self.peft_config:
-            raise AdapterError(
-                f"Adapter with name {adapter_name!r} already exists; pick another name or delete_adapter it"
-            )
-        for name in adapters:
-            self._check_exists(name)
-        if len(adapters) != len(weights):
-            raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights; give one weight per adapter")
-        configs = [self.peft_config[a] for a in adapters]
-        with_parameters = [a for a, c in zip(adapters, configs) if c.target_parameters]
-        if with_parameters:
-            raise ValueError(
-                f"add_weighted_adapter does not support targeting nn.Parameter (adapter {with_parameters[0]!r} has "
-                "target_parameters), as in PEFT: an expert stack has no single (out, in) update to combine"
-            )
-        saved = [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
-        shared = [m for m in saved if sum(a in m.modules_to_save for a in adapters) > 1]
-        if shared:  # PEFT's words first
-            raise ValueError(
-                f"Cannot add weighted adapters if they target the same module with modules_to_save, but found "
-                f"{len(shared)} such instance(s). Trained copies of one module cannot be combined: combine adapters "
-                "that save different modules, or delete_adapter the copies' adapters you do not need"
-            )
-        combination_type, new_rank = combine.plan(combination_type, configs, svd_rank, density, majority_sign_method)
-        layer_names = [n for n, m in self._lora_layers() if any(a in m.r for a in adapters)]
-        for _, module in self._lora_layers():  # a kind whose factors cannot hold a combination refuses, first
-            if any(a in module.r for a in adapters) and hasattr(module, "check_combinable"):
-                module.check_combinable(combination_type)
-        self.add_adapter(adapter_name, combine.combined_config(configs, new_rank, layer_names))
-        for wrapper in saved:  # the new adapter's copy of a saved module is its one source's trained copy
-            source = next((a for a in adapters if a in wrapper.modules_to_save), None)
-            if source is not None and adapter_name in wrapper.modules_to_save:
-                wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[source].state_dict())
-        for _, module in self._lora_layers():
-            if adapter_name not in module.r:
-                continue
-            present = [(a, w) for a, w in zip(adapters, weights) if a in module.r]
-            if not present:
-                continue
-            A, B = combine.combine_layer(
-                module,
-                present,
-                combination_type,
-                new_rank,
-                svd_clamp=svd_clamp,
-                full_matrices=svd_full_matrices,
-                driver=svd_driver,
-                density=density,
-                majority_sign_method=majority_sign_method,
-                generator=generator,
-            )
-            new_A, new_B = module.lora_weights(adapter_name)
-            new_A.data.zero_()
-            new_B.data.zero_()
-            new_A.data[: A.shape[0], :] = A.to(new_A.dtype)
-            new_B.data[:, : B.shape[1]] = B.to(new_B.dtype)
-        self._set_trainable()
+    # add_weighted_adapter(adapters, weights, adapter_name, combination_type="svd", ...): a new adapter made of
+    # weighted existing ones; the method is defined in lorakit.adapters.combine, beside the maths it runs
+    add_weighted_adapter = combine.add_weighted_adapter
 
 
 def _check_kasa_mix(configs: dict[str, LoraConfig], config: LoraConfig) -> None:

@@ -25,9 +25,15 @@ registered by name in ``VARIANTS`` and built from a config by ``for_config`` (in
 A variant is called by the module kinds (lorakit.adapters.linear, .embedding) and by LoraLayer's merge / unmerge, and
 asked by the mixed-batch path for its row scale (``scale_args``). Weights are passed in the base weight's storage
 layout where the method says so; ``layer.transpose`` turns them into (out, in).
+
+At the end, PEFT's views of a layer's variants, which LoraLayer's attributes of PEFT's names return: the
+``lora_variants`` table, ``resolve_lora_variant``, ``lora_variant`` and ``frozen_peft_weight_names``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +46,7 @@ from lorakit.adapters.variant_lora import Lora, LoraLayer
 from lorakit.adapters.variant_mica import Mica
 from lorakit.adapters.variant_monteclora import Monteclora
 from lorakit.adapters.variant_velora import Velora
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, requested_variants
 from lorakit.ops import dora
 
 
@@ -197,4 +203,85 @@ def build(cls: type[Lora], config: LoraConfig, module_name: str) -> Lora:
         return Lora() if side is None else BdLora(config.use_bdlora.nblocks, side)
     return cls()
 
+
+
+
+# -- PEFT's views of a layer's variants (LoraLayer.lora_variants, .resolve_lora_variant, .lora_variant,
+# .frozen_peft_weight_names call these) -------------------------------------------------------------------------
+def variant_table(supported: tuple[str, ...]) -> dict[tuple[str, ...], Any]:
+    """PEFT's ``lora_variants`` table of a kind that runs the VARIANTS named in ``supported``: {sorted tuple of the
+    names a config asks for them by (CONFIG_KEYS): variant class}, () for plain LoRA."""
+    table: dict[tuple[str, ...], Any] = {(): Lora}
+    for name in supported:
+        if name in CONFIG_KEYS:
+            table[(CONFIG_KEYS[name],)] = VARIANTS[name]
+    return table
+
+
+def resolve_lora_variant(layer: LoraLayer, config: Any, target_name: str = "") -> Any:
+    """The variant object ``config`` asks for on ``layer``, from its ``lora_variants`` table (see
+    LoraLayer.resolve_lora_variant)."""
+    table = layer.lora_variants
+    if any(tuple(sorted(key)) != key for key in table):
+        raise ValueError("Keys in lora_variants must be sorted tuples (e.g ('a', 'b'), not ('b', 'a')); sort them")
+    requested = requested_variants(config)
+    missing = sorted({name for key in table for name in key} - requested.keys())
+    if missing:
+        raise ValueError(
+            f"variant(s) {missing} found in lora_variants but neither tagged with 'is_lora_variant' in LoraConfig, "
+            "nor declared as a LoRA variant in init_lora_weights: tag the config field, or drop the table entry"
+        )
+    key = tuple(sorted(name for name, on in requested.items() if on))
+    if key not in table:
+        raise ValueError(
+            f"Invalid or unsupported variant combination: {key}; this {type(layer).__name__} runs "
+            f"{sorted(table)}: unset the others, or leave this layer out of the targets"
+        )
+    cls = table[key]
+    if cls is None:
+        return None
+    return build(cls, config, target_name) if isinstance(cls, type) and issubclass(cls, Lora) else cls()
+
+
+class FrozenWeightNames(Mapping[str, tuple[str, ...]]):
+    """LoraLayer.frozen_peft_weight_names: read from the layer's variants at each access, so it never goes stale."""
+
+    def __init__(self, layer: LoraLayer) -> None:
+        self.layer = layer
+
+    def _names(self) -> dict[str, tuple[str, ...]]:
+        where = {id(p): pname.split(".")[0] for pname, p in self.layer.named_parameters()}  # 'lora_B.<name>.weight'
+        frozen = {a: tuple(where[id(p)] for p in v.frozen(self.layer, a)) for a, v in self.layer.variants.items()}
+        return {a: names for a, names in frozen.items() if names}
+
+    def __getitem__(self, adapter: str) -> tuple[str, ...]:
+        return self._names()[adapter]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+class SpecialVariants(Mapping[str, Lora]):
+    """LoraLayer.lora_variant: the layer's variants other than plain LoRA, read at each access."""
+
+    def __init__(self, layer: LoraLayer) -> None:
+        self.layer = layer
+
+    def _special(self) -> dict[str, Lora]:
+        return {name: v for name, v in self.layer.variants.items() if v.name != "lora"}
+
+    def __getitem__(self, adapter: str) -> Lora:
+        return self._special()[adapter]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._special())
+
+    def __len__(self) -> int:
+        return len(self._special())
+
+    def __repr__(self) -> str:
+        return repr(self._special())
 

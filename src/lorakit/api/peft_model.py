@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from lorakit.adapters import convert, mixed_batch, state, variant_alora
+from lorakit.adapters import mixed_batch, state, variant_alora
 from lorakit.adapters.find import QA_HEADS, SEQ_CLS_HEADS
 from lorakit.adapters.inject import wrappers
 from lorakit.adapters.model import LoraModel
@@ -26,8 +26,8 @@ from lorakit.adapters.targets import TargetError
 from lorakit.api import adapter_files, hf_trainer, model_card, signature, status
 from lorakit.config import LoraConfig, PeftType, TaskType, read_config
 from lorakit.fast import causal_lm_loss
-from lorakit.io import files, writes
-from lorakit.io.files import CARD_NAME, AdapterError, check_adapter_name
+from lorakit.io import files
+from lorakit.io.files import CARD_NAME, check_adapter_name
 
 
 class PeftModel(nn.Module):
@@ -255,58 +255,9 @@ class PeftModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     # -- files ---------------------------------------------------------------------------------------------------
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        safe_serialization: bool = True,
-        selected_adapters: list[str] | None = None,
-        save_embedding_layers: bool | str = "auto",
-        is_main_process: bool = True,
-        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """Write each selected adapter (default: all) in PEFT's format; 'default' in ``save_directory`` itself,
-        others in a sub-folder named after them. Only ``is_main_process`` writes (for torch.distributed).
-        ``safe_serialization=False`` writes adapter_model.bin (torch.save of the tensors) as PEFT does; lorakit reads
-        such files with ``torch.load(weights_only=True)`` only.
-        ``path_initial_model_for_weight_conversion``: the folder where the adapter was saved right after
-        get_peft_model; a PiSSA / OLoRA adapter is then written as a plain rank-2r LoRA for the original base
-        (see lorakit.adapters.convert)."""
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a folder")
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        for name in names:
-            if name not in self.peft_config:
-                raise AdapterError(f"cannot save adapter {name!r}: it does not exist (have {list(self.peft_config)})")
-        if not is_main_process:
-            return
-        writes_due = []  # everything is gathered and checked before the first file is written
-        for name in names:
-            # Unlike PEFT's "auto", the full base embedding is saved only on request: adapters stay small.
-            try:
-                tensors = state.adapter_state_dict(self, name, save_embedding_layers=save_embedding_layers is True)
-            except KeyError as e:  # a state_dict() overridden to leave adapter tensors out
-                raise AdapterError(
-                    f"cannot save adapter {name!r}: the model's state_dict() lacks its tensor {e.args[0]!r}, and a "
-                    "file without it could not be loaded (lorakit writes whole adapters only); save from a "
-                    "state_dict() that holds every adapter tensor"
-                ) from None
-            saved = self.config_to_save(name)
-            if path_initial_model_for_weight_conversion is not None:
-                tensors, saved = convert.to_original_base(
-                    tensors, saved, path_initial_model_for_weight_conversion, name
-                )
-            adapter_files.check_loadable(name, saved, tensors)
-            writes_due.append((name, saved, tensors))
-        for name, saved, tensors in writes_due:
-            folder = files.adapter_folder(save_directory, name)
-            card = {CARD_NAME: self.model_card(save_directory)} if folder == Path(save_directory) else {}
-            files.write_adapter(
-                folder, saved.to_dict(), tensors, self.file_metadata(), safe_serialization, extra_files=card
-            )
-        if "default" not in names:  # no adapter in save_directory itself: its card is written alone
-            Path(save_directory).mkdir(parents=True, exist_ok=True)
-            writes.atomic_write_bytes(Path(save_directory) / CARD_NAME, self.model_card(save_directory))
+    # save_pretrained(save_directory, safe_serialization=True, selected_adapters=None, ...): every adapter in PEFT's
+    # format; the method is defined in lorakit.api.adapter_files, beside the adapter folder's other checks
+    save_pretrained = adapter_files.save_pretrained
 
     def push_to_hub(
         self,
