@@ -412,6 +412,24 @@ def test_a_qlora_layer_under_autocast_shares_the_input_cast_with_the_same_values
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("p", [0.05, 0.6], ids=["put_", "index_fill_"])  # 0.6 of 64k: more than 2**15 positions
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_drop_zeroes_exactly_the_drawn_positions_in_a_copy_or_in_place(device, dtype, p):
+    """_drop sets the drawn flat positions to 0 and keeps every other value, by put_ for a few positions and by
+    index_fill_ for many: equal to multiplying by the 0/1 mask, in a copy (t unchanged) or in place."""
+    _no_float64(device)
+    torch.manual_seed(0)
+    t = torch.randn(256, 256, device=device).to(dtype)
+    dropped = branch.dropped_positions(t.numel(), p, t.device)
+    assert (dropped.numel() > branch._FEW_POSITIONS) == (p > 0.5)
+    mask = torch.ones(t.numel(), device=device, dtype=dtype)
+    mask[dropped.long()] = 0
+    expected = t * mask.view(t.shape)
+    before = t.clone()
+    assert torch.equal(branch._drop(t, dropped), expected) and torch.equal(t, before)
+    assert torch.equal(branch._drop(t, dropped, in_place=True), expected) and torch.equal(t, expected)
+
+
 def test_lora_linear_fused_under_bf16_autocast_equals_the_two_node_path(monkeypatch, device):
     """Under autocast of x's device the fused node computes in bf16 as F.linear + lora_add do: same output to the bit
     (same casts, same products), gradients of A and B in fp32 and equal within bf16 rounding of the summation

@@ -206,8 +206,18 @@ def _drop(t: Tensor, dropped: Tensor | None, in_place: bool = False) -> Tensor:
     if dropped is None:
         return t
     out = t if in_place else t.clone(memory_format=torch.contiguous_format)
-    out.view(-1).index_fill_(0, dropped.long(), 0.0)  # .long() returns int64 positions as they are
+    positions = dropped.long()  # .long() returns int64 positions as they are
+    if positions.numel() <= _FEW_POSITIONS:  # put_ of a zero: the same writes, about 2x faster than index_fill_ here
+        out.view(-1).put_(positions, out.new_zeros(()).expand(positions.numel()))
+    else:
+        out.view(-1).index_fill_(0, positions, 0.0)
     return out
+
+
+# Dropped positions up to which put_ beats index_fill_ (on the CPU, 2 threads: 29.5k positions of a 1024 x 576 input
+# 107 -> 48 us after the copy in bf16, 267 -> 106 us in fp32; from ~32k on, torch splits index_fill_ over its threads
+# and put_ no longer wins: 78.6k positions of a 1024 x 1536 input, 236 vs 248 us)
+_FEW_POSITIONS = 1 << 15
 
 
 def lora_add(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: nn.Module) -> Tensor:
