@@ -430,6 +430,73 @@ def test_drop_zeroes_exactly_the_drawn_positions_in_a_copy_or_in_place(device, d
     assert torch.equal(branch._drop(t, dropped, in_place=True), expected) and torch.equal(t, expected)
 
 
+def _qlora_layer(device, bias=True, bits=4):
+    from lorakit.adapters.linear import LoraLinear
+    from lorakit.quant.linear import QuantLinear
+
+    torch.manual_seed(0)
+    layer = LoraLinear(QuantLinear.from_linear(nn.Linear(64, 48, bias=bias), bits=bits))
+    layer.update_layer("a", 4, 8.0, 0.1, "gaussian")
+    layer.active_adapters = ["a"]
+    nn.init.normal_(layer.lora_B["a"].weight)
+    if bias:
+        layer.base_layer.bias.requires_grad_(False)  # frozen, as get_peft_model leaves it (bias='none')
+    return layer.to(device).train()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_a_qlora_layer_trains_as_one_node_equal_to_the_two_node_path(monkeypatch, device, autocast, bits):
+    """A LoraLinear on a QuantLinear runs the base and its branch (dropout included) as one QuantBranch node: the
+    output equal bit for bit to the quantized layer then the branch, the gradients of x, A and B equal within the
+    rounding of where x's two gradient terms are summed (inside one matmul instead of after it)."""
+    _no_float64(device)
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(branch, "quant_fusable", lambda *a: False)
+        layer = _qlora_layer(device, bits=bits)
+        x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(4)).to(device).requires_grad_()
+        torch.manual_seed(1)  # the same dropout draw
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x)
+        assert (type(out.grad_fn).__name__ == "QuantBranchBackward") == fused
+        A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+        runs.append((out, *_grads(out.float(), (x, A, B))))
+    (out, *grads), (out_ref, *grads_ref) = runs
+    assert torch.equal(out, out_ref)
+    tolerance = 1e-2 if autocast else 1e-5
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=tolerance * want.abs().max().item(), rtol=tolerance)
+
+
+def test_a_qlora_layer_steps_out_of_the_node_for_hooks_a_trainable_bias_and_chunked_weights(device):
+    """The node never calls the quantized layer: a hook on it, a bias that trains (bias='all') or a weight decoded in
+    several chunks take the two-node path, whose output is the same."""
+    _no_float64(device)
+    layer = _qlora_layer(device)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(4)).to(device).requires_grad_()
+    torch.manual_seed(1)
+    fused = layer(x)
+    assert type(fused.grad_fn).__name__ == "QuantBranchBackward"
+    base, calls = layer.base_layer, []
+    handle = base.register_forward_hook(lambda *a: calls.append(1))
+    torch.manual_seed(1)
+    hooked = layer(x)
+    handle.remove()
+    assert calls == [1] and torch.equal(hooked, fused)
+    base.bias.requires_grad_(True)
+    torch.manual_seed(1)
+    assert not branch.quant_fusable(base, x, layer.lora_A["a"].weight, layer.lora_B["a"].weight)
+    assert torch.equal(layer(x), fused)
+    base.bias.requires_grad_(False)
+    base.chunk_elements = 64 * 10  # 10 rows at a time
+    torch.manual_seed(1)
+    chunked = layer(x)
+    assert type(chunked.grad_fn).__name__ != "QuantBranchBackward" and torch.equal(chunked, fused)
+
+
 def test_lora_linear_fused_under_bf16_autocast_equals_the_two_node_path(monkeypatch, device):
     """Under autocast of x's device the fused node computes in bf16 as F.linear + lora_add do: same output to the bit
     (same casts, same products), gradients of A and B in fp32 and equal within bf16 rounding of the summation

@@ -23,7 +23,8 @@ maths:
 ``linear_with_lora`` is what ``LoraLinear.forward`` calls for its one plain adapter: the base layer and the branch by
 the leanest of these paths that applies (``_fusable`` says when the base layer may run inside the branch's node).
 
-``linear_lora_add`` (``LinearBranch``) is the same with-gradients maths with the base layer inside: for a frozen
+``linear_lora_add`` (``LinearBranch``; ``QuantBranch`` for a QLoRA base, its weight decoded from the codes in the
+forward and again in the backward) is the same with-gradients maths with the base layer inside: for a frozen
 ``nn.Linear`` LoraLinear calls it instead of the layer plus ``lora_add``, so that the branch is added into the base
 output by the matmul and x's two gradient terms, ``g @ W`` and ``drop(g_u @ A)``, are summed by the matmul too.
 
@@ -139,8 +140,7 @@ class LinearBranch(torch.autograd.Function):
         else:
             torch.addmm(bias, x2, W.T, out=rows)
         s = scaling * keep_scale
-        u = (_drop(x2, dropped) @ A.T) * s  # (N, r)
-        rows.addmm_(u, B.T)
+        u = _add_branch(rows, x2, A, B, s, dropped)
         ctx.save_for_backward(x, W, A, B, u, dropped)
         ctx.s = s
         return out
@@ -150,10 +150,57 @@ class LinearBranch(torch.autograd.Function):
         x, W, A, B, u, dropped = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         g_u, dropped, grad_A, grad_B = _low_rank_backward(g, x, A, B, u, dropped, ctx.s, *ctx.needs_input_grad[3:5])
+        grad_x = _input_grad(g, g_u, A, W, dropped, x.shape) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, grad_A, grad_B, None, None, None
+
+
+class QuantBranch(torch.autograd.Function):
+    """``LinearBranch`` for a frozen ``QuantLinear`` whose weight is one chunk (lorakit.quant.linear): W decoded from
+    the codes in the forward and again in the backward, never saved, as the layer's own node does; the bias added
+    after the matmul, as the layer's forward adds it. Same output as the layer then ``LoraBranch``, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: QuantLinear, A: Tensor, B: Tensor, scaling: float, dropped: Tensor | None,
+                keep_scale: float) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        out = x.new_empty(*x.shape[:-1], layer.out_features)  # (..., out), returned as it is: see _rows
+        rows = _rows(out)
+        torch.mm(x2, _one_chunk(layer, x.dtype).T, out=rows)
+        if layer.bias is not None:
+            rows.add_(layer.bias.to(rows.dtype))
+        s = scaling * keep_scale
+        u = _add_branch(rows, x2, A, B, s, dropped)
+        ctx.save_for_backward(x, A, B, u, dropped)
+        ctx.s, ctx.layer = s, layer
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, A, B, u, dropped = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        g_u, dropped, grad_A, grad_B = _low_rank_backward(g, x, A, B, u, dropped, ctx.s, *ctx.needs_input_grad[2:4])
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = _drop(g_u @ A, dropped, in_place=True).addmm_(g, W).view(x.shape)  # (N, in)
-        return grad_x, None, None, grad_A, grad_B, None, None, None
+            grad_x = _input_grad(g, g_u, A, _one_chunk(ctx.layer, g.dtype), dropped, x.shape)
+        return grad_x, None, grad_A, grad_B, None, None, None
+
+
+def _add_branch(rows: Tensor, x2: Tensor, A: Tensor, B: Tensor, s: float, dropped: Tensor | None) -> Tensor:
+    """Add ``u @ B.T`` into the base output ``rows`` (N, out) in place, u = s * drop(x2) @ A.T; returns u (N, r)."""
+    u = (_drop(x2, dropped) @ A.T) * s  # (N, r)
+    rows.addmm_(u, B.T)
+    return u
+
+
+def _input_grad(g: Tensor, g_u: Tensor, A: Tensor, W: Tensor, dropped: Tensor | None, shape: torch.Size) -> Tensor:
+    """x's gradient in one buffer: ``drop(g_u @ A)`` with the base's ``g @ W`` summed into it by the matmul."""
+    return _drop(g_u @ A, dropped, in_place=True).addmm_(g, W).view(shape)  # (N, in)
+
+
+def _one_chunk(layer: QuantLinear, dtype: torch.dtype) -> Tensor:
+    """The layer's whole weight (out, in) in ``dtype``, decoded in one piece (``quant_fusable`` checked it is one)."""
+    ((_, _, W),) = layer.weight_chunks(dtype)
+    return W
 
 
 def _rows(out: Tensor) -> Tensor:
@@ -271,7 +318,8 @@ def lora_add_no_grad(base: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: flo
 def linear_with_lora(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor, scaling: float,
                      dropout: nn.Module) -> Tensor:
     """``base_layer(x) + s * B(A(dropout(x)))`` for one plain adapter, by the leanest path that applies: with
-    gradients and a plain frozen ``nn.Linear``, one ``LinearBranch`` node (``linear_lora_add``); with gradients,
+    gradients and a plain frozen ``nn.Linear``, one ``LinearBranch`` node (``linear_lora_add``), and for a frozen
+    ``QuantLinear`` of one weight chunk one ``QuantBranch`` node (``quant_lora_add``); with gradients,
     dropout or mixed dtypes, the base layer then ``lora_add``; else ``lora_add_no_grad``. Under autocast an
     ``nn.Linear``'s or a QuantLinear's input is cast once for it, its branch and the layers beside it reading the
     same input (q, k, v: lorakit.fast.shared_cast), instead of once per layer and branch. Where the fast paths step
@@ -282,6 +330,8 @@ def linear_with_lora(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor, sca
             return out
     if _steps_aside(x, _dropout_p(dropout)):
         return reference(base_layer(x), x, A, B, scaling, dropout)
+    if torch.is_grad_enabled() and quant_fusable(base_layer, x, A, B):
+        return quant_lora_add(base_layer, x, A, B, scaling, dropout)
     if torch.is_autocast_enabled(x.device.type):
         if isinstance(base_layer, QuantLinear):  # one cast of x for the layer and its branch, one graph node each:
             # their gradients for x are summed in x's dtype, as with their own casts (bit for bit, tested)
@@ -297,6 +347,35 @@ def linear_with_lora(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor, sca
     if torch.is_grad_enabled() or dropout.training or not x.dtype == A.dtype == B.dtype == result.dtype:
         return lora_add(result, x, A, B, scaling, dropout)
     return lora_add_no_grad(result, x, A, B, scaling)
+
+
+def quant_fusable(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
+    """Whether a ``QuantLinear`` base and the branch may run as one ``QuantBranch`` node: the class itself with no
+    forward of its own on the instance and no hooks (the node never calls it), a frozen bias, its weight in one
+    chunk, and x, A, B fp32 (under autocast: fp32 parameters, x fp32 or already cast) or all of one dtype."""
+    if type(base_layer) is not QuantLinear or "forward" in base_layer.__dict__ or _hooked(base_layer):
+        return False
+    if base_layer.bias is not None and base_layer.bias.requires_grad:
+        return False
+    if base_layer.out_features * base_layer.in_features > base_layer.chunk_elements:
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return A.dtype == B.dtype == torch.float32 and x.dtype in (torch.float32,
+                                                                   torch.get_autocast_dtype(x.device.type))
+    return x.dtype == A.dtype == B.dtype
+
+
+def quant_lora_add(layer: QuantLinear, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: nn.Module) -> Tensor:
+    """``layer(x) + s * B(A(dropout(x)))`` as one ``QuantBranch`` node (``quant_fusable`` said it applies). Under
+    autocast the node runs in autocast's dtype: x by its shared cast, A and B cast in the graph (their gradients
+    return in fp32), the weight decoded straight into it."""
+    dropped, keep_scale = _draw(x, _dropout_p(dropout))
+    if not torch.is_autocast_enabled(x.device.type):
+        return QuantBranch.apply(x, layer, A, B, scaling, dropped, keep_scale)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    x, A, B = shared_cast(x), A.to(dtype), B.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return QuantBranch.apply(x, layer, A, B, scaling, dropped, keep_scale)
 
 
 def _no_grad_linear(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor, scaling: float,
@@ -324,11 +403,15 @@ def runs_as_linear(base_layer: nn.Module) -> bool:
     (module and global); any hook at all sends the call down the layer's own path."""
     if type(base_layer) is not nn.Linear or "forward" in base_layer.__dict__ or "weight" not in base_layer._parameters:
         return False  # (a weight deleted and set again as a plain tensor attribute is not in the table F.linear reads)
-    hooks = (base_layer._forward_hooks, base_layer._forward_pre_hooks, base_layer._backward_hooks,
-             base_layer._backward_pre_hooks, _module_hooks._global_forward_hooks,
-             _module_hooks._global_forward_pre_hooks, _module_hooks._global_backward_hooks,
-             _module_hooks._global_backward_pre_hooks)
-    return not any(hooks)
+    return not _hooked(base_layer)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a call of ``module`` would run hooks, its own or global ones (torch has no public query for them)."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
+             _module_hooks._global_forward_hooks, _module_hooks._global_forward_pre_hooks,
+             _module_hooks._global_backward_hooks, _module_hooks._global_backward_pre_hooks)
+    return any(hooks)
 
 
 def _fusable(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
