@@ -90,10 +90,7 @@ class LoraLinear(LoraLayer):
             return branch.linear_with_lora(base, x, A["weight"], B["weight"], self.scaling[name], dropout)
         base_layer = self._modules["base_layer"]
         if self._disabled or self.merged_adapters:  # the base layer alone (F.linear itself where it is exactly that)
-            if not args and not kwargs and branch.runs_as_linear(base_layer):
-                params = base_layer._parameters
-                return nn.functional.linear(x, params["weight"], params.get("bias"))
-            return base_layer(x, *args, **kwargs)
+            return branch.base_output(base_layer, x, *args, **kwargs)
         result = base = base_layer(x, *args, **kwargs)  # (..., out)
         if not isinstance(result, Tensor):
             raise _not_a_tensor(self.base_layer, result)

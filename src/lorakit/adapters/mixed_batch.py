@@ -280,19 +280,14 @@ def _stack(layer: LoraLayer, adapters: Sequence[str]) -> _Stacks | None:
 def linear_forward(layer: LoraLinear, x: Tensor, *args: object, **kwargs: object) -> Tensor:
     """LoraLinear's forward for a routed batch: base output plus each row's adapter update."""
     base_layer = layer.base_layer
-    if not args and not kwargs and branch.runs_as_linear(base_layer):  # no module call's overhead (decoding)
-        params = base_layer._parameters  # (the table nn.Module's attribute lookup reads, read directly)
-        bias = params.get("bias")
-        result = nn.functional.linear(x, params["weight"], bias)  # (B, ..., out)
-    else:
-        result = base_layer(x, *args, **kwargs)
-        bias = getattr(base_layer, "bias", None)
+    result = branch.base_output(base_layer, x, *args, **kwargs)  # (B, ..., out)
 
     def project_A(xs: Tensor, stacks: _Stacks) -> Tensor:  # (n_seg * L, ..., in) -> (n_seg, L * ..., r)
         xs = xs.reshape(len(stacks.A), -1, xs.shape[-1])
         return torch.bmm(xs if xs.dtype == stacks.A_T.dtype else xs.to(stacks.A_T.dtype), stacks.A_T)
 
     def x_w(base: Tensor) -> Tensor:  # DoRA's x @ W.T, from the base output
+        bias = getattr(base_layer, "bias", None)
         return base if bias is None else base - bias
 
     return _add_updates(layer, x, result, project_A, x_w)

@@ -340,10 +340,7 @@ def linear_with_lora(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor, sca
             x = shared_cast(x)
     if torch.is_grad_enabled() and _fusable(base_layer, x, A, B):
         return linear_lora_add(base_layer, x, A, B, scaling, dropout)
-    if runs_as_linear(base_layer):  # what its forward computes, without a module call's overhead (decoding)
-        result = nn.functional.linear(x, base_layer.weight, base_layer.bias)  # (..., out)
-    else:
-        result = base_layer(x)
+    result = base_output(base_layer, x)  # (..., out)
     if torch.is_grad_enabled() or dropout.training or not x.dtype == A.dtype == B.dtype == result.dtype:
         return lora_add(result, x, A, B, scaling, dropout)
     return lora_add_no_grad(result, x, A, B, scaling)
@@ -359,10 +356,7 @@ def quant_fusable(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> boo
         return False
     if base_layer.out_features * base_layer.in_features > base_layer.chunk_elements:
         return False
-    if torch.is_autocast_enabled(x.device.type):
-        return A.dtype == B.dtype == torch.float32 and x.dtype in (torch.float32,
-                                                                   torch.get_autocast_dtype(x.device.type))
-    return x.dtype == A.dtype == B.dtype
+    return _fusable_dtypes(x, A, B)  # (its weight is decoded into the node's dtype)
 
 
 def quant_lora_add(layer: QuantLinear, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: nn.Module) -> Tensor:
@@ -396,6 +390,15 @@ def _no_grad_linear(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor, scal
     return lora_add_no_grad(nn.functional.linear(x, W, bias), x, A, B, scaling)
 
 
+def base_output(base_layer: nn.Module, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+    """``base_layer(x, *args, **kwargs)``: computed as ``F.linear`` on the layer's own parameter table where the call
+    is exactly that (``runs_as_linear``, no extra arguments), without a module call's overhead (decoding)."""
+    if not args and not kwargs and runs_as_linear(base_layer):
+        params = base_layer._parameters  # (the table nn.Module's attribute lookup reads, read directly)
+        return nn.functional.linear(x, params["weight"], params.get("bias"))
+    return base_layer(x, *args, **kwargs)
+
+
 def runs_as_linear(base_layer: nn.Module) -> bool:
     """Whether calling ``base_layer`` computes exactly ``F.linear(x, weight, bias)``: an ``nn.Linear`` (not a
     subclass), no forward of its own set on the instance (accelerate's offloading hooks replace ``forward`` there)
@@ -424,11 +427,13 @@ def _fusable(base_layer: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> bool:
     weight, bias = base_layer.weight, base_layer.bias
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return False
+    return _fusable_dtypes(x, A, B, weight)
+
+
+def _fusable_dtypes(x: Tensor, *parameters: Tensor) -> bool:
+    """The dtypes a fused node takes (``_fusable``, ``quant_fusable``): x and ``parameters`` of one dtype, or under
+    autocast of x's device fp32 parameters and x fp32 or already cast (lorakit.fast.shared_cast)."""
     if torch.is_autocast_enabled(x.device.type):
-        if not weight.dtype == A.dtype == B.dtype == torch.float32:
-            return False
-        if x.dtype not in (torch.float32, torch.get_autocast_dtype(x.device.type)):
-            return False
-    elif not x.dtype == weight.dtype == A.dtype == B.dtype:
-        return False
-    return True
+        return (all(p.dtype == torch.float32 for p in parameters)
+                and x.dtype in (torch.float32, torch.get_autocast_dtype(x.device.type)))
+    return all(p.dtype == x.dtype for p in parameters)
