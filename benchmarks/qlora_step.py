@@ -10,11 +10,12 @@ tokens, the user's path ``model(input_ids=ids, labels=ids).loss``, AdamW:
   compute no full logits, and the step fails if either takes the other path), under the same autocast.
   Both steps are taken in turn in one process, median of ``steps`` after one warm-up round.
 - memory: each kind alone in a fresh process, fp32 LoRA (no autocast) and NF4 LoRA (bf16 autocast): the bytes of
-  the model's parameters and buffers (``lorakit.quant.formats.resident_bytes``, each storage once: the weights, the
-  point of a 4-bit base, the embedding included: fp32 on one side, bf16 on the other) plus the peak resident memory
-  during the steps above the memory before them (activations, gradients, AdamW state). Weights are counted from the
-  tensors, not from the process: the allocator keeps pages of the fp32 copy NF4 is quantized from, which the model no
-  longer holds.
+  the model's parameters and buffers (``bench_device.model_mb``, each storage once: the weights, the point of a
+  4-bit base, the embedding included: fp32 on one side, bf16 on the other) plus the peak resident memory during the
+  steps above the memory before them (activations, gradients, AdamW state), read after ``model_mb`` paged the
+  weights in (the fp32 ones are mapped from the checkpoint file: unread, the first step's page-in counted them a
+  second time). Weights are counted from the tensors, not from the process: the process keeps pages of the fp32
+  copy NF4 is quantized from, which the model no longer holds.
 
     .venv/bin/python benchmarks/qlora_step.py [--steps 5] [--batch 4] [--seq 256] [--device cpu]
 """
@@ -29,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_device import PeakMemory, check, timed
+from bench_device import PeakMemory, check, model_mb, timed
 from train_step import _step_fn
 
 HERE = Path(__file__).resolve().parent
@@ -66,11 +67,9 @@ def interleaved(steps: int, batch: int, seq: int, device: str = "cpu") -> dict[s
 def memory(kind: str, steps: int, batch: int, seq: int, device: str = "cpu") -> dict[str, float]:
     """MB of the model's tensors plus the steps' peak above their start (activations, gradients, AdamW state), and
     the loss."""
-    from lorakit.quant.formats import resident_bytes
-
     model, ids = _model(kind, batch, seq, device)
     step = _step_fn("lorakit", model, ids, bf16=kind == "nf4")
-    weights_mb = resident_bytes(model) / 2**20  # before the step adds LoRA's optimizer state: that is in the peak
+    weights_mb = model_mb(model)  # before the step adds LoRA's optimizer state: that is in the peak
     peak = PeakMemory(device)
     peak.start()
     losses = [timed(device, step)[1] for _ in range(steps)]

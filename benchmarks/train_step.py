@@ -6,15 +6,16 @@ r=16 on all linear layers, dropout 0.05, and runs forward + backward + optimizer
 ``model(input_ids=ids, labels=ids).loss`` (what transformers.Trainer calls; lorakit's fused causal-LM loss,
 lorakit.fast.causal_lm_loss, and the step checks that it ran); ``--lorakit-loss unfused`` is the same call with
 ``model.fused_loss = False`` (transformers' full logits), ``--lorakit-loss train`` lorakit's own trainer loss
-(``lorakit.training.loss.lm_loss_sum``). Memory is the peak resident set size above the loaded
-model (VmHWM after a reset, minus VmRSS before the steps). Times come from one more process per precision holding
-three copies of the model, taking a no-grad forward (the floor a LoRA step is compared with), a PEFT step and a
-lorakit step in turn: this virtual machine's speed drifts by up to ~30% between minutes, which sequential runs mistook
-for library differences (fp32 lorakit/PEFT 0.77 to 1.01 over four sequential runs). ``alone_step_s`` keeps each
-library's time from its own process.
+(``lorakit.training.loss.lm_loss_sum``). Memory is the model's tensors (``bench_device.model_mb``: weights,
+LoRA's included) plus the peak resident set size during the steps above the process with those tensors resident
+(VmHWM after a reset, minus VmRSS before the steps, read after ``model_mb`` paged the weights in). Times come from
+one more process per precision holding three copies of the model, taking a no-grad forward (the floor a LoRA step
+is compared with), a PEFT step and a lorakit step in turn: this virtual machine's speed drifts by up to ~30% between
+minutes, which sequential runs mistook for library differences (fp32 lorakit/PEFT 0.77 to 1.01 over four sequential
+runs). ``alone_step_s`` keeps each library's time from its own process.
 
 ``--device cuda`` (``run(device="cuda")``; or mps) runs the models and batches there, autocast on that device, timers
-read after ``torch.cuda.synchronize()``, memory as the allocator's peak above the loaded model
+read after ``torch.cuda.synchronize()``, memory as the model's tensors plus the allocator's peak above them
 (``torch.cuda.max_memory_allocated``; benchmarks/bench_device.py).
 
     .venv/bin/python benchmarks/train_step.py [--steps 5] [--batch 4] [--seq 256] [--lorakit-loss user|unfused|train]
@@ -29,7 +30,7 @@ import statistics
 import subprocess
 import sys
 
-from bench_device import PeakMemory, check, timed
+from bench_device import PeakMemory, check, model_mb, timed
 
 LIBRARIES = ("none", "peft", "lorakit")  # "none": the no-grad forward of the plain model
 
@@ -117,6 +118,7 @@ def measure(
     mix)."""
     model, ids = _setup(batch, seq, device)
     step = _step_fn(library, model, ids, precision == "bf16", lorakit_loss)
+    weights_mb = model_mb(model)
     memory = PeakMemory(device)
     memory.start()
     times = []
@@ -126,7 +128,7 @@ def measure(
     result = {"step_s": statistics.median(times[1:]), "loss": loss}
     if library != "none":
         peak = memory.peak_mb()
-        result["train_mem_mb"] = float("nan") if peak is None else peak  # None: no peak counter (MPS)
+        result["train_mem_mb"] = float("nan") if peak is None else weights_mb + peak  # None: no counter (MPS)
     return result
 
 
