@@ -473,7 +473,9 @@ def test_a_qlora_layer_trains_as_one_node_equal_to_the_two_node_path(monkeypatch
 
 def test_a_qlora_layer_steps_out_of_the_node_for_hooks_a_trainable_bias_and_chunked_weights(device):
     """The node never calls the quantized layer: a hook on it, a bias that trains (bias='all') or a weight decoded in
-    several chunks take the two-node path, whose output is the same."""
+    several chunks take the two-node path, whose output is the same: bit for bit with one matmul; with the weight in
+    chunks, one matmul per chunk, equal within fp32 rounding (the BLAS kernel picked for each width may sum in its
+    own order: bit-equal on the machine these tests were written on, not on an AMD EPYC one)."""
     _no_float64(device)
     layer = _qlora_layer(device)
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(4)).to(device).requires_grad_()
@@ -494,7 +496,8 @@ def test_a_qlora_layer_steps_out_of_the_node_for_hooks_a_trainable_bias_and_chun
     base.chunk_elements = 64 * 10  # 10 rows at a time
     torch.manual_seed(1)
     chunked = layer(x)
-    assert type(chunked.grad_fn).__name__ != "QuantBranchBackward" and torch.equal(chunked, fused)
+    assert type(chunked.grad_fn).__name__ != "QuantBranchBackward"
+    torch.testing.assert_close(chunked, fused, atol=1e-5, rtol=1e-6)
 
 
 def test_lora_linear_fused_under_bf16_autocast_equals_the_two_node_path(monkeypatch, device):
