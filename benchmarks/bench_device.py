@@ -52,15 +52,18 @@ def timed(device: torch.device | str, fn, *args, **kwargs) -> tuple[float, objec
 
 
 def model_mb(model: torch.nn.Module) -> float:
-    """MB of ``model``'s parameters and buffers (each storage once), every page of them read first, so that tensors
-    mapped from a checkpoint file are resident before a peak is measured above the process."""
-    storages: dict[int, torch.UntypedStorage] = {}
+    """MB of ``model``'s parameters and buffers (``lorakit.quant.formats.resident_bytes``: each storage once), every
+    page of them read first, so that tensors mapped from a checkpoint file are resident before a peak is measured
+    above the process."""
+    from lorakit.quant.formats import resident_bytes
+
+    read: set[int] = set()
     for t in [*model.parameters(), *model.buffers()]:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage()
-    for storage in storages.values():
-        if storage.nbytes() and storage.device.type == "cpu":
+        storage = t.untyped_storage()
+        if storage.device.type == "cpu" and storage.nbytes() and storage.data_ptr() not in read:
+            read.add(storage.data_ptr())
             torch.empty(0, dtype=torch.uint8).set_(storage).sum()  # reads every byte: maps every page in
-    return sum(s.nbytes() for s in storages.values()) / 2**20
+    return resident_bytes(model) / 2**20
 
 
 def _rss_kb(field: str) -> int:
