@@ -17,7 +17,11 @@ tokens, the user's path ``model(input_ids=ids, labels=ids).loss``, AdamW:
   second time). Weights are counted from the tensors, not from the process: the process keeps pages of the fp32
   copy NF4 is quantized from, which the model no longer holds.
 
-    .venv/bin/python benchmarks/qlora_step.py [--steps 5] [--batch 4] [--seq 256] [--device cpu]
+``--kept`` adds a third model to the interleaved steps, "nf4-kept": the NF4 model with each weight decoded once
+beforehand and kept, so that its step pays no decoding (a measurement of what the decode costs, not a mode of
+lorakit: it holds the full bf16 weights QLoRA is there to avoid).
+
+    .venv/bin/python benchmarks/qlora_step.py [--steps 5] [--batch 4] [--seq 256] [--device cpu] [--kept]
 """
 
 from __future__ import annotations
@@ -47,16 +51,37 @@ def _model(kind: str, batch: int, seq: int, device: str):
     torch.manual_seed(0)
     model = load_model()
     model.config.use_cache = False
-    if kind == "nf4":
+    if kind in ("nf4", "nf4-kept"):
         model = lorakit.quantize(model, bits=4)
         gc.collect()
+    model = model.to(device)
+    if kind == "nf4-kept":
+        _keep_decoded(model, torch.bfloat16)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
-    return model.to(device), ids.to(device)
+    return model, ids.to(device)
 
 
-def interleaved(steps: int, batch: int, seq: int, device: str = "cpu") -> dict[str, float]:
-    """Median step seconds of the bf16 LoRA step and the NF4 LoRA step (bf16 autocast), taken in turn."""
-    fns = {kind: _step_fn("lorakit", *_model(kind, batch, seq, device), bf16=True) for kind in ("bf16", "nf4")}
+def _keep_decoded(model, dtype) -> None:
+    """Give every QuantLinear of ``model`` its weight decoded once into ``dtype`` and kept, in place of decoding at
+    each call (``--kept``)."""
+    from lorakit.quant.linear import QuantLinear
+
+    for layer in [m for m in model.modules() if isinstance(m, QuantLinear)]:
+        kept = list(layer.weight_chunks(dtype))
+
+        def weight_chunks(want, kept=kept, layer=layer):
+            if want != dtype:
+                raise RuntimeError(f"--kept holds {dtype} weights, the step asked for {want}")
+            return iter(kept)
+
+        layer.weight_chunks = weight_chunks
+
+
+def interleaved(steps: int, batch: int, seq: int, device: str = "cpu", kept: bool = False) -> dict[str, float]:
+    """Median step seconds of the bf16 LoRA step and the NF4 LoRA step (bf16 autocast), taken in turn; ``kept``:
+    and of the NF4 step with its weights decoded once and kept ("nf4-kept")."""
+    kinds = ("bf16", "nf4", "nf4-kept") if kept else ("bf16", "nf4")
+    fns = {kind: _step_fn("lorakit", *_model(kind, batch, seq, device), bf16=True) for kind in kinds}
     times: dict[str, list[float]] = {kind: [] for kind in fns}
     for _ in range(steps + 1):
         for kind, fn in fns.items():
@@ -107,13 +132,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, mps")
+    parser.add_argument("--kept", action="store_true",
+                        help="also time the NF4 step with its weights decoded once and kept (what decoding costs)")
     parser.add_argument("--interleaved", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory", choices=("fp32", "nf4"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     check(args.device)
     sizes = (args.steps, args.batch, args.seq, args.device)
-    if args.interleaved:
-        print(json.dumps(interleaved(*sizes)))
+    if args.interleaved or args.kept:
+        times = interleaved(*sizes, kept=args.kept)
+        ratios = {f"{kind} step / bf16 step": t / times["bf16"] for kind, t in times.items() if kind != "bf16"}
+        print(json.dumps({**times, **ratios} if args.kept else times))
     elif args.memory:
         print(json.dumps(memory(args.memory, *sizes)))
     else:
