@@ -13,7 +13,7 @@ Torch runs on ``threads`` threads (default 1): the CPU cores of the development 
 than free cores make every small op wait. One thread also makes the base model's matmuls, which both libraries pay
 alike, as slow as they get, so the ratio is a conservative one.
 
-    PYTHONPATH=src python benchmarks/mixed_adapters.py [--repeats 2] [--threads 1] [--device cpu]
+    PYTHONPATH=src python benchmarks/mixed_adapters.py [--repeats 2] [--threads 1] [--device cpu] [--rank 16]
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ def _prompts() -> list[str]:
     return prompts
 
 
-def _lorakit_model(folder: Path) -> object:
-    """The default model with adapters task0..task7 (random B), saved to ``folder`` for PEFT."""
+def _lorakit_model(folder: Path, rank: int = RANK) -> object:
+    """The default model with adapters task0..task7 of rank ``rank`` (random B), saved to ``folder`` for PEFT."""
     import lorakit
     from lorakit.io.models import load_model
 
     model = None
     for i in range(N_ADAPTERS):
-        config = lorakit.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS)
+        config = lorakit.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
         if model is None:
             model = lorakit.get_peft_model(load_model(), config, "task0")
         else:
@@ -93,7 +93,7 @@ def _generate(
     return timed(batch["input_ids"].device, generate)
 
 
-def run(repeats: int = 2, threads: int = 1, device: str = "cpu") -> dict:
+def run(repeats: int = 2, threads: int = 1, device: str = "cpu", rank: int = RANK) -> dict:
     """Time both libraries on ``device``; returns seconds per generate (best of ``repeats``), the ratio PEFT / lorakit
     and the shape of the generated tokens. AssertionError if the two libraries generate different tokens."""
     from lorakit.io.models import load_tokenizer
@@ -104,7 +104,7 @@ def run(repeats: int = 2, threads: int = 1, device: str = "cpu") -> dict:
     tokenizer = load_tokenizer()
     tokenizer.padding_side = "left"
     with tempfile.TemporaryDirectory() as tmp:
-        ours = _lorakit_model(Path(tmp)).to(device)
+        ours = _lorakit_model(Path(tmp), rank).to(device)
         theirs = _peft_model(Path(tmp)).to(device)
     names = [f"task{i % N_ADAPTERS}" for i in range(N_PROMPTS)]
     random.Random(1).shuffle(names)
@@ -131,6 +131,7 @@ def run(repeats: int = 2, threads: int = 1, device: str = "cpu") -> dict:
         "batch": list(batch["input_ids"].shape),
         "new_tokens": outputs["lorakit"].shape[1] - batch["input_ids"].shape[1],
         "adapters": N_ADAPTERS,
+        "rank": rank,
         "tokens_equal": True,
         "threads": threads,
     }
@@ -141,11 +142,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="torch device of both libraries' models: cpu, cuda, mps")
+    parser.add_argument("--rank", type=int, default=RANK, help=f"the adapters' rank (default {RANK})")
     args = parser.parse_args()
-    r = run(args.repeats, args.threads, args.device)
+    r = run(args.repeats, args.threads, args.device, args.rank)
     print(
-        f"mixed-adapter generate, {r['adapters']} adapters r={RANK}, batch {r['batch'][0]} x {r['batch'][1]} prompt "
-        f"tokens + {r['new_tokens']} new (greedy), {r['threads']} thread(s): PEFT {r['peft_s']:.2f} s, lorakit "
+        f"mixed-adapter generate, {r['adapters']} adapters r={r['rank']}, batch {r['batch'][0]} x {r['batch'][1]} "
+        f"prompt tokens + {r['new_tokens']} new (greedy), {r['threads']} thread(s): PEFT {r['peft_s']:.2f} s, lorakit "
         f"{r['lorakit_s']:.2f} s, PEFT/lorakit {r['ratio_peft_over_lorakit']:.2f}x, tokens equal; base model alone "
         f"{r['base_s']:.2f} s (PEFT/base {r['peft_s'] / r['base_s']:.2f}x, "
         f"lorakit/base {r['lorakit_s'] / r['base_s']:.2f}x)"
