@@ -69,7 +69,7 @@ def _keep_decoded(model, dtype) -> None:
     for layer in [m for m in model.modules() if isinstance(m, QuantLinear)]:
         kept = list(layer.weight_chunks(dtype))
 
-        def weight_chunks(want, kept=kept, layer=layer):
+        def weight_chunks(want, kept=kept):
             if want != dtype:
                 raise RuntimeError(f"--kept holds {dtype} weights, the step asked for {want}")
             return iter(kept)
@@ -141,8 +141,10 @@ def main() -> None:
     sizes = (args.steps, args.batch, args.seq, args.device)
     if args.interleaved or args.kept:
         times = interleaved(*sizes, kept=args.kept)
-        ratios = {f"{kind} step / bf16 step": t / times["bf16"] for kind, t in times.items() if kind != "bf16"}
-        print(json.dumps({**times, **ratios} if args.kept else times))
+        if args.kept:
+            times |= {f"{kind} step / bf16 step": t / times["bf16"] for kind, t in list(times.items())
+                      if kind != "bf16"}
+        print(json.dumps(times))
     elif args.memory:
         print(json.dumps(memory(args.memory, *sizes)))
     else:
